@@ -1,0 +1,323 @@
+"""One typed config tree: YAML file + ``key=value`` overrides, validated before anything starts.
+
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` with one line that
+names the key and what is allowed; launchers print that line and exit non-zero (no traceback).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix: the message names the key and what is allowed."""
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 10
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16  # global labeled batch; each rank gets batch_size / world_size
+    eval_every: int = 250
+    ckpt_every: int = 250
+    keep_checkpoints: int = 2
+    num_workers: int = 1  # loader processes per stream per rank; 0 loads in the training process
+    eval_batch_size: int = 256  # global
+    max_bad_fraction: float = 0.01
+
+
+@dataclass
+class SSLConfig:
+    tau: float = 0.95
+    lambda_u: float = 1.0
+    mu: int = 7
+    dist_align: bool = True
+    dist_align_target: Literal["uniform", "labeled"] = "uniform"
+    dist_align_momentum: float = 0.999
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet10t"
+    num_classes: int = 10
+    pretrained: Optional[str] = None
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.03
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_steps: int = 0
+    cosine_fraction: float = 7 / 16  # lr = lr0 * cos(pi * cosine_fraction * k / K), FixMatch's 7/16
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    template: str = ""  # JSON template; empty = configs/deepspeed/zero{zero_stage}.json
+    timeout_minutes: int = 10  # collective timeout: a dead peer fails the run this fast
+
+
+@dataclass
+class DataConfig:
+    labeled: str = ""
+    unlabeled: str = ""
+    eval: str = ""
+    demo_root: str = ""  # when set, the bundled MNIST-5k demo shards are built here if missing
+    image_size: int = 32
+    flip: bool = True  # horizontal flip in the weak view; off for digits and text
+    pad_fraction: float = 0.125
+    randaugment_ops: int = 2
+    cutout_fraction: float = 0.5
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+    shuffle_buffer: int = 500
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# Keys that may change between a run and its resumption without breaking it.
+RESUMABLE_CHANGES = {
+    "train.steps", "train.eval_every", "train.ckpt_every", "train.keep_checkpoints",
+    "train.eval_batch_size", "run.log_every", "train.max_bad_fraction", "data.demo_root",
+    "deepspeed.timeout_minutes", "run.out_dir",
+}
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if _optional_inner(tp) is not None:
+        return f"{_type_name(_optional_inner(tp))} or null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _optional_inner(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0]
+    return None
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return None if value is None else _coerce(key, value, inner)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in this file
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise ConfigError(f"unknown key '{_join(prefix, unknown[0])}': {where} allows {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp, key = hints[name], _join(prefix, name)
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name] or {}, key)
+        else:
+            kwargs[name] = _coerce(key, data[name], tp)
+    return cls(**kwargs)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", value) with the value read as YAML (numbers, bools, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not key=value (for example ssl.tau=0.9)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_path(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """YAML file (optional) + overrides -> validated :class:`Config`."""
+    tree: dict = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            with open(path) as f:
+                tree = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is out of range: allowed {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone do not catch. Paths are checked by :func:`check_paths`."""
+    s, t, o, d = cfg.ssl, cfg.train, cfg.optim, cfg.data
+    _check(0.0 < s.tau <= 1.0, "ssl.tau", s.tau, "0 < tau <= 1")
+    _check(s.lambda_u >= 0, "ssl.lambda_u", s.lambda_u, ">= 0 (0 = supervised-only baseline)")
+    _check(s.mu >= 1, "ssl.mu", s.mu, "an integer >= 1")
+    _check(0.0 <= s.ema_decay < 1.0, "ssl.ema_decay", s.ema_decay, "0 <= decay < 1")
+    _check(0.0 <= s.dist_align_momentum < 1.0, "ssl.dist_align_momentum", s.dist_align_momentum, "0 <= m < 1")
+    _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", cfg.deepspeed.zero_stage, "0, 1, 2 or 3")
+    _check(cfg.deepspeed.timeout_minutes >= 1, "deepspeed.timeout_minutes", cfg.deepspeed.timeout_minutes, ">= 1")
+    _check(t.steps >= 1, "train.steps", t.steps, ">= 1")
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
+    _check(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, ">= 1")
+    _check(t.eval_every >= 0, "train.eval_every", t.eval_every, ">= 0 (0 = only at the end)")
+    _check(t.ckpt_every >= 0, "train.ckpt_every", t.ckpt_every, ">= 0 (0 = only at the end)")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
+    _check(t.num_workers >= 0, "train.num_workers", t.num_workers, ">= 0")
+    _check(0.0 <= t.max_bad_fraction <= 1.0, "train.max_bad_fraction", t.max_bad_fraction, "0..1")
+    _check(cfg.run.log_every >= 1, "run.log_every", cfg.run.log_every, ">= 1")
+    _check(o.lr > 0, "optim.lr", o.lr, "> 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "0 <= momentum < 1")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
+    _check(0.0 <= o.cosine_fraction <= 0.5, "optim.cosine_fraction", o.cosine_fraction, "0..0.5 (7/16 in FixMatch)")
+    _check(cfg.model.num_classes >= 2, "model.num_classes", cfg.model.num_classes, ">= 2")
+    _check(0.0 <= cfg.model.drop_path_rate < 1.0, "model.drop_path_rate", cfg.model.drop_path_rate, "0..1")
+    _check(d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
+    _check(0.0 <= d.pad_fraction < 0.5, "data.pad_fraction", d.pad_fraction, "0..0.5")
+    _check(0.0 <= d.cutout_fraction <= 1.0, "data.cutout_fraction", d.cutout_fraction, "0..1")
+    _check(d.randaugment_ops >= 0, "data.randaugment_ops", d.randaugment_ops, ">= 0")
+    _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, ">= 1")
+    _check(len(d.mean) == 3 and len(d.std) == 3 and min(d.std) > 0, "data.mean/data.std", (d.mean, d.std),
+           "three numbers each, std > 0")
+    for key in ("labeled", "unlabeled", "eval"):
+        if not getattr(d, key):
+            raise ConfigError(f"data.{key} is not set: give a shard-set folder/URL with index.json "
+                              f"or a brace pattern such as shards/train-{{000000..000009}}.tar")
+
+
+def check_paths(cfg: Config) -> None:
+    """Data paths exist (local ones; remote URLs are checked when opened) and out_dir is writable."""
+    from distssl.data.index import describe_missing
+
+    for key in ("labeled", "unlabeled", "eval"):
+        problem = describe_missing(getattr(cfg.data, key))
+        if problem:
+            raise ConfigError(f"data.{key}: {problem}")
+    if cfg.model.pretrained and "://" not in cfg.model.pretrained and not os.path.exists(cfg.model.pretrained):
+        raise ConfigError(f"model.pretrained: {cfg.model.pretrained} does not exist (give a local file or URL)")
+    out = Path(cfg.run.out_dir)
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(f"run.out_dir: {cfg.run.out_dir} is not writable ({probe} denies writing)")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = _join(prefix, k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def dump_yaml(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config atomically (tmp + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def resume_conflicts(saved: dict, cfg: Config) -> list[str]:
+    """Keys whose values differ from the saved run in a way that breaks resuming it."""
+    old, new = flatten(saved), flatten(to_dict(cfg))
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
+            if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]

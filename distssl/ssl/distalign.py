@@ -1,0 +1,68 @@
+"""Distribution alignment (ReMixMatch, Berthelot et al. 2020).
+
+Weak-view probabilities are multiplied by p_target / p_model and renormalised. p_model is a
+running mean of the model's weak-view predictions on unlabeled data; the batch mean is all-reduced
+across ranks every step (sum of probabilities and count), so every rank holds the same p_model and
+2 ranks reproduce the 1-rank value on the same global batch.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+
+def align(probs: torch.Tensor, p_model: torch.Tensor, p_target: torch.Tensor) -> torch.Tensor:
+    aligned = probs * (p_target / p_model.clamp_min(1e-6))
+    return aligned / aligned.sum(dim=1, keepdim=True)
+
+
+def update_running_mean(p_model: Optional[torch.Tensor], batch_mean: torch.Tensor, momentum: float) -> torch.Tensor:
+    """The first batch sets p_model; later ones move it by (1 - momentum)."""
+    if p_model is None:
+        return batch_mean.clone()
+    return momentum * p_model + (1 - momentum) * batch_mean
+
+
+def target_from_histogram(histogram: list[int] | torch.Tensor) -> torch.Tensor:
+    h = torch.as_tensor(histogram, dtype=torch.float64)
+    if h.numel() == 0 or float(h.sum()) <= 0:
+        raise ValueError("the labeled class histogram is empty: cannot use dist_align_target=labeled")
+    h = h.clamp_min(1e-3)  # a class with no labels must not zero its probability
+    return (h / h.sum()).float()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+class DistributionAlignment:
+    """Holds p_model (identical on every rank) and p_target; saved in checkpoints."""
+
+    def __init__(self, num_classes: int, momentum: float = 0.999, p_target: Optional[torch.Tensor] = None,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] = all_reduce_sum):
+        self.num_classes, self.momentum, self.reduce = num_classes, momentum, reduce
+        self.p_target = (p_target if p_target is not None else torch.full((num_classes,), 1.0 / num_classes)).float()
+        self.p_model: Optional[torch.Tensor] = None
+
+    @torch.no_grad()
+    def __call__(self, probs: torch.Tensor) -> torch.Tensor:
+        """Update p_model with this global batch, then align ``probs``."""
+        local = torch.cat([probs.double().sum(dim=0), probs.new_tensor([probs.shape[0]], dtype=torch.float64)])
+        total = self.reduce(local)
+        batch_mean = (total[:-1] / total[-1]).float().cpu()
+        self.p_model = update_running_mean(self.p_model, batch_mean, self.momentum)
+        return align(probs, self.p_model.to(probs.device), self.p_target.to(probs.device))
+
+    def state_dict(self) -> dict:
+        return {"p_model": None if self.p_model is None else self.p_model.clone(),
+                "p_target": self.p_target.clone(), "momentum": self.momentum}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.p_model = None if state["p_model"] is None else state["p_model"].float()
+        self.p_target = state["p_target"].float()
