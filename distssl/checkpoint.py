@@ -85,3 +85,23 @@ def finalize(ckpt_dir: Path, tmp_tag: str, step: int, info: dict, keep: int) -> 
         shutil.rmtree(d, ignore_errors=True)
     for _, tag in complete_tags(ckpt_dir)[:-keep]:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def deepspeed_safe_globals() -> list:
+    """The DeepSpeed classes its checkpoints hold, allow-listed for ``weights_only=True`` loading."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path, map_location=None):
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def use_safe_loading(engine) -> None:
+    """DeepSpeed's checkpoint engine loads with ``weights_only=False`` (arbitrary unpickling); route its
+    loads through :func:`safe_load` so a planted pickle payload in a checkpoint cannot execute."""
+    engine.checkpoint_engine.load = safe_load

@@ -46,7 +46,7 @@ class SSLConfig:
     mu: int = 7
     dist_align: bool = True
     dist_align_target: Literal["uniform", "labeled"] = "uniform"
-    dist_align_momentum: float = 0.999
+    dist_align_momentum: float = 0.99  # ~100-batch memory, like ReMixMatch's 128-batch window
     ema_decay: float = 0.999
     ema_warmup: bool = True
 

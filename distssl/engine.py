@@ -130,6 +130,7 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, self.B, world))
+        ckpt.use_safe_loading(self.engine)
         self.zero3 = cfg.deepspeed.zero_stage == 3
         self.ema = EMA(self.engine.module, cfg.ssl.ema_decay, cfg.ssl.ema_warmup)
         p_target = None
@@ -165,11 +166,8 @@ class Trainer:
         engine.train()
         x, y = self._to(lb["x"]), lb["y"].to(self.device)
         if ub is None:  # lambda_u = 0: the supervised-only baseline of the same recipe
-            logits_x = engine(x)
-            loss, stats = fixmatch_loss(logits_x.float(), y, logits_x[:0].float(),
-                                        torch.zeros(0, logits_x.shape[1], device=self.device), tau=1.0,
-                                        lambda_u=0.0)
-            stats["mask_rate"] = stats["loss_u"] = float("nan")
+            loss = F.cross_entropy(engine(x).float(), y)
+            stats = {"loss": float(loss.detach()), "loss_x": float(loss.detach())}
         else:
             uw, us = self._to(ub["weak"]), self._to(ub["strong"])
             with torch.no_grad():

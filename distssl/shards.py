@@ -11,6 +11,7 @@ from __future__ import annotations
 import io as _io
 import json
 import os
+import re
 import tarfile
 import time
 import warnings
@@ -25,6 +26,7 @@ from distssl.data.index import FORMAT, INDEX_NAME, write_index
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
 KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-f]+>")  # keeps failure reasons identical across reruns
 
 
 @dataclass
@@ -79,7 +81,7 @@ def verify_image(data: bytes) -> tuple[Optional[str], Optional[str]]:
     except Image.DecompressionBombWarning as e:
         return None, f"decompression bomb: {e}"
     except Exception as e:  # PIL raises many types for truncated / non-image data
-        return None, f"undecodable: {type(e).__name__}: {e}"
+        return None, f"undecodable: {type(e).__name__}: {_OBJECT_REPR.sub('data', str(e))}"
     return KEEP_FORMATS.get(fmt, "png"), None
 
 

@@ -20,10 +20,13 @@ def fixmatch_loss(logits_x: torch.Tensor, targets_x: torch.Tensor, logits_strong
     loss_x = F.cross_entropy(logits_x, targets_x)
     max_p, pseudo = probs_weak.max(dim=1)
     mask = (max_p >= tau).float()
-    loss_u = (F.cross_entropy(logits_strong, pseudo, reduction="none") * mask).mean()
+    if logits_strong.shape[0] == 0:  # no unlabeled images: a plain supervised step, not NaN
+        loss_u = logits_x.new_zeros(())
+    else:
+        loss_u = (F.cross_entropy(logits_strong, pseudo, reduction="none") * mask).mean()
     loss = loss_x + lambda_u * loss_u
     stats = {"loss": float(loss.detach()), "loss_x": float(loss_x.detach()), "loss_u": float(loss_u.detach()),
-             "mask_rate": float(mask.mean())}
+             "mask_rate": float(mask.mean()) if mask.numel() else float("nan")}
     if true_u is not None:
         known = true_u >= 0
         correct = (pseudo == true_u) & known

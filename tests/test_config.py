@@ -1,0 +1,74 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from distssl.config import ConfigError, load_config, resume_conflicts, to_dict
+
+DEMO = str(ROOT / "configs/demo.yaml")
+
+
+def test_demo_config_loads_and_overrides_apply_with_types():
+    cfg = load_config(DEMO, ["ssl.tau=0.9", "train.steps=7", "ssl.dist_align=false", "data.mean=[0.1,0.2,0.3]"])
+    assert cfg.ssl.tau == 0.9 and cfg.train.steps == 7 and cfg.ssl.dist_align is False
+    assert cfg.data.mean == [0.1, 0.2, 0.3]
+    assert isinstance(load_config(DEMO, ["optim.lr=1"]).optim.lr, float)  # an int where a float is expected
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("ssl.taux=0.9", "ssl.taux"),
+    ("nosuch.key=1", "nosuch"),
+    ("ssl.tau=1.5", "ssl.tau"),
+    ("ssl.tau=0", "ssl.tau"),
+    ("ssl.mu=0", "ssl.mu"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+    ("train.steps=ten", "train.steps"),
+    ("ssl.dist_align=maybe", "ssl.dist_align"),
+    ("ssl.dist_align_target=prior", "ssl.dist_align_target"),
+    ("ssl.lambda_u=-1", "ssl.lambda_u"),
+    ("justaword", "key=value"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(DEMO, [override])
+
+
+def test_resume_conflicts_list_breaking_keys_only():
+    cfg = load_config(DEMO)
+    saved = to_dict(cfg)
+    assert resume_conflicts(saved, load_config(DEMO, ["train.steps=5000", "train.eval_every=7"])) == []
+    conflicts = resume_conflicts(saved, load_config(DEMO, ["ssl.tau=0.8", "ssl.mu=3"]))
+    assert [c.split(":")[0] for c in conflicts] == ["ssl.mu", "ssl.tau"]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--config", DEMO, *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["ssl.tau=1.5"], "ssl.tau"),
+    (["ssl.taux=0.9"], "taux"),
+    (["data.demo_root=", "data.labeled=/nonexistent/shards"], "data.labeled"),
+    (["deepspeed.zero_stage=7"], "deepspeed.zero_stage"),
+])
+def test_cli_exits_nonzero_with_one_clear_line_and_no_traceback(tmp_path, args, needle):
+    r = _cli(f"run.out_dir={tmp_path / 'run'}", *args)
+    assert r.returncode != 0
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_refuses_a_resume_whose_config_broke_it(tiny_data, tmp_path):
+    from conftest import tiny_overrides
+    out = tmp_path / "run"
+    (out / "checkpoints/step_00000002").mkdir(parents=True)
+    (out / "checkpoints/step_00000002/COMPLETE").write_text("{}")
+    cfg = load_config(DEMO, tiny_overrides(tiny_data, out))
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    r = _cli(*tiny_overrides(tiny_data, out, **{"ssl.tau": 0.7, "optim.lr": 0.1}))
+    assert r.returncode != 0
+    assert "ssl.tau" in r.stderr and "optim.lr" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,129 @@
+"""The shard builder and the stream readers, on real MNIST digits."""
+import json
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import export_digits
+from distssl.data.index import resolve
+from distssl.data.streams import EvalStream, TrainStream, eval_item, labeled_item, tar_samples, unlabeled_item
+from distssl.data.transforms import Views
+from distssl.shards import make_shards
+
+VIEWS = Views(image_size=28, flip=False, pad_fraction=0.125, randaugment_ops=2, cutout_fraction=0.5)
+
+
+@pytest.fixture(scope="module")
+def raw_with_corrupt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw")
+    export_digits(root, n_train=200, n_eval=0)
+    one = next((root / "train/3").iterdir())
+    (root / "train/3/bad_truncated.png").write_bytes(one.read_bytes()[:60])
+    (root / "train/3/bad_empty.png").write_bytes(b"")
+    (root / "train/7/bad_text.png").write_bytes(b"not an image at all")
+    return root / "train"
+
+
+def test_labeled_split_is_stratified_and_corrupt_images_are_skipped_and_counted(raw_with_corrupt, tmp_path):
+    dst = tmp_path / "out"
+    sets = make_shards(str(raw_with_corrupt), str(dst), labels_per_class=3, max_count=40, progress=False)
+    lab, unl = (json.loads((dst / s / "index.json").read_text()) for s in ("labeled", "unlabeled"))
+    assert lab["count"] == 30 and lab["class_histogram"] == [3] * 10
+    assert lab["count"] + unl["count"] == 200  # every good image exactly once
+    assert unl["num_failures"] == 3 and len(unl["failures"]) == 3
+    reasons = " ".join(f["reason"] for f in unl["failures"])
+    assert "empty" in reasons and "undecodable" in reasons
+    assert sorted(f["input"] for f in unl["failures"]) == ["3/bad_empty.png", "3/bad_truncated.png", "7/bad_text.png"]
+    assert (dst / "unlabeled/failures.jsonl").read_text().count("\n") == 3
+    assert [s["count"] for s in unl["shards"]] == [40, 40, 40, 40, 10]
+    assert not list(dst.rglob("*.tmp-*"))  # nothing half-written is left behind
+    assert sets["labeled"]["count"] == 30
+
+
+def test_shards_hold_images_cls_and_json_only_and_unlabeled_has_no_cls(raw_with_corrupt, tmp_path):
+    dst = tmp_path / "out"
+    make_shards(str(raw_with_corrupt), str(dst), labels_per_class=3, max_count=40, progress=False)
+    with tarfile.open(dst / "labeled/shard-000000.tar") as t:
+        exts = Counter(n.split(".", 1)[1] for n in t.getnames())
+    assert exts == {"png": 30, "cls": 30, "json": 30}
+    with tarfile.open(dst / "unlabeled/shard-000000.tar") as t:
+        names = t.getnames()
+        meta = json.loads(t.extractfile(next(n for n in names if n.endswith(".json"))).read())
+    assert not any(n.endswith(".cls") for n in names)
+    assert 0 <= meta["label"] <= 9  # kept only for measuring pseudo-label accuracy
+
+
+def test_build_is_deterministic_and_a_rerun_changes_nothing(raw_with_corrupt, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        make_shards(str(raw_with_corrupt), str(d), labels_per_class=3, max_count=40, seed=5, progress=False)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    # a killed build: one shard and the index missing -> rerun completes it identically
+    before = {f: (a / f).read_bytes() for f in files}
+    (a / "unlabeled/shard-000002.tar").unlink()
+    (a / "unlabeled/index.json").unlink()
+    make_shards(str(raw_with_corrupt), str(a), labels_per_class=3, max_count=40, seed=5, progress=False)
+    assert {f: (a / f).read_bytes() for f in files} == before
+
+
+def test_builder_refuses_bad_input_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        make_shards(str(tmp_path / "missing"), str(tmp_path / "o"), progress=False)
+    (tmp_path / "flat").mkdir()
+    shutil.copy(Path(__file__), tmp_path / "flat/x.txt")
+    with pytest.raises(ValueError, match="no images"):
+        make_shards(str(tmp_path / "flat"), str(tmp_path / "o"), unlabeled=True, progress=False)
+
+
+def test_eval_stream_counts_every_image_once_across_ranks_and_workers(tiny_data):
+    shards = resolve(tiny_data["eval"])  # 97 images in 3 shards
+    assert shards.total == 97
+    for world in (1, 2, 4):  # 4 > shard count: split by sample instead of by shard
+        keys = []
+        for rank in range(world):
+            for b in EvalStream(shards, rank=rank, world_size=world, batch_size=8, make_item=eval_item(VIEWS)):
+                keys += b["x"].flatten(1).sum(1).tolist() if "x" in b else []
+        assert len(keys) == 97, world
+
+
+def _take(stream, n):
+    out = []
+    for b in stream:
+        out.append(b)
+        if len(out) == n:
+            return out
+
+
+def test_train_stream_resumes_exactly_from_a_cursor(tiny_data):
+    shards = resolve(tiny_data["unlabeled"])
+    make = unlabeled_item(VIEWS)
+    full = _take(TrainStream(shards, rank=1, world_size=2, batch_size=7, seed=3, shuffle_buffer=16,
+                             make_item=make), 20)
+    cursor = full[11]["cursor"]
+    resumed = _take(TrainStream(shards, rank=1, world_size=2, batch_size=7, seed=3, shuffle_buffer=16,
+                                make_item=make, cursors={1: cursor}), 8)
+    for a, b in zip(full[12:], resumed):
+        assert torch.equal(a["weak"], b["weak"]) and torch.equal(a["strong"], b["strong"])
+        assert torch.equal(a["y_true"], b["y_true"])
+
+
+def test_train_stream_ranks_see_disjoint_samples_within_an_epoch(tiny_data):
+    shards = resolve(tiny_data["labeled"])  # 20 samples in 1 shard -> shared, with other shuffles
+    unl = resolve(tiny_data["unlabeled"])  # 580 samples in 12 shards
+    per_epoch = {}
+    for rank in (0, 1):
+        batches = _take(TrainStream(unl, rank=rank, world_size=2, batch_size=10, seed=0, shuffle_buffer=8,
+                                    make_item=lambda raw, rng: {"k": int(raw.key.rsplit("/", 1)[-1])}), 20)
+        per_epoch[rank] = {k for b in batches for k in b["k"].tolist()}
+    assert len(per_epoch[0]) == 200 and len(per_epoch[1]) == 200
+    assert not per_epoch[0] & per_epoch[1]
+    lab = _take(TrainStream(shards, rank=0, world_size=2, batch_size=4, seed=0, shuffle_buffer=8,
+                            make_item=labeled_item(VIEWS)), 3)
+    assert all(b["x"].dtype == torch.uint8 and b["x"].shape == (4, 3, 28, 28) for b in lab)
