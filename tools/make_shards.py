@@ -1,40 +1,73 @@
 #!/usr/bin/env python
-"""Build WebDataset shard sets from a folder of images.
+"""Build WebDataset shard sets from a bucket or folder of raw images.
 
-  python tools/make_shards.py SRC DST [--labels-per-class N] [--seed S] [--max-count K] [--unlabeled]
+  python tools/make_shards.py SRC DST [--labels-per-class N | --label-fraction F] [--eval-fraction F]
+                              [--unlabeled] [--workers N] [--max-size S] [--format jpg|webp|png]
+                              [--max-count K] [--max-shard-bytes B] [--seed S] [--dry-run]
 
-SRC holds class subfolders (SRC/<class>/*.png), or any images with --unlabeled. With
---labels-per-class N, DST gets DST/labeled (N per class, stratified, seeded) and DST/unlabeled (the
-rest; true labels only in the json metadata). Corrupt images are skipped, counted and listed.
+SRC and DST are local paths or fsspec URLs (file://, s3://, gs://, memory://). S3-compatible stores
+(MinIO, Ceph) through AWS_ENDPOINT_URL and the usual credential chain. SRC is one of:
+  - a folder of class subfolders: SRC/<class>/*.jpg
+  - any folder of images, with --unlabeled
+  - a manifest SRC.csv / SRC.jsonl with a `path` or `url` column and an optional `label` (name or id)
+
+With --labels-per-class N (or --label-fraction F) DST gets DST/labeled (stratified, seeded) and
+DST/unlabeled (the rest; true labels only in the json metadata). --eval-fraction F also carves out
+DST/eval. Every image is decoded once to verify it; corrupt, truncated, empty and oversized
+(decompression-bomb) inputs are skipped, counted by reason and listed in failures.jsonl and
+index.json. A killed build rerun with the same command finishes it; a finished one is left as it is.
 """
 import argparse
+import json
 import sys
-
-from distssl.data.io import redact
-from distssl.shards import make_shards
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="folder (or fsspec URL) of images: SRC/<class>/*.png, or any images with --unlabeled")
-    p.add_argument("dst", help="output shard-set folder (or fsspec URL)")
-    p.add_argument("--labels-per-class", type=int, default=None,
-                   help="split into DST/labeled (N per class) and DST/unlabeled (the rest)")
-    p.add_argument("--unlabeled", action="store_true", help="SRC is a flat folder of images without classes")
-    p.add_argument("--seed", type=int, default=0, help="seed of the label split and shard shuffle (default 0)")
-    p.add_argument("--max-count", type=int, default=1000, help="images per shard (default 1000)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("src", help="folder, bucket prefix or manifest (.csv/.jsonl) of raw images")
+    p.add_argument("dst", help="output shard-set folder or URL")
+    split = p.add_argument_group("splits")
+    split.add_argument("--labels-per-class", type=int, help="N labeled images per class -> DST/labeled + DST/unlabeled")
+    split.add_argument("--label-fraction", type=float, help="fraction F of each class labeled (e.g. 0.1 for 10%%)")
+    split.add_argument("--eval-fraction", type=float, help="fraction of each class held out as DST/eval")
+    split.add_argument("--unlabeled", action="store_true", help="SRC has no classes: one unlabeled set")
+    split.add_argument("--seed", type=int, default=0, help="seed of splits and shard assignment (default 0)")
+    img = p.add_argument_group("images")
+    img.add_argument("--max-size", type=int, help="resize so the shorter side is at most S pixels (aspect kept)")
+    img.add_argument("--format", choices=["jpg", "webp", "png"],
+                     help="re-encode into this format (default: keep png/jpg/webp originals byte for byte)")
+    img.add_argument("--quality", type=int, default=90, help="jpg/webp quality when re-encoding (default 90)")
+    out = p.add_argument_group("shards")
+    out.add_argument("--max-count", type=int, default=1000, help="images per shard at most (default 1000)")
+    out.add_argument("--max-shard-bytes", type=float, help="bytes per shard at most, by listed input size (e.g. 5e8)")
+    out.add_argument("--workers", type=int, default=1, help="parallel writer processes (default 1)")
+    out.add_argument("--dry-run", action="store_true", help="print the plan (counts, shards) and write nothing")
+    out.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
+
+    from distssl.data.io import redact
+    from distssl.shards import BuildOptions, ImageOptions, make_shards
+
+    opts = BuildOptions(labels_per_class=a.labels_per_class, label_fraction=a.label_fraction,
+                        eval_fraction=a.eval_fraction, unlabeled=a.unlabeled, seed=a.seed, max_count=a.max_count,
+                        max_shard_bytes=int(a.max_shard_bytes) if a.max_shard_bytes else None,
+                        image=ImageOptions(a.max_size, a.format, a.quality), workers=a.workers,
+                        dry_run=a.dry_run, progress=not a.quiet)
     try:
-        sets = make_shards(a.src, a.dst, labels_per_class=a.labels_per_class, unlabeled=a.unlabeled,
-                           seed=a.seed, max_count=a.max_count, progress=not a.quiet)
-    except (FileNotFoundError, ValueError) as e:
+        sets = make_shards(a.src, a.dst, opts)
+    except (FileNotFoundError, PermissionError, ValueError) as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
     for name, idx in sets.items():
         where = redact(a.dst.rstrip("/") + (f"/{name}" if name else ""))
-        print(f"{where}: {idx['count']} images in {len(idx['shards'])} shards, "
-              f"{idx['num_failures']} failed inputs skipped")
+        if a.dry_run:
+            sizes = [s["count"] for s in idx["shards"]]
+            print(f"{where}: would write {idx['count']} images in {len(sizes)} shards "
+                  f"({min(sizes, default=0)}-{max(sizes, default=0)} per shard, {idx['listed_bytes'] / 1e6:.1f} MB listed)")
+        else:
+            reasons = ", ".join(f"{k} {v}" for k, v in idx["failure_reasons"].items())
+            print(f"{where}: {idx['count']} images in {len(idx['shards'])} shards ({idx['bytes'] / 1e6:.1f} MB), "
+                  f"{idx['num_failures']} inputs skipped{f' ({reasons})' if reasons else ''}")
     return 0
 
 

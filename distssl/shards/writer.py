@@ -1,0 +1,84 @@
+"""Write one shard: read, verify/convert, tar, publish, then its stats (the done-marker).
+
+A shard is complete exactly when ``shard-NNNNNN.stats.json`` exists: the tar is published first
+(temporary name + rename, or an object-store upload that appears only when complete) and the stats
+after it, so a build killed at any point reruns only the shards without stats.
+"""
+from __future__ import annotations
+
+import io as _io
+import json
+import tarfile
+from dataclasses import dataclass, field
+
+from distssl.data import io
+from distssl.shards.images import ImageOptions, process_image
+
+
+@dataclass
+class ShardJob:
+    set_url: str
+    index: int  # shard number
+    keys: list[str]
+    urls: list[str]
+    rels: list[str]
+    labels: list[int]
+    labeled: bool  # write ``cls`` (else the true label, when known, goes only into ``json``)
+    opts: ImageOptions = field(default_factory=ImageOptions)
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:06d}.tar"
+
+    @property
+    def stats_name(self) -> str:
+        return f"shard-{self.index:06d}.stats.json"
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(payload), 0, 0o644  # same bytes on every rerun
+    tar.addfile(info, _io.BytesIO(payload))
+
+
+def read_stats(set_url: str, stats_name: str) -> dict | None:
+    try:
+        return json.loads(io.read_bytes(io.join(set_url, stats_name)))
+    except FileNotFoundError:
+        return None
+
+
+def write_shard(job: ShardJob) -> dict:
+    """Returns the shard's stats: count, bytes, class counts and the failed inputs with why."""
+    failures, count, hist = [], 0, {}
+    with io.atomic_write(io.join(job.set_url, job.name)) as f:
+        with tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            for key, url, rel, label in zip(job.keys, job.urls, job.rels, job.labels):
+                try:
+                    data = io.read_bytes(url)
+                except Exception as e:
+                    failures.append({"input": rel, "reason": f"unreadable: {type(e).__name__}: {e}"})
+                    continue
+                payload, ext, reason = process_image(data, job.opts)
+                if reason:
+                    failures.append({"input": rel, "reason": reason})
+                    continue
+                _tar_add(tar, f"{key}.{ext}", payload)
+                if job.labeled:
+                    _tar_add(tar, f"{key}.cls", str(label).encode())
+                meta = {"path": rel, **({"label": label} if label >= 0 else {})}
+                _tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                count += 1
+                if label >= 0:
+                    hist[label] = hist.get(label, 0) + 1
+        f.flush()
+    fs, path = io.filesystem(io.join(job.set_url, job.name))
+    stats = {"name": job.name, "count": count, "bytes": int(fs.info(path)["size"]),
+             "class_counts": {str(k): v for k, v in sorted(hist.items())}, "failures": failures}
+    io.write_bytes(io.join(job.set_url, job.stats_name), json.dumps(stats, sort_keys=True).encode())
+    return stats
+
+
+def run_job(job: ShardJob) -> dict:
+    """Entry point for worker processes: a complete shard is not written again."""
+    return read_stats(job.set_url, job.stats_name) or write_shard(job)
