@@ -131,3 +131,66 @@ def test_train_stream_ranks_see_disjoint_samples_within_an_epoch(tiny_data):
     lab = _take(TrainStream(shards, rank=0, world_size=2, batch_size=4, seed=0, shuffle_buffer=8,
                             make_item=labeled_item(VIEWS)), 3)
     assert all(b["x"].dtype == torch.uint8 and b["x"].shape == (4, 3, 28, 28) for b in lab)
+
+
+def test_manifest_fractions_resize_and_format(tmp_path):
+    import csv
+    from PIL import Image
+
+    export_digits(tmp_path / "raw", n_train=100, n_eval=0, seed=2)
+    big = tmp_path / "raw/big.png"
+    Image.new("RGB", (300, 120), (200, 10, 10)).save(big)
+    rows = [{"path": str(p.relative_to(tmp_path)), "label": f"digit{p.parent.name}"}
+            for p in sorted((tmp_path / "raw/train").rglob("*.png"))]
+    rows.append({"path": str(big.relative_to(tmp_path)), "label": "digit0"})
+    with open(tmp_path / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    from distssl.shards import BuildOptions, ImageOptions
+    opts = BuildOptions(label_fraction=0.2, eval_fraction=0.1, image=ImageOptions(max_size=64, format="jpg"),
+                        progress=False)
+    sets = make_shards(str(tmp_path / "manifest.csv"), str(tmp_path / "out"), opts)
+    assert set(sets) == {"eval", "labeled", "unlabeled"}
+    assert sum(s["count"] for s in sets.values()) == 101
+    assert sets["labeled"]["class_names"][0] == "digit0"
+    # 20% of each class labeled (rounded), eval carved out first
+    assert 0.15 < sets["labeled"]["count"] / 91 < 0.25
+    for name in ("eval", "labeled", "unlabeled"):
+        for s in sets[name]["shards"]:
+            with tarfile.open(tmp_path / "out" / name / s["name"]) as t:
+                for m in t.getmembers():
+                    if m.name.endswith(".jpg"):
+                        img = Image.open(t.extractfile(m))
+                        assert img.format == "JPEG" and min(img.size) <= 64
+                    assert not m.name.endswith(".png")
+
+
+def test_originals_are_kept_byte_for_byte_without_resize(raw_with_corrupt, tmp_path):
+    make_shards(str(raw_with_corrupt), str(tmp_path / "o"), max_count=500, progress=False)
+    src = {p.name: p.read_bytes() for p in raw_with_corrupt.rglob("*.png") if not p.name.startswith("bad")}
+    with tarfile.open(tmp_path / "o/shard-000000.tar") as t:
+        for m in t.getmembers():
+            if m.name.endswith(".json"):
+                meta = json.loads(t.extractfile(m).read())
+                png = t.extractfile(m.name.replace(".json", ".png")).read()
+                assert png == src[meta["path"].split("/")[-1]]
+
+
+def test_dry_run_writes_nothing_and_inspect_reports_the_set(raw_with_corrupt, tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, str(ROOT / "tools/make_shards.py"), str(raw_with_corrupt), str(tmp_path / "d"),
+                        "--labels-per-class", "2", "--max-count", "60", "--dry-run"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "would write 20 images in 1 shards" in r.stdout and not (tmp_path / "d").exists()
+    make_shards(str(raw_with_corrupt), str(tmp_path / "d"), labels_per_class=2, max_count=60, progress=False)
+    r = subprocess.run([sys.executable, str(ROOT / "tools/inspect_shards.py"), str(tmp_path / "d/unlabeled"),
+                        "--verify", "--grid", str(tmp_path / "grid.png"), "--grid-count", "16"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "180 images in 4 shards" in r.stdout and "failed inputs: 3" in r.stdout  # 183 planned / 60
+    assert "180 decoded, 0 bad samples, counts match index: True" in r.stdout
+    assert (tmp_path / "grid.png").stat().st_size > 2000
