@@ -16,7 +16,7 @@ import socket
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ def use_cuda() -> bool:
 
 def init_distributed(timeout_minutes: int) -> tuple[int, int, int]:
     """(rank, world size, local rank); a plain ``python launch/train.py`` is a world of one."""
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ and not dist.is_initialized():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     if not use_cuda():
@@ -100,10 +100,10 @@ def deepspeed_config(cfg: Config, micro_batch: int, world: int) -> dict:
 # --- the step ------------------------------------------------------------------------------------
 
 class Trainer:
-    def __init__(self, cfg: Config, rank: int, world: int, local_rank: int):
+    def __init__(self, cfg: Config, rank: int, world: int, local_rank: int, on_eval: Optional[Callable] = None):
         import deepspeed
 
-        self.cfg, self.rank, self.world = cfg, rank, world
+        self.cfg, self.rank, self.world, self.on_eval = cfg, rank, world, on_eval
         self.device = torch.device(f"cuda:{local_rank}" if use_cuda() else "cpu")
         self.out = Path(cfg.run.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
@@ -295,13 +295,17 @@ class Trainer:
                 rec.update(img_s=img_s, data_skipped=self.skipped_total)
                 metrics.log("train", self.step, rec)
                 acc = {}
-            if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
+            is_eval = (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps
+            if is_eval:
                 last_eval = self.evaluate()
                 metrics.log("eval", self.step, last_eval)
                 metrics.message(f"step {self.step}: eval top-1 {100 * last_eval['top1']:.2f}% "
                                 f"top-5 {100 * last_eval['top5']:.2f}% ({last_eval['eval_images']} images, EMA)")
-            if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
+            if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps or \
+                    (is_eval and self.on_eval is not None):
                 self.save()
+            if is_eval and self.on_eval is not None:  # e.g. report to Ray Tune with this checkpoint
+                self.on_eval(self.step, dict(last_eval), self.ckpt_dir / ckpt.tag_for(self.step))
         if not last_eval:  # the run was already finished: report its weights again
             last_eval = self.evaluate()
         metrics.close()
@@ -329,18 +333,20 @@ def write_config(cfg: Config) -> None:
     dump_yaml(cfg, Path(cfg.run.out_dir) / "config.yaml")
 
 
-def run(cfg: Config) -> dict:
-    """Train (or resume) to ``train.steps``; returns the final eval of the EMA weights."""
+def run(cfg: Config, on_eval: Optional[Callable] = None) -> dict:
+    """Train (or resume) to ``train.steps``; returns the final eval of the EMA weights.
+    ``on_eval(step, metrics, checkpoint_dir)`` runs on every rank after each eval's checkpoint."""
     prepare_out_dir(cfg)
+    owns_group = not dist.is_initialized()  # Ray Train brings its own process group: not ours to end
     rank, world, local_rank = init_distributed(cfg.deepspeed.timeout_minutes)
     random.seed(cfg.run.seed + rank)
     np.random.seed(cfg.run.seed + rank)
     if rank == 0:
         write_config(cfg)
-    trainer = Trainer(cfg, rank, world, local_rank)
+    trainer = Trainer(cfg, rank, world, local_rank, on_eval)
     try:
         return trainer.fit()
     finally:
-        if dist.is_initialized():
+        if owns_group and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()

@@ -1,0 +1,274 @@
+"""Ray Tune sweeps over any training key (τ, λ, μ, lr, ...) with ASHA, each trial a real engine run.
+
+Each trial is a Ray Train ``TorchTrainer`` with ``tune.workers_per_trial`` workers running
+:func:`distssl.engine.run` (DeepSpeed picks up the process group Ray made). After every eval, every
+rank reports the metrics and its checkpoint folder, so a ZeRO checkpoint is complete in Ray's
+storage; a restarted trial copies ``ray.train.get_checkpoint()`` back into its run folder and the
+engine resumes from it. The TorchTrainer is given to the Tuner so trial resources come from its
+ScalingConfig, and the process-group timeout is short so a dead worker fails the trial fast.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from distssl.config import (Config, ConfigError, _build, _set_path, dump_yaml, flatten, load_config, parse_override,
+                            to_dict, validate)
+
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+@dataclass
+class TuneSettings:
+    num_samples: int = 4
+    metric: str = "top1"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = 1  # evals before ASHA may stop a trial
+    reduction_factor: int = 2
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_concurrent_trials: int = 0  # 0 = as many as resources allow
+    max_failures: int = 1  # restarts of a failed trial (from its last checkpoint)
+    address: str = ""  # a Ray cluster (ray start --head ...); empty = start Ray on this machine
+    num_cpus: int = 0  # local Ray only: CPUs it may use; 0 = all
+
+
+@dataclass
+class Sweep:
+    base: Config  # the training config every trial starts from
+    tune: TuneSettings
+    space: dict[str, dict[str, list]] = field(default_factory=dict)
+    out_dir: str = ""
+
+
+def load_sweep(path: str, overrides: list[str] = ()) -> Sweep:
+    """Tune YAML (``base``, ``tune``, ``space``, ``overrides``) + CLI overrides -> validated :class:`Sweep`.
+    CLI ``tune.*`` keys set the sweep; every other key overrides the base training config."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    tree = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = set(tree) - {"base", "tune", "space", "overrides"}
+    if unknown:
+        raise ConfigError(f"unknown key '{sorted(unknown)[0]}' in {path}: a tune config has base, tune, space, overrides")
+    if "base" not in tree:
+        raise ConfigError(f"{path}: 'base' (the training config the trials start from) is missing")
+    base_path = str((Path(path).parent / tree["base"]).resolve())
+    tune_tree = dict(tree.get("tune") or {})
+    base_overrides = [f"{k}={json.dumps(v)}" for k, v in flatten(tree.get("overrides") or {}).items()]
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.startswith("tune."):
+            _set_path(tune_tree, key[len("tune."):], value)
+        else:
+            base_overrides.append(text)
+    settings = _build(TuneSettings, tune_tree, "tune")
+    for key in ("num_samples", "grace_period", "reduction_factor", "workers_per_trial"):
+        if getattr(settings, key) < 1:
+            raise ConfigError(f"tune.{key}={getattr(settings, key)} is out of range: allowed >= 1")
+    base = load_config(base_path, base_overrides)
+    _absolute_paths(base)  # trials run in their own working folders
+    space = tree.get("space") or {}
+    check_space(space, base)
+    return Sweep(base=base, tune=settings, space=space, out_dir=base.run.out_dir)
+
+
+def _absolute_paths(cfg: Config) -> None:
+    for section, key in (("data", "labeled"), ("data", "unlabeled"), ("data", "eval"), ("data", "demo_root"),
+                         ("model", "pretrained"), ("run", "out_dir"), ("deepspeed", "template")):
+        obj = getattr(cfg, section)
+        value = getattr(obj, key)
+        if value and "://" not in value and not os.path.isabs(value):
+            setattr(obj, key, os.path.abspath(value))
+
+
+def check_space(space: dict, base: Config) -> None:
+    """Every searched key must be a training key, and every value it can take must validate."""
+    if not space:
+        raise ConfigError("space: empty; give at least one key, e.g. ssl.tau: {choice: [0.9, 0.95]}")
+    for key, spec in space.items():
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise ConfigError(f"space.{key}: give one of {', '.join(DISTRIBUTIONS)}, e.g. {{choice: [0.9, 0.95]}}")
+        kind, args = next(iter(spec.items()))
+        if kind in ("choice", "grid"):
+            if not isinstance(args, list) or not args:
+                raise ConfigError(f"space.{key}.{kind}: expected a non-empty list of values")
+            samples = args
+        else:
+            if not isinstance(args, list) or len(args) != 2:
+                raise ConfigError(f"space.{key}.{kind}: expected [low, high]")
+            lo, hi = args
+            if kind == "loguniform" and lo <= 0:
+                raise ConfigError(f"space.{key}.loguniform: low must be > 0")
+            samples = [lo, hi - 1] if kind == "randint" else [lo, hi]
+        for v in samples:
+            try:
+                apply(base, {key: v}, base.run.out_dir)
+            except ConfigError as e:
+                raise ConfigError(f"space.{key}: {e}") from None
+
+
+def apply(base: Config, values: dict[str, Any], out_dir: str) -> Config:
+    tree = to_dict(base)
+    for k, v in values.items():
+        _set_path(tree, k, v)
+    tree["run"]["out_dir"] = out_dir
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def ray_space(space: dict) -> dict:
+    from ray import tune
+
+    make = {"choice": lambda a: tune.choice(a), "grid": lambda a: tune.grid_search(a),
+            "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
+            "randint": lambda a: tune.randint(*a)}
+    return {k: make[kind](args) for k, spec in space.items() for kind, args in spec.items()}
+
+
+# --- inside a trial (each Ray Train worker) ------------------------------------------------------
+
+def train_loop(loop_config: dict) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    from distssl import engine
+
+    ctx = ray.train.get_context()
+    base = _build(Config, loop_config["base"], "")
+    values = {k: loop_config["space"][k] for k in loop_config["space"]}
+    out_dir = os.path.join(loop_config["sweep_dir"], "trials", ctx.get_trial_name())
+    cfg = apply(base, values, out_dir)
+    restored = ray.train.get_checkpoint()
+    if restored is not None and ctx.get_local_rank() == 0:
+        with restored.as_directory() as d:  # the engine resumes from run.out_dir/checkpoints
+            dst = Path(out_dir) / "checkpoints" / _tag_in(d)
+            if not dst.exists():
+                shutil.copytree(d, dst)
+
+    def report(step: int, metrics: dict, ckpt_dir: Path) -> None:
+        ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(str(ckpt_dir)))
+
+    engine.run(cfg, on_eval=report)
+
+
+def _tag_in(d: str) -> str:
+    marker = Path(d) / "COMPLETE"
+    return f"step_{int(json.loads(marker.read_text())['step']):08d}"
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+def run_sweep(sweep: Sweep) -> dict:
+    # Ray >= 2.48 defaults to Train V2, where a TorchTrainer is no Tune trainable; the sweep hands the
+    # TorchTrainer to the Tuner (trial resources from its ScalingConfig), which is the V1 API.
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
+    import ray
+    from ray import tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    t = sweep.tune
+    sweep_dir = str(Path(sweep.out_dir).resolve())
+    Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        if t.address:
+            ray.init(address=t.address)
+        else:
+            ray.init(num_cpus=t.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
+    dump_yaml(sweep.base, Path(sweep_dir) / "base_config.yaml")
+    use_gpu = t.gpus_per_worker > 0
+    trainer = TorchTrainer(
+        train_loop,
+        scaling_config=ScalingConfig(num_workers=t.workers_per_trial, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker,
+                                                           **({"GPU": t.gpus_per_worker} if use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
+                                 timeout_s=60 * sweep.base.deepspeed.timeout_minutes),
+    )
+    param_space = {"train_loop_config": {"base": to_dict(sweep.base), "space": ray_space(sweep.space),
+                                         "sweep_dir": sweep_dir}}
+    evals = max(1, math.ceil(sweep.base.train.steps / max(1, sweep.base.train.eval_every or sweep.base.train.steps)))
+    # max_t one past the last eval: ASHA must not stop a trial at its final report (it would be killed
+    # before writing its summary and plot)
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=evals + 1, grace_period=min(t.grace_period, evals),
+                               reduction_factor=t.reduction_factor)
+                 if t.scheduler == "asha" else FIFOScheduler())
+    storage = str(Path(sweep_dir) / "ray")
+    name = "sweep"
+    path = os.path.join(storage, name)
+    if tune.Tuner.can_restore(path):  # a killed sweep: finished trials are kept, the rest go on
+        tuner = tune.Tuner.restore(path, trainable=trainer, param_space=param_space, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainer, param_space=param_space,
+            tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, scheduler=scheduler, num_samples=t.num_samples,
+                                        max_concurrent_trials=t.max_concurrent_trials or None),
+            run_config=RunConfig(name=name, storage_path=storage, verbose=1,
+                                 failure_config=FailureConfig(max_failures=t.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    results = tuner.fit()
+    return write_outputs(sweep, results, sweep_dir)
+
+
+def write_outputs(sweep: Sweep, results, sweep_dir: str) -> dict:
+    """results.csv (sorted by the metric), best_config.yaml (a complete training config), a plot."""
+    metric, mode = sweep.tune.metric, sweep.tune.mode
+    rows = []
+    for r in results:
+        values = r.config["train_loop_config"]["space"]
+        hist = r.metrics_dataframe
+        series = [] if hist is None or metric not in hist else [v for v in hist[metric].tolist() if v == v]
+        best = (max(series) if mode == "max" else min(series)) if series else None
+        status = "ERROR" if r.error else ("STOPPED" if r.metrics and r.metrics.get("step", 0) < sweep.base.train.steps
+                                          else "TERMINATED")
+        rows.append({"trial": Path(r.path).name, **values, f"best_{metric}": best,
+                     f"last_{metric}": series[-1] if series else None,
+                     "steps": (r.metrics or {}).get("step", 0), "status": status,
+                     "error": str(r.error).splitlines()[0][:200] if r.error else ""})
+    sign = -1 if mode == "max" else 1
+    rows.sort(key=lambda row: (row[f"best_{metric}"] is None, sign * (row[f"best_{metric}"] or 0)))
+    keys = list(sweep.space)
+    with open(Path(sweep_dir) / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["trial", *keys, f"best_{metric}", f"last_{metric}", "steps", "status",
+                                          "error"])
+        w.writeheader()
+        w.writerows(rows)
+    summary = {"trials": len(rows), "results_csv": str(Path(sweep_dir) / "results.csv")}
+    good = [row for row in rows if row[f"best_{metric}"] is not None]
+    if good:
+        best = good[0]
+        cfg = apply(sweep.base, {k: best[k] for k in keys}, str(Path(sweep_dir) / "best"))
+        dump_yaml(cfg, Path(sweep_dir) / "best_config.yaml")
+        summary.update(best={k: best[k] for k in keys}, best_metric=best[f"best_{metric}"],
+                       best_config=str(Path(sweep_dir) / "best_config.yaml"))
+        _plot(good, keys, metric, Path(sweep_dir) / "sweep.png")
+    return summary
+
+
+def _plot(rows: list[dict], keys: list[str], metric: str, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        ax.scatter([r[k] for r in rows], [r[f"best_{metric}"] for r in rows])
+        ax.set_xlabel(k)
+        ax.set_ylabel(f"best {metric}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)

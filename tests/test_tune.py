@@ -1,0 +1,89 @@
+"""Real Ray Tune sweeps on CPU: ASHA over tau, lambda_u and mu, restore after a kill, bad keys."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_train, tiny_overrides
+
+TUNE_CFG = str(ROOT / "configs/tune/demo.yaml")
+
+
+def _tune(args, timeout=400, **kw):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RAY_DEDUP_LOGS": "0"}
+    return subprocess.run([sys.executable, str(ROOT / "launch/tune.py"), "--config", TUNE_CFG, *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, **kw)
+
+
+def _rows(sweep):
+    with open(sweep / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_bad_search_key_is_named_before_any_trial_starts(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base": str(ROOT / "configs/demo.yaml"),
+                                   "space": {"ssl.taux": {"choice": [0.9]}}}))
+    r = subprocess.run([sys.executable, str(ROOT / "launch/tune.py"), "--config", str(bad),
+                        f"run.out_dir={tmp_path / 's'}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "ssl.taux" in r.stderr and "Traceback" not in r.stderr
+    bad.write_text(yaml.safe_dump({"base": str(ROOT / "configs/demo.yaml"),
+                                   "space": {"ssl.tau": {"uniform": [0.5, 1.5]}}}))
+    r = subprocess.run([sys.executable, str(ROOT / "launch/tune.py"), "--config", str(bad),
+                        f"run.out_dir={tmp_path / 's'}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "space.ssl.tau" in r.stderr
+    assert not (tmp_path / "s" / "ray").exists()
+
+
+def test_sweep_with_asha_writes_results_and_a_best_config_that_trains(tiny_data, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = tiny_overrides(tiny_data, sweep, **{"train.steps": 6, "train.eval_every": 2, "train.ckpt_every": 0})
+    r = _tune([*args, "tune.num_samples=3", "tune.num_cpus=2"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = _rows(sweep)
+    assert len(rows) == 3
+    assert {"ssl.tau", "ssl.lambda_u", "ssl.mu", "best_top1", "last_top1", "steps", "status"} <= set(rows[0])
+    tops = [float(r["best_top1"]) for r in rows]
+    assert tops == sorted(tops, reverse=True)
+    assert all(float(r["ssl.tau"]) in (0.8, 0.9, 0.95) and 2 <= int(r["ssl.mu"]) <= 7 for r in rows)
+    assert (sweep / "sweep.png").stat().st_size > 2000
+    best = yaml.safe_load((sweep / "best_config.yaml").read_text())
+    assert best["ssl"]["tau"] == float(rows[0]["ssl.tau"]) and best["ssl"]["mu"] == int(rows[0]["ssl.mu"])
+    out = tmp_path / "from_best"
+    r = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--config", str(sweep / "best_config.yaml"),
+                        f"run.out_dir={out}", "train.steps=2", "train.eval_every=2"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "summary.json").exists()
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [*tiny_overrides(tiny_data, sweep, **{"train.steps": 4, "train.eval_every": 2, "train.ckpt_every": 0}),
+            "tune.num_samples=2", "tune.max_concurrent_trials=1", "tune.num_cpus=2", "tune.scheduler=fifo"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch/tune.py"), "--config", TUNE_CFG, *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT,
+                            start_new_session=True)
+    deadline, done = time.time() + 300, False
+    while time.time() < deadline and not done:  # until Ray's own state records a finished trial
+        done = any("TERMINATED" in p.read_text(errors="ignore")
+                   for p in (sweep / "ray" / "sweep").glob("experiment_state*.json")) if (sweep / "ray").exists() else False
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert done, "no trial finished before the kill"
+    finished = {p.parent.name: p.stat().st_mtime for p in (sweep / "trials").glob("*/summary.json")}
+    assert finished
+    assert not (sweep / "results.csv").exists()
+    r = _tune(args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = _rows(sweep)
+    assert len(rows) == 2 and all(row["status"] == "TERMINATED" for row in rows)
+    for name, mtime in finished.items():  # finished trials were not run again
+        assert (sweep / "trials" / name / "summary.json").stat().st_mtime == mtime
