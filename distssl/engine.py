@@ -39,6 +39,10 @@ log = logging.getLogger("distssl")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+class DataError(RuntimeError):
+    """The data is broken beyond what skipping can absorb."""
+
+
 # --- process group ------------------------------------------------------------------------------
 
 def _free_port() -> int:
@@ -225,6 +229,16 @@ class Trainer:
         return {"top1": counts[0].item() / n, "top5": counts[1].item() / n, "eval_images": int(counts[2].item()),
                 "eval_skipped": int(counts[3].item())}
 
+    def _check_bad_fraction(self, samples_per_step: int, min_samples: int = 1000) -> None:
+        """Bad samples are skipped and counted; too many of them means broken data, not bad luck."""
+        used = self.step * samples_per_step
+        seen = used + self.skipped_total
+        if seen >= min_samples and self.skipped_total > self.cfg.train.max_bad_fraction * seen:
+            raise DataError(f"{self.skipped_total} of {seen} samples were unusable (undecodable image, missing cls "
+                            f"or unreadable shard), more than train.max_bad_fraction="
+                            f"{self.cfg.train.max_bad_fraction}: check the shards with tools/inspect_shards.py "
+                            f"--verify, or raise train.max_bad_fraction")
+
     # -- checkpoints --
     def rank_state(self) -> dict:
         return {"step": self.step, "ema": self.ema.state_dict(), "da": self.da.state_dict(),
@@ -274,6 +288,7 @@ class Trainer:
         unlabeled = (self._train_batches("unlabeled", self.unlabeled, self.B * cfg.ssl.mu, unlabeled_item(self.views))
                      if self.uses_unlabeled else None)
         imgs_per_step = t.batch_size * (1 + (2 * cfg.ssl.mu if self.uses_unlabeled else 0))
+        samples_per_step = t.batch_size * (1 + (cfg.ssl.mu if self.uses_unlabeled else 0))
         acc: dict[str, list[float]] = {}
         last_eval: dict = {}
         t0, steps0 = time.time(), self.step
@@ -284,6 +299,7 @@ class Trainer:
             stats = self.train_step(lb, ub)
             dist.all_reduce(skipped)
             self.skipped_total += int(skipped.item())
+            self._check_bad_fraction(samples_per_step)
             for k, v in stats.items():
                 acc.setdefault(k, []).append(v)
             img_s = imgs_per_step * (self.step - steps0) / max(1e-9, time.time() - t0)
@@ -292,7 +308,8 @@ class Trainer:
             if self.step % cfg.run.log_every == 0 or self.step == t.steps:
                 rec = {k: float(np.nanmean(v)) if not all(math.isnan(x) for x in v) else float("nan")
                        for k, v in acc.items()}
-                rec.update(img_s=img_s, data_skipped=self.skipped_total)
+                rec.update({"img_s": img_s, "data/skipped": self.skipped_total,
+                            "data/samples": self.step * samples_per_step})
                 metrics.log("train", self.step, rec)
                 acc = {}
             is_eval = (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps

@@ -40,12 +40,15 @@ def main(argv=None) -> int:
         return 2
 
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
-    from distssl.engine import run
+    from distssl.engine import DataError, run
     try:
         result = run(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return 3
     if os.environ.get("RANK", "0") == "0":
         print(f"done: step {cfg.train.steps}, eval top-1 {100 * result['top1']:.2f}% "
               f"(EMA weights), outputs in {cfg.run.out_dir}")

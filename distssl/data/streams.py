@@ -1,0 +1,284 @@
+"""Labeled / unlabeled / eval streams over WebDataset shards, as composable generator stages.
+
+    shard schedule -> tar samples -> per-shard shuffle buffer -> [skip to cursor] -> decode + views -> batches
+
+Why this shape:
+- Training streams are infinite and resampled: every epoch is a (seed, epoch) permutation of the
+  shards, split across all loader workers of all ranks (``g = rank * workers + worker``), so no
+  sample is seen twice within an epoch and every rank has a full stream even when the shard count
+  does not divide (fewer shards than workers: workers share shards with different shuffles).
+- The data position is exact and cheap to restore: each batch carries its worker's cursor (raw
+  samples consumed in that worker's sequence); resuming skips whole shards by their index counts
+  without opening them, and at most one shard's bytes without decoding them.
+- Augmentation randomness is seeded per sample from (seed, worker, position): a resumed run sees
+  the same views as an uninterrupted one.
+- Nothing is unpickled: samples are image bytes, ascii ``cls`` and ``json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tarfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from distssl.data import io
+from distssl.data.index import ShardSet
+from distssl.data.transforms import Views, decode
+
+log = logging.getLogger(__name__)
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class Raw:
+    key: str
+    fields: dict[str, bytes]
+
+
+# --- stages --------------------------------------------------------------------------------------
+
+def tar_samples(url: str) -> Iterator[Raw]:
+    """Group consecutive tar members by key (the basename up to its first dot)."""
+    with io.open_stream(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        current: Optional[Raw] = None
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = member.name
+            base = name.rsplit("/", 1)[-1]
+            if "." not in base:
+                continue
+            stem, ext = base.split(".", 1)
+            key = name[: len(name) - len(base)] + stem
+            data = tar.extractfile(member).read()
+            if current is None or current.key != key:
+                if current is not None:
+                    yield current
+                current = Raw(key, {})
+            current.fields[ext.lower()] = data
+        if current is not None:
+            yield current
+
+
+def resilient_samples(url: str, attempts: int = 6, base_delay: float = 0.5) -> Iterator[Raw]:
+    """``tar_samples`` that survives a flaky object store: on a read error it backs off, reopens the
+    shard and skips the samples it already yielded (a shard's raw order is fixed)."""
+    done, delay = 0, base_delay
+    for attempt in range(attempts):
+        try:
+            for i, raw in enumerate(tar_samples(url)):
+                if i >= done:
+                    done += 1
+                    yield raw
+            return
+        except (FileNotFoundError, PermissionError):
+            raise
+        except Exception as e:  # network errors come as many types (OSError, aiohttp, botocore)
+            if isinstance(e, tarfile.TarError) and not _is_transient(e):
+                raise
+            if attempt == attempts - 1:
+                raise
+            log.warning("shard %s: %s after %d samples; retrying in %.1fs", io.redact(url), e, done, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 30.0)
+
+
+def _is_transient(e: Exception) -> bool:
+    """A truncated tar is damage, not a network blip; a wrapped connection error is transient."""
+    cause = e.__cause__ or e.__context__
+    return cause is not None and not isinstance(cause, (tarfile.TarError, EOFError))
+
+
+def shard_schedule(n_shards: int, g: int, G: int, seed: int) -> Iterator[tuple[int, int]]:
+    """Infinite (epoch, shard) sequence of global worker ``g`` of ``G``."""
+    epoch = 0
+    while True:
+        perm = np.random.default_rng([seed, epoch]).permutation(n_shards)
+        mine = perm[g::G] if n_shards >= G else perm[[g % n_shards]]
+        for s in mine:
+            yield epoch, int(s)
+        epoch += 1
+
+
+def buffer_shuffle(samples: Iterable[Raw], bufsize: int, rng: random.Random) -> Iterator[Raw]:
+    """Deterministic shuffle buffer (reset per shard, so a cursor maps to one shard position)."""
+    buf: list[Raw] = []
+    for s in samples:
+        if len(buf) < bufsize:
+            buf.append(s)
+            continue
+        i = rng.randrange(len(buf))
+        buf[i], s = s, buf[i]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _worker_id(rank: int, num_workers: int) -> tuple[int, int]:
+    info = get_worker_info()
+    if info is None:
+        return rank, 1
+    return rank * info.num_workers + info.id, info.num_workers
+
+
+class TrainStream(IterableDataset):
+    """Infinite batches for one rank; ``make_item(raw, rng) -> dict | None`` builds one sample."""
+
+    def __init__(self, shards: ShardSet, *, rank: int, world_size: int, batch_size: int, seed: int,
+                 shuffle_buffer: int, make_item: Callable, cursors: Optional[dict[int, int]] = None):
+        self.shards, self.rank, self.world_size = shards, rank, world_size
+        self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
+        self.make_item, self.cursors = make_item, dict(cursors or {})
+
+    def _raw_sequence(self, g: int, G: int, skip: int) -> Iterator[tuple[int, int, Raw]]:
+        """(position, shard, raw sample) from position ``skip`` on."""
+        n = len(self.shards.urls)
+        pos = 0
+        for epoch, s in shard_schedule(n, g, G, self.seed):
+            count = self.shards.counts[s] if self.shards.counts is not None else None
+            if count is not None and pos + count <= skip:
+                pos += count  # skipped without opening the shard
+                continue
+            rng = random.Random(f"shuffle:{self.seed}:{epoch}:{s}:{g}")
+            try:
+                for raw in buffer_shuffle(resilient_samples(self.shards.urls[s]), self.shuffle_buffer, rng):
+                    if pos >= skip:
+                        yield pos, s, raw
+                    pos += 1
+            except Exception as e:  # a damaged shard (or one unreachable after retries) is skipped, not fatal
+                log.warning("shard %s: unreadable past sample %d (%s: %s); going on with the next shard",
+                            io.redact(self.shards.urls[s]), pos, type(e).__name__, e)
+
+    def __iter__(self) -> Iterator[dict]:
+        g, per_rank = _worker_id(self.rank, 0)
+        G = self.world_size * per_rank
+        items, skipped, warned = [], 0, set()
+        for pos, s, raw in self._raw_sequence(g, G, self.cursors.get(g, 0)):
+            rng = random.Random(f"aug:{self.seed}:{g}:{pos}")
+            item = self.make_item(raw, rng)
+            if item is None:
+                skipped += 1
+                if s not in warned:  # once per shard: a broken shard must not flood the log
+                    warned.add(s)
+                    log.warning("shard %s: skipping sample %s (no decodable image, or no cls in a labeled set); "
+                                "further bad samples of this shard are counted, not logged",
+                                io.redact(self.shards.urls[s]), raw.key)
+                continue
+            items.append(item)
+            if len(items) == self.batch_size:
+                batch = collate(items)
+                batch["worker"], batch["cursor"], batch["skipped"] = g, pos + 1, skipped
+                yield batch
+                items, skipped = [], 0
+
+
+class EvalStream(IterableDataset):
+    """Every eval sample exactly once across all ranks and loader workers."""
+
+    def __init__(self, shards: ShardSet, *, rank: int, world_size: int, batch_size: int, make_item: Callable):
+        self.shards, self.rank, self.world_size = shards, rank, world_size
+        self.batch_size, self.make_item = batch_size, make_item
+
+    def __iter__(self) -> Iterator[dict]:
+        g, per_rank = _worker_id(self.rank, 0)
+        G = self.world_size * per_rank
+        n = len(self.shards.urls)
+        by_shard = n >= G  # each shard read once; else every worker reads all, keeps i % G == g
+        items, skipped, i = [], 0, 0
+        for s in range(n):
+            if by_shard and s % G != g:
+                continue
+            for raw in resilient_samples(self.shards.urls[s]):
+                mine = by_shard or i % G == g
+                i += 1
+                if not mine:
+                    continue
+                item = self.make_item(raw, None)
+                if item is None:
+                    skipped += 1
+                    continue
+                items.append(item)
+                if len(items) == self.batch_size:
+                    yield {**collate(items), "skipped": skipped}
+                    items, skipped = [], 0
+        if items or skipped:
+            yield {**(collate(items) if items else {}), "skipped": skipped}
+
+
+def collate(items: list[dict]) -> dict:
+    out = {}
+    for k in items[0]:
+        vals = [it[k] for it in items]
+        out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else torch.tensor(vals)
+    return out
+
+
+# --- sample builders -----------------------------------------------------------------------------
+
+def _image_bytes(raw: Raw) -> Optional[bytes]:
+    return next((raw.fields[k] for k in IMAGE_KEYS if k in raw.fields), None)
+
+
+def _label(raw: Raw) -> Optional[int]:
+    if "cls" in raw.fields:
+        try:
+            return int(raw.fields["cls"].decode().strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _meta_label(raw: Raw) -> int:
+    try:
+        return int(json.loads(raw.fields["json"]).get("label", -1)) if "json" in raw.fields else -1
+    except (ValueError, AttributeError):
+        return -1
+
+
+def _decode_or_none(raw: Raw, size: int):
+    data = _image_bytes(raw)
+    if data is None:
+        return None
+    try:
+        return decode(data, size)
+    except Exception:  # undecodable image: counted by the caller, never fatal
+        return None
+
+
+def labeled_item(views: Views) -> Callable:
+    def make(raw: Raw, rng: random.Random) -> Optional[dict]:
+        label = _label(raw)
+        img = _decode_or_none(raw, views.image_size) if label is not None else None
+        return None if img is None else {"x": views.weak(img, rng), "y": label}
+    return make
+
+
+def unlabeled_item(views: Views) -> Callable:
+    """Both views come from one decode of the image."""
+    def make(raw: Raw, rng: random.Random) -> Optional[dict]:
+        img = _decode_or_none(raw, views.image_size)
+        if img is None:
+            return None
+        return {"weak": views.weak(img, rng), "strong": views.strong(img, rng), "y_true": _meta_label(raw)}
+    return make
+
+
+def eval_item(views: Views) -> Callable:
+    def make(raw: Raw, rng) -> Optional[dict]:
+        label = _label(raw)
+        img = _decode_or_none(raw, views.image_size) if label is not None else None
+        return None if img is None else {"x": views.eval(img), "y": label}
+    return make
+
+
+def loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                      pin_memory=torch.cuda.is_available())
