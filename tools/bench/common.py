@@ -3,13 +3,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -52,28 +45,9 @@ def result(**kv) -> None:
     print("RESULT " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items()))
 
 
-@contextmanager
 def s3_server():
-    """A moto S3 server on a free localhost port, with the AWS_* variables pointing at it."""
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([exe, "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except Exception:
-            time.sleep(0.1)
-    os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      AWS_DEFAULT_REGION="us-east-1")
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    from distssl.testing import local_s3
+    return local_s3(secret="bench")
 
 
 def upload_folder(local: Path, bucket: str, prefix: str = "") -> None:
