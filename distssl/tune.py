@@ -187,11 +187,17 @@ def run_sweep(sweep: Sweep) -> dict:
             ray.init(address=t.address)
         else:
             ray.init(num_cpus=t.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
+    need, have = t.workers_per_trial * t.cpus_per_worker, ray.cluster_resources().get("CPU", 0)
+    if need > have:  # the trial would wait in PENDING forever
+        raise ConfigError(f"tune.workers_per_trial={t.workers_per_trial} x tune.cpus_per_worker={t.cpus_per_worker} "
+                          f"needs {need:g} CPUs but the Ray cluster has {have:g}: lower them, or add nodes "
+                          f"(tune.address)")
     dump_yaml(sweep.base, Path(sweep_dir) / "base_config.yaml")
     use_gpu = t.gpus_per_worker > 0
     trainer = TorchTrainer(
         train_loop,
         scaling_config=ScalingConfig(num_workers=t.workers_per_trial, use_gpu=use_gpu,
+                                     trainer_resources={"CPU": 0},  # the coordinator only waits on workers
                                      resources_per_worker={"CPU": t.cpus_per_worker,
                                                            **({"GPU": t.gpus_per_worker} if use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",

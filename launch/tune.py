@@ -39,7 +39,11 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    summary = run_sweep(sweep)
+    try:
+        summary = run_sweep(sweep)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=1, default=str))
     return 0 if "best_config" in summary else 1
 

@@ -87,3 +87,18 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data, tmp
     assert len(rows) == 2 and all(row["status"] == "TERMINATED" for row in rows)
     for name, mtime in finished.items():  # finished trials were not run again
         assert (sweep / "trials" / name / "summary.json").stat().st_mtime == mtime
+
+
+def test_a_trial_can_be_a_two_process_deepspeed_run_reporting_every_rank(tiny_data, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = tiny_overrides(tiny_data, sweep, **{"train.steps": 2, "train.eval_every": 2, "train.ckpt_every": 0})
+    r = _tune([*args, "tune.num_samples=1", "tune.workers_per_trial=2", "tune.num_cpus=2"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _rows(sweep)[0]["status"] == "TERMINATED"
+    # the checkpoint Ray keeps holds both ranks' state (ZeRO shards + EMA/DA/cursors), not rank 0's alone
+    names = {p.name for p in (sweep / "ray").rglob("checkpoint_*/*")}
+    assert {"distssl_rank00000.pt", "distssl_rank00001.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt", "COMPLETE"} <= names
+    r = _tune([*args, "tune.num_samples=1", "tune.workers_per_trial=3", "tune.num_cpus=2",
+               f"run.out_dir={tmp_path / 'too_big'}"])
+    assert r.returncode == 2 and "tune.workers_per_trial=3" in r.stderr
