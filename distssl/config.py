@@ -311,13 +311,24 @@ def dump_yaml(cfg: Config, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.write_text(yaml.safe_dump(_redacted(to_dict(cfg)), sort_keys=False))
     os.replace(tmp, path)
+
+
+def _redacted(tree: Any) -> Any:
+    """Credentials embedded in URLs never reach files on disk."""
+    from distssl.data.io import redact
+
+    if isinstance(tree, dict):
+        return {k: _redacted(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_redacted(v) for v in tree]
+    return redact(tree) if isinstance(tree, str) else tree
 
 
 def resume_conflicts(saved: dict, cfg: Config) -> list[str]:
     """Keys whose values differ from the saved run in a way that breaks resuming it."""
-    old, new = flatten(saved), flatten(to_dict(cfg))
+    old, new = flatten(saved), flatten(_redacted(to_dict(cfg)))
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
             if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]

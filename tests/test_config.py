@@ -72,3 +72,13 @@ def test_cli_refuses_a_resume_whose_config_broke_it(tiny_data, tmp_path):
     r = _cli(*tiny_overrides(tiny_data, out, **{"ssl.tau": 0.7, "optim.lr": 0.1}))
     assert r.returncode != 0
     assert "ssl.tau" in r.stderr and "optim.lr" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_credentials_in_urls_never_reach_config_yaml(tmp_path):
+    from distssl.config import dump_yaml
+    cfg = load_config(DEMO, ["data.unlabeled=s3://AKIDEXAMPLE:s3cr3tKey@bucket/shards/unlabeled"])
+    dump_yaml(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "s3cr3tKey" not in text and "AKIDEXAMPLE" not in text and "bucket/shards/unlabeled" in text
+    # and the redacted file still matches the same config when a run resumes
+    assert resume_conflicts(yaml.safe_load(text), cfg) == []
