@@ -6,7 +6,6 @@ while the others wait, and the shard sets' index.json files say when the build i
 from __future__ import annotations
 
 import fcntl
-import os
 from pathlib import Path
 
 import numpy as np

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distssl import checkpoint as ckpt
-from distssl.config import Config, ConfigError, dump_yaml, resume_conflicts, to_dict
+from distssl.config import Config, ConfigError, dump_yaml, resume_conflicts
 from distssl.data.index import ShardSet, resolve
 from distssl.data.streams import EvalStream, TrainStream, eval_item, labeled_item, loader, unlabeled_item
 from distssl.data.transforms import Views, normalize

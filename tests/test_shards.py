@@ -10,7 +10,7 @@ import torch
 
 from conftest import export_digits
 from distssl.data.index import resolve
-from distssl.data.streams import EvalStream, TrainStream, eval_item, labeled_item, tar_samples, unlabeled_item
+from distssl.data.streams import EvalStream, TrainStream, eval_item, labeled_item, unlabeled_item
 from distssl.data.transforms import Views
 from distssl.shards import make_shards
 

@@ -6,10 +6,9 @@ import subprocess
 import sys
 import time
 
-import pytest
 import yaml
 
-from conftest import ROOT, run_train, tiny_overrides
+from conftest import ROOT, tiny_overrides
 
 TUNE_CFG = str(ROOT / "configs/tune/demo.yaml")
 

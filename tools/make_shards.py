@@ -18,7 +18,6 @@ DST/eval. Every image is decoded once to verify it; corrupt, truncated, empty an
 index.json. A killed build rerun with the same command finishes it; a finished one is left as it is.
 """
 import argparse
-import json
 import sys
 
 

@@ -61,10 +61,6 @@ def read_index(spec: str) -> dict:
         raise FileNotFoundError(f"{io.redact(spec)}: no {INDEX_NAME} (not a complete shard set)") from None
 
 
-def write_index(spec: str, index: dict) -> None:
-    io.write_bytes(io.join(spec, INDEX_NAME), json.dumps(index, indent=1).encode())
-
-
 def resolve(spec: str) -> ShardSet:
     """Turn a data spec into shard URLs plus whatever the index knows."""
     if is_pattern(spec):
