@@ -54,3 +54,31 @@ def test_too_many_bad_samples_stop_the_run_with_a_clear_error(tiny_data, damaged
                                                            "train.ckpt_every": 0, "train.max_bad_fraction": 0.01}))
     assert r.returncode == 3, r.stderr[-2000:]
     assert "data error" in r.stderr and "train.max_bad_fraction" in r.stderr and "Traceback" not in r.stderr
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {_Payload.target}",))
+
+
+def test_a_pickle_planted_in_a_shard_is_never_unpickled(tiny_data, tmp_path):
+    import pickle
+    _Payload.target = tmp_path / "pwned"
+    src = resolve(tiny_data["labeled"])
+    dst = tmp_path / "labeled"
+    dst.mkdir()
+    with tarfile.open(src.urls[0]) as t_in, tarfile.open(dst / "shard-000000.tar", "w") as t_out:
+        for m in t_in.getmembers():
+            _add(t_out, m.name, t_in.extractfile(m).read())
+            if m.name.endswith(".cls"):  # every sample also carries a pickle and a .pth payload
+                key = m.name.split(".", 1)[0]
+                _add(t_out, f"{key}.pickle", pickle.dumps(_Payload()))
+                _add(t_out, f"{key}.pth", pickle.dumps(_Payload()))
+    (dst / "index.json").write_text((tiny_data["root"] / "shards/train/labeled/index.json").read_text())
+    stream = TrainStream(resolve(str(dst)), rank=0, world_size=1, batch_size=20, seed=0, shuffle_buffer=4,
+                         make_item=labeled_item(VIEWS))
+    batch = next(iter(stream))
+    assert batch["x"].shape[0] == 20 and batch["skipped"] == 0 and set(batch) == {"x", "y", "worker", "cursor",
+                                                                                "skipped"}
+    assert not _Payload.target.exists()

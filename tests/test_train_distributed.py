@@ -82,3 +82,11 @@ def test_zero3_trains_resumes_and_evaluates_ema_like_zero2(tiny_data, tmp_path, 
     _check(r)
     assert "resumed from" in r.stdout + r.stderr
     assert [m["step"] for m in _metrics(out) if m["kind"] == "train"] == [1, 2, 3, 4, 5]
+
+
+def test_eval_counts_each_image_once_over_two_ranks_and_two_loader_workers_each(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    _check(run_train(tiny_overrides(tiny_data, out, **{"train.steps": 1, "train.eval_every": 1,
+                                                       "train.num_workers": 2, "train.eval_batch_size": 8}), nproc=2))
+    ev = [m for m in _metrics(out) if m["kind"] == "eval"][-1]
+    assert ev["eval_images"] == 97  # a prime: 3 shards over 4 workers, split by sample, none twice
