@@ -121,7 +121,8 @@ def buffer_shuffle(samples: Iterable[Raw], bufsize: int, rng: random.Random) -> 
     yield from buf
 
 
-def _worker_id(rank: int, num_workers: int) -> tuple[int, int]:
+def _worker_id(rank: int) -> tuple[int, int]:
+    """(global worker id, loader workers per rank); the training process itself is worker 0 of 1."""
     info = get_worker_info()
     if info is None:
         return rank, 1
@@ -157,7 +158,7 @@ class TrainStream(IterableDataset):
                             io.redact(self.shards.urls[s]), pos, type(e).__name__, e)
 
     def __iter__(self) -> Iterator[dict]:
-        g, per_rank = _worker_id(self.rank, 0)
+        g, per_rank = _worker_id(self.rank)
         G = self.world_size * per_rank
         items, skipped, warned = [], 0, set()
         for pos, s, raw in self._raw_sequence(g, G, self.cursors.get(g, 0)):
@@ -187,7 +188,7 @@ class EvalStream(IterableDataset):
         self.batch_size, self.make_item = batch_size, make_item
 
     def __iter__(self) -> Iterator[dict]:
-        g, per_rank = _worker_id(self.rank, 0)
+        g, per_rank = _worker_id(self.rank)
         G = self.world_size * per_rank
         n = len(self.shards.urls)
         by_shard = n >= G  # each shard read once; else every worker reads all, keeps i % G == g
