@@ -189,6 +189,12 @@ class Trainer:
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         return stats
 
+    def _sum_over_ranks(self, values) -> torch.Tensor:
+        """All-reduced sum, on the training device (nccl reduces only GPU tensors), returned on the CPU."""
+        t = torch.as_tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.cpu()
+
     # -- eval --
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -207,9 +213,7 @@ class Trainer:
                     counts[3] += batch.get("skipped", 0)
                 has = batch is not None
                 if self.zero3:  # every rank must run the same number of forwards (parameter gathers)
-                    flag = torch.tensor([float(has)])
-                    dist.all_reduce(flag)
-                    if flag.item() == 0:
+                    if self._sum_over_ranks([float(has)])[0] == 0:
                         break
                 elif not has:
                     break
@@ -224,7 +228,7 @@ class Trainer:
                 counts[0] += (topk[:, 0] == y).sum().item()
                 counts[1] += (topk == y[:, None]).any(dim=1).sum().item()
                 counts[2] += y.numel()
-        dist.all_reduce(counts)
+        counts = self._sum_over_ranks(counts)
         n = max(1.0, counts[2].item())
         return {"top1": counts[0].item() / n, "top5": counts[1].item() / n, "eval_images": int(counts[2].item()),
                 "eval_skipped": int(counts[3].item())}
@@ -295,10 +299,9 @@ class Trainer:
         while self.step < t.steps:
             lb = next(labeled)
             ub = next(unlabeled) if unlabeled is not None else None
-            skipped = torch.tensor([float(lb.pop("skipped", 0) + (ub.pop("skipped", 0) if ub else 0))])
+            skipped = float(lb.pop("skipped", 0) + (ub.pop("skipped", 0) if ub else 0))
             stats = self.train_step(lb, ub)
-            dist.all_reduce(skipped)
-            self.skipped_total += int(skipped.item())
+            self.skipped_total += int(self._sum_over_ranks([skipped])[0])
             self._check_bad_fraction(samples_per_step)
             for k, v in stats.items():
                 acc.setdefault(k, []).append(v)
