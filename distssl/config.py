@@ -25,6 +25,7 @@ class RunConfig:
     out_dir: str = "runs/default"
     seed: int = 0
     log_every: int = 10
+    trace_shards: bool = False  # debugging: log which shards each rank/worker reads, per epoch (out_dir/trace/)
 
 
 @dataclass
@@ -37,6 +38,9 @@ class TrainConfig:
     num_workers: int = 1  # loader processes per stream per rank; 0 loads in the training process
     eval_batch_size: int = 256  # global
     max_bad_fraction: float = 0.01
+    micro_batch_size: int = 0  # per-rank labeled micro-batch; 0 = the whole per-rank batch (no accumulation)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16 override the DeepSpeed template
+    channels_last: bool = True  # NHWC on GPU (faster convolutions with tensor cores); ignored on CPU
 
 
 @dataclass
@@ -57,6 +61,8 @@ class ModelConfig:
     num_classes: int = 10
     pretrained: Optional[str] = None
     drop_path_rate: float = 0.0
+    freeze_backbone_steps: int = 0  # fine-tuning: only the classifier learns for the first N steps
+    grad_checkpointing: bool = False  # activation checkpointing (timm set_grad_checkpointing), for big backbones
 
 
 @dataclass
@@ -67,6 +73,8 @@ class OptimConfig:
     weight_decay: float = 5e-4
     warmup_steps: int = 0
     cosine_fraction: float = 7 / 16  # lr = lr0 * cos(pi * cosine_fraction * k / K), FixMatch's 7/16
+    backbone_lr_scale: float = 1.0  # fine-tuning: backbone lr = lr * this (the classifier keeps lr)
+    layer_decay: float = 1.0  # fine-tuning: < 1 scales each layer's lr by layer_decay ** (depth from the top)
 
 
 @dataclass
@@ -82,13 +90,13 @@ class DataConfig:
     unlabeled: str = ""
     eval: str = ""
     demo_root: str = ""  # when set, the bundled MNIST-5k demo shards are built here if missing
-    image_size: int = 32
+    image_size: Optional[int] = None  # null = the model's pretrained config (or the pretrained file's JSON)
     flip: bool = True  # horizontal flip in the weak view; off for digits and text
     pad_fraction: float = 0.125
     randaugment_ops: int = 2
     cutout_fraction: float = 0.5
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+    mean: Optional[list[float]] = None  # null = from the model's pretrained config, like image_size
+    std: Optional[list[float]] = None
     shuffle_buffer: int = 500
 
 
@@ -107,7 +115,7 @@ class Config:
 RESUMABLE_CHANGES = {
     "train.steps", "train.eval_every", "train.ckpt_every", "train.keep_checkpoints",
     "train.eval_batch_size", "run.log_every", "train.max_bad_fraction", "data.demo_root",
-    "deepspeed.timeout_minutes", "run.out_dir",
+    "deepspeed.timeout_minutes", "run.out_dir", "run.trace_shards",
 }
 
 
@@ -262,13 +270,17 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= o.cosine_fraction <= 0.5, "optim.cosine_fraction", o.cosine_fraction, "0..0.5 (7/16 in FixMatch)")
     _check(cfg.model.num_classes >= 2, "model.num_classes", cfg.model.num_classes, ">= 2")
     _check(0.0 <= cfg.model.drop_path_rate < 1.0, "model.drop_path_rate", cfg.model.drop_path_rate, "0..1")
-    _check(d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
+    _check(t.micro_batch_size >= 0, "train.micro_batch_size", t.micro_batch_size, ">= 0 (0 = no accumulation)")
+    _check(cfg.model.freeze_backbone_steps >= 0, "model.freeze_backbone_steps", cfg.model.freeze_backbone_steps, ">= 0")
+    _check(o.backbone_lr_scale >= 0, "optim.backbone_lr_scale", o.backbone_lr_scale, ">= 0")
+    _check(0.0 < o.layer_decay <= 1.0, "optim.layer_decay", o.layer_decay, "0 < decay <= 1 (1 = off)")
+    _check(d.image_size is None or d.image_size >= 8, "data.image_size", d.image_size, ">= 8, or null")
     _check(0.0 <= d.pad_fraction < 0.5, "data.pad_fraction", d.pad_fraction, "0..0.5")
     _check(0.0 <= d.cutout_fraction <= 1.0, "data.cutout_fraction", d.cutout_fraction, "0..1")
     _check(d.randaugment_ops >= 0, "data.randaugment_ops", d.randaugment_ops, ">= 0")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, ">= 1")
-    _check(len(d.mean) == 3 and len(d.std) == 3 and min(d.std) > 0, "data.mean/data.std", (d.mean, d.std),
-           "three numbers each, std > 0")
+    _check(d.mean is None or len(d.mean) == 3, "data.mean", d.mean, "three numbers, or null")
+    _check(d.std is None or (len(d.std) == 3 and min(d.std) > 0), "data.std", d.std, "three numbers > 0, or null")
     for key in ("labeled", "unlabeled", "eval"):
         if not getattr(d, key):
             raise ConfigError(f"data.{key} is not set: give a shard-set folder/URL with index.json "

@@ -29,7 +29,8 @@ from distssl.data.index import ShardSet, resolve
 from distssl.data.streams import EvalStream, TrainStream, eval_item, labeled_item, loader, unlabeled_item
 from distssl.data.transforms import Views, normalize
 from distssl.metrics import MetricsWriter, plot
-from distssl.models import create_model, param_groups
+from distssl.export import META_NAME, WEIGHTS_NAME, gather_ema_state, model_meta, write_export
+from distssl.models import create_model, fill_input_defaults, param_groups
 from distssl.schedule import lr_factor
 from distssl.ssl.distalign import DistributionAlignment, target_from_histogram
 from distssl.ssl.ema import EMA
@@ -82,7 +83,21 @@ def init_distributed(timeout_minutes: int) -> tuple[int, int, int]:
     return rank, world, local_rank
 
 
-def deepspeed_config(cfg: Config, micro_batch: int, world: int) -> dict:
+def accumulation(cfg: Config, world: int) -> tuple[int, int]:
+    """(per-rank labeled micro-batch, gradient accumulation steps) that keep the global batch
+    ``train.batch_size`` whatever the world size, so results do not depend on the number of GPUs."""
+    t = cfg.train
+    if t.batch_size % world:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {world}")
+    per_rank = t.batch_size // world
+    micro = min(t.micro_batch_size or per_rank, per_rank)
+    if per_rank % micro:
+        raise ConfigError(f"train.micro_batch_size={t.micro_batch_size}: the per-rank batch {per_rank} "
+                          f"(train.batch_size {t.batch_size} / {world} ranks) must be a multiple of it")
+    return micro, per_rank // micro
+
+
+def deepspeed_config(cfg: Config, micro_batch: int, world: int, grad_accum: int = 1) -> dict:
     template = cfg.deepspeed.template or str(REPO_ROOT / "configs" / "deepspeed" / f"zero{cfg.deepspeed.zero_stage}.json")
     try:
         ds = json.loads(Path(template).read_text())
@@ -93,8 +108,16 @@ def deepspeed_config(cfg: Config, micro_batch: int, world: int) -> dict:
     ds = {k: v for k, v in ds.items() if not k.startswith("_")}  # comments in the template
     ds.setdefault("zero_optimization", {})["stage"] = cfg.deepspeed.zero_stage
     ds["train_micro_batch_size_per_gpu"] = micro_batch
-    ds["gradient_accumulation_steps"] = 1
-    ds["train_batch_size"] = micro_batch * world
+    ds["gradient_accumulation_steps"] = grad_accum
+    ds["train_batch_size"] = micro_batch * grad_accum * world
+    precision = cfg.train.precision
+    if precision != "fp32" or not (ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")):
+        ds["bf16"] = {"enabled": precision == "bf16"}
+        ds["fp16"] = {**({k: v for k, v in ds.get("fp16", {}).items() if k != "enabled"}),
+                      "enabled": precision == "fp16"}
+        if precision == "fp16":  # dynamic loss scaling: starts at 2**16, halves on overflow
+            ds["fp16"].setdefault("loss_scale", 0)
+            ds["fp16"].setdefault("initial_scale_power", 16)
     ds["zero_allow_untested_optimizer"] = True
     ds.setdefault("steps_per_print", 10 ** 9)
     ds.setdefault("wall_clock_breakdown", False)
@@ -112,9 +135,8 @@ class Trainer:
         self.out = Path(cfg.run.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
         t = cfg.train
-        if t.batch_size % world:
-            raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {world}")
-        self.B = t.batch_size // world
+        self.micro, self.grad_accum = accumulation(cfg, world)
+        self.B = self.micro * self.grad_accum  # per-rank labeled batch of one optimizer step
         self.uses_unlabeled = cfg.ssl.lambda_u > 0
 
         self.labeled, self.unlabeled, self.evalset = (resolve(cfg.data.labeled), resolve(cfg.data.unlabeled),
@@ -125,15 +147,29 @@ class Trainer:
                                   f"{s.num_classes} classes ({', '.join(s.class_names[:5])}...)")
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        model = create_model(cfg.model.name, cfg.model.num_classes, cfg.model.pretrained, cfg.model.drop_path_rate)
+        model = create_model(cfg.model.name, cfg.model.num_classes, cfg.model.pretrained, cfg.model.drop_path_rate,
+                             cfg.model.grad_checkpointing)
+        self.channels_last = t.channels_last and use_cuda()
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         o = cfg.optim
-        optimizer = torch.optim.SGD(param_groups(model, o.weight_decay), lr=o.lr, momentum=o.momentum,
-                                    nesterov=o.nesterov and o.momentum > 0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, t.steps, o.warmup_steps, o.cosine_fraction))
+        groups = param_groups(model, o.weight_decay, o.lr, o.backbone_lr_scale, o.layer_decay)
+        optimizer = torch.optim.SGD([{k: v for k, v in g.items() if k not in ("lr_scale", "is_head")} for g in groups],
+                                    lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+        frozen = cfg.model.freeze_backbone_steps
+
+        def schedule(is_head: bool):
+            def factor(s: int) -> float:
+                if not is_head and s < frozen:  # backbone lr 0 while it is frozen (ZeRO keeps flat buffers)
+                    return 0.0
+                return lr_factor(s, t.steps, o.warmup_steps, o.cosine_fraction)
+            return factor
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(g["is_head"]) for g in groups])
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, self.B, world))
+            config=deepspeed_config(cfg, self.micro, world, self.grad_accum))
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
         ckpt.use_safe_loading(self.engine)
         self.zero3 = cfg.deepspeed.zero_stage == 3
         self.ema = EMA(self.engine.module, cfg.ssl.ema_decay, cfg.ssl.ema_warmup)
@@ -156,34 +192,49 @@ class Trainer:
         stream = TrainStream(shards, rank=self.rank, world_size=self.world, batch_size=batch,
                              seed=self.cfg.run.seed + (0 if which == "labeled" else 1),
                              shuffle_buffer=self.cfg.data.shuffle_buffer, make_item=make,
-                             cursors=self.cursors[which])
+                             cursors=self.cursors[which], name=which,
+                             trace_dir=str(self.out / "trace") if self.cfg.run.trace_shards else None)
         for b in loader(stream, self.cfg.train.num_workers):
             self.cursors[which][int(b.pop("worker"))] = int(b.pop("cursor"))
             yield b
 
     def _to(self, t: torch.Tensor) -> torch.Tensor:
-        return normalize(t.to(self.device, non_blocking=True), self.mean, self.std)
+        x = normalize(t.to(self.device, non_blocking=True), self.mean, self.std).to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def train_step(self, lb: dict, ub: Optional[dict]) -> dict:
         """One FixMatch step; returns the stats of fixmatch_loss (plus lr)."""
-        engine = self.engine
+        engine, n = self.engine, self.grad_accum
         engine.train()
-        x, y = self._to(lb["x"]), lb["y"].to(self.device)
+        xs, ys = lb["x"].chunk(n), lb["y"].chunk(n)
         if ub is None:  # lambda_u = 0: the supervised-only baseline of the same recipe
-            loss = F.cross_entropy(engine(x).float(), y)
-            stats = {"loss": float(loss.detach()), "loss_x": float(loss.detach())}
+            per_micro = []
+            for x, y in zip(xs, ys):
+                loss = F.cross_entropy(engine(self._to(x)).float(), y.to(self.device))
+                engine.backward(loss)  # DeepSpeed divides by the accumulation steps
+                engine.step()  # applies the update only at the accumulation boundary
+                per_micro.append({"loss": float(loss.detach()), "loss_x": float(loss.detach())})
         else:
-            uw, us = self._to(ub["weak"]), self._to(ub["strong"])
+            # Pseudo-labels for the whole per-rank unlabeled batch first (no gradients; BatchNorm in
+            # train mode as in FixMatch's reference code), then one DA update for the step whatever
+            # the accumulation: p_model then depends only on the global batch, not on the world size.
             with torch.no_grad():
-                probs_w = torch.softmax(engine(uw).float(), dim=1)
+                probs_w = torch.cat([torch.softmax(engine(self._to(w)).float(), dim=1)
+                                     for w in ub["weak"].chunk(n)])
             if self.cfg.ssl.dist_align:
                 probs_w = self.da(probs_w)
-            logits = engine(torch.cat([x, us])).float()
-            logits_x, logits_s = logits[: x.shape[0]], logits[x.shape[0]:]
-            loss, stats = fixmatch_loss(logits_x, y, logits_s, probs_w, tau=self.cfg.ssl.tau,
-                                        lambda_u=self.cfg.ssl.lambda_u, true_u=ub["y_true"].to(self.device))
-        engine.backward(loss)
-        engine.step()
+            per_micro = []
+            for x, y, us, pw, yt in zip(xs, ys, ub["strong"].chunk(n), probs_w.chunk(n), ub["y_true"].chunk(n)):
+                x = self._to(x)
+                logits = engine(torch.cat([x, self._to(us)])).float()
+                loss, stats = fixmatch_loss(logits[: x.shape[0]], y.to(self.device), logits[x.shape[0]:], pw,
+                                            tau=self.cfg.ssl.tau, lambda_u=self.cfg.ssl.lambda_u,
+                                            true_u=yt.to(self.device))
+                engine.backward(loss)
+                engine.step()
+                per_micro.append(stats)
+        stats = {k: float(np.nanmean([m[k] for m in per_micro])) if not all(math.isnan(m[k]) for m in per_micro)
+                 else float("nan") for k in per_micro[0]}
         self.step += 1
         stats["ema_decay"] = self.ema.update(self.step)
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -232,6 +283,17 @@ class Trainer:
         n = max(1.0, counts[2].item())
         return {"top1": counts[0].item() / n, "top5": counts[1].item() / n, "eval_images": int(counts[2].item()),
                 "eval_skipped": int(counts[3].item())}
+
+    def export(self, last_eval: dict) -> Optional[Path]:
+        """Final EMA weights -> out_dir/model.safetensors + model.json (every rank gathers, rank 0 writes)."""
+        state = gather_ema_state(self)
+        if self.rank != 0:
+            return None
+        d = self.cfg.data
+        meta = model_meta(self.cfg.model.name, self.cfg.model.num_classes, d.image_size, d.mean, d.std,
+                          self.evalset.class_names or self.labeled.class_names or [],
+                          {"step": self.step, "eval_top1": last_eval.get("top1"), "weights": "ema"})
+        return write_export(state, meta, self.out / WEIGHTS_NAME)
 
     def _check_bad_fraction(self, samples_per_step: int, min_samples: int = 1000) -> None:
         """Bad samples are skipped and counted; too many of them means broken data, not bad luck."""
@@ -328,6 +390,9 @@ class Trainer:
                 self.on_eval(self.step, dict(last_eval), self.ckpt_dir / ckpt.tag_for(self.step))
         if not last_eval:  # the run was already finished: report its weights again
             last_eval = self.evaluate()
+        exported = self.export(last_eval)
+        if exported is not None:
+            metrics.message(f"exported EMA weights to {exported} (+ {META_NAME}; load with timm, see README)")
         metrics.close()
         if is_main:
             plot(self.out / "metrics.jsonl", self.out / "curves.png")
@@ -356,6 +421,9 @@ def write_config(cfg: Config) -> None:
 def run(cfg: Config, on_eval: Optional[Callable] = None) -> dict:
     """Train (or resume) to ``train.steps``; returns the final eval of the EMA weights.
     ``on_eval(step, metrics, checkpoint_dir)`` runs on every rank after each eval's checkpoint."""
+    filled = fill_input_defaults(cfg)
+    if filled and os.environ.get("RANK", "0") == "0":
+        log.warning("from the model's pretrained config: %s", ", ".join(filled))
     prepare_out_dir(cfg)
     owns_group = not dist.is_initialized()  # Ray Train brings its own process group: not ours to end
     rank, world, local_rank = init_distributed(cfg.deepspeed.timeout_minutes)

@@ -1,29 +1,105 @@
-"""timm backbone factory: a name, the number of classes, and optionally local pretrained weights."""
+"""timm backbone factory: a name, the number of classes, optionally local pretrained weights, and the
+optimizer's parameter groups for fine-tuning (head vs backbone lr, layer-wise lr decay)."""
 from __future__ import annotations
 
+import json
 import logging
+import posixpath
+from typing import Optional
 
 import torch
+
+import distssl.wrn  # noqa: F401  (registers wrn28_2 with timm)
 
 log = logging.getLogger(__name__)
 
 
-def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """safetensors, or a torch state dict loaded with weights_only=True (never unrestricted pickle)."""
+def _is_checkpoint_dir(path: str) -> bool:
     from distssl.data import io
 
+    fs, p = io.filesystem(path)
+    return fs.isdir(p)
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """safetensors, a torch state dict loaded with weights_only=True (never unrestricted pickle), or a
+    run/checkpoint folder of this project (its EMA weights)."""
+    from distssl.data import io
+
+    if _is_checkpoint_dir(path):
+        from distssl.export import ema_weights_from_run
+        state, _ = ema_weights_from_run(path)
+        return state
     if path.endswith(".safetensors"):
         from safetensors.torch import load as load_st
         return load_st(io.read_bytes(path))
     import io as _io
-    state = torch.load(_io.BytesIO(io.read_bytes(path)), map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "module"):
+    try:
+        state = torch.load(_io.BytesIO(io.read_bytes(path)), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - an unpickling refusal is the user's to fix, with the reason
+        raise ValueError(f"model.pretrained={path}: not a safetensors file or a weights-only torch state dict "
+                         f"({str(e).splitlines()[0][:200]}); convert it with safetensors.torch.save_file") from None
+    for key in ("state_dict", "model", "module", "state_dict_ema"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
-    return state
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def create_model(name: str, num_classes: int, pretrained: str | None = None, drop_path_rate: float = 0.0):
+def pretrained_meta(path: Optional[str]) -> dict:
+    """The JSON written next to an exported ``model.safetensors`` (input size, mean/std, classes), if any."""
+    if not path:
+        return {}
+    from distssl.data import io
+
+    candidates = [posixpath.splitext(path)[0] + ".json"]
+    if _is_checkpoint_dir(path):
+        candidates = []
+    for c in candidates:
+        try:
+            return json.loads(io.read_bytes(c))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            continue
+    return {}
+
+
+def default_input_config(name: str, pretrained: Optional[str]) -> dict:
+    """input size / mean / std: the pretrained file's JSON first, then the timm model's pretrained config."""
+    import timm
+
+    meta = pretrained_meta(pretrained)
+    try:
+        cfg = dict(timm.models.get_pretrained_cfg(name) or {}) if timm.models.is_model(name) else {}
+    except Exception:  # noqa: BLE001 - a model without a default pretrained config
+        cfg = {}
+    out = {}
+    for key in ("input_size", "mean", "std"):
+        value = meta.get(key, cfg.get(key))
+        if value is not None:
+            out[key] = list(value)
+    return out
+
+
+def fill_input_defaults(cfg) -> list[str]:
+    """Set data.image_size/mean/std that the config leaves null; returns what was filled, for the log."""
+    d = cfg.data
+    if d.image_size is not None and d.mean is not None and d.std is not None:
+        return []
+    defaults = default_input_config(cfg.model.name, cfg.model.pretrained)
+    filled = []
+    if d.image_size is None:
+        d.image_size = int(defaults.get("input_size", [3, 224, 224])[-1])
+        filled.append(f"data.image_size={d.image_size}")
+    for key, fallback in (("mean", [0.485, 0.456, 0.406]), ("std", [0.229, 0.224, 0.225])):
+        if getattr(d, key) is None:
+            setattr(d, key, [float(v) for v in defaults.get(key, fallback)])
+            filled.append(f"data.{key}={getattr(d, key)}")
+    return filled
+
+
+def create_model(name: str, num_classes: int, pretrained: str | None = None, drop_path_rate: float = 0.0,
+                 grad_checkpointing: bool = False):
     import timm
 
     try:
@@ -32,25 +108,90 @@ def create_model(name: str, num_classes: int, pretrained: str | None = None, dro
     except RuntimeError as e:
         raise ValueError(f"model.name={name!r}: {e} (see timm.list_models())") from None
     if pretrained:
-        state = load_state_dict_file(pretrained)
-        own = model.state_dict()
-        head = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-        for k in head:  # a classifier for another number of classes: re-initialised
-            state.pop(k)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if head:
-            log.warning("model.pretrained: re-initialised %s (shape differs from the file)", ", ".join(head))
-        if missing:
-            log.warning("model.pretrained: missing keys %s", ", ".join(missing))
-        if unexpected:
-            log.warning("model.pretrained: unexpected keys %s", ", ".join(unexpected))
+        load_pretrained(model, pretrained)
+    if grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ValueError(f"model.grad_checkpointing: timm model {name!r} does not support it")
+        model.set_grad_checkpointing(True)
     return model
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norm weights and biases (1-d tensors)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def load_pretrained(model: torch.nn.Module, path: str) -> dict:
+    """Load what matches; re-initialise a classifier of another size; list every missing/unexpected key."""
+    from distssl.data.io import redact
+
+    state = load_state_dict_file(path)
+    own = model.state_dict()
+    reshaped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    classifier = {n for n, _ in _classifier_params(model)}
+    for k in reshaped:
+        state.pop(k)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    where = redact(path)
+    head = [k for k in reshaped if k in classifier]
+    other = [k for k in reshaped if k not in classifier]
+    if head:
+        log.warning("model.pretrained=%s: classifier %s re-initialised (the file has another number of classes)",
+                    where, ", ".join(head))
+    if other:
+        log.warning("model.pretrained=%s: %d tensors have other shapes and stay initialised: %s", where, len(other),
+                    ", ".join(other[:10]))
+    missing = [k for k in missing if k not in head]
+    if missing:
+        log.warning("model.pretrained=%s: %d missing keys (randomly initialised): %s", where, len(missing),
+                    ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+        log.warning("model.pretrained=%s: %d unexpected keys (ignored): %s", where, len(unexpected),
+                    ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
+    loaded = len(state) - len(unexpected)
+    if loaded == 0:
+        raise ValueError(f"model.pretrained={where}: no tensor matches the model {type(model).__name__} "
+                         f"(is it a checkpoint of another architecture?)")
+    return {"loaded": loaded, "missing": missing, "unexpected": unexpected, "reinitialised": reshaped}
+
+
+def _classifier_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return []
+    ids = {id(p) for p in head.parameters()}
+    return [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, backbone_lr_scale: float = 1.0,
+                 layer_decay: float = 1.0) -> list[dict]:
+    """SGD groups: no weight decay on 1-d tensors (norms, biases); the backbone's lr scaled by
+    ``backbone_lr_scale`` and, with ``layer_decay`` < 1, by layer_decay ** (depth from the top) as in
+    BEiT/timm. Each group carries ``lr_scale`` and ``is_head`` so the scheduler and the backbone
+    freeze can act on them."""
+    head_ids = {id(p) for _, p in _classifier_params(model)}
+    layer_of = _layer_ids(model) if layer_decay < 1.0 else {}
+    top = max(layer_of.values(), default=0)  # the head's layer: scale 1, the layer below it layer_decay
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_head = id(p) in head_ids
+        scale = 1.0 if is_head else backbone_lr_scale
+        if layer_of and not is_head:
+            scale *= layer_decay ** max(1, top - layer_of.get(name, 0))
+        wd = 0.0 if p.ndim <= 1 else weight_decay
+        key = (is_head, round(scale, 12), wd)
+        g = groups.setdefault(key, {"params": [], "weight_decay": wd, "lr": lr * scale, "lr_scale": scale,
+                                    "is_head": is_head})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+def _layer_ids(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter name -> layer index (0 = stem), from timm's group_matcher when the model has one."""
+    from timm.models import group_parameters
+
+    matcher = getattr(model, "group_matcher", None)
+    if callable(matcher):
+        groups = group_parameters(model, matcher(coarse=False), reverse=False)
+        return {n: i for i, names in groups.items() for n in names}
+    # Fallback: order of top-level children.
+    order = {name: i for i, (name, _) in enumerate(model.named_children())}
+    return {n: order.get(n.split(".")[0], 0) for n, _ in model.named_parameters()}

@@ -78,6 +78,16 @@ def test_zero3_trains_resumes_and_evaluates_ema_like_zero2(tiny_data, tmp_path, 
     assert z3_eval["eval_images"] == 97
     for key in ("top1", "top5"):
         assert abs(z3_eval[key] - z2_eval[key]) <= 0.03, (z3_eval, z2_eval)
+    # the export gathers the partitions into the full fp32 EMA, the same as the offline reassembly
+    from safetensors.torch import load_file
+
+    from distssl.export import ema_weights_from_run
+    exported = load_file(str(out / "model.safetensors"))
+    offline, info = ema_weights_from_run(out)
+    assert info["step"] == 4 and exported.keys() == offline.keys()
+    for name, full in z2_ema.items():
+        assert torch.equal(exported[name], offline[name]), name
+        torch.testing.assert_close(exported[name], full, rtol=1e-4, atol=1e-5, msg=name)
     r = run_train(tiny_overrides(tiny_data, out, **{**kv, "train.steps": 5}), nproc=2)
     _check(r)
     assert "resumed from" in r.stdout + r.stderr
@@ -90,3 +100,4 @@ def test_eval_counts_each_image_once_over_two_ranks_and_two_loader_workers_each(
                                                        "train.num_workers": 2, "train.eval_batch_size": 8}), nproc=2))
     ev = [m for m in _metrics(out) if m["kind"] == "eval"][-1]
     assert ev["eval_images"] == 97  # a prime: 3 shards over 4 workers, split by sample, none twice
+

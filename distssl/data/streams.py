@@ -133,8 +133,10 @@ class TrainStream(IterableDataset):
     """Infinite batches for one rank; ``make_item(raw, rng) -> dict | None`` builds one sample."""
 
     def __init__(self, shards: ShardSet, *, rank: int, world_size: int, batch_size: int, seed: int,
-                 shuffle_buffer: int, make_item: Callable, cursors: Optional[dict[int, int]] = None):
+                 shuffle_buffer: int, make_item: Callable, cursors: Optional[dict[int, int]] = None,
+                 trace_dir: Optional[str] = None, name: str = "train"):
         self.shards, self.rank, self.world_size = shards, rank, world_size
+        self.trace_dir, self.name = trace_dir, name
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.make_item, self.cursors = make_item, dict(cursors or {})
 
@@ -148,6 +150,8 @@ class TrainStream(IterableDataset):
                 pos += count  # skipped without opening the shard
                 continue
             rng = random.Random(f"shuffle:{self.seed}:{epoch}:{s}:{g}")
+            if self.trace_dir:
+                self._trace(g, epoch, s, pos)
             try:
                 for raw in buffer_shuffle(resilient_samples(self.shards.urls[s]), self.shuffle_buffer, rng):
                     if pos >= skip:
@@ -156,6 +160,13 @@ class TrainStream(IterableDataset):
             except Exception as e:  # a damaged shard (or one unreachable after retries) is skipped, not fatal
                 log.warning("shard %s: unreadable past sample %d (%s: %s); going on with the next shard",
                             io.redact(self.shards.urls[s]), pos, type(e).__name__, e)
+
+    def _trace(self, g: int, epoch: int, shard: int, pos: int) -> None:
+        """One JSON line per shard opened: which global worker read which shard in which epoch."""
+        import os
+        os.makedirs(self.trace_dir, exist_ok=True)
+        with open(os.path.join(self.trace_dir, f"{self.name}_g{g:04d}.jsonl"), "a") as f:
+            f.write(json.dumps({"rank": self.rank, "g": g, "epoch": epoch, "shard": shard, "pos": pos}) + "\n")
 
     def __iter__(self) -> Iterator[dict]:
         g, per_rank = _worker_id(self.rank)

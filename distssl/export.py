@@ -1,0 +1,136 @@
+"""Export the EMA weights as ``model.safetensors`` + ``model.json`` that timm loads unchanged.
+
+The JSON's ``pretrained_cfg`` is a valid timm pretrained config (architecture, num_classes, input
+size, mean/std, classifier): pass it as ``pretrained_cfg_overlay`` with ``file=`` pointing at the
+weights. ``num_classes`` must be in the overlay: timm drops the classifier when the overlay's class
+count differs from the one it is asked to build.
+
+Weights come from the fp32 EMA shadow, not from the (possibly bf16) live parameters; under ZeRO-3
+each rank holds a flat slice of every parameter, which is gathered here (live) or reassembled from
+the per-rank checkpoint files (offline, :func:`ema_weights_from_run`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from distssl import checkpoint as ckpt
+
+WEIGHTS_NAME = "model.safetensors"
+META_NAME = "model.json"
+
+
+def _full_from_partitions(parts: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """ZeRO-3 keeps ceil(n / world) elements per rank (the last one padded); concatenate and cut."""
+    numel = math.prod(shape)
+    if len(parts) == 1 or (parts[0].shape == shape and parts[0].numel() == numel):
+        return parts[0].reshape(shape).clone()  # unpartitioned (stages 0-2, or a ZeRO-3 persistent param)
+    return torch.cat([p.reshape(-1) for p in parts])[:numel].reshape(shape).clone()
+
+
+def gather_ema_state(trainer) -> Optional[dict[str, torch.Tensor]]:
+    """Full fp32 EMA state dict on rank 0 (None elsewhere); every rank must call it."""
+    import torch.distributed as dist
+
+    module, ema = trainer.engine.module, trainer.ema
+    state: dict[str, torch.Tensor] = {}
+    for name, p in ema.params:
+        shadow = ema.shadow[name]
+        shape = getattr(p, "ds_shape", p.shape)
+        if trainer.zero3 and hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False):
+            parts = [torch.empty_like(shadow) for _ in range(trainer.world)]
+            dist.all_gather(parts, shadow.contiguous())
+            state[name] = _full_from_partitions([t.cpu() for t in parts], torch.Size(shape))
+        else:
+            state[name] = shadow.detach().cpu().reshape(shape).clone()
+    for name, b in ema.buffers.items():
+        state[name] = b.detach().cpu().clone()
+    # State-dict order and names as the bare model has them.
+    keys = list(module.state_dict().keys())
+    ordered = {k: state[k] for k in keys if k in state}
+    return ordered if trainer.rank == 0 else None
+
+
+def model_meta(model_name: str, num_classes: int, image_size: int, mean, std, class_names: list[str],
+               extra: Optional[dict] = None) -> dict:
+    """model.json: what a user needs to load and feed the model."""
+    import timm
+
+    probe = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
+    base = dict(getattr(probe, "pretrained_cfg", {}) or {})
+    pretrained_cfg = {
+        "architecture": model_name, "num_classes": num_classes, "input_size": [3, image_size, image_size],
+        "mean": list(mean), "std": list(std), "crop_pct": 1.0, "interpolation": "bilinear",
+        "classifier": base.get("classifier", "fc"), "first_conv": base.get("first_conv", None),
+    }
+    if class_names:
+        pretrained_cfg["label_names"] = list(class_names)
+    pretrained_cfg = {k: v for k, v in pretrained_cfg.items() if v is not None}
+    return {"architecture": model_name, "num_classes": num_classes, "input_size": [3, image_size, image_size],
+            "mean": list(mean), "std": list(std), "class_names": list(class_names),
+            "pretrained_cfg": pretrained_cfg, **(extra or {})}
+
+
+def write_export(state: dict[str, torch.Tensor], meta: dict, out: str | Path) -> Path:
+    """Write ``out`` (a .safetensors path, or a folder that gets model.safetensors) and its JSON; the
+    weights are written under a temporary name and renamed, the JSON last."""
+    import os
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    weights = out if out.suffix == ".safetensors" else out / WEIGHTS_NAME
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    tmp = weights.with_name(weights.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+              metadata={"format": "pt", "architecture": meta["architecture"]})
+    os.replace(tmp, weights)
+    meta_path = weights.with_suffix(".json")
+    tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp_meta, meta_path)
+    return weights
+
+
+def _find_checkpoint(path: Path) -> tuple[Path, Path]:
+    """(run folder, step folder) for a run folder, its checkpoints/ folder, or one step_N folder."""
+    if (path / ckpt.MARKER).exists():
+        return path.parent.parent, path
+    ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = ckpt.latest(ckpt_dir)
+    if found is None:
+        raise FileNotFoundError(f"{path}: no complete checkpoint (looked for {ckpt_dir}/step_*/"
+                                f"{ckpt.MARKER})")
+    run_dir = ckpt_dir.parent if ckpt_dir.name == "checkpoints" else ckpt_dir
+    return run_dir, ckpt_dir / found[1]
+
+
+def ema_weights_from_run(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Reassemble the full EMA state dict from a run's per-rank checkpoint files (any ZeRO stage)."""
+    import timm
+    import yaml
+
+    import distssl.wrn  # noqa: F401
+
+    run_dir, step_dir = _find_checkpoint(Path(path))
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml beside the checkpoints (needed for the model name)")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    rank_files = sorted(step_dir.glob("distssl_rank*.pt"))
+    if not rank_files:
+        raise FileNotFoundError(f"{step_dir}: no distssl_rank*.pt files (not a distssl checkpoint)")
+    states = [ckpt.load_rank_state(f) for f in rank_files]
+    model = timm.create_model(cfg["model"]["name"], pretrained=False, num_classes=cfg["model"]["num_classes"])
+    out: dict[str, torch.Tensor] = {}
+    for name, ref in model.state_dict().items():
+        if name in states[0]["ema"]["shadow"]:
+            out[name] = _full_from_partitions([s["ema"]["shadow"][name] for s in states], ref.shape)
+        elif name in states[0]["ema"]["buffers"]:
+            out[name] = states[0]["ema"]["buffers"][name].clone()
+    info = {"config": cfg, "step": int(states[0]["step"]), "run_dir": str(run_dir), "checkpoint": str(step_dir)}
+    return out, info
