@@ -99,6 +99,8 @@ def accumulation(cfg: Config, world: int) -> tuple[int, int]:
 
 def deepspeed_config(cfg: Config, micro_batch: int, world: int, grad_accum: int = 1) -> dict:
     template = cfg.deepspeed.template or str(REPO_ROOT / "configs" / "deepspeed" / f"zero{cfg.deepspeed.zero_stage}.json")
+    if not Path(template).is_absolute() and not Path(template).exists() and (REPO_ROOT / template).exists():
+        template = str(REPO_ROOT / template)  # configs/deepspeed/... from any working directory
     try:
         ds = json.loads(Path(template).read_text())
     except FileNotFoundError:
@@ -111,13 +113,19 @@ def deepspeed_config(cfg: Config, micro_batch: int, world: int, grad_accum: int 
     ds["gradient_accumulation_steps"] = grad_accum
     ds["train_batch_size"] = micro_batch * grad_accum * world
     precision = cfg.train.precision
-    if precision != "fp32" or not (ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")):
-        ds["bf16"] = {"enabled": precision == "bf16"}
-        ds["fp16"] = {**({k: v for k, v in ds.get("fp16", {}).items() if k != "enabled"}),
-                      "enabled": precision == "fp16"}
-        if precision == "fp16":  # dynamic loss scaling: starts at 2**16, halves on overflow
-            ds["fp16"].setdefault("loss_scale", 0)
-            ds["fp16"].setdefault("initial_scale_power", 16)
+    if precision == "bf16":
+        # Autocast, not a bf16 module: parameters, BatchNorm statistics, EMA and master weights stay
+        # fp32 (BatchNorm on a cast module meets fp32 running stats, and a 0.999 EMA in bf16 rounds
+        # its updates away); convolutions and matmuls run in bf16.
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        ds["bf16"] = {"enabled": False}
+        ds["fp16"] = {"enabled": False}
+    elif precision == "fp16":  # fp16 needs loss scaling: DeepSpeed's dynamic scaler (starts at 2**16)
+        ds.pop("torch_autocast", None)
+        ds["bf16"] = {"enabled": False}
+        ds["fp16"] = {**ds.get("fp16", {}), "enabled": True}
+        ds["fp16"].setdefault("loss_scale", 0)
+        ds["fp16"].setdefault("initial_scale_power", 16)
     ds["zero_allow_untested_optimizer"] = True
     ds.setdefault("steps_per_print", 10 ** 9)
     ds.setdefault("wall_clock_breakdown", False)
@@ -166,10 +174,11 @@ class Trainer:
             return factor
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(g["is_head"]) for g in groups])
+        ds_config = deepspeed_config(cfg, self.micro, world, self.grad_accum)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, self.micro, world, self.grad_accum))
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        # inputs in the dtype DeepSpeed keeps the module in (train.precision or the template's choice)
+        self.dtype = next(self.engine.module.parameters()).dtype
         ckpt.use_safe_loading(self.engine)
         self.zero3 = cfg.deepspeed.zero_stage == 3
         self.ema = EMA(self.engine.module, cfg.ssl.ema_decay, cfg.ssl.ema_warmup)

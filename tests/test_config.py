@@ -82,3 +82,23 @@ def test_credentials_in_urls_never_reach_config_yaml(tmp_path):
     assert "s3cr3tKey" not in text and "AKIDEXAMPLE" not in text and "bucket/shards/unlabeled" in text
     # and the redacted file still matches the same config when a run resumes
     assert resume_conflicts(yaml.safe_load(text), cfg) == []
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "cifar10.yaml", "imagenet.yaml"])
+def test_shipped_configs_load_and_resolve(name):
+    from distssl.engine import accumulation, deepspeed_config
+    from distssl.models import fill_input_defaults
+
+    cfg = load_config(str(ROOT / "configs" / name))
+    fill_input_defaults(cfg)
+    assert cfg.data.image_size and len(cfg.data.mean) == 3 and len(cfg.data.std) == 3
+    for world in (1, 8, 32):  # the global batch does not depend on the number of GPUs
+        if cfg.train.batch_size % world:
+            continue
+        micro, accum = accumulation(cfg, world)
+        ds = deepspeed_config(cfg, micro, world, accum)
+        assert ds["train_batch_size"] == cfg.train.batch_size
+    if name == "imagenet.yaml":
+        assert (cfg.ssl.tau, cfg.ssl.lambda_u, cfg.ssl.mu, cfg.model.name) == (0.7, 10.0, 5, "resnet50")
+        assert accumulation(cfg, 8) == (32, 4) and accumulation(cfg, 32) == (32, 1)
+        assert ds["torch_autocast"]["enabled"] and cfg.data.mean == pytest.approx([0.485, 0.456, 0.406])

@@ -170,3 +170,15 @@ def test_wrn28_2_is_a_timm_model_with_grad_checkpointing():
         m(x).square().sum().backward()
     for (n, a), (_, b) in zip(ref.named_parameters(), ckp.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=n)
+
+
+def test_bf16_autocast_run_keeps_fp32_weights_and_exports_them(tiny_data, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bf16"
+    r = run_train(tiny_overrides(tiny_data, out, **{"train.steps": 2, "train.precision": "bf16",
+                                                    "train.micro_batch_size": 2}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    exported = load_file(str(out / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for k, t in exported.items() if t.is_floating_point())
+    assert [m["step"] for m in _metrics(out, "train")] == [1, 2]

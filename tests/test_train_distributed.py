@@ -101,3 +101,14 @@ def test_eval_counts_each_image_once_over_two_ranks_and_two_loader_workers_each(
     ev = [m for m in _metrics(out) if m["kind"] == "eval"][-1]
     assert ev["eval_images"] == 97  # a prime: 3 shards over 4 workers, split by sample, none twice
 
+
+
+def test_vit_with_activation_checkpointing_under_zero3(tiny_data, tmp_path):
+    """The large-backbone switch: timm's set_grad_checkpointing inside ZeRO-3's parameter gathering."""
+    out = tmp_path / "vit"
+    _check(run_train(tiny_overrides(tiny_data, out, **{"train.steps": 2, "train.eval_every": 2,
+                                                       "model.name": "test_vit", "model.grad_checkpointing": "true",
+                                                       "deepspeed.zero_stage": 3, "data.image_size": 32}), nproc=2))
+    train = [m for m in _metrics(out) if m["kind"] == "train"]
+    assert [m["step"] for m in train] == [1, 2] and all(m["loss"] == m["loss"] for m in train)  # no NaN
+    assert (out / "model.safetensors").exists()
