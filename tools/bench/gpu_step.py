@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""FixMatch step vs supervised step, images/s of ResNet-50 at 224 px in bf16 on one GPU.
+
+The same three real-engine steps as tools/bench/step.py (ours: weak view without gradients; the usual
+concat step; a supervised step over the same B + 2muB images), on CUDA with bf16 autocast and
+channels_last. Without a GPU it says so and exits 0 (a skip, not a failure).
+
+  python tools/bench/gpu_step.py [--quick] [--batch B] [--mu MU] [--model resnet50] [--size 224]
+
+Ends with: RESULT gpu_step_ratio=... gpu_step_vs_concat=... gpu_ours_img_s=... gpu_supervised_img_s=...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    p.add_argument("--steps", type=int, help="timed rounds (default 20, 5 with --quick)")
+    p.add_argument("--batch", type=int, default=32, help="labeled batch B per GPU (default 32)")
+    p.add_argument("--mu", type=int, default=5, help="unlabeled ratio (default 5, FixMatch's ImageNet setting)")
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--size", type=int, default=224)
+    args = p.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_step: no CUDA GPU on this machine: skipped (run it on a GPU node)")
+        return 0
+    import os
+    os.environ["DS_ACCELERATOR"] = "cuda"
+    from common import result, table
+    from step import measure
+
+    steps = args.steps or (5 if args.quick else 20)
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"run.out_dir={tmp}/run", f"train.batch_size={args.batch}", f"ssl.mu={args.mu}",
+                     f"model.name={args.model}", "model.num_classes=1000", f"data.image_size={args.size}",
+                     "train.precision=bf16", "train.channels_last=true", "train.num_workers=0",
+                     "data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]"]
+        med = measure(overrides, steps, warmup=3, sync=torch.cuda.synchronize)
+    n = med["images"]
+    name = torch.cuda.get_device_name()
+    print(f"{name}; {args.model} at {args.size} px, bf16 autocast, channels_last, B={args.batch}, mu={args.mu}: "
+          f"{n} images per step, median of {steps} rounds\n")
+    table([(k, f"{med[k] * 1000:.1f}", f"{n / med[k]:.0f}") for k in ("ours", "concat", "supervised")],
+          ("step", "ms", "img/s"))
+    result(gpu_step_ratio=med["ours"] / med["supervised"], gpu_step_vs_concat=med["ours"] / med["concat"],
+           gpu_ours_img_s=n / med["ours"], gpu_concat_img_s=n / med["concat"],
+           gpu_supervised_img_s=n / med["supervised"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""The cost of one FixMatch step, measured side by side in one run on the real engine.
+
+Three steps over the same images (B labeled, muB weak, muB strong), each a real
+``Trainer.train_step`` in a 1-rank DeepSpeed ZeRO-2 world:
+  ours        weak view forwarded without gradients, then cat(labeled, strong) with gradients
+  concat      the usual implementation: cat(labeled, weak, strong) forwarded with gradients
+  supervised  a supervised step over B + 2muB labeled images (the cost floor of "one step over
+              these images with gradients")
+plus distribution alignment's own time per step (p_model update + alignment).
+
+  python tools/bench/step.py [--quick] [--steps N] [--batch B] [--mu MU] [--model NAME] [--size PX]
+
+Ends with: RESULT step_ratio=ours/supervised step_vs_concat=ours/concat da_overhead=DA/ours ...
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def make_trainer(overrides: list[str]):
+    """A real Trainer (DeepSpeed engine, EMA, DA) in a world of one; data resolves to the demo shards."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from distssl.config import load_config
+    from distssl.demo import ensure_demo_data
+    from distssl.engine import Trainer, init_distributed
+    from distssl.models import fill_input_defaults
+
+    cfg = load_config(str(ROOT / "configs/demo.yaml"), overrides)
+    cfg.data.demo_root = str(ROOT / cfg.data.demo_root)
+    for key in ("labeled", "unlabeled", "eval"):
+        setattr(cfg.data, key, str(ROOT / getattr(cfg.data, key)))
+    ensure_demo_data(cfg.data.demo_root, progress=False)
+    fill_input_defaults(cfg)
+    rank, world, local_rank = init_distributed(5)
+    return Trainer(cfg, rank, world, local_rank)
+
+
+def synthetic_batches(B: int, mu: int, size: int, classes: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    img = lambda n: torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)  # noqa: E731
+    lb = {"x": img(B), "y": torch.randint(0, classes, (B,), generator=g)}
+    ub = {"weak": img(mu * B), "strong": img(mu * B), "y_true": torch.full((mu * B,), -1)}
+    sup = {"x": img(B + 2 * mu * B), "y": torch.randint(0, classes, (B + 2 * mu * B,), generator=g)}
+    return lb, ub, sup
+
+
+def measure(overrides: list[str], steps: int, warmup: int = 2, sync=lambda: None) -> dict:
+    """Median seconds per step of each variant, interleaved round by round so drift hits all alike."""
+    import torch
+
+    trainer = make_trainer(overrides)
+    cfg = trainer.cfg
+    B, mu = cfg.train.batch_size, cfg.ssl.mu
+    lb, ub, sup = synthetic_batches(B, mu, cfg.data.image_size, cfg.model.num_classes)
+
+    def ours():
+        cfg.ssl.weak_forward = "separate"
+        trainer.train_step(lb, ub)
+
+    def concat():
+        cfg.ssl.weak_forward = "concat"
+        trainer.train_step(lb, ub)
+
+    def supervised():
+        trainer.train_step(sup, None)
+
+    probs = torch.softmax(torch.randn(mu * B, cfg.model.num_classes, device=trainer.device), dim=1)
+
+    def da():
+        for _ in range(10):
+            trainer.da(probs)
+
+    variants = {"ours": ours, "concat": concat, "supervised": supervised, "da_x10": da}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for i in range(warmup + steps):
+        for name, fn in variants.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    med["da"] = med.pop("da_x10") / 10
+    med["images"] = B + 2 * mu * B
+    return med
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    p.add_argument("--steps", type=int, help="timed rounds (default 20, 6 with --quick)")
+    p.add_argument("--batch", type=int, default=16, help="labeled batch B (default 16)")
+    p.add_argument("--mu", type=int, default=7)
+    p.add_argument("--model", default="test_resnet")
+    p.add_argument("--size", type=int, default=32, help="image size in pixels")
+    args = p.parse_args(argv)
+    steps = args.steps or (6 if args.quick else 20)
+    from common import machine, result, table
+
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"run.out_dir={tmp}/run", f"train.batch_size={args.batch}", f"ssl.mu={args.mu}",
+                     f"model.name={args.model}", f"data.image_size={args.size}", "train.num_workers=0"]
+        med = measure(overrides, steps)
+    n = med["images"]
+    print(f"{machine()}; {args.model} at {args.size} px, B={args.batch}, mu={args.mu}: {n} images per step, "
+          f"median of {steps} interleaved rounds\n")
+    table([(k, f"{med[k] * 1000:.1f}", f"{n / med[k]:.0f}" if k != "da" else "-")
+           for k in ("ours", "concat", "supervised", "da")], ("step", "ms", "img/s"))
+    print("\nours: weak view without gradients (BatchNorm in train mode on the weak batch alone, as a "
+          "separate forward); concat: cat(labeled, weak, strong) with gradients")
+    result(step_ratio=med["ours"] / med["supervised"], step_vs_concat=med["ours"] / med["concat"],
+           da_overhead=med["da"] / med["ours"], ours_ms=med["ours"] * 1000, concat_ms=med["concat"] * 1000,
+           supervised_ms=med["supervised"] * 1000)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
