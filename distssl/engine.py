@@ -154,6 +154,15 @@ class Trainer:
                 raise ConfigError(f"model.num_classes={cfg.model.num_classes} but data.{name} has "
                                   f"{s.num_classes} classes ({', '.join(s.class_names[:5])}...)")
 
+        readers = world * max(1, t.num_workers)
+        for name, shards in (("labeled", self.labeled), ("unlabeled", self.unlabeled)):
+            if len(shards.urls) < readers and rank == 0:
+                # No hang (a worker without a shard of its own shares one, with its own shuffle), but
+                # an epoch then repeats samples across workers: say so, and how to avoid it.
+                log.warning("data.%s has %d shard(s) for %d readers (%d ranks x %d loader workers): readers share "
+                            "shards, so an epoch repeats samples across them; rebuild with a smaller --max-count "
+                            "(at least %d shards) or lower train.num_workers", name, len(shards.urls), readers,
+                            world, max(1, t.num_workers), readers)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = create_model(cfg.model.name, cfg.model.num_classes, cfg.model.pretrained, cfg.model.drop_path_rate,
                              cfg.model.grad_checkpointing)
@@ -384,6 +393,7 @@ class Trainer:
         acc: dict[str, list[float]] = {}
         last_eval: dict = {}
         t0, steps0 = time.time(), self.step
+        write_heartbeat(self.out, self.rank, self.step)
         while self.step < t.steps:
             lb = next(labeled)
             ub = next(unlabeled) if unlabeled is not None else None
@@ -397,6 +407,7 @@ class Trainer:
             metrics.progress(self.step, {"loss": stats["loss"], "mask": stats.get("mask_rate", float("nan")),
                                          "img/s": round(img_s)})
             if self.step % cfg.run.log_every == 0 or self.step == t.steps:
+                write_heartbeat(self.out, self.rank, self.step)
                 rec = {k: float(np.nanmean(v)) if not all(math.isnan(x) for x in v) else float("nan")
                        for k, v in acc.items()}
                 rec.update({"img_s": img_s, "data/skipped": self.skipped_total,
@@ -425,6 +436,50 @@ class Trainer:
             summary = {"step": self.step, **last_eval, "out_dir": str(self.out)}
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         return last_eval
+
+
+# --- which rank died ----------------------------------------------------------------------------
+
+def write_heartbeat(out: Path, rank: int, step: int) -> None:
+    """out_dir/ranks/rankNNNNN.json: host, pid, step and time, so a survivor can say who died."""
+    d = out / "ranks"
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".rank{rank:05d}.json.tmp"
+    tmp.write_text(json.dumps({"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "step": step,
+                               "time": time.time()}))
+    os.replace(tmp, d / f"rank{rank:05d}.json")
+
+
+def _process_state(pid: int) -> Optional[str]:
+    """'gone', 'stopped', 'zombie' or None (running) for a process on this host."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "gone"
+    except OSError:
+        return None
+    return {"Z": "exited", "X": "gone", "T": "stopped", "t": "stopped"}.get(state)
+
+
+def describe_dead_peers(out_dir: str, my_rank: int) -> str:
+    """'rank 1 (pid 123 on host h): gone; ...' from the heartbeats, or '' when nothing is known."""
+    here = socket.gethostname()
+    found = []
+    for f in sorted((Path(out_dir) / "ranks").glob("rank*.json")):
+        try:
+            hb = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if hb.get("rank") == my_rank:
+            continue
+        where = f"rank {hb['rank']} (pid {hb['pid']} on {hb['host']})"
+        if hb.get("host") == here:
+            state = _process_state(int(hb["pid"]))
+            if state:
+                found.append(f"{where} is {state}, last at step {hb['step']}")
+        else:
+            found.append(f"{where} last reported step {hb['step']} {time.time() - hb['time']:.0f} s ago")
+    return "; ".join(found)
 
 
 def prepare_out_dir(cfg: Config) -> None:
@@ -458,9 +513,8 @@ def run(cfg: Config, on_eval: Optional[Callable] = None) -> dict:
     if rank == 0:
         write_config(cfg)
     trainer = Trainer(cfg, rank, world, local_rank, on_eval)
-    try:
-        return trainer.fit()
-    finally:
-        if owns_group and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+    result = trainer.fit()  # on failure no barrier: a dead peer would make the error wait for a second timeout
+    if owns_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result

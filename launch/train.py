@@ -17,6 +17,35 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _is_peer_failure(e: BaseException) -> bool:
+    """A collective that failed because another rank is gone (gloo/nccl errors, timeouts)."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        k in text for k in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out",
+                            "NCCL", "gloo", "ProcessGroup"))
+
+
+def _report_dead_peers_on_sigterm(out_dir: str) -> None:
+    """On one node DeepSpeed's launcher SIGTERMs the survivors as soon as a rank dies, and its own
+    message shows the last rank's command whoever failed: name the dead rank(s) here instead."""
+    import signal
+
+    def handler(signum, frame):
+        from distssl.engine import describe_dead_peers
+
+        rank = os.environ.get("RANK", "?")
+        dead = describe_dead_peers(out_dir, int(rank) if rank.isdigit() else -1)
+        if dead:
+            print(f"rank {rank}: terminated by the launcher because a peer died: {dead}. Rerun the same command "
+                  f"to resume from the newest complete checkpoint in {out_dir}/checkpoints", file=sys.stderr,
+                  flush=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (configs/demo.yaml, configs/cifar10.yaml, ...)")
@@ -40,6 +69,7 @@ def main(argv=None) -> int:
         return 2
 
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    _report_dead_peers_on_sigterm(cfg.run.out_dir)
     from distssl.engine import DataError, run
     try:
         result = run(cfg)
@@ -49,6 +79,20 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         return 3
+    except RuntimeError as e:
+        if not _is_peer_failure(e):
+            raise
+        from distssl.engine import describe_dead_peers
+
+        rank = os.environ.get("RANK", "?")
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        dead = describe_dead_peers(cfg.run.out_dir, int(rank) if rank.isdigit() else -1)
+        print(f"rank {rank}: a collective failed, so a peer rank died or stopped answering "
+              f"(deepspeed.timeout_minutes={cfg.deepspeed.timeout_minutes}): "
+              f"{dead or 'the heartbeats in run.out_dir/ranks/ do not say which'}. "
+              f"Rerun the same command to resume from the newest complete checkpoint in "
+              f"{cfg.run.out_dir}/checkpoints ({first[:200]})", file=sys.stderr)
+        return 4
     if os.environ.get("RANK", "0") == "0":
         print(f"done: step {cfg.train.steps}, eval top-1 {100 * result['top1']:.2f}% "
               f"(EMA weights), outputs in {cfg.run.out_dir}")

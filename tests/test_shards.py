@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import export_digits
-from distssl.data.index import resolve
+from distssl.data.index import ShardSet, resolve
 from distssl.data.streams import EvalStream, TrainStream, eval_item, labeled_item, unlabeled_item
 from distssl.data.transforms import Views
 from distssl.shards import make_shards
@@ -95,6 +95,10 @@ def test_eval_stream_counts_every_image_once_across_ranks_and_workers(tiny_data)
             for b in EvalStream(shards, rank=rank, world_size=world, batch_size=8, make_item=eval_item(VIEWS)):
                 keys += b["x"].flatten(1).sum(1).tolist() if "x" in b else []
         assert len(keys) == 97, world
+    tiny = ShardSet(spec="last", urls=shards.urls[-1:])  # the last shard alone: 17 images
+    n = sum(len(b.get("y", [])) for rank in range(32)
+            for b in EvalStream(tiny, rank=rank, world_size=32, batch_size=8, make_item=eval_item(VIEWS)))
+    assert n == 17  # an eval set smaller than the world: every image once, the ranks without one idle
 
 
 def _take(stream, n):

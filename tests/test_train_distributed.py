@@ -96,10 +96,13 @@ def test_zero3_trains_resumes_and_evaluates_ema_like_zero2(tiny_data, tmp_path, 
 
 def test_eval_counts_each_image_once_over_two_ranks_and_two_loader_workers_each(tiny_data, tmp_path):
     out = tmp_path / "run"
-    _check(run_train(tiny_overrides(tiny_data, out, **{"train.steps": 1, "train.eval_every": 1,
-                                                       "train.num_workers": 2, "train.eval_batch_size": 8}), nproc=2))
+    r = run_train(tiny_overrides(tiny_data, out, **{"train.steps": 1, "train.eval_every": 1,
+                                                    "train.num_workers": 2, "train.eval_batch_size": 8}), nproc=2)
+    _check(r)
     ev = [m for m in _metrics(out) if m["kind"] == "eval"][-1]
     assert ev["eval_images"] == 97  # a prime: 3 shards over 4 workers, split by sample, none twice
+    # the labeled set has 1 shard for 4 readers: no hang, and the log says what to do about it
+    assert "data.labeled has 1 shard(s) for 4 readers" in r.stdout + r.stderr
 
 
 

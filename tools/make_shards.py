@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     except (FileNotFoundError, PermissionError, ValueError) as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the store went away mid-build: finished shards are kept, rerun resumes
+        print(f"make_shards: error: {redact(str(e))}", file=sys.stderr)
+        return 1
     for name, idx in sets.items():
         where = redact(a.dst.rstrip("/") + (f"/{name}" if name else ""))
         if a.dry_run:

@@ -7,7 +7,7 @@ import os
 import time
 import re
 import uuid
-from typing import IO, Iterator
+from typing import IO, Iterator, Optional
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -51,8 +51,18 @@ def atomic_write(url: str) -> Iterator[IO[bytes]]:
     object stores (S3, GCS, memory) publish an object only when its upload completes."""
     fs, path = filesystem(url)
     if not is_local(fs):
-        with fs.open(path, "wb") as f:
+        f = fs.open(path, "wb")
+        try:
             yield f
+        except BaseException:
+            # closing would publish what was written so far: abort the upload instead
+            discard = getattr(f, "discard", None)
+            if callable(discard):
+                with contextlib.suppress(Exception):
+                    discard()
+            f.closed = True  # or its finaliser would try to publish it again
+            raise
+        f.close()
         return
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, exist_ok=True)
@@ -67,8 +77,10 @@ def atomic_write(url: str) -> Iterator[IO[bytes]]:
         raise
 
 
-def retry(fn, *args, attempts: int = 6, base_delay: float = 0.5, what: str = "", **kwargs):
-    """Call ``fn`` with exponential back-off on transient errors (a missing or forbidden key is final)."""
+def retry(fn, *args, attempts: Optional[int] = None, base_delay: float = 0.5, what: str = "", **kwargs):
+    """Call ``fn`` with exponential back-off on transient errors (a missing or forbidden key is final).
+    ``attempts`` defaults to $DISTSSL_IO_ATTEMPTS or 6 (about 15 s of back-off)."""
+    attempts = attempts or int(os.environ.get("DISTSSL_IO_ATTEMPTS", "6"))
     delay = base_delay
     for i in range(attempts):
         try:

@@ -66,9 +66,13 @@ def write_shard(job: ShardJob) -> dict:
             # reads overlap (object stores answer one GET at a time with latency); order is kept
             for key, (url, rel, label), data in zip(job.keys, zip(job.urls, job.rels, job.labels),
                                                     readers.map(_read_or_error, job.urls)):
-                if isinstance(data, Exception):
+                if isinstance(data, (FileNotFoundError, PermissionError, IsADirectoryError)):
                     failures.append({"input": rel, "reason": f"unreadable: {type(data).__name__}: {data}"})
                     continue
+                if isinstance(data, Exception):  # the store, not the image: never mark the shard complete
+                    raise OSError(f"{io.redact(url)}: still unreadable after retries ({type(data).__name__}: "
+                                  f"{data}); shard {job.name} was not written. Rerun the same command when the "
+                                  f"store is back: finished shards are kept") from data
                 payload, ext, reason = process_image(data, job.opts)
                 if reason:
                     failures.append({"input": rel, "reason": reason})
