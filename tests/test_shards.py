@@ -198,3 +198,30 @@ def test_dry_run_writes_nothing_and_inspect_reports_the_set(raw_with_corrupt, tm
     assert "180 images in 4 shards" in r.stdout and "failed inputs: 3" in r.stdout  # 183 planned / 60
     assert "180 decoded, 0 bad samples, counts match index: True" in r.stdout
     assert (tmp_path / "grid.png").stat().st_size > 2000
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_lean_tar_reader_agrees_with_tarfile_and_refuses_damage(fmt):
+    import io
+
+    from distssl.data.streams import tar_members
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:
+        for name, data in [("a/b.jpg", b"x" * 1000), ("d" * 90 + "/deep/long.json", b"{}"), ("s.cls", b"")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        d = tarfile.TarInfo("dir")
+        d.type = tarfile.DIRTYPE
+        t.addfile(d)
+    raw = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as t:
+        ref = [(m.name, t.extractfile(m).read()) for m in t if m.isfile()]
+    assert list(tar_members(io.BytesIO(raw))) == ref
+    with pytest.raises(tarfile.ReadError):
+        list(tar_members(io.BytesIO(raw[:1200])))  # cut inside a member
+    damaged = bytearray(raw)
+    damaged[0] ^= 0xFF
+    with pytest.raises(tarfile.ReadError):
+        list(tar_members(io.BytesIO(bytes(damaged))))
