@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Per-rank bytes of training state (parameters + gradients + optimizer state) under ZeRO stages 0-3,
-2 ranks, measured on real DeepSpeed engines after one optimizer step.
+2 ranks, measured on real DeepSpeed engines at the peak of the second step (after backward, after update).
 
 Each rank walks every tensor the engine holds (module parameters and their ZeRO-3 partitions,
 gradients, the ZeRO optimizer's flat fp32/bf16 groups and partitions, the inner optimizer's state),
@@ -142,7 +142,8 @@ def main(argv=None) -> int:
             for stage in stages:
                 got[(precision, stage)] = run_stage(stage, precision, args.model, tmp)
     n = got[(precisions[0], 0)]["params"]
-    print(f"{machine()}; {args.model} ({n:,} parameters), 2 ranks, SGD with momentum, after one step\n")
+    print(f"{machine()}; {args.model} ({n:,} parameters), 2 ranks, SGD with momentum; peak of the second "
+          f"step (after backward and after the update)\n")
     rows = []
     for (precision, stage), g in got.items():
         base = got[(precision, 0)]["bytes"]
