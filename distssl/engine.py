@@ -70,8 +70,14 @@ def init_distributed(timeout_minutes: int) -> tuple[int, int, int]:
         # DeepSpeed compiles a shared-memory all-reduce for CPU on first use (~90 s, an inference
         # optimisation); gloo serves training collectives as well, so skip the build.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda() else "gloo",
-                               timeout=timedelta(minutes=timeout_minutes))
+    timeout = timedelta(minutes=timeout_minutes)
+    # DeepSpeed clones the world into new groups (data parallel, ZeRO) with torch's default timeout
+    # (30 min, 10 for nccl), not the one given here: make the default ours, or a frozen peer stalls
+    # the run for half an hour whenever it stops inside one of those groups' collectives.
+    import torch.distributed.distributed_c10d as c10d
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda() else "gloo", timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda():
