@@ -225,3 +225,23 @@ def test_lean_tar_reader_agrees_with_tarfile_and_refuses_damage(fmt):
     damaged[0] ^= 0xFF
     with pytest.raises(tarfile.ReadError):
         list(tar_members(io.BytesIO(bytes(damaged))))
+
+
+def test_weak_view_crop_equals_reflect_pad_then_crop():
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from distssl.data.transforms import flip_and_crop_array
+
+    arr = np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    for seed in range(50):
+        got = flip_and_crop_array(img, random.Random(seed), True, 0.125)
+        rng = random.Random(seed)  # the same draws, in the same order, done the plain way
+        ref = arr[:, ::-1] if rng.random() < 0.5 else arr
+        pad = round(0.125 * 28)
+        x, y = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
+        padded = np.pad(ref, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+        assert np.array_equal(got, padded[y:y + 28, x:x + 28]), seed

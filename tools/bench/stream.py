@@ -106,14 +106,14 @@ def rate(loader, images_per_batch, batches, warmup=2):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small run (under a minute)")
-    p.add_argument("--count", type=int, help="images (default 4000, 2200 with --quick)")
+    p.add_argument("--count", type=int, help="images (default 4000, 2800 with --quick)")
     p.add_argument("--size", type=int, default=96, help="source JPEG side (default 96)")
     p.add_argument("--image-size", type=int, default=64, help="training input side (default 64)")
     p.add_argument("--batch", type=int, default=64, help="unlabeled batch per step (default 64)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="loader workers (default: cores)")
     p.add_argument("--s3", action="store_true", help="also stream from a local S3 server (moto)")
     a = p.parse_args(argv)
-    count = a.count or (2200 if a.quick else 4000)
+    count = a.count or (2800 if a.quick else 4000)
 
     import torch
     from torch.utils.data import DataLoader
@@ -131,13 +131,13 @@ def main(argv=None) -> int:
     make_shards(str(tmp / "raw"), str(tmp / "shards"), unlabeled=True, max_count=per_shard, progress=False)
     views = Views(a.image_size, flip=True, pad_fraction=0.125, randaugment_ops=2, cutout_fraction=0.5)
 
-    n_limit = min(count, 400 if a.quick else 1000)
+    n_limit = min(count, 600 if a.quick else 1000)
     datas = [io.read_bytes(str(p)) for p in paths[:n_limit]]
     # The limit: the same decode + two views in a tight loop, one process per core, all running at
     # once (cores that share a physical core or a thermal budget do not add up to cores x one core).
     per_core, limit = loop_limit(datas, views, a.workers)
 
-    batches = max(4, min(30 if a.quick else 60, count // a.batch - 3))  # ImageFolder's epoch is finite
+    batches = max(4, min(40 if a.quick else 60, count // a.batch - 3))  # ImageFolder's epoch is finite
 
     def stream_rate(spec):
         ds = TrainStream(resolve(spec), rank=0, world_size=1, batch_size=a.batch, seed=0, shuffle_buffer=256,
