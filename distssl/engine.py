@@ -13,6 +13,7 @@ import math
 import os
 import random
 import socket
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -400,6 +401,8 @@ class Trainer:
         last_eval: dict = {}
         t0, steps0 = time.time(), self.step
         write_heartbeat(self.out, self.rank, self.step)
+        if self.world > 1:
+            watch_local_peers(self.out, self.rank)
         while self.step < t.steps:
             lb = next(labeled)
             ub = next(unlabeled) if unlabeled is not None else None
@@ -465,6 +468,26 @@ def _process_state(pid: int) -> Optional[str]:
     except OSError:
         return None
     return {"Z": "exited", "X": "gone", "T": "stopped", "t": "stopped"}.get(state)
+
+
+def watch_local_peers(out: Path, my_rank: int, interval: float = 0.2) -> None:
+    """A daemon thread that names a rank on this host the moment it dies. DeepSpeed's launcher
+    notices a dead child within 1 s and then terminates the others, and its own message shows the
+    last rank's command whichever rank failed; this thread speaks first (it runs while the main
+    thread waits inside a collective, which releases the GIL)."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            dead = describe_dead_peers(str(out), my_rank)
+            if dead:
+                print(f"rank {my_rank}: a peer died: {dead}. The launcher will stop the other ranks; rerun "
+                      f"the same command to resume from the newest complete checkpoint in {out / 'checkpoints'}",
+                      file=sys.stderr, flush=True)
+                return
+
+    threading.Thread(target=watch, name="distssl-peer-watch", daemon=True).start()
 
 
 def describe_dead_peers(out_dir: str, my_rank: int) -> str:

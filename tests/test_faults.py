@@ -56,7 +56,7 @@ def test_sigkilled_rank_fails_the_launcher_and_the_same_command_resumes(tiny_dat
     rc = proc.wait(timeout=180)
     log = (tmp_path / "a.log").read_text()
     assert rc != 0
-    assert "exits with return code" in log  # DeepSpeed's launcher reports the failure (see docs/reliability.md)
+    assert "exits with return code" in log  # DeepSpeed's launcher reports it (which rank: see below)
     killed_at = _last_step(out)
 
     proc = _launch(args, tmp_path / "b.log")
@@ -93,3 +93,22 @@ def test_a_peer_that_stops_answering_fails_the_run_within_the_timeout(tiny_data,
     assert elapsed < 100, elapsed  # the 1-minute timeout, not torch's default 30 minutes
     assert "rank 0: a collective failed" in log and "rank 1 (pid" in log and "is stopped" in log, log[-3000:]
     assert "Rerun the same command" in log
+
+
+def test_the_peer_watch_names_a_local_rank_the_moment_it_dies(tmp_path, capfd):
+    """The thread every rank runs: a peer process on this host that dies is named (rank, pid, step)
+    within a fraction of a second, before DeepSpeed's launcher (which polls once a second) stops the rest."""
+    from distssl.engine import watch_local_peers, write_heartbeat
+
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    write_heartbeat(tmp_path, 0, 7)
+    (tmp_path / "ranks" / "rank00001.json").write_text(json.dumps(
+        {"rank": 1, "host": __import__("socket").gethostname(), "pid": peer.pid, "step": 7, "time": time.time()}))
+    watch_local_peers(tmp_path, 0, interval=0.05)
+    time.sleep(0.3)
+    assert "a peer died" not in capfd.readouterr().err  # alive: nothing to say
+    peer.kill()
+    time.sleep(0.5)  # not reaped: a zombie counts as exited
+    err = capfd.readouterr().err
+    peer.wait()
+    assert f"rank 0: a peer died: rank 1 (pid {peer.pid}" in err and "last at step 7" in err, err
