@@ -47,21 +47,14 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
 
 def pretrained_meta(path: Optional[str]) -> dict:
     """The JSON written next to an exported ``model.safetensors`` (input size, mean/std, classes), if any."""
-    if not path:
+    if not path or _is_checkpoint_dir(path):
         return {}
     from distssl.data import io
 
-    candidates = [posixpath.splitext(path)[0] + ".json"]
-    if _is_checkpoint_dir(path):
-        candidates = []
-    for c in candidates:
-        try:
-            return json.loads(io.read_bytes(c))
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError):
-            continue
-    return {}
+    try:
+        return json.loads(io.read_bytes(posixpath.splitext(path)[0] + ".json"))
+    except (OSError, ValueError):  # no JSON beside it (FileNotFoundError is an OSError), or not ours
+        return {}
 
 
 def default_input_config(name: str, pretrained: Optional[str]) -> dict:
