@@ -41,6 +41,11 @@ log = logging.getLogger("distssl")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def _nanmean_by_key(values: dict[str, list[float]]) -> dict[str, float]:
+    """Mean of each key ignoring NaNs (e.g. pseudo-label accuracy when no label passed tau); NaN if all are."""
+    return {k: float("nan") if all(math.isnan(x) for x in v) else float(np.nanmean(v)) for k, v in values.items()}
+
+
 class DataError(RuntimeError):
     """The data is broken beyond what skipping can absorb."""
 
@@ -275,8 +280,7 @@ class Trainer:
                 engine.backward(loss)
                 engine.step()
                 per_micro.append(stats)
-        stats = {k: float(np.nanmean([m[k] for m in per_micro])) if not all(math.isnan(m[k]) for m in per_micro)
-                 else float("nan") for k in per_micro[0]}
+        stats = _nanmean_by_key({k: [m[k] for m in per_micro] for k in per_micro[0]})
         self.step += 1
         stats["ema_decay"] = self.ema.update(self.step)
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -402,7 +406,8 @@ class Trainer:
         t0, steps0 = time.time(), self.step
         write_heartbeat(self.out, self.rank, self.step)
         if self.world > 1:
-            watch_local_peers(self.out, self.rank)
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 0))) or self.world
+            watch_local_peers(self.out, self.rank, local_peers=local_world - 1)
         while self.step < t.steps:
             lb = next(labeled)
             ub = next(unlabeled) if unlabeled is not None else None
@@ -417,8 +422,7 @@ class Trainer:
                                          "img/s": round(img_s)})
             if self.step % cfg.run.log_every == 0 or self.step == t.steps:
                 write_heartbeat(self.out, self.rank, self.step)
-                rec = {k: float(np.nanmean(v)) if not all(math.isnan(x) for x in v) else float("nan")
-                       for k, v in acc.items()}
+                rec = _nanmean_by_key(acc)
                 rec.update({"img_s": img_s, "data/skipped": self.skipped_total,
                             "data/samples": self.step * samples_per_step})
                 metrics.log("train", self.step, rec)
@@ -470,18 +474,31 @@ def _process_state(pid: int) -> Optional[str]:
     return {"Z": "exited", "X": "gone", "T": "stopped", "t": "stopped"}.get(state)
 
 
-def watch_local_peers(out: Path, my_rank: int, interval: float = 0.2) -> None:
+def watch_local_peers(out: Path, my_rank: int, local_peers: int, interval: float = 0.2) -> None:
     """A daemon thread that names a rank on this host the moment it dies. DeepSpeed's launcher
     notices a dead child within 1 s and then terminates the others, and its own message shows the
     last rank's command whichever rank failed; this thread speaks first (it runs while the main
     thread waits inside a collective, which releases the GIL)."""
     import threading
 
+    here = socket.gethostname()
+
     def watch() -> None:
+        # Heartbeat files are read only until every local peer's pid is known (on a shared file
+        # system, N ranks re-reading N files five times a second would load it); then only /proc.
+        local: dict[int, int] = {}
         while True:
             time.sleep(interval)
-            dead = describe_dead_peers(str(out), my_rank)
-            if dead:
+            if len(local) < local_peers:
+                for f in (out / "ranks").glob("rank*.json"):
+                    try:
+                        hb = json.loads(f.read_text())
+                    except (OSError, ValueError):
+                        continue
+                    if hb.get("host") == here and hb.get("rank") != my_rank:
+                        local[int(hb["rank"])] = int(hb["pid"])
+            if any(_process_state(pid) for pid in local.values()):
+                dead = describe_dead_peers(str(out), my_rank)
                 print(f"rank {my_rank}: a peer died: {dead}. The launcher will stop the other ranks; rerun "
                       f"the same command to resume from the newest complete checkpoint in {out / 'checkpoints'}",
                       file=sys.stderr, flush=True)

@@ -104,7 +104,7 @@ def test_the_peer_watch_names_a_local_rank_the_moment_it_dies(tmp_path, capfd):
     write_heartbeat(tmp_path, 0, 7)
     (tmp_path / "ranks" / "rank00001.json").write_text(json.dumps(
         {"rank": 1, "host": __import__("socket").gethostname(), "pid": peer.pid, "step": 7, "time": time.time()}))
-    watch_local_peers(tmp_path, 0, interval=0.05)
+    watch_local_peers(tmp_path, 0, local_peers=1, interval=0.05)
     time.sleep(0.3)
     assert "a peer died" not in capfd.readouterr().err  # alive: nothing to say
     peer.kill()
