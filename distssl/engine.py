@@ -497,7 +497,9 @@ def watch_local_peers(out: Path, my_rank: int, local_peers: int, interval: float
                         continue
                     if hb.get("host") == here and hb.get("rank") != my_rank:
                         local[int(hb["rank"])] = int(hb["pid"])
-            if any(_process_state(pid) for pid in local.values()):
+            # Only a peer that is gone counts: a stopped one (job control, a debugger) may resume,
+            # and if it never does the collective timeout names it.
+            if any(_process_state(pid) in ("gone", "exited") for pid in local.values()):
                 dead = describe_dead_peers(str(out), my_rank)
                 print(f"rank {my_rank}: a peer died: {dead}. The launcher will stop the other ranks; rerun "
                       f"the same command to resume from the newest complete checkpoint in {out / 'checkpoints'}",

@@ -107,6 +107,10 @@ def test_the_peer_watch_names_a_local_rank_the_moment_it_dies(tmp_path, capfd):
     watch_local_peers(tmp_path, 0, local_peers=1, interval=0.05)
     time.sleep(0.3)
     assert "a peer died" not in capfd.readouterr().err  # alive: nothing to say
+    peer.send_signal(signal.SIGSTOP)  # paused (Ctrl-Z, a debugger) is not dead: it may resume
+    time.sleep(0.3)
+    assert "a peer died" not in capfd.readouterr().err
+    peer.send_signal(signal.SIGCONT)
     peer.kill()
     time.sleep(0.5)  # not reaped: a zombie counts as exited
     err = capfd.readouterr().err
