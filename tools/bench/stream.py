@@ -17,6 +17,7 @@ stream_vs_imagefolder=... [s3_stream_img_s=... s3_imagefolder_img_s=... s3_strea
 import argparse
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -64,7 +65,7 @@ class S3Objects:
 
 
 def _loop(args):
-    datas, views, barrier = args
+    datas, views, barrier, repeat = args
     from distssl.data.transforms import decode
     rng = random.Random(0)
     for d in datas[:50]:  # warm-up: page faults, allocator growth
@@ -72,25 +73,32 @@ def _loop(args):
         views.weak(img, rng), views.strong(img, rng)
     barrier.wait()
     t = time.perf_counter()
-    for d in datas:
-        img = decode(d, views.image_size)
-        views.weak(img, rng), views.strong(img, rng)
-    return len(datas), time.perf_counter() - t
+    for _ in range(repeat):
+        for d in datas:
+            img = decode(d, views.image_size)
+            views.weak(img, rng), views.strong(img, rng)
+    return repeat * len(datas), time.perf_counter() - t
 
 
-def loop_limit(datas, views, workers):
-    """(rate of one loop alone, summed rate of `workers` loops running at the same time)."""
+def loop_limit(datas, views, workers, repeat=1):
+    """Summed rate of `workers` loops running at the same time (on SMT or shared-budget cores that
+    is less than cores x one loop)."""
     import multiprocessing as mp
     import torch
 
     torch.set_num_threads(1)
     ctx = mp.get_context("fork")
-    alone = _loop((datas, views, ctx.Barrier(1)))
     with ctx.Manager() as m:
         barrier = m.Barrier(workers)
         with ctx.Pool(workers) as pool:
-            results = pool.map(_loop, [(datas, views, barrier)] * workers)
-    return alone[0] / alone[1], sum(n for n, _ in results) / max(t for _, t in results)
+            results = pool.map(_loop, [(datas, views, barrier, repeat)] * workers)
+    return sum(n for n, _ in results) / max(t for _, t in results)
+
+
+def loop_alone(datas, views):
+    import multiprocessing as mp
+    n, t = _loop((datas, views, mp.get_context("fork").Barrier(1), 1))
+    return n / t
 
 
 def rate(loader, images_per_batch, batches, warmup=2):
@@ -111,6 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=64, help="training input side (default 64)")
     p.add_argument("--batch", type=int, default=64, help="unlabeled batch per step (default 64)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="loader workers (default: cores)")
+    p.add_argument("--rounds", type=int, help="(limit, stream, ImageFolder) rounds (default 8, 5 with --quick)")
     p.add_argument("--s3", action="store_true", help="also stream from a local S3 server (moto)")
     a = p.parse_args(argv)
     count = a.count or (2800 if a.quick else 4000)
@@ -121,7 +130,7 @@ def main(argv=None) -> int:
     from distssl.data import io
     from distssl.data.index import resolve
     from distssl.data.streams import TrainStream, loader, unlabeled_item
-    from distssl.data.transforms import Views, decode
+    from distssl.data.transforms import Views
     from distssl.shards import make_shards
 
     torch.set_num_threads(1)
@@ -131,13 +140,10 @@ def main(argv=None) -> int:
     make_shards(str(tmp / "raw"), str(tmp / "shards"), unlabeled=True, max_count=per_shard, progress=False)
     views = Views(a.image_size, flip=True, pad_fraction=0.125, randaugment_ops=2, cutout_fraction=0.5)
 
-    n_limit = min(count, 600 if a.quick else 1000)
+    n_limit = min(count, 600)
     datas = [io.read_bytes(str(p)) for p in paths[:n_limit]]
-    # The limit: the same decode + two views in a tight loop, one process per core, all running at
-    # once (cores that share a physical core or a thermal budget do not add up to cores x one core).
-    per_core, limit = loop_limit(datas, views, a.workers)
-
     batches = max(4, min(40 if a.quick else 60, count // a.batch - 3))  # ImageFolder's epoch is finite
+    rounds = a.rounds or (5 if a.quick else 8)
 
     def stream_rate(spec):
         ds = TrainStream(resolve(spec), rank=0, world_size=1, batch_size=a.batch, seed=0, shuffle_buffer=256,
@@ -149,19 +155,26 @@ def main(argv=None) -> int:
                         persistent_workers=False)
         return rate(dl, a.batch, batches)
 
-    # limit, stream, ImageFolder, stream, ImageFolder, limit: each the mean of its two windows, so a
-    # drift in the VM's speed during the run hits all three alike
+    # Rounds of (limit, stream, ImageFolder), windows of about the same length: this VM's speed
+    # drifts by +-10% within seconds, so each ratio pairs windows measured next to each other and
+    # the reported ratio is the median over rounds (one disturbed window cannot move it).
     folder_ds = BytesFolder(str(tmp / "raw"), TwoViews(views))
-    s1, f1 = stream_rate(str(tmp / "shards")), folder_rate(folder_ds)
-    s2, f2 = stream_rate(str(tmp / "shards")), folder_rate(folder_ds)
-    stream, folder = (s1 + s2) / 2, (f1 + f2) / 2
-    # measured again after the pipelines and averaged: a shared VM's speed drifts within a run
-    per_core2, limit2 = loop_limit(datas, views, a.workers)
-    per_core, limit = (per_core + per_core2) / 2, (limit + limit2) / 2
+    per_core = loop_alone(datas, views)
+    repeat = max(1, round(batches * a.batch / a.workers / len(datas)))
+    per_round = []
+    for r in range(rounds):
+        lim = loop_limit(datas, views, a.workers, repeat)
+        per_round.append((lim, stream_rate(str(tmp / "shards")), folder_rate(folder_ds)))
+        print(f"round {r + 1}/{rounds}: limit {lim:.0f}  stream {per_round[-1][1]:.0f}  "
+              f"ImageFolder {per_round[-1][2]:.0f} img/s", flush=True)
+    limit, stream, folder = (statistics.mean(x[i] for x in per_round) for i in range(3))
+    vs_limit = statistics.median(s_ / l_ for l_, s_, _ in per_round)
+    folder_vs_limit = statistics.median(f_ / l_ for l_, _, f_ in per_round)
+    vs_folder = statistics.median(s_ / f_ for _, s_, f_ in per_round)
     rows = [("decode + weak + strong loop, 1 process alone", f"{per_core:.0f}", "", ""),
             (f"limit: {a.workers} loops at once, summed", f"{limit:.0f}", "1.00", ""),
-            ("distssl stream, local shards", f"{stream:.0f}", f"{stream / limit:.2f}", f"{stream / folder:.2f}"),
-            ("ImageFolder + DataLoader, local", f"{folder:.0f}", f"{folder / limit:.2f}", "1.00")]
+            ("distssl stream, local shards", f"{stream:.0f}", f"{vs_limit:.2f}", f"{vs_folder:.2f}"),
+            ("ImageFolder + DataLoader, local", f"{folder:.0f}", f"{folder_vs_limit:.2f}", "1.00")]
     extra = {}
     if a.s3:
         with s3_server():
@@ -178,8 +191,9 @@ def main(argv=None) -> int:
     print(f"machine: {machine()}; {count} JPEGs {a.size}px -> {a.image_size}px, weak + strong views, "
           f"batch {a.batch}, {a.workers} loader workers")
     table(rows, ("what", "img/s", "vs limit", "vs ImageFolder"))
-    result(stream_img_s=stream, limit_img_s=limit, stream_vs_limit=stream / limit, imagefolder_img_s=folder,
-           stream_vs_imagefolder=stream / folder, **extra)
+    print(f"img/s: means over {rounds} rounds; ratios: medians of the per-round ratios")
+    result(stream_img_s=stream, limit_img_s=limit, stream_vs_limit=vs_limit, imagefolder_img_s=folder,
+           stream_vs_imagefolder=vs_folder, **extra)
     return 0
 
 
