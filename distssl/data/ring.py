@@ -37,6 +37,7 @@ class RingWriter:
         self.consumed: Optional[torch.Tensor] = None  # batches copied out by the reader, shared
         self.produced = 0
         self.generation = 0
+        self.parent = os.getppid()
 
     def _allocate(self, slot_bytes: int) -> None:
         self.data = torch.zeros((self.slots, slot_bytes), dtype=torch.uint8).share_memory_()
@@ -53,6 +54,8 @@ class RingWriter:
             handle = (self.data, self.consumed)
         # the slot's previous batch (produced - slots) must have been copied out
         while int(self.consumed[0]) < self.produced - self.slots + 1:
+            if os.getppid() != self.parent:  # the training process is gone: nobody will free the slot
+                raise SystemExit(0)
             time.sleep(0.0005)
         slot = self.produced % self.slots
         buf, off, layout, msg = self.data[slot], 0, {}, {}
