@@ -382,21 +382,23 @@ def _as_is(batch):
 class RingLoader:
     """A DataLoader whose workers send ring messages, iterated as ordinary batches."""
 
-    def __init__(self, dataloader: DataLoader):
-        self.dataloader = dataloader
+    def __init__(self, dataloader: DataLoader, pin_memory: bool = False):
+        self.dataloader, self.pin_memory = dataloader, pin_memory
 
     def __iter__(self) -> Iterator[dict]:
-        reader = RingReader()
+        reader = RingReader(pin_memory=self.pin_memory)  # copies out straight into page-locked memory
         for msg in self.dataloader:
             yield reader.unpack(msg)
 
 
-def loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int = 4):
-    """Batches of ``dataset`` from ``num_workers`` processes. On CPU the workers hand batches over
-    through reused shared-memory slots (distssl.data.ring); with CUDA the standard path stays, whose
-    pin-memory thread copies batches into page-locked memory off the training thread (the ring's
-    copy-out would run on it: not measured on a GPU yet)."""
-    if num_workers == 0 or torch.cuda.is_available():
+def loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int = 4, ring: Optional[bool] = None):
+    """Batches of ``dataset`` from ``num_workers`` processes. On CPU (``ring=None``) the workers hand
+    batches over through reused shared-memory slots (distssl.data.ring); with CUDA the standard path
+    stays, whose pin-memory thread copies batches into page-locked memory off the training thread
+    (the ring's copy-out would run on it: not measured on a GPU yet)."""
+    if ring is None:
+        ring = not torch.cuda.is_available()
+    if num_workers == 0 or not ring:
         return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
                           prefetch_factor=prefetch_factor if num_workers else None,
                           pin_memory=torch.cuda.is_available())
@@ -404,4 +406,5 @@ def loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int = 4)
     # two slots more than the batches a worker may have in flight: a worker never waits for one
     dataset.ring_slots = prefetch_factor + 2
     return RingLoader(DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                                 prefetch_factor=prefetch_factor, collate_fn=_as_is))
+                                 prefetch_factor=prefetch_factor, collate_fn=_as_is),
+                      pin_memory=torch.cuda.is_available())

@@ -11,8 +11,11 @@ All on the same real images (MNIST digits upscaled to JPEGs), measured one after
 
   python tools/bench/stream.py [--quick] [--count N] [--s3]
 
+Also: the CPU cost of handing one batch from a worker to the trainer, torch's DataLoader hand-over
+against distssl's shared-memory ring (distssl/data/ring.py).
+
 Ends with: RESULT stream_img_s=... limit_img_s=... stream_vs_limit=... imagefolder_img_s=...
-stream_vs_imagefolder=... [s3_stream_img_s=... s3_imagefolder_img_s=... s3_stream_vs_imagefolder=...]
+stream_vs_imagefolder=... handover_ms_dataloader=... handover_ms_ring=... [s3_stream_img_s=... s3_imagefolder_img_s=... s3_stream_vs_imagefolder=...]
 """
 import argparse
 import os
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, real_images, result, s3_server, table, upload_folder  # noqa: E402
+from torch.utils.data import IterableDataset  # noqa: E402
 
 
 class TwoViews:
@@ -101,6 +105,47 @@ def loop_alone(datas, views):
     return n / t
 
 
+class SameBatch(IterableDataset):
+    """A stream that repeats one batch's items: isolates the cost of handing batches over."""
+
+    ring_slots = 0
+
+    def __init__(self, batch, image_size):
+        import torch
+        self.items = [{"weak": torch.zeros(3, image_size, image_size, dtype=torch.uint8),
+                       "strong": torch.zeros(3, image_size, image_size, dtype=torch.uint8), "y_true": 0}
+                      for _ in range(batch)]
+
+    def __iter__(self):
+        from distssl.data.streams import _collate_for
+        pack = _collate_for(self.ring_slots)
+        while True:
+            b = pack(self.items)
+            b["worker"], b["cursor"], b["skipped"] = 0, 0, 0
+            yield b
+
+
+def handover_ms(batch, image_size, ring, batches):
+    """(worker CPU ms, training-process CPU ms) per batch to hand a batch from 1 worker over."""
+    import psutil
+    from torch.utils.data import DataLoader
+    from distssl.data.streams import loader
+
+    ds = SameBatch(batch, image_size)
+    before = {p.pid for p in psutil.Process().children()}
+    dl = loader(ds, 1, ring=True) if ring else DataLoader(ds, batch_size=None, num_workers=1, prefetch_factor=4)
+    it = iter(dl)
+    for _ in range(10):
+        next(it)
+    (worker,) = [p for p in psutil.Process().children() if p.pid not in before]
+    w0, m0 = sum(worker.cpu_times()[:2]), time.process_time()
+    for _ in range(batches):
+        next(it)
+    w, m = sum(worker.cpu_times()[:2]) - w0, time.process_time() - m0
+    del it
+    return 1e3 * w / batches, 1e3 * m / batches
+
+
 def rate(loader, images_per_batch, batches, warmup=2):
     it = iter(loader)
     for _ in range(warmup):
@@ -171,6 +216,12 @@ def main(argv=None) -> int:
     vs_limit = statistics.median(s_ / l_ for l_, s_, _ in per_round)
     folder_vs_limit = statistics.median(f_ / l_ for l_, _, f_ in per_round)
     vs_folder = statistics.median(s_ / f_ for _, s_, f_ in per_round)
+    # where the loader's own time goes: handing one batch from a worker to the trainer
+    n_hand = 150 if a.quick else 400
+    std_w, std_m = handover_ms(a.batch, a.image_size, False, n_hand)
+    ring_w, ring_m = handover_ms(a.batch, a.image_size, True, n_hand)
+    print(f"hand-over of one {a.batch}-image two-view batch, CPU ms (worker + trainer): DataLoader's "
+          f"{std_w:.2f} + {std_m:.2f}, distssl ring {ring_w:.2f} + {ring_m:.2f}")
     rows = [("decode + weak + strong loop, 1 process alone", f"{per_core:.0f}", "", ""),
             (f"limit: {a.workers} loops at once, summed", f"{limit:.0f}", "1.00", ""),
             ("distssl stream, local shards", f"{stream:.0f}", f"{vs_limit:.2f}", f"{vs_folder:.2f}"),
@@ -193,7 +244,8 @@ def main(argv=None) -> int:
     table(rows, ("what", "img/s", "vs limit", "vs ImageFolder"))
     print(f"img/s: means over {rounds} rounds; ratios: medians of the per-round ratios")
     result(stream_img_s=stream, limit_img_s=limit, stream_vs_limit=vs_limit, imagefolder_img_s=folder,
-           stream_vs_imagefolder=vs_folder, **extra)
+           stream_vs_imagefolder=vs_folder, handover_ms_dataloader=std_w + std_m, handover_ms_ring=ring_w + ring_m,
+           **extra)
     return 0
 
 
