@@ -58,7 +58,11 @@ def main(argv=None) -> int:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the store went away mid-build: finished shards are kept, rerun resumes
-        print(f"make_shards: error: {redact(str(e))}", file=sys.stderr)
+        msg = redact(str(e))
+        if "Rerun the same command" not in msg:  # whichever read or write the outage hit
+            msg += (". Rerun the same command when the store is reachable: finished shards are kept and "
+                    "only the missing ones are built")
+        print(f"make_shards: error: {msg}", file=sys.stderr)
         return 1
     for name, idx in sets.items():
         where = redact(a.dst.rstrip("/") + (f"/{name}" if name else ""))
