@@ -245,22 +245,28 @@ class Trainer:
                 engine.step()  # applies the update only at the accumulation boundary
                 per_micro.append({"loss": float(loss.detach()), "loss_x": float(loss.detach())})
         elif self.cfg.ssl.weak_forward == "concat":
-            # The usual implementation: one forward of cat(labeled, weak, strong) with gradients; the
-            # weak logits are detached for the pseudo-labels but still pay for the backward pass.
-            per_micro = []
+            # FixMatch's own step: one forward of cat(labeled, weak, strong) with gradients, so
+            # BatchNorm normalises all three views with one set of batch statistics; the weak logits
+            # are detached for the pseudo-labels but still pay for the backward pass. DA aligns each
+            # micro-batch with p_model as of the step start and updates it once with the whole
+            # per-rank batch, so p_model depends on the global batch only, not on the accumulation.
+            per_micro, weak_probs = [], []
             for x, y, uw, us, yt in zip(xs, ys, ub["weak"].chunk(n), ub["strong"].chunk(n), ub["y_true"].chunk(n)):
                 x = self._to(x)
                 logits = engine(torch.cat([x, self._to(uw), self._to(us)])).float()
                 b, u = x.shape[0], uw.shape[0]
                 probs_w = torch.softmax(logits[b:b + u].detach(), dim=1)
                 if self.cfg.ssl.dist_align:
-                    probs_w = self.da(probs_w)
+                    weak_probs.append(probs_w)
+                    probs_w = self.da.align_with_current(probs_w)
                 loss, stats = fixmatch_loss(logits[:b], y.to(self.device), logits[b + u:], probs_w,
                                             tau=self.cfg.ssl.tau, lambda_u=self.cfg.ssl.lambda_u,
                                             true_u=yt.to(self.device))
                 engine.backward(loss)
                 engine.step()
                 per_micro.append(stats)
+            if weak_probs:
+                self.da.update(torch.cat(weak_probs))
         else:
             # Pseudo-labels for the whole per-rank unlabeled batch first (no gradients; BatchNorm in
             # train mode as in FixMatch's reference code), then one DA update for the step whatever

@@ -74,3 +74,29 @@ def test_two_ranks_give_the_one_rank_result_on_the_same_global_batch(tmp_path):
     halves = [torch.cat([b.chunk(2)[r] for b in ref_aligned]) for r in (0, 1)]
     torch.testing.assert_close(r0["aligned"], halves[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(r1["aligned"], halves[1], rtol=1e-5, atol=1e-6)
+
+
+def test_align_now_update_once_is_the_same_for_one_batch_or_its_halves():
+    """What an accumulating step does: align each micro-batch with the step's p_model, then one
+    update with all of them; the halves must give what the whole batch gives."""
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(8, 4), dim=1)
+    whole, halves = (DistributionAlignment(4, momentum=0.9, reduce=lambda t: t) for _ in range(2))
+    assert torch.equal(whole.align_with_current(probs), probs)  # no p_model yet: nothing to align to
+    for da in (whole, halves):
+        da.update(torch.softmax(torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), dim=1))
+    aligned_whole = whole.align_with_current(probs)
+    aligned_halves = torch.cat([halves.align_with_current(h) for h in probs.chunk(2)])
+    torch.testing.assert_close(aligned_whole, aligned_halves)
+    assert not torch.allclose(aligned_whole, probs)
+    whole.update(probs)
+    halves.update(torch.cat(list(probs.chunk(2))))
+    torch.testing.assert_close(whole.p_model, halves.p_model)
+    # __call__ keeps ReMixMatch's order: update with this batch, then align with the new p_model
+    da = DistributionAlignment(4, momentum=0.9, reduce=lambda t: t)
+    da.update(probs)
+    after = DistributionAlignment(4, momentum=0.9, reduce=lambda t: t)
+    after.update(probs)
+    out = after(probs)
+    da.update(probs)
+    torch.testing.assert_close(out, da.align_with_current(probs))

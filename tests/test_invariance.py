@@ -1,6 +1,7 @@
 """World-size invariance: one global batch of 8 labeled + 16 unlabeled images per step gives the same
 loss curve and p_model on 1 rank (2 accumulated micro-batches) and on 2 ranks (1 micro-batch each),
-with real DeepSpeed ZeRO-2 over gloo. BatchNorm sees the same 4 + 8 images per forward either way."""
+with real DeepSpeed ZeRO-2 over gloo, for both forms of the step. BatchNorm sees the same images per
+forward either way (4 labeled + 8 strong, + 8 weak in the concat step)."""
 import json
 import os
 import subprocess
@@ -26,9 +27,10 @@ def _run(n: int, tiny_data, tmp_path: Path, extra: list[str]) -> list[dict]:
     return json.loads(out.read_text())
 
 
-def test_same_global_batch_same_curve_on_one_and_two_ranks(tiny_data, tmp_path):
-    one = _run(1, tiny_data, tmp_path, [])
-    two = _run(2, tiny_data, tmp_path, [])
+@pytest.mark.parametrize("weak_forward", ["concat", "separate"])
+def test_same_global_batch_same_curve_on_one_and_two_ranks(tiny_data, tmp_path, weak_forward):
+    one = _run(1, tiny_data, tmp_path, [f"ssl.weak_forward={weak_forward}"])
+    two = _run(2, tiny_data, tmp_path, [f"ssl.weak_forward={weak_forward}"])
     losses1, losses2 = [r["loss"] for r in one], [r["loss"] for r in two]
     assert len(set(round(l, 4) for l in losses1)) > 1  # the weights moved: a curve, not a constant
     assert losses1 == pytest.approx(losses2, rel=1e-4, abs=1e-5)

@@ -52,11 +52,24 @@ class DistributionAlignment:
 
     @torch.no_grad()
     def __call__(self, probs: torch.Tensor) -> torch.Tensor:
-        """Update p_model with this global batch, then align ``probs``."""
+        """Update p_model with this global batch, then align ``probs`` (ReMixMatch's order)."""
+        self.update(probs)
+        return self.align_with_current(probs)
+
+    @torch.no_grad()
+    def update(self, probs: torch.Tensor) -> None:
+        """Move p_model by the mean of ``probs`` over all ranks (one call per global batch)."""
         local = torch.cat([probs.double().sum(dim=0), probs.new_tensor([probs.shape[0]], dtype=torch.float64)])
         total = self.reduce(local)
         batch_mean = (total[:-1] / total[-1]).float().cpu()
         self.p_model = update_running_mean(self.p_model, batch_mean, self.momentum)
+
+    @torch.no_grad()
+    def align_with_current(self, probs: torch.Tensor) -> torch.Tensor:
+        """Align with p_model as it stands (before any p_model exists: unchanged). Lets a step that
+        sees its unlabeled batch in several micro-batches align each one and update p_model once."""
+        if self.p_model is None:
+            return probs
         return align(probs, self.p_model.to(probs.device), self.p_target.to(probs.device))
 
     def state_dict(self) -> dict:
