@@ -53,10 +53,10 @@ class SSLConfig:
     dist_align_momentum: float = 0.99  # ~100-batch memory, like ReMixMatch's 128-batch window
     ema_decay: float = 0.999
     ema_warmup: bool = True
-    # "separate": the weak view is forwarded without gradients in its own pass (cheaper; BatchNorm
-    # normalises it with weak-batch statistics); "concat": the usual cat(labeled, weak, strong) forward
-    # with gradients, kept for comparison (tools/bench/step.py)
-    weak_forward: Literal["separate", "concat"] = "separate"
+    # "concat": FixMatch's cat(labeled, weak, strong) forward with gradients, one set of BatchNorm
+    # statistics for all three views. "separate": the weak view in its own no-grad forward (0.71x the
+    # step time, but 0.6 points lower top-1 on the demo over 5 seeds: docs/benchmarks.md)
+    weak_forward: Literal["separate", "concat"] = "concat"
 
 
 @dataclass

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """FixMatch step vs supervised step, images/s of ResNet-50 at 224 px in bf16 on one GPU.
 
-The same three real-engine steps as tools/bench/step.py (ours: weak view without gradients; the usual
-concat step; a supervised step over the same B + 2muB images), on CUDA with bf16 autocast and
+The same three real-engine steps as tools/bench/step.py (separate, opt-in: weak view without
+gradients; concat, the default; a supervised step over the same B + 2muB images), on CUDA with bf16 autocast and
 channels_last. Without a GPU it says so and exits 0 (a skip, not a failure).
 
   python tools/bench/gpu_step.py [--quick] [--batch B] [--mu MU] [--model resnet50] [--size 224]
@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name()
     print(f"{name}; {args.model} at {args.size} px, bf16 autocast, channels_last, B={args.batch}, mu={args.mu}: "
           f"{n} images per step, median of {steps} rounds\n")
-    table([(k, f"{med[k] * 1000:.1f}", f"{n / med[k]:.0f}") for k in ("ours", "concat", "supervised")],
+    names = {"ours": "separate (opt-in)", "concat": "concat (default)", "supervised": "supervised"}
+    table([(names[k], f"{med[k] * 1000:.1f}", f"{n / med[k]:.0f}") for k in ("ours", "concat", "supervised")],
           ("step", "ms", "img/s"))
     result(gpu_step_ratio=med["ours"] / med["supervised"], gpu_step_vs_concat=med["ours"] / med["concat"],
            gpu_ours_img_s=n / med["ours"], gpu_concat_img_s=n / med["concat"],
