@@ -1,9 +1,10 @@
 """The training engine: DeepSpeed ZeRO around a timm backbone, the FixMatch step, eval, save/resume.
 
 One step = one labeled batch of B (global) and an unlabeled batch of mu*B, each split evenly across
-ranks. The weak view is forwarded without gradients (it only makes pseudo-labels), the labeled and
-strong batches together with them; anything that crosses ranks (p_model, eval counts, skipped
-samples) is all-reduced so that results do not depend on the world size.
+ranks. By default the labeled, weak and strong views go through one forward with gradients, as in
+FixMatch (one set of BatchNorm statistics); ssl.weak_forward=separate forwards the weak view on its
+own without gradients (cheaper, less accurate on the demo). Anything that crosses ranks (p_model,
+eval counts, skipped samples) is all-reduced so that results do not depend on the world size.
 """
 from __future__ import annotations
 
@@ -269,8 +270,8 @@ class Trainer:
                 self.da.update(torch.cat(weak_probs))
         else:
             # Pseudo-labels for the whole per-rank unlabeled batch first (no gradients; BatchNorm in
-            # train mode as in FixMatch's reference code), then one DA update for the step whatever
-            # the accumulation: p_model then depends only on the global batch, not on the world size.
+            # train mode on the weak batch alone, unlike FixMatch's joint statistics), then one DA
+            # update for the step whatever the accumulation: p_model depends on the global batch only.
             with torch.no_grad():
                 probs_w = torch.cat([torch.softmax(engine(self._to(w)).float(), dim=1)
                                      for w in ub["weak"].chunk(n)])

@@ -14,6 +14,7 @@ slow consumer can never see a batch overwritten.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Optional
@@ -24,7 +25,8 @@ _ALIGN = 64  # every tensor starts on a cache line (and any dtype's alignment)
 RING_KEY = "__ring__"
 
 
-def _nbytes(t: torch.Tensor, n: int) -> int:
+def _aligned_bytes(t: torch.Tensor, n: int) -> int:
+    """Bytes that n stacked copies of ``t`` take in a slot, rounded up to the alignment."""
     return -(-t.nbytes * n // _ALIGN) * _ALIGN
 
 
@@ -47,7 +49,7 @@ class RingWriter:
     def collate(self, items: list[dict]) -> dict:
         n = len(items)
         tensor_keys = [k for k, v in items[0].items() if isinstance(v, torch.Tensor)]
-        need = sum(_nbytes(items[0][k], n) for k in tensor_keys)
+        need = sum(_aligned_bytes(items[0][k], n) for k in tensor_keys)
         handle = None
         if self.data is None or need > self.data.shape[1]:  # first batch, or a larger one: new slots
             self._allocate(need)
@@ -65,7 +67,7 @@ class RingWriter:
             dst = buf[off:off + size].view(first.dtype).view(n, *first.shape)
             torch.stack([it[k] for it in items], out=dst)
             layout[k] = (off, first.dtype, (n, *first.shape))
-            off += _nbytes(first, n)
+            off += _aligned_bytes(first, n)
         for k, v in items[0].items():
             if k not in layout:
                 msg[k] = [it[k] for it in items]  # small values travel in the message itself
@@ -94,10 +96,7 @@ class RingReader:
         buf = data[info["slot"]]
         out = {}
         for k, (off, dtype, shape) in info["layout"].items():
-            size = dtype.itemsize
-            for d in shape:
-                size *= d
-            src = buf[off:off + size].view(dtype).view(shape)
+            src = buf[off:off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
             out[k] = torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory).copy_(src)
         consumed += 1  # in place, in shared memory: the slot may now be reused
         for k, v in msg.items():
