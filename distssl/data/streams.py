@@ -396,15 +396,12 @@ def loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int = 4,
     batches over through reused shared-memory slots (distssl.data.ring); with CUDA the standard path
     stays, whose pin-memory thread copies batches into page-locked memory off the training thread
     (the ring's copy-out would run on it: not measured on a GPU yet)."""
-    if ring is None:
-        ring = not torch.cuda.is_available()
-    if num_workers == 0 or not ring:
+    cuda = torch.cuda.is_available()
+    if num_workers == 0 or not (ring if ring is not None else not cuda):
         return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                          prefetch_factor=prefetch_factor if num_workers else None,
-                          pin_memory=torch.cuda.is_available())
+                          prefetch_factor=prefetch_factor if num_workers else None, pin_memory=cuda)
     dataset = copy.copy(dataset)
     # two slots more than the batches a worker may have in flight: a worker never waits for one
     dataset.ring_slots = prefetch_factor + 2
     return RingLoader(DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                                 prefetch_factor=prefetch_factor, collate_fn=_as_is),
-                      pin_memory=torch.cuda.is_available())
+                                 prefetch_factor=prefetch_factor, collate_fn=_as_is), pin_memory=cuda)

@@ -14,7 +14,7 @@ plus distribution alignment's own time per step (p_model update + alignment).
   python tools/bench/step.py [--quick] [--steps N] [--batch B] [--mu MU] [--model NAME] [--size PX]
 
 Ends with: RESULT step_ratio=separate/supervised step_vs_concat=separate/concat
-concat_step_ratio=concat/supervised da_overhead=DA/separate ...
+concat_step_ratio=concat/supervised da_overhead=DA/concat ...
 The separate step is cheaper but its BatchNorm statistics differ from FixMatch's (one set for all
 three views); on the demo it scored 0.6 points lower over 5 seeds (docs/benchmarks.md), which is why
 it is not the default.
@@ -72,7 +72,7 @@ def measure(overrides: list[str], steps: int, warmup: int = 2, sync=lambda: None
     B, mu = cfg.train.batch_size, cfg.ssl.mu
     lb, ub, sup = synthetic_batches(B, mu, cfg.data.image_size, cfg.model.num_classes)
 
-    def ours():
+    def separate():
         cfg.ssl.weak_forward = "separate"
         trainer.train_step(lb, ub)
 
@@ -89,7 +89,7 @@ def measure(overrides: list[str], steps: int, warmup: int = 2, sync=lambda: None
         for _ in range(10):
             trainer.da(probs)
 
-    variants = {"ours": ours, "concat": concat, "supervised": supervised, "da_x10": da}
+    variants = {"separate": separate, "concat": concat, "supervised": supervised, "da_x10": da}
     times: dict[str, list[float]] = {k: [] for k in variants}
     for i in range(warmup + steps):
         for name, fn in variants.items():
@@ -126,14 +126,14 @@ def main(argv=None) -> int:
     n = med["images"]
     print(f"{machine()}; {args.model} at {args.size} px, B={args.batch}, mu={args.mu}: {n} images per step, "
           f"median of {steps} interleaved rounds\n")
-    names = {"ours": "separate (opt-in)", "concat": "concat (default)", "supervised": "supervised", "da": "DA"}
+    names = {"separate": "separate (opt-in)", "concat": "concat (default)", "supervised": "supervised", "da": "DA"}
     table([(names[k], f"{med[k] * 1000:.1f}", f"{n / med[k]:.0f}" if k != "da" else "-")
-           for k in ("ours", "concat", "supervised", "da")], ("step", "ms", "img/s"))
+           for k in ("separate", "concat", "supervised", "da")], ("step", "ms", "img/s"))
     print("\nseparate: weak view in its own no-grad forward (BatchNorm in train mode on the weak batch "
           "alone); concat: cat(labeled, weak, strong) with gradients, one set of BatchNorm statistics")
-    result(step_ratio=med["ours"] / med["supervised"], step_vs_concat=med["ours"] / med["concat"],
+    result(step_ratio=med["separate"] / med["supervised"], step_vs_concat=med["separate"] / med["concat"],
            concat_step_ratio=med["concat"] / med["supervised"], da_overhead=med["da"] / med["concat"],
-           separate_ms=med["ours"] * 1000, concat_ms=med["concat"] * 1000, supervised_ms=med["supervised"] * 1000)
+           separate_ms=med["separate"] * 1000, concat_ms=med["concat"] * 1000, supervised_ms=med["supervised"] * 1000)
     return 0
 
 
