@@ -3,6 +3,7 @@ A TCP proxy in front of the real S3-protocol server (moto) cuts every connection
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -111,3 +112,22 @@ def test_a_build_that_loses_the_store_fails_cleanly_and_the_rerun_completes(tiny
                 paths += [json.loads(t.extractfile(m).read())["path"] for m in t if m.name.endswith(".json")]
     assert idx["count"] == len(paths) == 600  # every image exactly once: none lost, none twice
     assert sorted(paths) == sorted(str(p.relative_to(raw)) for p in raw.rglob("*.png"))
+
+
+def test_a_build_that_cannot_reach_the_store_at_all_says_to_rerun(tmp_path):
+    """The first thing a rerun does is look for finished shards' stats: a store that is down then
+    (a botocore error, not an OSError) must give the same clean message, not a traceback."""
+    from PIL import Image
+
+    (tmp_path / "raw/a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "raw/a/1.png")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "x", "DISTSSL_IO_ATTEMPTS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "tools/make_shards.py"), str(tmp_path / "raw"), "s3://nowhere/set",
+                        "--unlabeled", "--quiet"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "Rerun the same command" in r.stderr, r.stderr[-2000:]
+    assert "s3://nowhere/set/shard-000000.stats.json" in r.stderr

@@ -89,7 +89,11 @@ def retry(fn, *args, attempts: Optional[int] = None, base_delay: float = 0.5, wh
             raise
         except Exception as e:  # network errors come as many types (OSError, botocore, aiohttp)
             if i == attempts - 1:
-                raise
+                if isinstance(e, OSError):
+                    raise
+                # one type for callers to handle, whatever client library failed
+                raise OSError(f"{redact(what or str(args[:1]))}: still failing after {attempts} attempts "
+                              f"({type(e).__name__}: {e})") from e
             log.warning("%s: %s: %s; retrying in %.1fs", redact(what or str(args[:1])), type(e).__name__, e, delay)
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
