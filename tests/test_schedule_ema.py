@@ -54,3 +54,22 @@ def test_ema_update_and_swap_restores_training_weights():
     ema2.load_state_dict(state)
     for n in state["shadow"]:
         torch.testing.assert_close(ema2.shadow[n], ema.shadow[n])
+
+
+def test_ema_averages_batchnorm_statistics_like_the_weights():
+    # FixMatch's reference EMA covers every model variable: evaluating averaged weights with the live
+    # model's latest statistics mixes two different models
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(model, decay=0.5, warmup=False)
+    bn = model[1]
+    mean0, var0 = bn.running_mean.clone(), bn.running_var.clone()
+    model(torch.randn(8, 3) + 3.0)
+    ema.update(step=1)
+    torch.testing.assert_close(ema.buffers["1.running_mean"], 0.5 * mean0 + 0.5 * bn.running_mean)
+    torch.testing.assert_close(ema.buffers["1.running_var"], 0.5 * var0 + 0.5 * bn.running_var)
+    assert ema.buffers["1.num_batches_tracked"].item() == 1  # counters are copied, not averaged
+    live = bn.running_mean.clone()
+    with ema.swapped_in():
+        torch.testing.assert_close(bn.running_mean, ema.buffers["1.running_mean"])
+    torch.testing.assert_close(bn.running_mean, live)

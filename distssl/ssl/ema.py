@@ -4,7 +4,10 @@ Each rank averages only the tensor it owns: the full parameter under ZeRO 0-2, i
 (``ds_tensor``) under ZeRO-3, or the full tensor of a ZeRO-3 "persistent" parameter (small ones
 DeepSpeed keeps gathered). Evaluation swaps the averages in place and back, so no rank ever
 materialises a second full model. The decay warms up (timm ModelEmaV3 ``use_warmup``): with a
-flat 0.999 a 1,000-step run would evaluate mostly its initial weights.
+flat 0.999 a 1,000-step run would evaluate mostly its initial weights. Floating-point buffers
+(BatchNorm running statistics) are averaged with the same decay, as FixMatch's reference code
+averages every model variable: the live model's statistics follow the last few steps' weights, not
+the averaged ones, and cost the demo about half a point of top-1 (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -40,7 +43,10 @@ class EMA:
         for n, p in self.params:
             self.shadow[n].mul_(d).add_(_owned(p).float(), alpha=1.0 - d)
         for n, b in self.module.named_buffers():
-            self.buffers[n].copy_(b)
+            if b.is_floating_point():  # BatchNorm statistics, averaged like the weights they belong to
+                self.buffers[n].mul_(d).add_(b, alpha=1.0 - d)
+            else:
+                self.buffers[n].copy_(b)
         return d
 
     @contextlib.contextmanager
