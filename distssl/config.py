@@ -53,11 +53,11 @@ class SSLConfig:
     dist_align_momentum: float = 0.99  # ~100-batch memory, like ReMixMatch's 128-batch window
     ema_decay: float = 0.999
     ema_warmup: bool = True
-    # "concat": FixMatch's cat(labeled, weak, strong) forward with gradients, one set of BatchNorm
-    # statistics for all three views. "separate": the weak view in its own no-grad forward (0.71x the
-    # step time, but 0.6 points lower top-1 on the demo over 5 seeds: docs/benchmarks.md)
-    weak_forward: Literal["separate", "concat"] = "concat"
-
+    # "shared_bn": labeled + strong forwarded with gradients, the weak view without (it only makes
+    # pseudo-labels), normalised with the BatchNorm statistics of that forward: 0.7x the step time of
+    # "concat", FixMatch's reference cat(labeled, weak, strong) forward with gradients; same top-1 on
+    # the demo over 5 seeds (docs/benchmarks.md)
+    weak_forward: Literal["shared_bn", "concat"] = "shared_bn"
 
 @dataclass
 class ModelConfig:

@@ -1,10 +1,12 @@
 """The training engine: DeepSpeed ZeRO around a timm backbone, the FixMatch step, eval, save/resume.
 
 One step = one labeled batch of B (global) and an unlabeled batch of mu*B, each split evenly across
-ranks. By default the labeled, weak and strong views go through one forward with gradients, as in
-FixMatch (one set of BatchNorm statistics); ssl.weak_forward=separate forwards the weak view on its
-own without gradients (cheaper, less accurate on the demo). Anything that crosses ranks (p_model,
-eval counts, skipped samples) is all-reduced so that results do not depend on the world size.
+ranks. By default (ssl.weak_forward=shared_bn) labeled + strong go through one forward with
+gradients and the weak view through one without, normalised by BatchNorm with the statistics of the
+first (distssl.ssl.bnstats); ssl.weak_forward=concat is FixMatch's reference step, one forward of
+cat(labeled, weak, strong) with gradients, which also pays a backward for the weak view. Anything
+that crosses ranks (p_model, eval counts, skipped samples) is all-reduced so that results do not
+depend on the world size.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from distssl.metrics import MetricsWriter, plot
 from distssl.export import META_NAME, WEIGHTS_NAME, gather_ema_state, model_meta, write_export
 from distssl.models import create_model, fill_input_defaults, param_groups
 from distssl.schedule import lr_factor
+from distssl.ssl.bnstats import BatchStatsSharing
 from distssl.ssl.distalign import DistributionAlignment, target_from_histogram
 from distssl.ssl.ema import EMA
 from distssl.ssl.fixmatch import fixmatch_loss
@@ -204,6 +207,7 @@ class Trainer:
         ckpt.use_safe_loading(self.engine)
         self.zero3 = cfg.deepspeed.zero_stage == 3
         self.ema = EMA(self.engine.module, cfg.ssl.ema_decay, cfg.ssl.ema_warmup)
+        self.bn_sharing = BatchStatsSharing(self.engine.module)
         p_target = None
         if cfg.ssl.dist_align_target == "labeled":
             if not self.labeled.class_histogram:
@@ -245,22 +249,31 @@ class Trainer:
                 engine.backward(loss)  # DeepSpeed divides by the accumulation steps
                 engine.step()  # applies the update only at the accumulation boundary
                 per_micro.append({"loss": float(loss.detach()), "loss_x": float(loss.detach())})
-        elif self.cfg.ssl.weak_forward == "concat":
-            # FixMatch's own step: one forward of cat(labeled, weak, strong) with gradients, so
-            # BatchNorm normalises all three views with one set of batch statistics; the weak logits
-            # are detached for the pseudo-labels but still pay for the backward pass. DA aligns each
-            # micro-batch with p_model as of the step start and updates it once with the whole
-            # per-rank batch, so p_model depends on the global batch only, not on the accumulation.
+        else:
+            # DA aligns each micro-batch with p_model as of the step start and updates it once with the
+            # whole per-rank batch, so p_model depends on the global batch only, not on the accumulation.
             per_micro, weak_probs = [], []
             for x, y, uw, us, yt in zip(xs, ys, ub["weak"].chunk(n), ub["strong"].chunk(n), ub["y_true"].chunk(n)):
-                x = self._to(x)
-                logits = engine(torch.cat([x, self._to(uw), self._to(us)])).float()
-                b, u = x.shape[0], uw.shape[0]
-                probs_w = torch.softmax(logits[b:b + u].detach(), dim=1)
+                x, b = self._to(x), x.shape[0]
+                if self.cfg.ssl.weak_forward == "concat":
+                    # FixMatch's reference step: one forward of cat(labeled, weak, strong) with gradients;
+                    # the weak logits are detached for the pseudo-labels but still pay for the backward
+                    logits = engine(torch.cat([x, self._to(uw), self._to(us)])).float()
+                    u = uw.shape[0]
+                    probs_w = torch.softmax(logits[b:b + u].detach(), dim=1)
+                    logits_s = logits[b + u:]
+                else:
+                    # shared_bn: cat(labeled, strong) with gradients, then the weak view without, through
+                    # the same function: BatchNorm normalises it with the statistics of that forward
+                    with self.bn_sharing.record():
+                        logits = engine(torch.cat([x, self._to(us)])).float()
+                    with torch.no_grad(), self.bn_sharing.replay():
+                        probs_w = torch.softmax(engine(self._to(uw)).float(), dim=1)
+                    logits_s = logits[b:]
                 if self.cfg.ssl.dist_align:
                     weak_probs.append(probs_w)
                     probs_w = self.da.align_with_current(probs_w)
-                loss, stats = fixmatch_loss(logits[:b], y.to(self.device), logits[b + u:], probs_w,
+                loss, stats = fixmatch_loss(logits[:b], y.to(self.device), logits_s, probs_w,
                                             tau=self.cfg.ssl.tau, lambda_u=self.cfg.ssl.lambda_u,
                                             true_u=yt.to(self.device))
                 engine.backward(loss)
@@ -268,25 +281,6 @@ class Trainer:
                 per_micro.append(stats)
             if weak_probs:
                 self.da.update(torch.cat(weak_probs))
-        else:
-            # Pseudo-labels for the whole per-rank unlabeled batch first (no gradients; BatchNorm in
-            # train mode on the weak batch alone, unlike FixMatch's joint statistics), then one DA
-            # update for the step whatever the accumulation: p_model depends on the global batch only.
-            with torch.no_grad():
-                probs_w = torch.cat([torch.softmax(engine(self._to(w)).float(), dim=1)
-                                     for w in ub["weak"].chunk(n)])
-            if self.cfg.ssl.dist_align:
-                probs_w = self.da(probs_w)
-            per_micro = []
-            for x, y, us, pw, yt in zip(xs, ys, ub["strong"].chunk(n), probs_w.chunk(n), ub["y_true"].chunk(n)):
-                x = self._to(x)
-                logits = engine(torch.cat([x, self._to(us)])).float()
-                loss, stats = fixmatch_loss(logits[: x.shape[0]], y.to(self.device), logits[x.shape[0]:], pw,
-                                            tau=self.cfg.ssl.tau, lambda_u=self.cfg.ssl.lambda_u,
-                                            true_u=yt.to(self.device))
-                engine.backward(loss)
-                engine.step()
-                per_micro.append(stats)
         stats = _nanmean_by_key({k: [m[k] for m in per_micro] for k in per_micro[0]})
         self.step += 1
         stats["ema_decay"] = self.ema.update(self.step)

@@ -27,7 +27,7 @@ def _run(n: int, tiny_data, tmp_path: Path, extra: list[str]) -> list[dict]:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("weak_forward", ["concat", "separate"])
+@pytest.mark.parametrize("weak_forward", ["shared_bn", "concat"])
 def test_same_global_batch_same_curve_on_one_and_two_ranks(tiny_data, tmp_path, weak_forward):
     one = _run(1, tiny_data, tmp_path, [f"ssl.weak_forward={weak_forward}"])
     two = _run(2, tiny_data, tmp_path, [f"ssl.weak_forward={weak_forward}"])

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """FixMatch step vs supervised step, images/s of ResNet-50 at 224 px in bf16 on one GPU.
 
-The same three real-engine steps as tools/bench/step.py (separate, opt-in: weak view without
-gradients; concat, the default; a supervised step over the same B + 2muB images), on CUDA with bf16 autocast and
+The same three real-engine steps as tools/bench/step.py (shared_bn, the default: weak view without
+gradients; concat, FixMatch's reference step; a supervised step over the same B + 2muB images), on CUDA with bf16 autocast and
 channels_last. Without a GPU it says so and exits 0 (a skip, not a failure).
 
   python tools/bench/gpu_step.py [--quick] [--batch B] [--mu MU] [--model resnet50] [--size 224]
 
-Ends with: RESULT gpu_step_ratio=... gpu_step_vs_concat=... gpu_separate_img_s=... gpu_supervised_img_s=...
+Ends with: RESULT gpu_step_ratio=... gpu_step_vs_concat=... gpu_shared_bn_img_s=... gpu_supervised_img_s=...
 """
 from __future__ import annotations
 
@@ -50,11 +50,11 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name()
     print(f"{name}; {args.model} at {args.size} px, bf16 autocast, channels_last, B={args.batch}, mu={args.mu}: "
           f"{n} images per step, median of {steps} rounds\n")
-    names = {"separate": "separate (opt-in)", "concat": "concat (default)", "supervised": "supervised"}
-    table([(names[k], f"{med[k] * 1000:.1f}", f"{n / med[k]:.0f}") for k in ("separate", "concat", "supervised")],
+    names = {"shared_bn": "shared_bn (default)", "concat": "concat (reference)", "supervised": "supervised"}
+    table([(names[k], f"{med[k] * 1000:.1f}", f"{n / med[k]:.0f}") for k in ("shared_bn", "concat", "supervised")],
           ("step", "ms", "img/s"))
-    result(gpu_step_ratio=med["separate"] / med["supervised"], gpu_step_vs_concat=med["separate"] / med["concat"],
-           gpu_separate_img_s=n / med["separate"], gpu_concat_img_s=n / med["concat"],
+    result(gpu_step_ratio=med["shared_bn"] / med["supervised"], gpu_step_vs_concat=med["shared_bn"] / med["concat"],
+           gpu_shared_bn_img_s=n / med["shared_bn"], gpu_concat_img_s=n / med["concat"],
            gpu_supervised_img_s=n / med["supervised"])
     return 0
 
