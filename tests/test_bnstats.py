@@ -67,3 +67,18 @@ def test_replay_before_any_record_is_refused(models):
     with pytest.raises(RuntimeError, match="record"):
         with BatchStatsSharing(models[0]).replay():
             pass
+
+
+def test_a_layer_kept_in_eval_mode_stays_so_and_keeps_its_statistics(models):
+    model, _ = models
+    frozen = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    frozen.eval()  # e.g. statistics frozen for fine-tuning
+    mean, var = frozen.running_mean.clone(), frozen.running_var.clone()
+    sharing = BatchStatsSharing(model)
+    with sharing.record():
+        model(torch.randn(8, 3, 32, 32))
+    with torch.no_grad(), sharing.replay():
+        model(torch.randn(4, 3, 32, 32))
+    assert not frozen.training
+    torch.testing.assert_close(frozen.running_mean, mean)
+    torch.testing.assert_close(frozen.running_var, var)

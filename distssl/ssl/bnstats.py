@@ -12,7 +12,7 @@ constants is not the same thing: it trained far worse (docs/benchmarks.md).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -22,19 +22,20 @@ class BatchStatsSharing:
     def __init__(self, module: torch.nn.Module):
         # layers with track_running_stats=False always normalise with their own batch: left alone
         self.layers = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-        self.batch: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: batch mean, biased batch var
+        self.active: Optional[list[_BatchNorm]] = None  # the layers in train mode at the last record()
+        self.batch: list[tuple[torch.Tensor, torch.Tensor]] = []  # per active layer: batch mean, biased batch var
 
     @contextmanager
     def record(self) -> Iterator[None]:
         """Around the gradient forward: running statistics move exactly as usual; the batch's are kept."""
-        if not all(m.training for m in self.layers):
-            raise RuntimeError("BatchStatsSharing.record needs the model in train mode")
-        before = [(m.momentum, m.running_mean.clone(), m.running_var.clone()) for m in self.layers]
+        # a layer kept in eval mode (frozen statistics) is the same function in both forwards already
+        self.active = [m for m in self.layers if m.training]
+        before = [(m.momentum, m.running_mean.clone(), m.running_var.clone()) for m in self.active]
         counts: dict[int, int] = {}
         hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: counts.__setitem__(i, args[0].numel()
                                                                                        // args[0].shape[1]))
-                 for i, m in enumerate(self.layers)]
-        for m in self.layers:
+                 for i, m in enumerate(self.active)]
+        for m in self.active:
             m.momentum = 1.0  # running := this batch's mean and unbiased variance, read back below
         try:
             yield
@@ -43,7 +44,7 @@ class BatchStatsSharing:
                 h.remove()
             # new tensors, never copy_: autograd saved the buffers this forward wrote for its backward
             self.batch = []
-            for i, (m, (momentum, mean0, var0)) in enumerate(zip(self.layers, before)):
+            for i, (m, (momentum, mean0, var0)) in enumerate(zip(self.active, before)):
                 m.momentum = momentum
                 if i not in counts:  # layer not reached (a branch the forward skipped)
                     m.running_mean, m.running_var = mean0, var0
@@ -59,15 +60,15 @@ class BatchStatsSharing:
     @contextmanager
     def replay(self) -> Iterator[None]:
         """Around the no-grad forward: every BatchNorm normalises with the recorded batch statistics."""
-        if len(self.batch) != len(self.layers):
+        if self.active is None:
             raise RuntimeError("BatchStatsSharing.replay needs a record()ed forward first")
-        saved = [(m.running_mean, m.running_var) for m in self.layers]
-        for m, (mean, var) in zip(self.layers, self.batch):
+        saved = [(m.running_mean, m.running_var) for m in self.active]
+        for m, (mean, var) in zip(self.active, self.batch):
             m.running_mean, m.running_var = mean, var
             m.eval()  # BatchNorm only: dropout and drop-path stay as they are
         try:
             yield
         finally:
-            for m, (mean, var) in zip(self.layers, saved):
+            for m, (mean, var) in zip(self.active, saved):
                 m.running_mean, m.running_var = mean, var
                 m.train()
