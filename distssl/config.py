@@ -56,8 +56,9 @@ class SSLConfig:
     # "shared_bn": labeled + strong forwarded with gradients, the weak view without (it only makes
     # pseudo-labels), normalised with the BatchNorm statistics of that forward: 0.7x the step time of
     # "concat", FixMatch's reference cat(labeled, weak, strong) forward with gradients; same top-1 on
-    # the demo over 5 seeds (docs/benchmarks.md)
+    # the demo over 8 seeds (docs/benchmarks.md)
     weak_forward: Literal["shared_bn", "concat"] = "shared_bn"
+
 
 @dataclass
 class ModelConfig:
