@@ -16,6 +16,7 @@ against distssl's shared-memory ring (distssl/data/ring.py).
 
 Ends with: RESULT stream_img_s=... limit_img_s=... stream_vs_limit=... imagefolder_img_s=...
 stream_vs_imagefolder=... handover_ms_dataloader=... handover_ms_ring=... [s3_stream_img_s=... s3_imagefolder_img_s=... s3_stream_vs_imagefolder=...]
+[gpu_feed_img_s_dataloader=... gpu_feed_img_s_ring=...: with CUDA, batches copied to the GPU from pinned memory]
 """
 import argparse
 import os
@@ -128,12 +129,15 @@ class SameBatch(IterableDataset):
 def handover_ms(batch, image_size, ring, batches):
     """(worker CPU ms, training-process CPU ms) per batch to hand a batch from 1 worker over."""
     import psutil
+    import torch
     from torch.utils.data import DataLoader
     from distssl.data.streams import loader
 
     ds = SameBatch(batch, image_size)
     before = {p.pid for p in psutil.Process().children()}
-    dl = loader(ds, 1, ring=True) if ring else DataLoader(ds, batch_size=None, num_workers=1, prefetch_factor=4)
+    pin = torch.cuda.is_available()  # as the trainer does: page-locked batches on a GPU machine
+    dl = (loader(ds, 1, ring=True) if ring else
+          DataLoader(ds, batch_size=None, num_workers=1, prefetch_factor=4, pin_memory=pin))
     it = iter(dl)
     for _ in range(10):
         next(it)
@@ -144,6 +148,25 @@ def handover_ms(batch, image_size, ring, batches):
     w, m = sum(worker.cpu_times()[:2]) - w0, time.process_time() - m0
     del it
     return 1e3 * w / batches, 1e3 * m / batches
+
+
+def to_gpu_rate(loader, images_per_batch, batches, warmup=2):
+    """Like rate(), with every batch copied to the GPU as the trainer does (non_blocking from pinned memory)."""
+    import torch
+
+    def moved():
+        for b in loader:
+            yield {k: v.to("cuda", non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+
+    it = moved()
+    for _ in range(warmup):
+        next(it)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    torch.cuda.synchronize()
+    return images_per_batch * batches / (time.perf_counter() - t)
 
 
 def rate(loader, images_per_batch, batches, warmup=2):
@@ -216,6 +239,19 @@ def main(argv=None) -> int:
     vs_limit = statistics.median(s_ / l_ for l_, s_, _ in per_round)
     folder_vs_limit = statistics.median(f_ / l_ for l_, _, f_ in per_round)
     vs_folder = statistics.median(s_ / f_ for _, s_, f_ in per_round)
+    gpu = {}
+    if torch.cuda.is_available():
+        # on a GPU the trainer copies batches to the device from page-locked memory: DataLoader's
+        # pin-memory thread (the CUDA default) against the ring's copy-out into pinned memory
+        feed = {"dataloader": [], "ring": []}
+        for _ in range(3):
+            for name in feed:
+                ds = TrainStream(resolve(str(tmp / "shards")), rank=0, world_size=1, batch_size=a.batch, seed=0,
+                                 shuffle_buffer=256, make_item=unlabeled_item(views))
+                feed[name].append(to_gpu_rate(loader(ds, a.workers, ring=name == "ring"), a.batch, batches))
+        gpu = {f"gpu_feed_img_s_{k}": statistics.median(v) for k, v in feed.items()}
+        print(f"to {torch.cuda.get_device_name()}, median of 3: DataLoader + pin thread "
+              f"{gpu['gpu_feed_img_s_dataloader']:.0f} img/s, ring + pinned copy-out {gpu['gpu_feed_img_s_ring']:.0f}")
     # where the loader's own time goes: handing one batch from a worker to the trainer
     n_hand = 150 if a.quick else 400
     std_w, std_m = handover_ms(a.batch, a.image_size, False, n_hand)
@@ -245,7 +281,7 @@ def main(argv=None) -> int:
     print(f"img/s: means over {rounds} rounds; ratios: medians of the per-round ratios")
     result(stream_img_s=stream, limit_img_s=limit, stream_vs_limit=vs_limit, imagefolder_img_s=folder,
            stream_vs_imagefolder=vs_folder, handover_ms_dataloader=std_w + std_m, handover_ms_ring=ring_w + ring_m,
-           **extra)
+           **extra, **gpu)
     return 0
 
 

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU checks, in one short run on a GPU node (each part has its own time limit, so one that hangs
+# cannot eat the others):
+#   1. tools/bench/gpu_step.py   ResNet-50 at 224 px in bf16: shared_bn vs concat vs supervised step
+#   2. tools/bench/stream.py     the stream with all the node's cores, and its batches copied to the
+#                                GPU: DataLoader's pin-memory thread against the ring's pinned copy-out
+#   3. the demo, trained on the GPU through DeepSpeed's launcher (nccl, one rank)
+# Logs and the demo's summary go to $OUT (default runs/gpu-check).
+#
+#   bash tools/bench/gpu_check.sh
+# On a node without deepspeed/timm/mlxtend installed, put wheels in .whl/ first; they are installed
+# to /tmp/site (no network needed).
+set -u
+OUT=${OUT:-runs/gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  nproc
+  python3 -c "import torch, deepspeed, timm; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/env.txt"
+
+echo "== gpu_step"
+timeout 120 python3 tools/bench/gpu_step.py 2>&1 | tail -40 | tee "$OUT/gpu_step.log"
+
+echo "== stream"
+timeout 170 python3 tools/bench/stream.py --count 12000 --batch 192 --rounds 5 2>&1 | tail -40 | tee "$OUT/stream.log"
+
+echo "== demo on the GPU"
+start=$(date +%s)
+timeout 170 python3 -m deepspeed.launcher.runner --num_gpus 1 launch/train.py --config configs/demo.yaml \
+  run.out_dir=/tmp/gpu-demo train.num_workers=6 > "$OUT/demo.log" 2>&1
+echo "demo exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/demo.log"
+tail -15 "$OUT/demo.log"
+cp /tmp/gpu-demo/summary.json "$OUT/demo_summary.json" 2>/dev/null && cat "$OUT/demo_summary.json"
+cp /tmp/gpu-demo/metrics.jsonl "$OUT/demo_metrics.jsonl" 2>/dev/null
+true
