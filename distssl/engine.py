@@ -156,6 +156,8 @@ class Trainer:
 
         self.cfg, self.rank, self.world, self.on_eval = cfg, rank, world, on_eval
         self.device = torch.device(f"cuda:{local_rank}" if use_cuda() else "cpu")
+        if use_cuda():
+            torch.backends.cudnn.benchmark = True  # fixed batch shapes: time cuDNN's algorithms once, keep the fastest
         self.out = Path(cfg.run.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
         t = cfg.train
@@ -182,9 +184,10 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = create_model(cfg.model.name, cfg.model.num_classes, cfg.model.pretrained, cfg.model.drop_path_rate,
                              cfg.model.grad_checkpointing)
+        # NHWC inputs are enough: cuDNN runs a convolution channels_last when its input is. The
+        # parameters stay contiguous: DeepSpeed broadcasts them as byte views (which a channels_last
+        # weight cannot give: "stride(-1) must be 1", seen on an H200) and ZeRO flattens them anyway.
         self.channels_last = t.channels_last and use_cuda()
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         o = cfg.optim
         groups = param_groups(model, o.weight_decay, o.lr, o.backbone_lr_scale, o.layer_decay)
         optimizer = torch.optim.SGD([{k: v for k, v in g.items() if k not in ("lr_scale", "is_head")} for g in groups],

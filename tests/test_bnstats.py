@@ -28,15 +28,21 @@ def models():
     return model, copy.deepcopy(model)
 
 
-def test_recorded_forward_is_an_ordinary_train_forward(models):
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative-average"])
+def test_recorded_forward_is_an_ordinary_train_forward(models, momentum):
     model, plain = models
-    x = torch.randn(12, 3, 32, 32)
-    with BatchStatsSharing(model).record():
-        out = model(x)
-    torch.testing.assert_close(out, plain(x))
-    for (name, a), (_, b) in zip(model.state_dict().items(), plain.state_dict().items()):
-        torch.testing.assert_close(a, b, msg=name)  # running statistics moved exactly as usual
-    out.sum().backward()  # the buffers autograd saved were not touched afterwards
+    for m in [*model.modules(), *plain.modules()]:
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = momentum
+    sharing = BatchStatsSharing(model)
+    for step in range(2):  # the second step starts from moved statistics (and, cumulative, a count of 1)
+        x = torch.randn(12, 3, 32, 32) + step
+        with sharing.record():
+            out = model(x)
+        torch.testing.assert_close(out, plain(x))
+        for (name, a), (_, b) in zip(model.state_dict().items(), plain.state_dict().items()):
+            torch.testing.assert_close(a, b, msg=name)  # running statistics moved exactly as usual
+        out.sum().backward()  # the buffers autograd saved were not touched afterwards
 
 
 def test_replayed_forward_normalises_with_the_recorded_batch_and_changes_nothing(models):

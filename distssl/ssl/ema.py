@@ -40,13 +40,20 @@ class EMA:
     @torch.no_grad()
     def update(self, step: int) -> float:
         d = ema_decay_at(step, self.decay, self.warmup)
-        for n, p in self.params:
-            self.shadow[n].mul_(d).add_(_owned(p).float(), alpha=1.0 - d)
+        # one fused call per list, not two kernels per tensor: ~600 launches per step for ResNet-50
+        averaged, current = [self.shadow[n] for n, _ in self.params], [_owned(p).float() for _, p in self.params]
+        counters, counts = [], []
         for n, b in self.module.named_buffers():
             if b.is_floating_point():  # BatchNorm statistics, averaged like the weights they belong to
-                self.buffers[n].mul_(d).add_(b, alpha=1.0 - d)
+                averaged.append(self.buffers[n])
+                current.append(b)
             else:
-                self.buffers[n].copy_(b)
+                counters.append(self.buffers[n])
+                counts.append(b)
+        if averaged:
+            torch._foreach_lerp_(averaged, current, 1.0 - d)  # d * shadow + (1 - d) * current
+        if counters:
+            torch._foreach_copy_(counters, counts)
         return d
 
     @contextlib.contextmanager

@@ -7,10 +7,11 @@
 #   3. the demo, trained on the GPU through DeepSpeed's launcher (nccl, one rank)
 # Logs and the demo's summary go to $OUT (default runs/gpu-check).
 #
-#   bash tools/bench/gpu_check.sh
+#   bash tools/bench/gpu_check.sh [step] [stream] [demo]     (default: all three)
 # On a node without deepspeed/timm/mlxtend installed, put wheels in .whl/ first; they are installed
 # to /tmp/site (no network needed).
 set -u
+PARTS=" ${*:-step stream demo} "
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -25,12 +26,15 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
   python3 -c "import torch, deepspeed, timm; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/env.txt"
 
-echo "== gpu_step"
-timeout 120 python3 tools/bench/gpu_step.py 2>&1 | tail -40 | tee "$OUT/gpu_step.log"
-
-echo "== stream"
-timeout 170 python3 tools/bench/stream.py --count 12000 --batch 192 --rounds 5 2>&1 | tail -40 | tee "$OUT/stream.log"
-
+if [[ $PARTS == *" step "* ]]; then
+  echo "== gpu_step"
+  timeout 150 python3 tools/bench/gpu_step.py --profile 2>&1 | tail -120 | tee "$OUT/gpu_step.log"
+fi
+if [[ $PARTS == *" stream "* ]]; then
+  echo "== stream"
+  timeout 170 python3 tools/bench/stream.py --count 12000 --batch 192 --rounds 5 2>&1 | tail -40 | tee "$OUT/stream.log"
+fi
+[[ $PARTS == *" demo "* ]] || exit 0
 echo "== demo on the GPU"
 start=$(date +%s)
 timeout 170 python3 -m deepspeed.launcher.runner --num_gpus 1 launch/train.py --config configs/demo.yaml \
