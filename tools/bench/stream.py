@@ -150,32 +150,23 @@ def handover_ms(batch, image_size, ring, batches):
     return 1e3 * w / batches, 1e3 * m / batches
 
 
-def to_gpu_rate(loader, images_per_batch, batches, warmup=2):
-    """Like rate(), with every batch copied to the GPU as the trainer does (non_blocking from pinned memory)."""
+def to_gpu(loader):
+    """Every batch copied to the GPU as the trainer does it (non_blocking, from page-locked memory)."""
     import torch
 
-    def moved():
-        for b in loader:
-            yield {k: v.to("cuda", non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
-
-    it = moved()
-    for _ in range(warmup):
-        next(it)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    torch.cuda.synchronize()
-    return images_per_batch * batches / (time.perf_counter() - t)
+    for b in loader:
+        yield {k: v.to("cuda", non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
 
 
-def rate(loader, images_per_batch, batches, warmup=2):
+def rate(loader, images_per_batch, batches, warmup=2, sync=lambda: None):
     it = iter(loader)
     for _ in range(warmup):
         next(it)
+    sync()
     t = time.perf_counter()
     for _ in range(batches):
         next(it)
+    sync()
     return images_per_batch * batches / (time.perf_counter() - t)
 
 
@@ -213,10 +204,13 @@ def main(argv=None) -> int:
     batches = max(4, min(40 if a.quick else 60, count // a.batch - 3))  # ImageFolder's epoch is finite
     rounds = a.rounds or (5 if a.quick else 8)
 
-    def stream_rate(spec):
+    def stream_rate(spec, ring=True, cuda=False):
         ds = TrainStream(resolve(spec), rank=0, world_size=1, batch_size=a.batch, seed=0, shuffle_buffer=256,
                          make_item=unlabeled_item(views))
-        return rate(loader(ds, a.workers), a.batch, batches)
+        batches_of = loader(ds, a.workers, ring=ring)
+        if cuda:
+            return rate(to_gpu(batches_of), a.batch, batches, sync=torch.cuda.synchronize)
+        return rate(batches_of, a.batch, batches)
 
     def folder_rate(ds):
         dl = DataLoader(ds, batch_size=a.batch, shuffle=True, num_workers=a.workers, prefetch_factor=4,
@@ -246,9 +240,7 @@ def main(argv=None) -> int:
         feed = {"dataloader": [], "ring": []}
         for _ in range(3):
             for name in feed:
-                ds = TrainStream(resolve(str(tmp / "shards")), rank=0, world_size=1, batch_size=a.batch, seed=0,
-                                 shuffle_buffer=256, make_item=unlabeled_item(views))
-                feed[name].append(to_gpu_rate(loader(ds, a.workers, ring=name == "ring"), a.batch, batches))
+                feed[name].append(stream_rate(str(tmp / "shards"), ring=name == "ring", cuda=True))
         gpu = {f"gpu_feed_img_s_{k}": statistics.median(v) for k, v in feed.items()}
         print(f"to {torch.cuda.get_device_name()}, median of 3: DataLoader + pin thread "
               f"{gpu['gpu_feed_img_s_dataloader']:.0f} img/s, ring + pinned copy-out {gpu['gpu_feed_img_s_ring']:.0f}")
