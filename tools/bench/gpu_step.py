@@ -35,12 +35,10 @@ def profile_variants(variants: dict, rounds: int = 3) -> None:
                 variants[name]()
             torch.cuda.synchronize()
             wall = (time.perf_counter() - t0) / rounds
-        events = prof.events()
-        busy = sum(e.time_range.elapsed_us() for e in events
-                   if e.device_type == torch.autograd.DeviceType.CUDA) / rounds / 1e3
-        kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / rounds
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / rounds / 1e3
         print(f"\nprofile {name}: {wall * 1e3:.1f} ms per step under the profiler, GPU busy {busy:.1f} ms, "
-              f"{kernels:.0f} kernels per step")
+              f"{len(kernels) / rounds:.0f} kernels per step")
         for key in ("self_device_time_total", "self_cuda_time_total"):
             try:
                 print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))

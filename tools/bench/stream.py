@@ -129,16 +129,11 @@ class SameBatch(IterableDataset):
 def handover_ms(batch, image_size, ring, batches):
     """(worker CPU ms, training-process CPU ms) per batch to hand a batch from 1 worker over."""
     import psutil
-    import torch
-    from torch.utils.data import DataLoader
     from distssl.data.streams import loader
 
     ds = SameBatch(batch, image_size)
     before = {p.pid for p in psutil.Process().children()}
-    pin = torch.cuda.is_available()  # as the trainer does: page-locked batches on a GPU machine
-    dl = (loader(ds, 1, ring=True) if ring else
-          DataLoader(ds, batch_size=None, num_workers=1, prefetch_factor=4, pin_memory=pin))
-    it = iter(dl)
+    it = iter(loader(ds, 1, ring=ring))  # ring=False: torch's DataLoader, pinning batches when CUDA is present
     for _ in range(10):
         next(it)
     (worker,) = [p for p in psutil.Process().children() if p.pid not in before]
@@ -235,8 +230,8 @@ def main(argv=None) -> int:
     vs_folder = statistics.median(s_ / f_ for _, s_, f_ in per_round)
     gpu = {}
     if torch.cuda.is_available():
-        # on a GPU the trainer copies batches to the device from page-locked memory: DataLoader's
-        # pin-memory thread (the CUDA default) against the ring's copy-out into pinned memory
+        # on a GPU the trainer copies batches to the device from page-locked memory: the ring's
+        # copy-out into pinned memory (the default) against DataLoader's pin-memory thread
         feed = {"dataloader": [], "ring": []}
         for _ in range(3):
             for name in feed:
