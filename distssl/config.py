@@ -96,8 +96,21 @@ class DataConfig:
     eval: str = ""
     demo_root: str = ""  # when set, the bundled MNIST-5k demo shards are built here if missing
     image_size: Optional[int] = None  # null = the model's pretrained config (or the pretrained file's JSON)
-    flip: bool = True  # horizontal flip in the weak view; off for digits and text
-    pad_fraction: float = 0.125
+    flip: bool = True  # horizontal flip in the views; off for digits and text
+    # the base image of both views: "pad" resizes + centre-crops once and each view takes a crop of
+    # it reflect-padded by pad_fraction (CIFAR's recipe); "random_resized" takes one Inception-style
+    # crop per image (area crop_scale, aspect crop_ratio) resized to image_size (FixMatch's ImageNet input)
+    crop: Literal["pad", "random_resized"] = "pad"
+    pad_fraction: float = 0.125  # crop=pad only
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # crop=random_resized only
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])
+    interpolation: Optional[Literal["bilinear", "bicubic"]] = None  # null = the model's pretrained config
+    # eval: centre crop of this fraction of the shorter side (timm's crop_pct); null = 1.0 with crop=pad
+    # (the full image, as training saw it), else the model's pretrained config (0.875 for ResNet-50)
+    eval_crop_pct: Optional[float] = None
+    # mix samples from this many shards at once in each loader worker (FixMatch's ImageNet input
+    # interleaves 16 files): a batch draws from many shards, and batch-mates change every epoch
+    interleave_shards: int = 16
     randaugment_ops: int = 2
     cutout_fraction: float = 0.5
     mean: Optional[list[float]] = None  # null = from the model's pretrained config, like image_size
@@ -281,6 +294,13 @@ def validate(cfg: Config) -> None:
     _check(0.0 < o.layer_decay <= 1.0, "optim.layer_decay", o.layer_decay, "0 < decay <= 1 (1 = off)")
     _check(d.image_size is None or d.image_size >= 8, "data.image_size", d.image_size, ">= 8, or null")
     _check(0.0 <= d.pad_fraction < 0.5, "data.pad_fraction", d.pad_fraction, "0..0.5")
+    _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", d.crop_scale,
+           "[min, max] with 0 < min <= max <= 1 (fractions of the image area)")
+    _check(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio", d.crop_ratio,
+           "[min, max] aspect ratios with 0 < min <= max")
+    _check(d.eval_crop_pct is None or 0 < d.eval_crop_pct <= 1, "data.eval_crop_pct", d.eval_crop_pct,
+           "0 < pct <= 1 (0.875 = timm's ImageNet eval), or null")
+    _check(d.interleave_shards >= 1, "data.interleave_shards", d.interleave_shards, ">= 1 (1 = one shard at a time)")
     _check(0.0 <= d.cutout_fraction <= 1.0, "data.cutout_fraction", d.cutout_fraction, "0..1")
     _check(d.randaugment_ops >= 0, "data.randaugment_ops", d.randaugment_ops, ">= 0")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, ">= 1")

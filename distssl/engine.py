@@ -342,7 +342,8 @@ class Trainer:
         d = self.cfg.data
         meta = model_meta(self.cfg.model.name, self.cfg.model.num_classes, d.image_size, d.mean, d.std,
                           self.evalset.class_names or self.labeled.class_names or [],
-                          {"step": self.step, "eval_top1": last_eval.get("top1"), "weights": "ema"})
+                          {"step": self.step, "eval_top1": last_eval.get("top1"), "weights": "ema"},
+                          crop_pct=self.views.eval_crop_pct, interpolation=self.views.interpolation)
         return write_export(state, meta, self.out / WEIGHTS_NAME)
 
     def _check_bad_fraction(self, samples_per_step: int, min_samples: int = 1000) -> None:

@@ -56,22 +56,26 @@ def gather_ema_state(trainer) -> Optional[dict[str, torch.Tensor]]:
 
 
 def model_meta(model_name: str, num_classes: int, image_size: int, mean, std, class_names: list[str],
-               extra: Optional[dict] = None) -> dict:
-    """model.json: what a user needs to load and feed the model."""
+               extra: Optional[dict] = None, crop_pct: float = 1.0, interpolation: str = "bilinear") -> dict:
+    """model.json: what a user needs to load and feed the model, including how the run evaluated it
+    (centre crop of ``crop_pct`` of the shorter side, ``interpolation``): timm's resolve_data_config +
+    create_transform on the loaded model rebuild that eval transform."""
     import timm
 
     probe = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
     base = dict(getattr(probe, "pretrained_cfg", {}) or {})
     pretrained_cfg = {
         "architecture": model_name, "num_classes": num_classes, "input_size": [3, image_size, image_size],
-        "mean": list(mean), "std": list(std), "crop_pct": 1.0, "interpolation": "bilinear",
+        "mean": list(mean), "std": list(std), "crop_pct": float(crop_pct), "crop_mode": "center",
+        "interpolation": interpolation,
         "classifier": base.get("classifier", "fc"), "first_conv": base.get("first_conv", None),
     }
     if class_names:
         pretrained_cfg["label_names"] = list(class_names)
     pretrained_cfg = {k: v for k, v in pretrained_cfg.items() if v is not None}
     return {"architecture": model_name, "num_classes": num_classes, "input_size": [3, image_size, image_size],
-            "mean": list(mean), "std": list(std), "class_names": list(class_names),
+            "mean": list(mean), "std": list(std), "crop_pct": float(crop_pct), "interpolation": interpolation,
+            "class_names": list(class_names),
             "pretrained_cfg": pretrained_cfg, **(extra or {})}
 
 

@@ -67,17 +67,19 @@ def default_input_config(name: str, pretrained: Optional[str]) -> dict:
     except Exception:  # noqa: BLE001 - a model without a default pretrained config
         cfg = {}
     out = {}
-    for key in ("input_size", "mean", "std"):
-        value = meta.get(key, cfg.get(key))
+    for key in ("input_size", "mean", "std", "crop_pct", "interpolation"):
+        value = meta.get(key, meta.get("pretrained_cfg", {}).get(key, cfg.get(key)))
         if value is not None:
-            out[key] = list(value)
+            out[key] = list(value) if isinstance(value, (list, tuple)) else value
     return out
 
 
 def fill_input_defaults(cfg) -> list[str]:
     """Set data.image_size/mean/std that the config leaves null; returns what was filled, for the log."""
     d = cfg.data
-    if d.image_size is not None and d.mean is not None and d.std is not None:
+    if d.eval_crop_pct is None and d.crop == "pad":
+        d.eval_crop_pct = 1.0  # the pad recipe trains on the full image: evaluate on it too
+    if None not in (d.image_size, d.mean, d.std, d.eval_crop_pct, d.interpolation):
         return []
     defaults = default_input_config(cfg.model.name, cfg.model.pretrained)
     filled = []
@@ -88,6 +90,13 @@ def fill_input_defaults(cfg) -> list[str]:
         if getattr(d, key) is None:
             setattr(d, key, [float(v) for v in defaults.get(key, fallback)])
             filled.append(f"data.{key}={getattr(d, key)}")
+    if d.eval_crop_pct is None:
+        d.eval_crop_pct = float(defaults.get("crop_pct", 0.875))
+        filled.append(f"data.eval_crop_pct={d.eval_crop_pct}")
+    if d.interpolation is None:
+        interp = defaults.get("interpolation", "bicubic")
+        d.interpolation = interp if interp in ("bilinear", "bicubic") else "bicubic"
+        filled.append(f"data.interpolation={d.interpolation}")
     return filled
 
 

@@ -63,10 +63,10 @@ def test_bucket_to_shards_exact_counts_failures_listed_and_rerun_idempotent(raw_
     lab = json.loads(fs.cat("shards1/train/labeled/index.json"))
     unl = json.loads(fs.cat("shards1/train/unlabeled/index.json"))
     assert lab["count"] == 30 and lab["class_histogram"] == [3] * 10
-    assert lab["count"] + unl["count"] == 300  # every good image exactly once
+    assert unl["count"] == 300 and unl["includes_labeled"]  # every good image, the labeled ones too
     assert unl["num_failures"] == 3 and unl["failure_reasons"] == {"empty file": 1, "undecodable": 2}
-    keys = _keys_in_shards(fs, "shards1/train")
-    assert len(keys) == len(set(keys)) == 300
+    unlabeled_keys, labeled_keys = _keys_in_shards(fs, "shards1/train/unlabeled"), _keys_in_shards(fs, "shards1/train/labeled")
+    assert len(unlabeled_keys) == len(set(unlabeled_keys)) == 300 and set(labeled_keys) <= set(unlabeled_keys)
     assert "testing-secret" not in json.dumps(unl) + json.dumps(lab)
     before = _objects("shards1")
     r = _cli("s3://raw/train", "s3://shards1/train", "--labels-per-class", "3", "--max-count", "50")

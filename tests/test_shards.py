@@ -1,6 +1,8 @@
 """The shard builder and the stream readers, on real MNIST digits."""
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -8,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import export_digits
+from conftest import ROOT, export_digits
 from distssl.data.index import ShardSet, resolve
 from distssl.data.streams import EvalStream, TrainStream, eval_item, labeled_item, unlabeled_item
 from distssl.data.transforms import Views
@@ -33,17 +35,37 @@ def test_labeled_split_is_stratified_and_corrupt_images_are_skipped_and_counted(
     sets = make_shards(str(raw_with_corrupt), str(dst), labels_per_class=3, max_count=40, progress=False)
     lab, unl = (json.loads((dst / s / "index.json").read_text()) for s in ("labeled", "unlabeled"))
     assert lab["count"] == 30 and lab["class_histogram"] == [3] * 10
-    assert lab["count"] + unl["count"] == 200  # every good image exactly once
+    assert unl["count"] == 200 and unl["includes_labeled"]  # every good image once, the labeled ones too
     assert unl["num_failures"] == 3 and len(unl["failures"]) == 3
     reasons = " ".join(f["reason"] for f in unl["failures"])
     assert "empty" in reasons and "undecodable" in reasons
     assert sorted(f["input"] for f in unl["failures"]) == ["3/bad_empty.png", "3/bad_truncated.png", "7/bad_text.png"]
     assert (dst / "unlabeled/failures.jsonl").read_text().count("\n") == 3
-    assert sum(s["count"] for s in unl["shards"]) == unl["count"] and len(unl["shards"]) == 5
+    assert sum(s["count"] for s in unl["shards"]) == unl["count"] and len(unl["shards"]) == 6  # 203 planned / 40
     assert all(s["count"] <= 40 for s in unl["shards"])
     assert not list(dst.rglob("*.tmp-*"))  # nothing half-written is left behind
     assert unl["failure_reasons"] == {"empty file": 1, "undecodable": 2}
     assert sets["labeled"]["count"] == 30
+    paths = {name: _paths_in_set(dst / name) for name in ("labeled", "unlabeled")}
+    assert paths["labeled"] <= paths["unlabeled"] and len(paths["unlabeled"]) == 200
+
+
+def _paths_in_set(folder: Path) -> set[str]:
+    out = set()
+    for tar in folder.glob("*.tar"):
+        with tarfile.open(tar) as t:
+            out |= {json.loads(t.extractfile(m).read())["path"] for m in t.getmembers() if m.name.endswith(".json")}
+    return out
+
+
+def test_labeled_images_can_be_left_out_of_the_unlabeled_set(raw_with_corrupt, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "tools/make_shards.py"), str(raw_with_corrupt), str(tmp_path / "o"),
+                        "--labels-per-class", "3", "--max-count", "40", "--exclude-labeled", "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lab, unl = (json.loads((tmp_path / "o" / s / "index.json").read_text()) for s in ("labeled", "unlabeled"))
+    assert lab["count"] == 30 and unl["count"] == 170 and not unl["includes_labeled"]
+    assert not _paths_in_set(tmp_path / "o/labeled") & _paths_in_set(tmp_path / "o/unlabeled")
 
 
 def test_shards_hold_images_cls_and_json_only_and_unlabeled_has_no_cls(raw_with_corrupt, tmp_path):
@@ -124,7 +146,7 @@ def test_train_stream_resumes_exactly_from_a_cursor(tiny_data):
 
 def test_train_stream_ranks_see_disjoint_samples_within_an_epoch(tiny_data):
     shards = resolve(tiny_data["labeled"])  # 20 samples in 1 shard -> shared, with other shuffles
-    unl = resolve(tiny_data["unlabeled"])  # 580 samples in 12 shards
+    unl = resolve(tiny_data["unlabeled"])  # 600 samples in 12 shards
     per_epoch = {}
     for rank in (0, 1):
         batches = _take(TrainStream(unl, rank=rank, world_size=2, batch_size=10, seed=0, shuffle_buffer=8,
@@ -156,7 +178,7 @@ def test_manifest_fractions_resize_and_format(tmp_path):
                         progress=False)
     sets = make_shards(str(tmp_path / "manifest.csv"), str(tmp_path / "out"), opts)
     assert set(sets) == {"eval", "labeled", "unlabeled"}
-    assert sum(s["count"] for s in sets.values()) == 101
+    assert sets["eval"]["count"] + sets["unlabeled"]["count"] == 101  # unlabeled: every training image
     assert sets["labeled"]["class_names"][0] == "digit0"
     # 20% of each class labeled (rounded), eval carved out first
     assert 0.15 < sets["labeled"]["count"] / 91 < 0.25
@@ -182,10 +204,6 @@ def test_originals_are_kept_byte_for_byte_without_resize(raw_with_corrupt, tmp_p
 
 
 def test_dry_run_writes_nothing_and_inspect_reports_the_set(raw_with_corrupt, tmp_path):
-    import subprocess
-    import sys
-    from conftest import ROOT
-
     r = subprocess.run([sys.executable, str(ROOT / "tools/make_shards.py"), str(raw_with_corrupt), str(tmp_path / "d"),
                         "--labels-per-class", "2", "--max-count", "60", "--dry-run"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -195,8 +213,8 @@ def test_dry_run_writes_nothing_and_inspect_reports_the_set(raw_with_corrupt, tm
                         "--verify", "--grid", str(tmp_path / "grid.png"), "--grid-count", "16"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "180 images in 4 shards" in r.stdout and "failed inputs: 3" in r.stdout  # 183 planned / 60
-    assert "180 decoded, 0 bad samples, counts match index: True" in r.stdout
+    assert "200 images in 4 shards" in r.stdout and "failed inputs: 3" in r.stdout  # 203 planned / 60
+    assert "200 decoded, 0 bad samples, counts match index: True" in r.stdout
     assert (tmp_path / "grid.png").stat().st_size > 2000
 
 

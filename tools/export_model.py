@@ -44,7 +44,9 @@ def main(argv=None) -> int:
         if class_names:
             break
     meta = model_meta(cfg["model"]["name"], cfg["model"]["num_classes"], d["image_size"], d["mean"], d["std"],
-                      class_names, {"step": info["step"], "weights": "ema", "checkpoint": info["checkpoint"]})
+                      class_names, {"step": info["step"], "weights": "ema", "checkpoint": info["checkpoint"]},
+                      # runs saved before these keys existed evaluated a full-image bilinear crop
+                      crop_pct=d.get("eval_crop_pct") or 1.0, interpolation=d.get("interpolation") or "bilinear")
     out = write_export(state, meta, args.out)
     n = sum(t.numel() for t in state.values())
     print(f"exported {len(state)} tensors ({n:,} values) of {cfg['model']['name']} at step {info['step']} "

@@ -12,7 +12,8 @@ SRC and DST are local paths or fsspec URLs (file://, s3://, gs://, memory://). S
   - a manifest SRC.csv / SRC.jsonl with a `path` or `url` column and an optional `label` (name or id)
 
 With --labels-per-class N (or --label-fraction F) DST gets DST/labeled (stratified, seeded) and
-DST/unlabeled (the rest; true labels only in the json metadata). --eval-fraction F also carves out
+DST/unlabeled (every training image, the labeled ones included as in FixMatch's reference, or
+without them with --exclude-labeled; true labels only in the json metadata). --eval-fraction F also carves out
 DST/eval. Every image is decoded once to verify it; corrupt, truncated, empty and oversized
 (decompression-bomb) inputs are skipped, counted by reason and listed in failures.jsonl and
 index.json. A killed build rerun with the same command finishes it; a finished one is left as it is.
@@ -30,6 +31,9 @@ def main(argv=None) -> int:
     split.add_argument("--label-fraction", type=float, help="fraction F of each class labeled (e.g. 0.1 for 10%%)")
     split.add_argument("--eval-fraction", type=float, help="fraction of each class held out as DST/eval")
     split.add_argument("--unlabeled", action="store_true", help="SRC has no classes: one unlabeled set")
+    split.add_argument("--exclude-labeled", action="store_true",
+                       help="leave the labeled images out of DST/unlabeled (default: the unlabeled set holds every "
+                            "training image, labeled ones included, as FixMatch's reference does)")
     split.add_argument("--seed", type=int, default=0, help="seed of splits and shard assignment (default 0)")
     img = p.add_argument_group("images")
     img.add_argument("--max-size", type=int, help="resize so the shorter side is at most S pixels (aspect kept)")
@@ -49,6 +53,7 @@ def main(argv=None) -> int:
 
     opts = BuildOptions(labels_per_class=a.labels_per_class, label_fraction=a.label_fraction,
                         eval_fraction=a.eval_fraction, unlabeled=a.unlabeled, seed=a.seed, max_count=a.max_count,
+                        labeled_in_unlabeled=not a.exclude_labeled,
                         max_shard_bytes=int(a.max_shard_bytes) if a.max_shard_bytes else None,
                         image=ImageOptions(a.max_size, a.format, a.quality), workers=a.workers,
                         dry_run=a.dry_run, progress=not a.quiet)

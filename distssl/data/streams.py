@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from distssl.data import io
 from distssl.data.index import ShardSet
 from distssl.data.ring import RingReader, RingWriter
-from distssl.data.transforms import Views, decode
+from distssl.data.transforms import Views
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -334,12 +334,12 @@ def _meta_label(raw: Raw) -> int:
         return -1
 
 
-def _decode_or_none(raw: Raw, size: int):
+def _decode_or_none(raw: Raw, decode_bytes: Callable[[bytes], "object"]):
     data = _image_bytes(raw)
     if data is None:
         return None
     try:
-        return decode(data, size)
+        return decode_bytes(data)
     except Exception:  # undecodable image: counted by the caller, never fatal
         return None
 
@@ -347,15 +347,15 @@ def _decode_or_none(raw: Raw, size: int):
 def labeled_item(views: Views) -> Callable:
     def make(raw: Raw, rng: random.Random) -> Optional[dict]:
         label = _label(raw)
-        img = _decode_or_none(raw, views.image_size) if label is not None else None
+        img = _decode_or_none(raw, lambda data: views.base(data, rng)) if label is not None else None
         return None if img is None else {"x": views.weak(img, rng), "y": label}
     return make
 
 
 def unlabeled_item(views: Views) -> Callable:
-    """Both views come from one decode of the image."""
+    """Both views come from one decode (and, with data.crop=random_resized, one crop) of the image."""
     def make(raw: Raw, rng: random.Random) -> Optional[dict]:
-        img = _decode_or_none(raw, views.image_size)
+        img = _decode_or_none(raw, lambda data: views.base(data, rng))
         if img is None:
             return None
         return {"weak": views.weak(img, rng), "strong": views.strong(img, rng), "y_true": _meta_label(raw)}
@@ -365,7 +365,7 @@ def unlabeled_item(views: Views) -> Callable:
 def eval_item(views: Views) -> Callable:
     def make(raw: Raw, rng) -> Optional[dict]:
         label = _label(raw)
-        img = _decode_or_none(raw, views.image_size) if label is not None else None
+        img = _decode_or_none(raw, views.eval_image) if label is not None else None
         return None if img is None else {"x": views.eval(img), "y": label}
     return make
 

@@ -9,6 +9,7 @@ The RandAugment pool and magnitudes follow the FixMatch reference implementation
 from __future__ import annotations
 
 import io
+import math
 import random
 from typing import Callable
 
@@ -19,18 +20,103 @@ from PIL import Image, ImageEnhance, ImageOps
 FILL = (127, 127, 127)
 
 
-def decode(data: bytes, size: int) -> Image.Image:
-    """Bytes -> RGB image whose shorter side is ``size``, centre-cropped to size x size."""
-    img = Image.open(io.BytesIO(data))
-    if img.format == "JPEG":
-        img.draft("RGB", (size, size))  # decode at reduced scale when the file allows it
+INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def _open(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+def _draft(img: Image.Image, need: tuple[int, int]) -> float:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale (DCT scaling) while staying at least ``need``;
+    returns the scale it will decode at (1.0 for other formats)."""
+    if img.format != "JPEG":
+        return 1.0
+    w = img.size[0]
+    img.draft("RGB", need)
+    return img.size[0] / w
+
+
+def decode(data: bytes, size: int, interpolation: str = "bilinear") -> Image.Image:
+    """Bytes -> RGB image whose shorter side is ``size``, centre-cropped to size x size (the base of
+    both views for ``data.crop=pad``: digits and CIFAR-sized images)."""
+    img = _open(data)
+    _draft(img, (size, size))
     img = img.convert("RGB")
     w, h = img.size
     if (w, h) != (size, size):
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BILINEAR)
+        img = img.resize((nw, nh), INTERPOLATION[interpolation])
         left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return img
+
+
+def random_resized_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+                       rng: random.Random) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of an Inception-style crop: area in ``scale`` x the image's, aspect ratio
+    log-uniform in ``ratio``; ten tries, then the central crop at the nearest allowed ratio
+    (torchvision's RandomResizedCrop.get_params, drawn from ``rng``)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def decode_random_resized(data: bytes, size: int, scale: tuple[float, float], ratio: tuple[float, float],
+                          interpolation: str, rng: random.Random) -> Image.Image:
+    """Bytes -> one Inception-style random crop resized to size x size (the base of both views for
+    ``data.crop=random_resized``, as in FixMatch's ImageNet input). The box is drawn from the header's
+    size before decoding, so a JPEG decodes at the smallest DCT scale that keeps the box at least
+    ``size`` pixels, and only the box's pixels are resampled (PIL's resize with a box: no crop copy)."""
+    img = _open(data)
+    width, height = img.size
+    left, top, w, h = random_resized_box(width, height, scale, ratio, rng)
+    f = _draft(img, (math.ceil(width * size / w), math.ceil(height * size / h)))
+    img = img.convert("RGB")
+    box = (left * f, top * f, min(img.size[0], (left + w) * f), min(img.size[1], (top + h) * f))
+    return img.resize((size, size), INTERPOLATION[interpolation], box=box)
+
+
+def eval_size(size: int, crop_pct: float) -> int:
+    """The shorter side before the centre crop: timm's floor(size / crop_pct)."""
+    return math.floor(size / crop_pct)
+
+
+def decode_eval(data: bytes, size: int, crop_pct: float, interpolation: str) -> Image.Image:
+    """Bytes -> the eval input: shorter side resized to floor(size / crop_pct), centre crop of size,
+    with torchvision's arithmetic, so timm's ``create_transform`` of the exported ``model.json``
+    gives the same pixels (up to JPEG DCT-scaled decoding of large originals)."""
+    img = _open(data)
+    short = eval_size(size, crop_pct)
+    w0, h0 = img.size
+    _draft(img, (math.ceil(w0 * short / min(w0, h0)), math.ceil(h0 * short / min(w0, h0))))
+    img = img.convert("RGB")
+    w, h = img.size
+    if min(w, h) != short:  # torchvision Resize(int): shorter side -> short, longer truncated
+        nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        img = img.resize((nw, nh), INTERPOLATION[interpolation])
+        w, h = nw, nh
+    if (w, h) != (size, size):  # torchvision CenterCrop (pads when the image is smaller)
+        if w < size or h < size:
+            canvas = Image.new("RGB", (max(w, size), max(h, size)))
+            canvas.paste(img, ((max(w, size) - w) // 2, (max(h, size) - h) // 2))
+            img, w, h = canvas, canvas.size[0], canvas.size[1]
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
         img = img.crop((left, top, left + size, top + size))
     return img
 
@@ -125,23 +211,46 @@ def cutout(img: Image.Image, rng: random.Random, fraction: float) -> Image.Image
 
 
 class Views:
-    """The three views of the recipe, built from one data config."""
+    """The views of the recipe, built from one data config.
 
-    def __init__(self, image_size: int, flip: bool, pad_fraction: float, randaugment_ops: int,
-                 cutout_fraction: float):
+    ``crop="pad"`` (digits, CIFAR): the image is resized and centre-cropped to a square once, and each
+    view takes its own flip and reflect-padded crop of it. ``crop="random_resized"`` (ImageNet): one
+    Inception-style random crop per image is the base of both views (FixMatch's ImageNet input); each
+    view flips it on its own, and the strong view adds RandAugment and Cutout. Eval is a centre crop
+    of ``eval_crop_pct`` of the shorter side, as timm evaluates."""
+
+    def __init__(self, image_size: int, flip: bool = True, pad_fraction: float = 0.125, randaugment_ops: int = 2,
+                 cutout_fraction: float = 0.5, *, crop: str = "pad", crop_scale=(0.08, 1.0),
+                 crop_ratio=(3 / 4, 4 / 3), interpolation: str = "bilinear", eval_crop_pct: float = 1.0):
         self.image_size, self.flip, self.pad_fraction = image_size, flip, pad_fraction
         self.randaugment_ops, self.cutout_fraction = randaugment_ops, cutout_fraction
+        self.crop, self.crop_scale, self.crop_ratio = crop, tuple(crop_scale), tuple(crop_ratio)
+        self.interpolation, self.eval_crop_pct = interpolation, eval_crop_pct
+        # the pad crop belongs to crop=pad; a random-resized base is only flipped by the weak view
+        self.view_pad = pad_fraction if crop == "pad" else 0.0
 
     @classmethod
     def from_config(cls, data_cfg) -> "Views":
-        return cls(data_cfg.image_size, data_cfg.flip, data_cfg.pad_fraction, data_cfg.randaugment_ops,
-                   data_cfg.cutout_fraction)
+        d = data_cfg
+        return cls(d.image_size, d.flip, d.pad_fraction, d.randaugment_ops, d.cutout_fraction, crop=d.crop,
+                   crop_scale=d.crop_scale, crop_ratio=d.crop_ratio, interpolation=d.interpolation or "bicubic",
+                   eval_crop_pct=d.eval_crop_pct if d.eval_crop_pct is not None else 1.0)
+
+    def base(self, data: bytes, rng: random.Random) -> Image.Image:
+        """The decoded training image both views are made from (draws the random crop from ``rng``)."""
+        if self.crop == "random_resized":
+            return decode_random_resized(data, self.image_size, self.crop_scale, self.crop_ratio,
+                                         self.interpolation, rng)
+        return decode(data, self.image_size, self.interpolation)
+
+    def eval_image(self, data: bytes) -> Image.Image:
+        return decode_eval(data, self.image_size, self.eval_crop_pct, self.interpolation)
 
     def weak(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
-        return to_uint8(flip_and_crop_array(img, rng, self.flip, self.pad_fraction))
+        return to_uint8(flip_and_crop_array(img, rng, self.flip, self.view_pad))
 
     def strong(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
-        img = flip_and_crop(img, rng, self.flip, self.pad_fraction)
+        img = flip_and_crop(img, rng, self.flip, self.view_pad)
         img = randaugment(img, rng, self.randaugment_ops)
         return to_uint8(cutout(img, rng, self.cutout_fraction))
 

@@ -3,7 +3,8 @@
 Why the shape:
 - The labeled split is drawn per class from a seeded permutation, verifying candidates as it goes,
   so a corrupt image never takes a labeled slot and the labeled count is exact; every other image
-  is decoded exactly once, while its shard is written.
+  is decoded exactly once, while its shard is written. The unlabeled set holds every good training
+  image, the labeled ones included (FixMatch trains its unlabeled loss on the whole train split).
 - Images are assigned to shards by a seeded shuffle of the sorted listing (shards mix classes), in
   chunks bounded by ``max_count`` and by listed bytes (``max_shard_bytes``); the same inputs and seed
   give the same shards, so a rerun skips the complete ones (those with stats) and changes nothing.
@@ -33,6 +34,9 @@ class BuildOptions:
     label_fraction: Optional[float] = None
     eval_fraction: Optional[float] = None
     unlabeled: bool = False
+    # the unlabeled set holds every good training image, the labeled ones included, as FixMatch's
+    # reference does (its unlabeled split is the whole train split); False leaves them out
+    labeled_in_unlabeled: bool = True
     seed: int = 0
     max_count: int = 1000
     max_shard_bytes: Optional[int] = None
@@ -153,7 +157,7 @@ class _Runner:
 
 
 def write_set(set_url: str, listing: Listing, idx: np.ndarray, *, labeled: bool, opts: BuildOptions,
-              extra_failures: list[dict], runner: _Runner, source: str) -> dict:
+              extra_failures: list[dict], runner: _Runner, source: str, extra_index: Optional[dict] = None) -> dict:
     shards = plan_shards(listing, idx, opts.seed, opts.max_count, opts.max_shard_bytes)
     jobs, start = [], 0
     for n, members in enumerate(shards):
@@ -195,7 +199,7 @@ def write_set(set_url: str, listing: Listing, idx: np.ndarray, *, labeled: bool,
         "bytes": sum(st["bytes"] for st in stats),
         "failures": failures, "num_failures": len(failures),
         "failure_reasons": _reason_counts(failures),
-        "source": io.redact(source), "seed": opts.seed, "max_count": opts.max_count,
+        "source": io.redact(source), "seed": opts.seed, "max_count": opts.max_count, **(extra_index or {}),
     }
     if failures:
         _write_if_changed(io.join(set_url, "failures.jsonl"),
@@ -241,6 +245,8 @@ def make_shards(src: str, dst: str, opts: Optional[BuildOptions] = None, **kw) -
                 (lambda n: max(1, int(round(opts.label_fraction * n))))
             verify = lambda ids: runner.map(_verify_one, [listing.url(i) for i in ids])  # noqa: E731
             lab, rest, bad = split_labeled(listing, idx, want, opts.seed, verify)
+            if opts.labeled_in_unlabeled:
+                rest = np.union1d(rest, lab)
             sets["labeled"] = (lab, True, [])
             sets["unlabeled"] = (rest, False, bad)  # failures are listed with the set they would have fed
         elif sets:
@@ -252,8 +258,9 @@ def make_shards(src: str, dst: str, opts: Optional[BuildOptions] = None, **kw) -
         out = {}
         for name, (members, labeled, bad) in sets.items():
             url = io.join(dst, name) if name else dst
+            extra = {"includes_labeled": opts.labeled_in_unlabeled} if name == "unlabeled" else None
             out[name] = write_set(url, listing, members, labeled=labeled, opts=opts, extra_failures=bad,
-                                  runner=runner, source=src)
+                                  runner=runner, source=src, extra_index=extra)
         return out
     finally:
         runner.close()
