@@ -231,6 +231,7 @@ class Trainer:
                              seed=self.cfg.run.seed + (0 if which == "labeled" else 1),
                              shuffle_buffer=self.cfg.data.shuffle_buffer, make_item=make,
                              cursors=self.cursors[which], name=which,
+                             interleave_shards=self.cfg.data.interleave_shards,
                              trace_dir=str(self.out / "trace") if self.cfg.run.trace_shards else None)
         for b in loader(stream, self.cfg.train.num_workers):
             self.cursors[which][int(b.pop("worker"))] = int(b.pop("cursor"))

@@ -131,14 +131,16 @@ def _take(stream, n):
             return out
 
 
-def test_train_stream_resumes_exactly_from_a_cursor(tiny_data):
+@pytest.mark.parametrize("interleave_shards", [1, 4])
+def test_train_stream_resumes_exactly_from_a_cursor(tiny_data, interleave_shards):
     shards = resolve(tiny_data["unlabeled"])
     make = unlabeled_item(VIEWS)
-    full = _take(TrainStream(shards, rank=1, world_size=2, batch_size=7, seed=3, shuffle_buffer=16,
-                             make_item=make), 20)
+    kw = dict(rank=1, world_size=2, batch_size=7, seed=3, shuffle_buffer=16, make_item=make,
+              interleave_shards=interleave_shards)
+    full = _take(TrainStream(shards, **kw), 20)
     cursor = full[11]["cursor"]
-    resumed = _take(TrainStream(shards, rank=1, world_size=2, batch_size=7, seed=3, shuffle_buffer=16,
-                                make_item=make, cursors={1: cursor}), 8)
+    assert 0 < cursor % 50  # mid-shard (mid-group with 4 shards open)
+    resumed = _take(TrainStream(shards, **kw, cursors={1: cursor}), 8)
     for a, b in zip(full[12:], resumed):
         assert torch.equal(a["weak"], b["weak"]) and torch.equal(a["strong"], b["strong"])
         assert torch.equal(a["y_true"], b["y_true"])
@@ -157,6 +159,45 @@ def test_train_stream_ranks_see_disjoint_samples_within_an_epoch(tiny_data):
     lab = _take(TrainStream(shards, rank=0, world_size=2, batch_size=4, seed=0, shuffle_buffer=8,
                             make_item=labeled_item(VIEWS)), 3)
     assert all(b["x"].dtype == torch.uint8 and b["x"].shape == (4, 3, 28, 28) for b in lab)
+
+
+def _shard_of(shards: ShardSet):
+    """Sample key -> shard number: the builder numbers keys consecutively through the shards."""
+    import bisect
+    import itertools
+
+    ends = list(itertools.accumulate(shards.counts))
+    return lambda key: bisect.bisect_right(ends, key)
+
+
+def test_batches_mix_many_shards_and_batch_mates_change_between_epochs(tiny_data):
+    unl = resolve(tiny_data["unlabeled"])  # 600 samples in 12 shards of 50
+    shard_of = _shard_of(unl)
+    key_item = lambda raw, rng: {"k": int(raw.key.rsplit("/", 1)[-1])}  # noqa: E731
+
+    def epochs(interleave_shards):
+        batches = _take(TrainStream(unl, rank=0, world_size=1, batch_size=20, seed=0, shuffle_buffer=64,
+                                    make_item=key_item, interleave_shards=interleave_shards), 60)
+        keys = [b["k"].tolist() for b in batches]
+        return keys[:30], keys[30:]  # 600 samples per epoch
+
+    first, second = epochs(6)
+    for epoch in (first, second):
+        flat = [k for b in epoch for k in b]
+        assert sorted(flat) == list(range(600))  # every sample once per epoch
+    shards_per_batch = [len({shard_of(k) for k in b}) for b in first + second]
+    assert sum(shards_per_batch) / len(shards_per_batch) >= 5  # of the 6 shards open at once
+    one_at_a_time = [len({shard_of(k) for k in b}) for b in epochs(1)[0]]
+    assert max(one_at_a_time) <= 2  # the old behaviour: a batch from one shard (two at a boundary)
+
+    def mates(epoch):
+        return {k: set(b) - {k} for b in epoch for k in b}
+
+    m1, m2 = mates(first), mates(second)
+    overlap = sum(len(m1[k] & m2[k]) for k in m1) / sum(len(m1[k]) for k in m1)
+    assert overlap < 0.15  # batch-mates change from epoch to epoch (0.31 with one shard at a time)
+    shards_met = [len({shard_of(j) for j in m1[k] | m2[k]}) for k in m1]
+    assert sum(shards_met) / len(shards_met) > 6  # over two epochs an image meets most of the 12 shards (1.4 one at a time)
 
 
 def test_manifest_fractions_resize_and_format(tmp_path):

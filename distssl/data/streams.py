@@ -1,15 +1,21 @@
 """Labeled / unlabeled / eval streams over WebDataset shards, as composable generator stages.
 
-    shard schedule -> tar samples -> per-shard shuffle buffer -> [skip to cursor] -> decode + views -> batches
+    shard schedule -> groups of shards -> tar samples, interleaved -> shuffle buffer -> [skip to cursor]
+        -> decode + views -> batches
 
 Why this shape:
 - Training streams are infinite and resampled: every epoch is a (seed, epoch) permutation of the
   shards, split across all loader workers of all ranks (``g = rank * workers + worker``), so no
   sample is seen twice within an epoch and every rank has a full stream even when the shard count
   does not divide (fewer shards than workers: workers share shards with different shuffles).
+- Batches mix shards: each loader worker reads a group of ``interleave_shards`` shards at once, the
+  next sample drawn from a random one of them, through one shuffle buffer (FixMatch's ImageNet
+  input interleaves 16 files the same way), so a batch holds samples of many shards and the images
+  an image shares batches with change from epoch to epoch.
 - The data position is exact and cheap to restore: each batch carries its worker's cursor (raw
-  samples consumed in that worker's sequence); resuming skips whole shards by their index counts
-  without opening them, and at most one shard's bytes without decoding them.
+  samples consumed in that worker's sequence, a pure function of which the open shards and their
+  positions follow); resuming skips whole shard groups by their index counts without opening them,
+  and replays at most one group's bytes without decoding them.
 - Augmentation randomness is seeded per sample from (seed, worker, position): a resumed run sees
   the same views as an uninterrupted one.
 - Nothing is unpickled: samples are image bytes, ascii ``cls`` and ``json``.
@@ -151,20 +157,50 @@ def _is_transient(e: Exception) -> bool:
     return cause is not None and not isinstance(cause, (tarfile.TarError, EOFError))
 
 
-def shard_schedule(n_shards: int, g: int, G: int, seed: int) -> Iterator[tuple[int, int]]:
-    """Infinite (epoch, shard) sequence of global worker ``g`` of ``G``."""
+def shard_groups(n_shards: int, g: int, G: int, seed: int, group_size: int = 1) -> Iterator[tuple[int, list[int]]]:
+    """Infinite (epoch, shards read together) sequence of global worker ``g`` of ``G``: each epoch is a
+    (seed, epoch) permutation of the shards, split over the workers, and this worker's part is cut
+    into groups of at most ``group_size`` shards (balanced sizes) whose samples are mixed."""
     epoch = 0
     while True:
         perm = np.random.default_rng([seed, epoch]).permutation(n_shards)
         mine = perm[g::G] if n_shards >= G else perm[[g % n_shards]]
-        for s in mine:
-            yield epoch, int(s)
+        for group in np.array_split(mine, -(-len(mine) // group_size)):
+            yield epoch, [int(s) for s in group]
         epoch += 1
 
 
-def buffer_shuffle(samples: Iterable[Raw], bufsize: int, rng: random.Random) -> Iterator[Raw]:
-    """Deterministic shuffle buffer (reset per shard, so a cursor maps to one shard position)."""
-    buf: list[Raw] = []
+def interleave(sources: dict[int, Iterator[Raw]], remaining: Optional[dict[int, int]], rng: random.Random,
+               on_error: Callable[[int, int, Exception], None]) -> Iterator[tuple[int, Raw]]:
+    """(shard, sample) from several shards at once, the next shard drawn at random: weighted by the
+    samples each has left when the index knows them (a uniform random interleaving of the shards),
+    else uniformly among those not yet finished. Deterministic for a given ``rng``: the same draws
+    replay the same sequence, which is what makes a resume exact. A shard that fails (damaged, or
+    unreachable after retries) is reported through ``on_error`` and dropped; the others go on."""
+    live, read = list(sources), {s: 0 for s in sources}
+    while live:
+        if len(live) == 1:
+            s = live[0]
+        elif remaining is not None:
+            s = rng.choices(live, weights=[max(1, remaining[x] - read[x]) for x in live])[0]
+        else:
+            s = live[rng.randrange(len(live))]
+        try:
+            raw = next(sources[s])
+        except StopIteration:
+            live.remove(s)
+            continue
+        except Exception as e:  # noqa: BLE001 - a damaged shard is skipped, not fatal
+            on_error(s, read[s], e)
+            live.remove(s)
+            continue
+        read[s] += 1
+        yield s, raw
+
+
+def buffer_shuffle(samples: Iterable, bufsize: int, rng: random.Random) -> Iterator:
+    """Deterministic shuffle buffer (reset per shard group, so a cursor maps to one group position)."""
+    buf: list = []
     for s in samples:
         if len(buf) < bufsize:
             buf.append(s)
@@ -191,32 +227,41 @@ class TrainStream(IterableDataset):
 
     def __init__(self, shards: ShardSet, *, rank: int, world_size: int, batch_size: int, seed: int,
                  shuffle_buffer: int, make_item: Callable, cursors: Optional[dict[int, int]] = None,
-                 trace_dir: Optional[str] = None, name: str = "train"):
+                 trace_dir: Optional[str] = None, name: str = "train", interleave_shards: int = 1):
         self.shards, self.rank, self.world_size = shards, rank, world_size
         self.trace_dir, self.name = trace_dir, name
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.make_item, self.cursors = make_item, dict(cursors or {})
+        self.interleave_shards = interleave_shards
 
     def _raw_sequence(self, g: int, G: int, skip: int) -> Iterator[tuple[int, int, Raw]]:
-        """(position, shard, raw sample) from position ``skip`` on."""
+        """(position, shard, raw sample) from position ``skip`` on. A group of shards whose index
+        counts end before ``skip`` is passed over without opening it; inside the group that holds
+        ``skip``, the mixed sequence is replayed (bytes read, nothing decoded) up to it."""
         n = len(self.shards.urls)
+        counts = self.shards.counts
         pos = 0
-        for epoch, s in shard_schedule(n, g, G, self.seed):
-            count = self.shards.counts[s] if self.shards.counts is not None else None
-            if count is not None and pos + count <= skip:
-                pos += count  # skipped without opening the shard
+        for epoch, group in shard_groups(n, g, G, self.seed, self.interleave_shards):
+            total = sum(counts[s] for s in group) if counts is not None else None
+            if total is not None and pos + total <= skip:
+                pos += total  # skipped without opening its shards
                 continue
-            rng = random.Random(f"shuffle:{self.seed}:{epoch}:{s}:{g}")
+            rng = random.Random(f"shuffle:{self.seed}:{epoch}:{group[0]}:{g}")
             if self.trace_dir:
-                self._trace(g, epoch, s, pos)
-            try:
-                for raw in buffer_shuffle(resilient_samples(self.shards.urls[s]), self.shuffle_buffer, rng):
-                    if pos >= skip:
-                        yield pos, s, raw
-                    pos += 1
-            except Exception as e:  # a damaged shard (or one unreachable after retries) is skipped, not fatal
-                log.warning("shard %s: unreadable past sample %d (%s: %s); going on with the next shard",
-                            io.redact(self.shards.urls[s]), pos, type(e).__name__, e)
+                for s in group:
+                    self._trace(g, epoch, s, pos)
+
+            def failed(s: int, read: int, e: Exception) -> None:
+                # a damaged shard (or one unreachable after retries) is skipped, not fatal
+                log.warning("shard %s: unreadable past sample %d (%s: %s); going on without it",
+                            io.redact(self.shards.urls[s]), read, type(e).__name__, e)
+
+            sources = {s: resilient_samples(self.shards.urls[s]) for s in group}
+            remaining = {s: counts[s] for s in group} if counts is not None else None
+            for s, raw in buffer_shuffle(interleave(sources, remaining, rng, failed), self.shuffle_buffer, rng):
+                if pos >= skip:
+                    yield pos, s, raw
+                pos += 1
 
     def _trace(self, g: int, epoch: int, shard: int, pos: int) -> None:
         """One JSON line per shard opened: which global worker read which shard in which epoch."""

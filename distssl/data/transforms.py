@@ -87,9 +87,14 @@ def decode_random_resized(data: bytes, size: int, scale: tuple[float, float], ra
     width, height = img.size
     left, top, w, h = random_resized_box(width, height, scale, ratio, rng)
     f = _draft(img, (math.ceil(width * size / w), math.ceil(height * size / h)))
-    img = img.convert("RGB")
-    box = (left * f, top * f, min(img.size[0], (left + w) * f), min(img.size[1], (top + h) * f))
-    return img.resize((size, size), INTERPOLATION[interpolation], box=box)
+    pixels = torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1)[None]  # NCHW view of HWC
+    x0, y0 = int(left * f), int(top * f)
+    x1, y1 = max(x0 + 1, min(pixels.shape[3], round((left + w) * f))), max(y0 + 1, min(pixels.shape[2], round((top + h) * f)))
+    # torch's antialiased uint8 resize (PIL's filters, AVX2) on the crop's pixels only: 4-6x
+    # faster than PIL's resize at 224 px (docs/benchmarks.md)
+    out = torch.nn.functional.interpolate(pixels[:, :, y0:y1, x0:x1], size=(size, size), mode=interpolation,
+                                          antialias=True)
+    return Image.fromarray(out[0].permute(1, 2, 0).numpy())
 
 
 def eval_size(size: int, crop_pct: float) -> int:

@@ -31,6 +31,32 @@ def real_images(dst: Path, count: int, size: int, quality: int = 90) -> list[Pat
     return paths
 
 
+def photo_jpegs(dst: Path, count: int, classes: int = 10, quality: int = 90) -> list[Path]:
+    """Photo-like JPEGs at ImageNet's typical sizes: random crops of the two real 427x640 photos that
+    scikit-learn ships, rescaled, three in four landscape 500x375 and one in four portrait 375x500,
+    re-encoded at quality 90, in ``classes`` class folders."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        s = rng.uniform(0.9, 1.4)
+        big = photo.resize((int(photo.width * s), int(photo.height * s)), Image.BICUBIC)
+        x, y = int(rng.integers(0, big.width - 500 + 1)), int(rng.integers(0, big.height - 375 + 1))
+        img = big.crop((x, y, x + 500, y + 375))
+        if i % 4 == 3:
+            img = img.transpose(Image.Transpose.ROTATE_90)
+        d = dst / f"c{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"{i:06d}.jpg"
+        img.save(p, quality=quality)
+        paths.append(p)
+    return paths
+
+
 def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
 

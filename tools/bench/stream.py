@@ -19,6 +19,8 @@ stream_vs_imagefolder=... handover_ms_dataloader=... handover_ms_ring=... [s3_st
 [gpu_feed_img_s_dataloader=... gpu_feed_img_s_ring=...: with CUDA, batches copied to the GPU from pinned memory]
 """
 import argparse
+import itertools
+import json
 import os
 import random
 import statistics
@@ -30,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, real_images, result, s3_server, table, upload_folder  # noqa: E402
+from common import machine, photo_jpegs, real_images, result, s3_server, table, upload_folder  # noqa: E402
 from torch.utils.data import IterableDataset  # noqa: E402
 
 
@@ -165,9 +167,109 @@ def rate(loader, images_per_batch, batches, warmup=2, sync=lambda: None):
     return images_per_batch * batches / (time.perf_counter() - t)
 
 
+def cpu_ms_per_sample(spec: str, make_item, batch: int, batches: int, interleave_shards: int) -> float:
+    """CPU ms per sample of everything a loader worker does (tar read, shard mixing, shuffle, decode,
+    crop, views, collate), measured in this process with one thread as a worker runs it."""
+    from distssl.data.index import resolve
+    from distssl.data.streams import TrainStream
+
+    stream = iter(TrainStream(resolve(spec), rank=0, world_size=1, batch_size=batch, seed=0, shuffle_buffer=256,
+                              make_item=make_item, interleave_shards=interleave_shards))
+    next(stream)  # warm-up: first shards opened, allocator grown
+    t = time.process_time()
+    for _ in range(batches):
+        next(stream)
+    return 1e3 * (time.process_time() - t) / (batches * batch)
+
+
+def stage_ms(datas: list[bytes], views, reps: int = 2) -> dict[str, float]:
+    """Where one unlabeled sample's time goes: decode, crop + resize, weak view, strong view."""
+    import io as _io
+    from PIL import Image
+
+    def per(f):
+        t = time.process_time()
+        for _ in range(reps):
+            for d in datas:
+                f(d)
+        return 1e3 * (time.process_time() - t) / (reps * len(datas))
+
+    rng = random.Random(0)
+    base = [views.base(d, rng) for d in datas]
+    it = itertools.cycle(base)
+    decode = per(lambda d: Image.open(_io.BytesIO(d)).convert("RGB"))
+    return {"decode (full, for reference)": decode, "decode + crop + resize (base)": per(lambda d: views.base(d, rng)),
+            "weak view": per(lambda d: views.weak(next(it), rng)), "strong view": per(lambda d: views.strong(next(it), rng))}
+
+
+def imagenet(a) -> int:
+    """ImageNet mode: photo JPEGs at ImageNet's sizes, 224-px views, the CPU a GPU's feed costs."""
+    import torch
+
+    from distssl.data import io
+    from distssl.data.streams import labeled_item, unlabeled_item
+    from distssl.data.transforms import Views
+    from distssl.shards import ImageOptions, make_shards
+
+    torch.set_num_threads(1)  # as in a loader worker
+    count = a.count or (480 if a.quick else 2000)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-imagenet-"))
+    photo_jpegs(tmp / "raw", count)
+    sizes = [None] + [int(x) for x in a.max_sizes.split(",") if x]
+    sets = {}
+    for size in sizes:
+        name = "orig" if size is None else f"max{size}"
+        make_shards(str(tmp / "raw"), str(tmp / name), labels_per_class=max(1, count // 40), max_count=max(20, count // 24),
+                    image=ImageOptions(max_size=size, format="jpg" if size else None), progress=False)
+        sets[name] = tmp / name
+    recipe = dict(crop="random_resized", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic")
+    pipelines = {"": Views(224, **recipe),
+                 "pad": Views(224, flip=True, pad_fraction=0.125, crop="pad", interpolation="bilinear")}
+    lab_batch, unl_batch = a.micro_batch, a.micro_batch * a.mu
+    step_s = a.step_ms / 1e3
+    batches = 3 if a.quick else 10
+    rows, cores, detail = [], {}, {}
+    for name, folder in sets.items():
+        for pname, views in pipelines.items():
+            if pname == "pad" and name != "orig":
+                continue  # the old path, once, for comparison
+            key = f"{pname}_{name}" if pname else name
+            lab = cpu_ms_per_sample(str(folder / "labeled"), labeled_item(views), lab_batch, 4 * batches, 16)
+            unl = cpu_ms_per_sample(str(folder / "unlabeled"), unlabeled_item(views), unl_batch, batches, 16)
+            need = (lab_batch * lab + unl_batch * unl) / 1e3 / step_s  # CPU seconds per second per GPU
+            cores[f"cores_per_gpu_{key}"] = need
+            kb = sum(s["bytes"] for s in json.loads((folder / "unlabeled/index.json").read_text())["shards"]) / 1e3
+            rows.append((key, f"{kb / count:.0f} KB", f"{lab:.2f}", f"{unl:.2f}", f"{need:.1f}"))
+        datas = [io.read_bytes(str(p)) for p in sorted((tmp / "raw").rglob("*.jpg"))[:60]] if name == "orig" else None
+        if datas is None:  # the same stage profile on the resized shards' own bytes
+            from distssl.data.streams import tar_samples
+            datas = [r.fields["jpg"] for _, r in zip(range(60), tar_samples(str(folder / "unlabeled/shard-000000.tar")))]
+        detail[name] = stage_ms(datas, pipelines[""])
+    print(f"machine: {machine()}; {count} photo JPEGs (~500x375) -> 224 px, per GPU and step: "
+          f"{lab_batch} labeled + {unl_batch} unlabeled (mu {a.mu}) in {a.step_ms} ms")
+    table(rows, ("shards / pipeline", "bytes/img", "labeled ms", "unlabeled ms", "cores per GPU"))
+    print("\nwhere one unlabeled sample's time goes (ms, one core):")
+    stages = list(next(iter(detail.values())))
+    table([(st, *(f"{detail[n][st]:.2f}" for n in detail)) for st in stages], ("stage", *detail))
+    recipe_key = f"cores_per_gpu_max{a.recipe_max_size}"
+    result(cores_per_gpu=cores.get(recipe_key, cores["cores_per_gpu_orig"]), **cores, step_ms=a.step_ms,
+           labeled_per_step=lab_batch, unlabeled_per_step=unl_batch)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small run (under a minute)")
+    p.add_argument("--imagenet", action="store_true",
+                   help="ImageNet mode: photo JPEGs at ImageNet's sizes, the recipe's 224-px views, and the loader "
+                        "cores one GPU needs (cores_per_gpu_<shards>) at --step-ms")
+    p.add_argument("--step-ms", type=float, default=80.7,
+                   help="--imagenet: GPU step time (default: the ResNet-50 step measured on an H200)")
+    p.add_argument("--micro-batch", type=int, default=32, help="--imagenet: labeled images per GPU and step (32)")
+    p.add_argument("--mu", type=int, default=5, help="--imagenet: unlabeled ratio (5, the ImageNet recipe's)")
+    p.add_argument("--max-sizes", default="320,256", help="--imagenet: shard sets built with these --max-size values")
+    p.add_argument("--recipe-max-size", type=int, default=320,
+                   help="--imagenet: the --max-size configs/imagenet.yaml builds with (its cores_per_gpu)")
     p.add_argument("--count", type=int, help="images (default 4000, 2800 with --quick)")
     p.add_argument("--size", type=int, default=96, help="source JPEG side (default 96)")
     p.add_argument("--image-size", type=int, default=64, help="training input side (default 64)")
@@ -176,6 +278,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, help="(limit, stream, ImageFolder) rounds (default 8, 5 with --quick)")
     p.add_argument("--s3", action="store_true", help="also stream from a local S3 server (moto)")
     a = p.parse_args(argv)
+    if a.imagenet:
+        return imagenet(a)
     count = a.count or (2800 if a.quick else 4000)
 
     import torch
