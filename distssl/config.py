@@ -111,6 +111,10 @@ class DataConfig:
     # mix samples from this many shards at once in each loader worker (FixMatch's ImageNet input
     # interleaves 16 files): a batch draws from many shards, and batch-mates change every epoch
     interleave_shards: int = 16
+    # where the unlabeled views are made: "loader" (worker processes, PIL) or "device" (workers only
+    # decode and crop; flip, pad crop, RandAugment and Cutout run batched on the training device, with
+    # every random choice still drawn from the sample's seed, so resume stays exact)
+    augment_on: Literal["loader", "device"] = "loader"
     randaugment_ops: int = 2
     cutout_fraction: float = 0.5
     mean: Optional[list[float]] = None  # null = from the model's pretrained config, like image_size

@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from distssl import checkpoint as ckpt
 from distssl.config import Config, ConfigError, dump_yaml, resume_conflicts
 from distssl.data.index import ShardSet, resolve
-from distssl.data.streams import EvalStream, TrainStream, eval_item, labeled_item, loader, unlabeled_item
+from distssl.data import device_augment
+from distssl.data.streams import (EvalStream, TrainStream, eval_item, labeled_item, loader, unlabeled_item,
+                                  unlabeled_plan_item)
 from distssl.data.transforms import Views, normalize
 from distssl.metrics import MetricsWriter, plot
 from distssl.export import META_NAME, WEIGHTS_NAME, gather_ema_state, model_meta, write_export
@@ -241,10 +243,23 @@ class Trainer:
         x = normalize(t.to(self.device, non_blocking=True), self.mean, self.std).to(self.dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def views_on_device(self, ub: dict) -> dict:
+        """data.augment_on=device: the weak and strong views made here from the loader's base crops
+        and the random choices it drew for them."""
+        v = self.views
+        base = ub.pop("base").to(self.device, non_blocking=True)
+        pad = device_augment.pad_pixels(v)
+        ub["weak"] = device_augment.apply_weak(base, ub.pop("plan_weak"), pad)
+        ub["strong"] = device_augment.apply_strong(base, ub.pop("plan_strong"), pad, v.randaugment_ops,
+                                                   v.cutout_fraction)
+        return ub
+
     def train_step(self, lb: dict, ub: Optional[dict]) -> dict:
         """One FixMatch step; returns the stats of fixmatch_loss (plus lr)."""
         engine, n = self.engine, self.grad_accum
         engine.train()
+        if ub is not None and "base" in ub:
+            ub = self.views_on_device(ub)
         xs, ys = lb["x"].chunk(n), lb["y"].chunk(n)
         if ub is None:  # lambda_u = 0: the supervised-only baseline of the same recipe
             per_micro = []
@@ -403,7 +418,8 @@ class Trainer:
         if resumed is not None:
             metrics.message(f"resumed from {self.ckpt_dir / ckpt.tag_for(resumed)} at step {resumed}")
         labeled = self._train_batches("labeled", self.labeled, self.B, labeled_item(self.views))
-        unlabeled = (self._train_batches("unlabeled", self.unlabeled, self.B * cfg.ssl.mu, unlabeled_item(self.views))
+        make_unlabeled = unlabeled_plan_item if cfg.data.augment_on == "device" else unlabeled_item
+        unlabeled = (self._train_batches("unlabeled", self.unlabeled, self.B * cfg.ssl.mu, make_unlabeled(self.views))
                      if self.uses_unlabeled else None)
         imgs_per_step = t.batch_size * (1 + (2 * cfg.ssl.mu if self.uses_unlabeled else 0))
         samples_per_step = t.batch_size * (1 + (cfg.ssl.mu if self.uses_unlabeled else 0))

@@ -407,6 +407,22 @@ def unlabeled_item(views: Views) -> Callable:
     return make
 
 
+def unlabeled_plan_item(views: Views) -> Callable:
+    """``data.augment_on=device``: the decoded (and cropped) base image and the random choices of both
+    views, drawn from the sample's rng in the loader path's order; the views are made on the device
+    (distssl.data.device_augment)."""
+    from distssl.data.device_augment import strong_plan, weak_plan
+    from distssl.data.transforms import to_uint8
+
+    def make(raw: Raw, rng: random.Random) -> Optional[dict]:
+        img = _decode_or_none(raw, lambda data: views.base(data, rng))
+        if img is None:
+            return None
+        return {"base": to_uint8(img), "plan_weak": torch.tensor(weak_plan(views, rng)),
+                "plan_strong": torch.tensor(strong_plan(views, rng)), "y_true": _meta_label(raw)}
+    return make
+
+
 def eval_item(views: Views) -> Callable:
     def make(raw: Raw, rng) -> Optional[dict]:
         label = _label(raw)
