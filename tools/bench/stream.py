@@ -10,6 +10,17 @@
 All on the same real images (MNIST digits upscaled to JPEGs), measured one after the other here.
 
   python tools/bench/stream.py [--quick] [--count N] [--s3]
+  python tools/bench/stream.py --imagenet [--quick] [--step-ms MS]
+
+--imagenet: photo JPEGs at ImageNet's sizes (random crops of scikit-learn's two real photos,
+re-encoded at 500x375 / 375x500, and the same built with each --max-size in --max-sizes), the
+ImageNet recipe's 224-px views (one random-resized crop, bicubic, as the base of both views), and the
+CPU a GPU's feed costs: everything a loader worker does per labeled and per unlabeled sample (tar
+read, shard mixing, shuffle, decode, crop, views, collate; one thread), times the images one GPU
+consumes per step (32 labeled + 32 x mu unlabeled) over --step-ms. Options: the loader path,
+``device_*`` (data.augment_on=device: workers decode and crop only), ``pad_orig`` (the old CIFAR-style
+path at 224 px, for comparison). Ends with RESULT cores_per_gpu=<the recipe's shards, loader path>
+cores_per_gpu_<option>=...
 
 Also: the CPU cost of handing one batch from a worker to the trainer, torch's DataLoader hand-over
 against distssl's shared-memory ring (distssl/data/ring.py).
@@ -202,12 +213,33 @@ def stage_ms(datas: list[bytes], views, reps: int = 2) -> dict[str, float]:
             "weak view": per(lambda d: views.weak(next(it), rng)), "strong view": per(lambda d: views.strong(next(it), rng))}
 
 
+def device_views_ms(views, batch: int, rounds: int = 3) -> float:
+    """ms to make a batch's weak + strong views from base crops on this machine's default device."""
+    import torch
+
+    from distssl.data import device_augment as dev
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = torch.randint(0, 256, (batch, 3, views.image_size, views.image_size), dtype=torch.uint8, device=device)
+    rng = random.Random(0)
+    plans = [(dev.weak_plan(views, rng), dev.strong_plan(views, rng)) for _ in range(batch)]
+    weak, strong = torch.tensor([p[0] for p in plans]), torch.tensor([p[1] for p in plans])
+    times = []
+    for _ in range(rounds + 1):
+        t = time.perf_counter()
+        dev.apply_weak(base, weak, 0), dev.apply_strong(base, strong, 0, views.randaugment_ops, views.cutout_fraction)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times[1:])
+
+
 def imagenet(a) -> int:
     """ImageNet mode: photo JPEGs at ImageNet's sizes, 224-px views, the CPU a GPU's feed costs."""
     import torch
 
     from distssl.data import io
-    from distssl.data.streams import labeled_item, unlabeled_item
+    from distssl.data.streams import labeled_item, unlabeled_item, unlabeled_plan_item
     from distssl.data.transforms import Views
     from distssl.shards import ImageOptions, make_shards
 
@@ -223,7 +255,7 @@ def imagenet(a) -> int:
                     image=ImageOptions(max_size=size, format="jpg" if size else None), progress=False)
         sets[name] = tmp / name
     recipe = dict(crop="random_resized", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic")
-    pipelines = {"": Views(224, **recipe),
+    pipelines = {"": Views(224, **recipe), "device": Views(224, **recipe),
                  "pad": Views(224, flip=True, pad_fraction=0.125, crop="pad", interpolation="bilinear")}
     lab_batch, unl_batch = a.micro_batch, a.micro_batch * a.mu
     step_s = a.step_ms / 1e3
@@ -234,8 +266,9 @@ def imagenet(a) -> int:
             if pname == "pad" and name != "orig":
                 continue  # the old path, once, for comparison
             key = f"{pname}_{name}" if pname else name
+            make_unlabeled = unlabeled_plan_item if pname == "device" else unlabeled_item
             lab = cpu_ms_per_sample(str(folder / "labeled"), labeled_item(views), lab_batch, 4 * batches, 16)
-            unl = cpu_ms_per_sample(str(folder / "unlabeled"), unlabeled_item(views), unl_batch, batches, 16)
+            unl = cpu_ms_per_sample(str(folder / "unlabeled"), make_unlabeled(views), unl_batch, batches, 16)
             need = (lab_batch * lab + unl_batch * unl) / 1e3 / step_s  # CPU seconds per second per GPU
             cores[f"cores_per_gpu_{key}"] = need
             kb = sum(s["bytes"] for s in json.loads((folder / "unlabeled/index.json").read_text())["shards"]) / 1e3
@@ -251,6 +284,10 @@ def imagenet(a) -> int:
     print("\nwhere one unlabeled sample's time goes (ms, one core):")
     stages = list(next(iter(detail.values())))
     table([(st, *(f"{detail[n][st]:.2f}" for n in detail)) for st in stages], ("stage", *detail))
+    device_ms = device_views_ms(pipelines["device"], unl_batch)
+    print(f"\naugment_on=device: the views of {unl_batch} unlabeled images made on this machine's CPU in "
+          f"{device_ms:.0f} ms ({device_ms / unl_batch:.2f} ms per image, one thread); on a GPU this is "
+          f"device time, measured by tools/bench/gpu_check.sh")
     recipe_key = f"cores_per_gpu_max{a.recipe_max_size}"
     result(cores_per_gpu=cores.get(recipe_key, cores["cores_per_gpu_orig"]), **cores, step_ms=a.step_ms,
            labeled_per_step=lab_batch, unlabeled_per_step=unl_batch)
