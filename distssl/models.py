@@ -63,7 +63,8 @@ def default_input_config(name: str, pretrained: Optional[str]) -> dict:
 
     meta = pretrained_meta(pretrained)
     try:
-        cfg = dict(timm.models.get_pretrained_cfg(name) or {}) if timm.models.is_model(name) else {}
+        found = timm.models.get_pretrained_cfg(name) if timm.models.is_model(name) else None
+        cfg = found.to_dict() if found is not None else {}  # a PretrainedCfg dataclass, not a mapping
     except Exception:  # noqa: BLE001 - a model without a default pretrained config
         cfg = {}
     out = {}

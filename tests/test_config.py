@@ -29,6 +29,14 @@ def test_demo_config_loads_and_overrides_apply_with_types():
     ("ssl.dist_align_target=prior", "ssl.dist_align_target"),
     ("ssl.lambda_u=-1", "ssl.lambda_u"),
     ("justaword", "key=value"),
+    ("data.crop=center", "data.crop"),
+    ("data.crop_scale=[0.5]", "data.crop_scale"),
+    ("data.crop_scale=[0.9,0.5]", "data.crop_scale"),
+    ("data.crop_ratio=[0,1]", "data.crop_ratio"),
+    ("data.eval_crop_pct=1.5", "data.eval_crop_pct"),
+    ("data.interpolation=lanczos", "data.interpolation"),
+    ("data.augment_on=gpu", "data.augment_on"),
+    ("data.interleave_shards=0", "data.interleave_shards"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
@@ -102,3 +110,17 @@ def test_shipped_configs_load_and_resolve(name):
         assert (cfg.ssl.tau, cfg.ssl.lambda_u, cfg.ssl.mu, cfg.model.name) == (0.7, 10.0, 5, "resnet50")
         assert accumulation(cfg, 8) == (32, 4) and accumulation(cfg, 32) == (32, 1)
         assert ds["torch_autocast"]["enabled"] and cfg.data.mean == pytest.approx([0.485, 0.456, 0.406])
+        # FixMatch's ImageNet input: a random-resized crop, evaluated on a 0.875 centre crop, bicubic
+        assert (cfg.data.crop, cfg.data.eval_crop_pct, cfg.data.interpolation) == ("random_resized", 0.875, "bicubic")
+    else:  # the CIFAR recipe: pad crops, evaluated on the whole image
+        assert cfg.data.crop == "pad" and cfg.data.eval_crop_pct == 1.0
+
+
+def test_eval_crop_and_interpolation_default_to_the_models_pretrained_config():
+    from distssl.models import fill_input_defaults
+
+    cfg = load_config(str(ROOT / "configs/imagenet.yaml"), ["data.eval_crop_pct=null", "data.interpolation=null",
+                                                             "model.name=convnext_tiny"])
+    filled = fill_input_defaults(cfg)
+    assert (cfg.data.eval_crop_pct, cfg.data.interpolation) == (0.95, "bicubic")  # convnext_tiny's pretrained cfg
+    assert "data.eval_crop_pct=0.95" in filled
