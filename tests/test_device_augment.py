@@ -96,6 +96,9 @@ def test_a_run_with_random_resized_crops_and_views_on_device_exports_an_eval_tim
     cfg = timm.data.resolve_data_config({}, model=model.eval())
     assert cfg["crop_pct"] == 0.875 and cfg["interpolation"] == "bicubic" and tuple(cfg["input_size"]) == (3, 32, 32)
     transform = timm.data.create_transform(**cfg)
+    from distssl.data.transforms import normalize
+    views = Views(32, crop="random_resized", interpolation="bicubic", eval_crop_pct=0.875)
+    mean, std = torch.tensor(meta["mean"]), torch.tensor(meta["std"])
     right = total = 0
     with torch.no_grad():
         for shard in sorted((tiny_data["root"] / "shards/eval").glob("*.tar")):
@@ -105,6 +108,8 @@ def test_a_run_with_random_resized_crops_and_views_on_device_exports_an_eval_tim
                 if name.endswith(".png"):
                     y = int(files[name[:-4] + ".cls"])
                     x = transform(Image.open(io.BytesIO(data)).convert("RGB"))[None]
+                    ours = normalize(views.eval(views.eval_image(data))[None], mean, std)
+                    assert torch.allclose(ours, x, atol=1e-6)  # the run's eval input, pixel for pixel
                     right += int(model(x).argmax(1).item() == y)
                     total += 1
     assert total == reported["eval_images"] == 97

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -18,6 +19,10 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 FILL = (127, 127, 127)
+# PIL hands numpy a read-only buffer; the tensors made from it are only read (a copy would cost
+# 0.1 ms per image), so torch's warning about writing to them does not apply
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
+                        module=__name__)
 
 
 INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}

@@ -4,14 +4,17 @@
 #   1. tools/bench/gpu_step.py   ResNet-50 at 224 px in bf16: shared_bn vs concat vs supervised step
 #   2. tools/bench/stream.py     the stream with all the node's cores, and its batches copied to the
 #                                GPU: DataLoader's pin-memory thread against the ring's pinned copy-out
-#   3. the demo, trained on the GPU through DeepSpeed's launcher (nccl, one rank)
+#   3. tools/bench/stream.py --imagenet   loader cores per GPU at 224 px on photo JPEGs, and the
+#                                time data.augment_on=device's views take on the GPU
+#   4. the demo, trained on the GPU through DeepSpeed's launcher (nccl, one rank), then the same with
+#      data.crop=random_resized at 64 px and data.augment_on=device
 # Logs and the demo's summary go to $OUT (default runs/gpu-check).
 #
-#   bash tools/bench/gpu_check.sh [step] [stream] [demo]     (default: all three)
+#   bash tools/bench/gpu_check.sh [step] [stream] [imagenet] [demo]     (default: all four)
 # On a node without deepspeed/timm/mlxtend installed, put wheels in .whl/ first; they are installed
 # to /tmp/site (no network needed).
 set -u
-PARTS=" ${*:-step stream demo} "
+PARTS=" ${*:-step stream imagenet demo} "
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -34,6 +37,10 @@ if [[ $PARTS == *" stream "* ]]; then
   echo "== stream"
   timeout 170 python3 tools/bench/stream.py --count 12000 --batch 192 --rounds 5 2>&1 | tail -40 | tee "$OUT/stream.log"
 fi
+if [[ $PARTS == *" imagenet "* ]]; then
+  echo "== stream --imagenet"
+  timeout 150 python3 tools/bench/stream.py --imagenet --quick 2>&1 | tail -30 | tee "$OUT/imagenet_stream.log"
+fi
 [[ $PARTS == *" demo "* ]] || exit 0
 echo "== demo on the GPU"
 start=$(date +%s)
@@ -43,4 +50,12 @@ echo "demo exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/demo.log"
 tail -15 "$OUT/demo.log"
 cp /tmp/gpu-demo/summary.json "$OUT/demo_summary.json" 2>/dev/null && cat "$OUT/demo_summary.json"
 cp /tmp/gpu-demo/metrics.jsonl "$OUT/demo_metrics.jsonl" 2>/dev/null
+true
+echo "== demo, random-resized crops at 64 px, views made on the GPU"
+start=$(date +%s)
+timeout 170 python3 -m deepspeed.launcher.runner --num_gpus 1 launch/train.py --config configs/demo.yaml \
+  run.out_dir=/tmp/gpu-demo-device train.num_workers=6 data.image_size=64 data.crop=random_resized \
+  "data.crop_scale=[0.5,1.0]" data.eval_crop_pct=0.875 data.augment_on=device > "$OUT/demo_device.log" 2>&1
+echo "demo (device views) exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/demo_device.log"
+cp /tmp/gpu-demo-device/summary.json "$OUT/demo_device_summary.json" 2>/dev/null && cat "$OUT/demo_device_summary.json"
 true
