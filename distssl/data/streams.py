@@ -250,18 +250,18 @@ class TrainStream(IterableDataset):
             if self.trace_dir:
                 for s in group:
                     self._trace(g, epoch, s, pos)
-
-            def failed(s: int, read: int, e: Exception) -> None:
-                # a damaged shard (or one unreachable after retries) is skipped, not fatal
-                log.warning("shard %s: unreadable past sample %d (%s: %s); going on without it",
-                            io.redact(self.shards.urls[s]), read, type(e).__name__, e)
-
             sources = {s: resilient_samples(self.shards.urls[s]) for s in group}
             remaining = {s: counts[s] for s in group} if counts is not None else None
-            for s, raw in buffer_shuffle(interleave(sources, remaining, rng, failed), self.shuffle_buffer, rng):
+            mixed = interleave(sources, remaining, rng, self._shard_failed)
+            for s, raw in buffer_shuffle(mixed, self.shuffle_buffer, rng):
                 if pos >= skip:
                     yield pos, s, raw
                 pos += 1
+
+    def _shard_failed(self, shard: int, read: int, e: Exception) -> None:
+        """A damaged shard (or one unreachable after retries) is skipped, not fatal."""
+        log.warning("shard %s: unreadable past sample %d (%s: %s); going on without it",
+                    io.redact(self.shards.urls[shard]), read, type(e).__name__, e)
 
     def _trace(self, g: int, epoch: int, shard: int, pos: int) -> None:
         """One JSON line per shard opened: which global worker read which shard in which epoch."""
