@@ -85,3 +85,16 @@ def test_eval_view_is_what_timm_builds_from_the_exported_model_json(size, crop_p
     theirs = timm.data.create_transform(**cfg)(Image.open(io.BytesIO(data)).convert("RGB"))
     assert ours.shape == theirs.shape == (3, size, size)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "RGB"])
+def test_grey_and_cmyk_jpegs_make_rgb_crops(mode):
+    """libjpeg-turbo's decoder refuses CMYK -> RGB: PIL takes over, and every mode gives an RGB crop
+    whose colours follow the picture."""
+    buf = io.BytesIO()
+    photo = Image.open(io.BytesIO(_photo("PNG"))).convert(mode)
+    photo.save(buf, format="JPEG", quality=95)
+    views = Views(64, crop="random_resized", crop_scale=(1.0, 1.0), crop_ratio=(4 / 3, 4 / 3), interpolation="bicubic")
+    crop = np.asarray(views.base(buf.getvalue(), random.Random(0)), dtype=np.float32)
+    want = np.asarray(photo.convert("RGB").resize((64, 64), Image.BICUBIC), dtype=np.float32)
+    assert crop.shape == (64, 64, 3) and np.abs(crop - want).mean() < 6
