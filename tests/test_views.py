@@ -89,8 +89,8 @@ def test_eval_view_is_what_timm_builds_from_the_exported_model_json(size, crop_p
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "RGB"])
 def test_grey_and_cmyk_jpegs_make_rgb_crops(mode):
-    """libjpeg-turbo's decoder refuses CMYK -> RGB: PIL takes over, and every mode gives an RGB crop
-    whose colours follow the picture."""
+    """Grey, CMYK and RGB JPEGs all give an RGB crop whose colours follow the picture (as PIL's own
+    conversion to RGB renders it)."""
     buf = io.BytesIO()
     photo = Image.open(io.BytesIO(_photo("PNG"))).convert(mode)
     photo.save(buf, format="JPEG", quality=95)

@@ -52,7 +52,7 @@ def _rgb_pixels(data: bytes, img: Image.Image, min_width: int, min_height: int) 
     min_width x min_height. simplejpeg (libjpeg-turbo, also PIL's decoder) when it is installed:
     the same pixels at full scale, ~20% cheaper than PIL's decode plus its copy into numpy, and
     scales in eighths (3/8, 5/8...) rather than only halves; PIL otherwise, and for what
-    libjpeg-turbo's strict mode refuses (CMYK, recoverable corruption)."""
+    libjpeg-turbo's strict mode refuses (recoverable corruption)."""
     if simplejpeg is not None and img.format == "JPEG":
         try:
             return simplejpeg.decode_jpeg(data, "RGB", min_width=min_width, min_height=min_height)
