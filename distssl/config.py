@@ -85,7 +85,7 @@ class OptimConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 2
-    template: str = ""  # JSON template; empty = configs/deepspeed/zero{zero_stage}.json
+    template: Optional[str] = None  # JSON template; null or empty = configs/deepspeed/zero{zero_stage}.json
     timeout_minutes: int = 10  # collective timeout: a dead peer fails the run this fast
 
 
@@ -94,7 +94,12 @@ class DataConfig:
     labeled: str = ""
     unlabeled: str = ""
     eval: str = ""
-    demo_root: str = ""  # when set, the bundled MNIST-5k demo shards are built here if missing
+    # when set, the bundled MNIST-5k demo shards are built here if missing, and only when data.labeled /
+    # unlabeled / eval are the demo's sets under it
+    demo_root: Optional[str] = None
+    # when the sets name their classes differently: "strict" refuses, "by_name" accepts the same names
+    # in another order (labels remapped to the labeled set's order), "by_index" trusts the label numbers
+    class_match: Literal["strict", "by_name", "by_index"] = "strict"
     image_size: Optional[int] = None  # null = the model's pretrained config (or the pretrained file's JSON)
     flip: bool = True  # horizontal flip in the views; off for digits and text
     # the base image of both views: "pad" resizes + centre-crops once and each view takes a crop of

@@ -6,6 +6,7 @@ while the others wait, and the shard sets' index.json files say when the build i
 from __future__ import annotations
 
 import fcntl
+import os
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,16 @@ def demo_paths(root: str | Path) -> dict[str, str]:
     root = Path(root)
     return {"raw": str(root / "raw"), "labeled": str(root / "shards/train/labeled"),
             "unlabeled": str(root / "shards/train/unlabeled"), "eval": str(root / "shards/eval")}
+
+
+def uses_demo_data(data_cfg) -> bool:
+    """data.demo_root is set and at least one of data.labeled / unlabeled / eval is the demo's set under
+    it: only then is the demo built (a config based on the demo's with the user's own sets builds nothing)."""
+    if not data_cfg.demo_root:
+        return False
+    paths = demo_paths(data_cfg.demo_root)
+    return any(os.path.normpath(str(getattr(data_cfg, k) or "")) == os.path.normpath(paths[k])
+               for k in ("labeled", "unlabeled", "eval"))
 
 
 def ensure_demo_data(root: str | Path, progress: bool = False) -> dict[str, str]:

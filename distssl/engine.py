@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distssl import checkpoint as ckpt
+from distssl import preflight
 from distssl.config import Config, ConfigError, dump_yaml, resume_conflicts
 from distssl.data.index import ShardSet, resolve
 from distssl.data import device_augment
@@ -169,10 +170,8 @@ class Trainer:
 
         self.labeled, self.unlabeled, self.evalset = (resolve(cfg.data.labeled), resolve(cfg.data.unlabeled),
                                                       resolve(cfg.data.eval))
-        for name, s in (("labeled", self.labeled), ("eval", self.evalset)):
-            if s.num_classes is not None and s.num_classes != cfg.model.num_classes:
-                raise ConfigError(f"model.num_classes={cfg.model.num_classes} but data.{name} has "
-                                  f"{s.num_classes} classes ({', '.join(s.class_names[:5])}...)")
+        # labels of sets that name their classes in another order, in the labeled set's order
+        self.label_maps = preflight.check_classes(cfg) or {}
 
         readers = world * max(1, t.num_workers)
         for name, shards in (("labeled", self.labeled), ("unlabeled", self.unlabeled)):
@@ -318,7 +317,7 @@ class Trainer:
         """top-1/top-5 of the EMA weights; every eval image counted once across ranks and workers."""
         stream = EvalStream(self.evalset, rank=self.rank, world_size=self.world,
                             batch_size=max(1, self.cfg.train.eval_batch_size // self.world),
-                            make_item=eval_item(self.views))
+                            make_item=eval_item(self.views, self.label_maps.get("eval")))
         counts = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, seen, skipped
         dummy = torch.zeros(1, 3, self.cfg.data.image_size, self.cfg.data.image_size, device=self.device)
         self.engine.eval()
@@ -419,7 +418,8 @@ class Trainer:
             metrics.message(f"resumed from {self.ckpt_dir / ckpt.tag_for(resumed)} at step {resumed}")
         labeled = self._train_batches("labeled", self.labeled, self.B, labeled_item(self.views))
         make_unlabeled = unlabeled_plan_item if cfg.data.augment_on == "device" else unlabeled_item
-        unlabeled = (self._train_batches("unlabeled", self.unlabeled, self.B * cfg.ssl.mu, make_unlabeled(self.views))
+        unlabeled = (self._train_batches("unlabeled", self.unlabeled, self.B * cfg.ssl.mu,
+                                         make_unlabeled(self.views, self.label_maps.get("unlabeled")))
                      if self.uses_unlabeled else None)
         imgs_per_step = t.batch_size * (1 + (2 * cfg.ssl.mu if self.uses_unlabeled else 0))
         samples_per_step = t.batch_size * (1 + (cfg.ssl.mu if self.uses_unlabeled else 0))
@@ -575,6 +575,7 @@ def run(cfg: Config, on_eval: Optional[Callable] = None) -> dict:
     filled = fill_input_defaults(cfg)
     if filled and os.environ.get("RANK", "0") == "0":
         log.warning("from the model's pretrained config: %s", ", ".join(filled))
+    preflight.check(cfg)  # the user's mistakes, before any process group starts
     prepare_out_dir(cfg)
     owns_group = not dist.is_initialized()  # Ray Train brings its own process group: not ours to end
     rank, world, local_rank = init_distributed(cfg.deepspeed.timeout_minutes)

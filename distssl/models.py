@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 import distssl.wrn  # noqa: F401  (registers wrn28_2 with timm)
+from distssl.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(_io.BytesIO(io.read_bytes(path)), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - an unpickling refusal is the user's to fix, with the reason
-        raise ValueError(f"model.pretrained={path}: not a safetensors file or a weights-only torch state dict "
+        raise ConfigError(f"model.pretrained={path}: not a safetensors file or a weights-only torch state dict "
                          f"({str(e).splitlines()[0][:200]}); convert it with safetensors.torch.save_file") from None
     for key in ("state_dict", "model", "module", "state_dict_ema"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
@@ -109,12 +110,12 @@ def create_model(name: str, num_classes: int, pretrained: str | None = None, dro
         kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     except RuntimeError as e:
-        raise ValueError(f"model.name={name!r}: {e} (see timm.list_models())") from None
+        raise ConfigError(f"model.name={name!r}: {e} (see timm.list_models())") from None
     if pretrained:
         load_pretrained(model, pretrained)
     if grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
-            raise ValueError(f"model.grad_checkpointing: timm model {name!r} does not support it")
+            raise ConfigError(f"model.grad_checkpointing: timm model {name!r} does not support it")
         model.set_grad_checkpointing(True)
     return model
 
@@ -146,10 +147,16 @@ def load_pretrained(model: torch.nn.Module, path: str) -> dict:
     if unexpected:
         log.warning("model.pretrained=%s: %d unexpected keys (ignored): %s", where, len(unexpected),
                     ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
-    loaded = len(state) - len(unexpected)
-    if loaded == 0:
-        raise ValueError(f"model.pretrained={where}: no tensor matches the model {type(model).__name__} "
-                         f"(is it a checkpoint of another architecture?)")
+    loaded, total = len(state) - len(unexpected), len(own)
+    if loaded < total / 2:  # a backbone that barely matches is another architecture, not a fine-tune
+        declared = pretrained_meta(path).get("architecture")
+        arch = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+        raise ConfigError(f"model.pretrained={where}: only {loaded} of {total} tensors of {arch} match the file"
+                          + (f", which model.json says is a {declared}" if declared else "")
+                          + f" (it is a checkpoint of another architecture): set model.name"
+                          + (f"={declared}" if declared else " to the file's architecture")
+                          + f" or give weights of {arch}")
+    log.info("model.pretrained=%s: loaded %d of %d tensors", where, loaded, total)
     return {"loaded": loaded, "missing": missing, "unexpected": unexpected, "reinitialised": reshaped}
 
 

@@ -112,7 +112,10 @@ def check_space(space: dict, base: Config) -> None:
             samples = [lo, hi - 1] if kind == "randint" else [lo, hi]
         for v in samples:
             try:
-                apply(base, {key: v}, base.run.out_dir)
+                cfg = apply(base, {key: v}, base.run.out_dir)
+                if key.startswith(("model.", "data.")):  # a wrong model or data set fails here, not in a trial
+                    from distssl import preflight
+                    preflight.check(cfg)
             except ConfigError as e:
                 raise ConfigError(f"space.{key}: {e}") from None
 

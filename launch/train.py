@@ -58,10 +58,11 @@ def main(argv=None) -> int:
     from distssl.config import ConfigError, check_paths, load_config
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("distssl").setLevel(logging.INFO)  # ours: what was loaded, from where
     try:
         cfg = load_config(args.config, args.overrides)
-        if cfg.data.demo_root:
-            from distssl.demo import ensure_demo_data
+        from distssl.demo import ensure_demo_data, uses_demo_data
+        if uses_demo_data(cfg.data):
             ensure_demo_data(cfg.data.demo_root, progress=os.environ.get("RANK", "0") == "0")
         check_paths(cfg)
     except ConfigError as e:

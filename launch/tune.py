@@ -32,10 +32,12 @@ def main(argv=None) -> int:
 
     try:
         sweep = load_sweep(a.config, a.overrides)
-        if sweep.base.data.demo_root:
-            from distssl.demo import ensure_demo_data
+        from distssl.demo import ensure_demo_data, uses_demo_data
+        if uses_demo_data(sweep.base.data):
             ensure_demo_data(sweep.base.data.demo_root, progress=True)
         check_paths(sweep.base)
+        from distssl import preflight
+        preflight.check(sweep.base)  # the base config's mistakes, before Ray starts
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

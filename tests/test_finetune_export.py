@@ -120,8 +120,12 @@ def test_pretrained_mismatches_are_named(trained, tmp_path, caplog):
     torch.testing.assert_close(model.state_dict()["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])
 
     save_file({"nothing.here": torch.zeros(1)}, str(tmp_path / "none.safetensors"))
-    with pytest.raises(ValueError, match="no tensor matches"):
+    with pytest.raises(ValueError, match=r"only 0 of \d+ tensors of test_resnet match"):
         load_pretrained(create_model("test_resnet", 10), str(tmp_path / "none.safetensors"))
+    # another architecture's export: refused, naming the counts and what its model.json declares
+    with pytest.raises(ValueError, match=r"only \d+ of \d+ tensors of resnet18 match the file, which model.json "
+                                         r"says is a test_resnet"):
+        load_pretrained(create_model("resnet18", 10), str(trained / "model.safetensors"))
     torch.save({"w": torch.zeros(1), "obj": Path("x")}, tmp_path / "pickled.pt")  # needs unpickling a class
     with pytest.raises(ValueError, match="weights-only"):
         load_pretrained(create_model("test_resnet", 10), str(tmp_path / "pickled.pt"))

@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     out.add_argument("--dry-run", action="store_true", help="print the plan (counts, shards) and write nothing")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
+    import logging
+    logging.basicConfig(level=logging.WARNING, format="make_shards: warning: %(message)s")
 
     from distssl.data.io import redact
     from distssl.shards import BuildOptions, ImageOptions, make_shards

@@ -372,11 +372,19 @@ def _label(raw: Raw) -> Optional[int]:
     return None
 
 
-def _meta_label(raw: Raw) -> int:
+def _meta_label(raw: Raw, label_map: Optional[list[int]] = None) -> int:
     try:
-        return int(json.loads(raw.fields["json"]).get("label", -1)) if "json" in raw.fields else -1
+        label = int(json.loads(raw.fields["json"]).get("label", -1)) if "json" in raw.fields else -1
     except (ValueError, AttributeError):
         return -1
+    return _mapped(label, label_map)
+
+
+def _mapped(label: Optional[int], label_map: Optional[list[int]]) -> Optional[int]:
+    """A set's label in the labeled set's class order (data.class_match=by_name)."""
+    if label_map is None or label is None or not 0 <= label < len(label_map):
+        return label
+    return label_map[label]
 
 
 def _decode_or_none(raw: Raw, decode_bytes: Callable[[bytes], "object"]):
@@ -397,17 +405,17 @@ def labeled_item(views: Views) -> Callable:
     return make
 
 
-def unlabeled_item(views: Views) -> Callable:
+def unlabeled_item(views: Views, label_map: Optional[list[int]] = None) -> Callable:
     """Both views come from one decode (and, with data.crop=random_resized, one crop) of the image."""
     def make(raw: Raw, rng: random.Random) -> Optional[dict]:
         img = _decode_or_none(raw, lambda data: views.base(data, rng))
         if img is None:
             return None
-        return {"weak": views.weak(img, rng), "strong": views.strong(img, rng), "y_true": _meta_label(raw)}
+        return {"weak": views.weak(img, rng), "strong": views.strong(img, rng), "y_true": _meta_label(raw, label_map)}
     return make
 
 
-def unlabeled_plan_item(views: Views) -> Callable:
+def unlabeled_plan_item(views: Views, label_map: Optional[list[int]] = None) -> Callable:
     """``data.augment_on=device``: the decoded (and cropped) base image and the random choices of both
     views, drawn from the sample's rng in the loader path's order; the views are made on the device
     (distssl.data.device_augment)."""
@@ -419,13 +427,13 @@ def unlabeled_plan_item(views: Views) -> Callable:
         if img is None:
             return None
         return {"base": to_uint8(img), "plan_weak": torch.tensor(weak_plan(views, rng)),
-                "plan_strong": torch.tensor(strong_plan(views, rng)), "y_true": _meta_label(raw)}
+                "plan_strong": torch.tensor(strong_plan(views, rng)), "y_true": _meta_label(raw, label_map)}
     return make
 
 
-def eval_item(views: Views) -> Callable:
+def eval_item(views: Views, label_map: Optional[list[int]] = None) -> Callable:
     def make(raw: Raw, rng) -> Optional[dict]:
-        label = _label(raw)
+        label = _mapped(_label(raw), label_map)
         img = _decode_or_none(raw, views.eval_image) if label is not None else None
         return None if img is None else {"x": views.eval(img), "y": label}
     return make

@@ -13,6 +13,7 @@ Why the shape:
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing as mp
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -26,6 +27,8 @@ from distssl.data.index import FORMAT, INDEX_NAME
 from distssl.shards.images import ImageOptions, process_image
 from distssl.shards.listing import Listing, list_inputs
 from distssl.shards.writer import ShardJob, read_stats, run_job
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -226,6 +229,19 @@ def _write_if_changed(url: str, body: bytes) -> None:
     io.write_bytes(url, body)
 
 
+SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "eval", "evaluation", "test", "testing", "dev"}
+
+
+def warn_split_folders(src: str, class_names: list[str]) -> list[str]:
+    """Class folders named like splits (train/, eval/) mean SRC is one level too high: say so."""
+    splits = [n for n in class_names if n.lower() in SPLIT_NAMES]
+    if len(splits) >= 2:
+        where = io.redact(src).rstrip("/")
+        log.warning("%s: the class folders %s look like split folders, not classes; if they are splits, build "
+                    "each on its own (e.g. %s/%s)", where, ", ".join(splits), where, splits[0])
+    return splits
+
+
 def make_shards(src: str, dst: str, opts: Optional[BuildOptions] = None, **kw) -> dict[str, dict]:
     """Build DST, or DST/{labeled,unlabeled[,eval]} with a label split. Returns the indexes by set."""
     opts = opts or BuildOptions(**kw)
@@ -233,6 +249,7 @@ def make_shards(src: str, dst: str, opts: Optional[BuildOptions] = None, **kw) -
     listing = list_inputs(src, opts.unlabeled)
     if len(listing) == 0:
         raise ValueError(f"{io.redact(src)}: no images found")
+    warn_split_folders(src, listing.class_names)
     idx = np.arange(len(listing), dtype=np.int64)
     sets: dict[str, tuple[np.ndarray, bool, list]] = {}
     if opts.eval_fraction:

@@ -1,0 +1,122 @@
+"""What a user gets wrong, caught before any process group starts: each check raises ConfigError with
+one line naming the key, what is wrong and what to do (launchers print it and exit 2).
+
+- ``model.name`` that timm does not know (with the nearest names it does know);
+- ``model.pretrained`` that is not weights (an image, a text file) or a folder that is not a run;
+- shard sets whose class names differ (names or order: label i must mean one class in every set),
+  or whose class count is not ``model.num_classes``.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+from typing import Optional
+
+from distssl.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"RIFF": "a RIFF file "
+         "(WebP image?)", b"%PDF": "a PDF file", b"\x1f\x8b": "a gzip file", b"{": "JSON text"}
+
+
+def check(cfg: Config) -> None:
+    check_model_name(cfg.model.name)
+    if cfg.model.pretrained:
+        check_pretrained(cfg.model.pretrained)
+    check_classes(cfg)
+
+
+def check_model_name(name: str) -> None:
+    import timm
+
+    import distssl.wrn  # noqa: F401  (registers wrn28_2)
+
+    if timm.models.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ConfigError(f"model.name={name!r} is not a timm model: {hint}"
+                      f"python -c \"import timm; print(timm.list_models('{name[:4]}*'))\" lists the names")
+
+
+def looks_like_weights(head: bytes) -> bool:
+    """safetensors (an 8-byte header length, then JSON), torch.save's zip, or a legacy pickle."""
+    if len(head) >= 9 and 1 < int.from_bytes(head[:8], "little") < 100 << 20 and head[8:9] == b"{":
+        return True
+    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
+def check_pretrained(path: str) -> None:
+    from distssl.data import io
+
+    where = io.redact(path)
+    fs, p = io.filesystem(path)
+    if fs.isdir(p):
+        if not (fs.exists(f"{p}/config.yaml") and (fs.isdir(f"{p}/checkpoints") or fs.exists(f"{p}/COMPLETE"))):
+            raise ConfigError(f"model.pretrained={where} is a folder but not a run of this project (no config.yaml "
+                              f"and checkpoints/): give a weights file or a run folder")
+        return
+    try:
+        with fs.open(p, "rb") as f:
+            head = f.read(16)
+    except FileNotFoundError:
+        raise ConfigError(f"model.pretrained={where} does not exist (give a local file, URL or run folder)") from None
+    if looks_like_weights(head):
+        return
+    kind = next((what for magic, what in MAGIC.items() if head.startswith(magic)), "not a weights file")
+    raise ConfigError(f"model.pretrained={where} is {kind}, not weights: give a .safetensors file, a state dict "
+                      f"saved with torch.save, or a run folder of this project")
+
+
+def class_label_map(reference: list[str], names: list[str]) -> list[int]:
+    """Label i of a set named ``names`` -> the index of the same class name in ``reference``."""
+    return [reference.index(n) for n in names]
+
+
+def check_classes(cfg: Config) -> Optional[dict[str, list[int]]]:
+    """Every set that names its classes names the same ones, in the same order (label i is one class
+    everywhere), and as many as the model has. ``data.class_match=by_name`` accepts the same names in
+    another order (returns the label maps that put them in the labeled set's order); ``by_index``
+    accepts any names, trusting the label numbers."""
+    from distssl.data.index import resolve
+
+    sets = {}
+    for key in ("labeled", "unlabeled", "eval"):
+        try:
+            sets[key] = resolve(getattr(cfg.data, key))
+        except FileNotFoundError:
+            continue  # a missing set is check_paths' to report (or the demo's, still to be built)
+    for key in ("labeled", "eval"):
+        s = sets.get(key)
+        if s is not None and s.num_classes is not None and s.num_classes != cfg.model.num_classes:
+            raise ConfigError(f"model.num_classes={cfg.model.num_classes} but data.{key} has {s.num_classes} classes "
+                              f"({', '.join(s.class_names[:5])}{'...' if len(s.class_names) > 5 else ''})")
+    named = {k: s.class_names for k, s in sets.items() if s.class_names}
+    if len(named) < 2:
+        return None
+    ref_key = "labeled" if "labeled" in named else next(iter(named))
+    ref = named[ref_key]
+    maps = {}
+    for key, names in named.items():
+        if names == ref:
+            continue
+        match = cfg.data.class_match
+        if match == "by_index":
+            log.warning("data.%s names its classes %s, data.%s %s: data.class_match=by_index trusts the label "
+                        "numbers", key, _short(names), ref_key, _short(ref))
+            continue
+        if match == "by_name" and sorted(names) == sorted(ref):
+            maps[key] = class_label_map(ref, names)
+            continue
+        only_here, only_ref = [n for n in names if n not in ref], [n for n in ref if n not in names]
+        diff = (f"only in data.{key}: {_short(only_here)}, only in data.{ref_key}: {_short(only_ref)}"
+                if only_here or only_ref else "the same names in another order")
+        raise ConfigError(f"data.{key} has classes {_short(names)} but data.{ref_key} has {_short(ref)} ({diff}): label i "
+                          f"must mean the same class in every set. Rebuild the shards from class folders with the "
+                          f"same names, or set data.class_match=by_name (same names in another order: labels "
+                          f"remapped by name) or data.class_match=by_index (the label numbers already agree)")
+    return maps
+
+
+def _short(names: list[str], n: int = 6) -> str:
+    return "[" + ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "") + "]"
