@@ -10,6 +10,7 @@ ScalingConfig, and the process-group timeout is short so a dead worker fails the
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -184,7 +185,9 @@ def run_sweep(sweep: Sweep) -> dict:
 
     t = sweep.tune
     sweep_dir = str(Path(sweep.out_dir).resolve())
+    check_resumable(sweep, sweep_dir)  # a rerun with other settings must not replay the old sweep
     Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    _write_settings(sweep, sweep_dir)
     if not ray.is_initialized():
         if t.address:
             ray.init(address=t.address)
@@ -230,6 +233,43 @@ def run_sweep(sweep: Sweep) -> dict:
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)))
     results = tuner.fit()
     return write_outputs(sweep, results, sweep_dir)
+
+
+SETTINGS_NAME = "sweep.yaml"
+# may differ when a killed sweep is resumed: where and how wide it runs, not what it searches
+RESUMABLE_SWEEP_KEYS = {"tune.address", "tune.num_cpus", "tune.max_concurrent_trials", "tune.max_failures"}
+
+
+def sweep_settings(sweep: Sweep) -> dict:
+    """What defines a sweep's results: the base training config, the tune settings and the space."""
+    from distssl.config import _redacted
+
+    tree = {"base": _redacted(to_dict(sweep.base)), "tune": dataclasses.asdict(sweep.tune), "space": sweep.space}
+    return yaml.safe_load(yaml.safe_dump(tree))  # lists, not tuples: as read back from the file
+
+
+def check_resumable(sweep: Sweep, sweep_dir: str) -> None:
+    """Refuse to resume a sweep folder whose sweep had other settings (they would be replayed, not run)."""
+    path = Path(sweep_dir) / SETTINGS_NAME
+    if not path.exists():
+        return
+    old = flatten(yaml.safe_load(path.read_text()) or {})
+    new = flatten(sweep_settings(sweep))
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = [f"{k.removeprefix('base.')}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
+               if k not in RESUMABLE_SWEEP_KEYS]
+    if changed:
+        raise ConfigError(f"run.out_dir={sweep_dir} holds a sweep with other settings ({'; '.join(changed)}): "
+                          f"rerunning it would replay that sweep's trials. Use another run.out_dir for new "
+                          f"settings, or the same values to resume it")
+
+
+def _write_settings(sweep: Sweep, sweep_dir: str) -> None:
+    path = Path(sweep_dir) / SETTINGS_NAME
+    if not path.exists():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(sweep_settings(sweep), sort_keys=False))
+        os.replace(tmp, path)
 
 
 def write_outputs(sweep: Sweep, results, sweep_dir: str) -> dict:

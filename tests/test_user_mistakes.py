@@ -105,3 +105,20 @@ def test_make_shards_warns_when_class_folders_look_like_splits(tiny_data, tmp_pa
     r = subprocess.run([sys.executable, str(ROOT / "tools/make_shards.py"), str(tiny_data["raw"] / "train"),
                         str(tmp_path / "o2"), "--dry-run"], capture_output=True, text=True)
     assert r.returncode == 0 and "split folders" not in r.stderr
+
+
+def test_a_sweep_folder_is_not_resumed_with_other_settings(tiny_data, tmp_path):
+    """The settings a sweep started with are kept beside it; a rerun that changes them is refused with
+    the keys that differ, before Ray starts (resuming would replay the old sweep's trials)."""
+    from distssl.tune import _write_settings, check_resumable, load_sweep
+
+    tune_cfg = str(ROOT / "configs/tune/demo.yaml")
+    args = tiny_overrides(tiny_data, tmp_path / "sweep", **{"train.steps": 100})
+    first = load_sweep(tune_cfg, [*args, "tune.num_samples=2"])
+    (tmp_path / "sweep").mkdir()
+    _write_settings(first, str(tmp_path / "sweep"))
+    check_resumable(load_sweep(tune_cfg, [*args, "tune.num_samples=2", "tune.num_cpus=2"]), str(tmp_path / "sweep"))
+    r = subprocess.run([sys.executable, str(ROOT / "launch/tune.py"), "--config", tune_cfg, *args,
+                        "tune.num_samples=3", "train.steps=60"], capture_output=True, text=True, timeout=120)
+    line = _refused(r, "holds a sweep with other settings", "train.steps: 100 -> 60", "tune.num_samples: 2 -> 3")
+    assert not (tmp_path / "sweep/ray").exists(), line
