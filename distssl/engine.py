@@ -96,10 +96,20 @@ def init_distributed(timeout_minutes: int) -> tuple[int, int, int]:
     if use_cuda():
         torch.cuda.set_device(local_rank)
     else:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 0))) or \
-            min(world, os.cpu_count() or 1)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        torch.set_num_threads(cpu_threads(world))
     return rank, world, local_rank
+
+
+def cpu_threads(world: int) -> int:
+    """Threads for a rank on CPU: OMP_NUM_THREADS when something set it (the user, or Ray, which sets it
+    to the CPUs a trial's worker was given, so trials side by side do not each take every core), else
+    this host's cores shared by its ranks."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 0))) or \
+        min(world, os.cpu_count() or 1)
+    return max(1, (os.cpu_count() or 1) // max(1, local_world))
 
 
 def accumulation(cfg: Config, world: int) -> tuple[int, int]:

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,9 +162,15 @@ def train_loop(loop_config: dict) -> None:
                 shutil.copytree(d, dst)
 
     def report(step: int, metrics: dict, ckpt_dir: Path) -> None:
-        ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(str(ckpt_dir)))
+        ray.train.report({**metrics, "step": step, "out_dir": out_dir},
+                         checkpoint=Checkpoint.from_directory(str(ckpt_dir)))
 
-    engine.run(cfg, on_eval=report)
+    try:
+        engine.run(cfg, on_eval=report)
+    except ConfigError as e:
+        # a mistake in the trial's config is not bad luck: a retry fails the same way. End the trial
+        # with the message as its result (results.csv shows it), instead of raising into Ray's retries.
+        ray.train.report({"config_error": str(e), "step": 0})
 
 
 def _tag_in(d: str) -> str:
@@ -281,12 +288,10 @@ def write_outputs(sweep: Sweep, results, sweep_dir: str) -> dict:
         hist = r.metrics_dataframe
         series = [] if hist is None or metric not in hist else [v for v in hist[metric].tolist() if v == v]
         best = (max(series) if mode == "max" else min(series)) if series else None
-        status = "ERROR" if r.error else ("STOPPED" if r.metrics and r.metrics.get("step", 0) < sweep.base.train.steps
-                                          else "TERMINATED")
+        status, error = trial_status(r, sweep.base.train.steps)
         rows.append({"trial": Path(r.path).name, **values, f"best_{metric}": best,
                      f"last_{metric}": series[-1] if series else None,
-                     "steps": (r.metrics or {}).get("step", 0), "status": status,
-                     "error": str(r.error).splitlines()[0][:200] if r.error else ""})
+                     "steps": (r.metrics or {}).get("step", 0), "status": status, "error": error})
     sign = -1 if mode == "max" else 1
     rows.sort(key=lambda row: (row[f"best_{metric}"] is None, sign * (row[f"best_{metric}"] or 0)))
     keys = list(sweep.space)
@@ -296,6 +301,9 @@ def write_outputs(sweep: Sweep, results, sweep_dir: str) -> dict:
         w.writeheader()
         w.writerows(rows)
     summary = {"trials": len(rows), "results_csv": str(Path(sweep_dir) / "results.csv")}
+    failed = [row["trial"] for row in rows if row["status"] == "ERROR"]
+    if failed:
+        summary["failed_trials"] = failed
     good = [row for row in rows if row[f"best_{metric}"] is not None]
     if good:
         best = good[0]
@@ -305,6 +313,33 @@ def write_outputs(sweep: Sweep, results, sweep_dir: str) -> dict:
                        best_config=str(Path(sweep_dir) / "best_config.yaml"))
         _plot(good, keys, metric, Path(sweep_dir) / "sweep.png")
     return summary
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_line(error: BaseException) -> str:
+    """The exception a trial died of, in one plain line: Ray wraps it in 'ray::_Inner.train() (pid=...)'
+    with colour codes and the remote traceback; the last 'SomethingError: message' line is the cause."""
+    lines = [_ANSI.sub("", line).strip() for line in str(error).splitlines()]
+    causes = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)]
+    return (causes[-1] if causes else next((line for line in lines if line), type(error).__name__))[:300]
+
+
+def trial_status(result, steps: int) -> tuple[str, str]:
+    """(status, error) of a trial: ERROR when it raised, ended on a config error, or stopped reporting
+    at its last step without writing its summary (its process died); STOPPED when ASHA stopped it."""
+    metrics = result.metrics or {}
+    if result.error:
+        return "ERROR", error_line(result.error)
+    if metrics.get("config_error"):
+        return "ERROR", f"config error: {metrics['config_error']}"[:300]
+    if metrics.get("step", 0) < steps:
+        return "STOPPED", ""
+    trial_dir = metrics.get("out_dir")
+    if trial_dir and not (Path(trial_dir) / "summary.json").exists():
+        return "ERROR", f"no summary.json in {trial_dir}: the trial ended after its last eval without finishing"
+    return "TERMINATED", ""
 
 
 def _plot(rows: list[dict], keys: list[str], metric: str, out: Path) -> None:

@@ -122,3 +122,36 @@ def test_a_sweep_folder_is_not_resumed_with_other_settings(tiny_data, tmp_path):
                         "tune.num_samples=3", "train.steps=60"], capture_output=True, text=True, timeout=120)
     line = _refused(r, "holds a sweep with other settings", "train.steps: 100 -> 60", "tune.num_samples: 2 -> 3")
     assert not (tmp_path / "sweep/ray").exists(), line
+
+
+def test_a_failed_or_unfinished_trial_is_reported_plainly(tmp_path):
+    from types import SimpleNamespace
+
+    from distssl.tune import trial_status
+
+    wrapped = RuntimeError("\x1b[36mray::_Inner.train()\x1b[39m (pid=4242, ip=127.0.0.1)\nTraceback (most recent call "
+                           "last):\n  File \"x.py\", line 1\ndistssl.config.ConfigError: train.batch_size=3 must be "
+                           "divisible by the world size 2")
+    assert trial_status(SimpleNamespace(error=wrapped, metrics={}), 10) == (
+        "ERROR", "distssl.config.ConfigError: train.batch_size=3 must be divisible by the world size 2")
+    assert trial_status(SimpleNamespace(error=None, metrics={"config_error": "model.name='x'", "step": 0}), 10) == (
+        "ERROR", "config error: model.name='x'")
+    assert trial_status(SimpleNamespace(error=None, metrics={"step": 4}), 10) == ("STOPPED", "")  # ASHA stopped it
+    done = {"step": 10, "out_dir": str(tmp_path)}
+    status, error = trial_status(SimpleNamespace(error=None, metrics=done), 10)
+    assert status == "ERROR" and "no summary.json" in error  # reported its last eval, then died
+    (tmp_path / "summary.json").write_text("{}")
+    assert trial_status(SimpleNamespace(error=None, metrics=done), 10) == ("TERMINATED", "")
+
+
+def test_cpu_ranks_take_the_threads_they_were_given(monkeypatch):
+    """Ray sets OMP_NUM_THREADS to the CPUs a trial's worker was given: two trials side by side must not
+    each take every core."""
+    from distssl.engine import cpu_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads(world=1) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    import os
+    assert cpu_threads(world=1) == (os.cpu_count() or 1)
