@@ -331,6 +331,7 @@ class Trainer:
         counts = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, seen, skipped
         dummy = torch.zeros(1, 3, self.cfg.data.image_size, self.cfg.data.image_size, device=self.device)
         self.engine.eval()
+        self.ema.average_buffers_over_ranks()
         with self.ema.swapped_in():
             it = iter(loader(stream, self.cfg.train.num_workers))
             while True:

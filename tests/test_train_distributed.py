@@ -54,6 +54,11 @@ def test_zero2_resume_continues_step_count_and_da_state(zero2_run):
     s4 = first["states"]
     # every rank holds the same p_model, and resuming started from it (not from scratch)
     assert torch.equal(s4[0]["da"]["p_model"], s4[1]["da"]["p_model"])
+    # each rank's BatchNorm statistics come from its own samples; the EMA's are averaged over ranks at
+    # eval, so both ranks evaluated (and the export holds) one model
+    buffers = [s["ema"]["buffers"] for s in s4]
+    assert any("running_mean" in k for k in buffers[0])
+    assert all(torch.equal(buffers[0][k], buffers[1][k]) for k in buffers[0])
     s6 = _rank_states(out, 6)
     assert s6[0]["step"] == 6 and torch.equal(s6[0]["da"]["p_model"], s6[1]["da"]["p_model"])
     assert not torch.equal(s6[0]["da"]["p_model"], s4[0]["da"]["p_model"])

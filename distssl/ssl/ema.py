@@ -56,6 +56,24 @@ class EMA:
             torch._foreach_copy_(counters, counts)
         return d
 
+    @torch.no_grad()
+    def average_buffers_over_ranks(self) -> None:
+        """Each rank's BatchNorm running statistics come from its own share of the batch, so the EMA's
+        differ between ranks: averaged over ranks before an eval (timm's distribute_bn "reduce"), every
+        rank evaluates, and the export holds, one model (else the reported top-1 mixes per-rank models
+        and the exported rank-0 weights score differently)."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        floats = [b for b in self.buffers.values() if b.is_floating_point()]
+        if not floats:
+            return
+        flat = torch.cat([b.reshape(-1) for b in floats])  # one all-reduce for all of them
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        torch._foreach_copy_(floats, [part.view_as(b) for part, b in zip(flat.split([b.numel() for b in floats]), floats)])
+
     @contextlib.contextmanager
     @torch.no_grad()
     def swapped_in(self) -> Iterator[None]:
