@@ -382,6 +382,18 @@ class Trainer:
                             f"{self.cfg.train.max_bad_fraction}: check the shards with tools/inspect_shards.py "
                             f"--verify, or raise train.max_bad_fraction")
 
+    def _finished_outputs(self) -> Optional[dict]:
+        """The final eval from summary.json when it holds this step and the export is beside it, on
+        every rank (all or none skip, since the eval and the export are collective), else None."""
+        try:
+            summary = json.loads((self.out / "summary.json").read_text())
+            found = summary.get("step") == self.step and (self.out / WEIGHTS_NAME).exists() and "top1" in summary
+        except (OSError, ValueError):
+            found = False
+        if self._sum_over_ranks([float(found)])[0] < self.world:
+            return None
+        return {k: summary[k] for k in ("top1", "top5", "eval_images", "eval_skipped") if k in summary}
+
     # -- checkpoints --
     def rank_state(self) -> dict:
         return {"step": self.step, "ema": self.ema.state_dict(), "da": self.da.state_dict(),
@@ -471,8 +483,17 @@ class Trainer:
                 self.save()
             if is_eval and self.on_eval is not None:  # e.g. report to Ray Tune with this checkpoint
                 self.on_eval(self.step, dict(last_eval), self.ckpt_dir / ckpt.tag_for(self.step))
-        if not last_eval:  # the run was already finished: report its weights again
-            last_eval = self.evaluate()
+        if not last_eval:  # the run was already finished
+            written = self._finished_outputs()
+            # else it was killed between its last checkpoint and its outputs
+            last_eval = written if written is not None else self.evaluate()
+            if self.on_eval is not None:  # a restored sweep trial reports its result again (Ray expects one)
+                self.on_eval(self.step, dict(last_eval), self.ckpt_dir / ckpt.tag_for(self.step))
+            if written is not None:  # and its outputs are written: a rerun leaves them as they are
+                metrics.message(f"already finished at step {self.step}: eval top-1 {100 * written['top1']:.2f}% "
+                                f"(from {self.out / 'summary.json'})")
+                metrics.close()
+                return written
         exported = self.export(last_eval)
         if exported is not None:
             metrics.message(f"exported EMA weights to {exported} (+ {META_NAME}; load with timm, see README)")

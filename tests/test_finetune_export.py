@@ -188,3 +188,16 @@ def test_bf16_autocast_run_keeps_fp32_weights_and_exports_them(tiny_data, tmp_pa
     exported = load_file(str(out / "model.safetensors"))
     assert all(t.dtype == torch.float32 for k, t in exported.items() if t.is_floating_point())
     assert [m["step"] for m in _metrics(out, "train")] == [1, 2]
+
+
+def test_rerunning_a_finished_run_leaves_its_outputs_as_they_are(trained, tiny_data):
+    """The same command again (or a sweep trial restored after its last checkpoint) finds the run
+    finished: it reports the final eval from summary.json and rewrites nothing."""
+    outputs = [trained / name for name in ("summary.json", "model.safetensors", "model.json", "curves.png")]
+    before = {p: p.stat().st_mtime_ns for p in outputs}
+    r = run_train(tiny_overrides(tiny_data, trained, **{"train.steps": 60, "train.batch_size": 16,
+                                                        "train.eval_every": 60, "train.ckpt_every": 60}))
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((trained / "summary.json").read_text())
+    assert f"already finished at step 60: eval top-1 {100 * summary['top1']:.2f}%" in r.stdout + r.stderr
+    assert {p: p.stat().st_mtime_ns for p in outputs} == before
