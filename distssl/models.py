@@ -153,7 +153,7 @@ def load_pretrained(model: torch.nn.Module, path: str) -> dict:
         arch = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
         raise ConfigError(f"model.pretrained={where}: only {loaded} of {total} tensors of {arch} match the file"
                           + (f", which model.json says is a {declared}" if declared else "")
-                          + f" (it is a checkpoint of another architecture): set model.name"
+                          + " (it is a checkpoint of another architecture): set model.name"
                           + (f"={declared}" if declared else " to the file's architecture")
                           + f" or give weights of {arch}")
     log.info("model.pretrained=%s: loaded %d of %d tensors", where, loaded, total)

@@ -9,6 +9,7 @@ ScalingConfig, and the process-group timeout is short so a dead worker fails the
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -16,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -150,9 +152,14 @@ def train_loop(loop_config: dict) -> None:
     from distssl import engine
 
     ctx = ray.train.get_context()
-    base = _build(Config, loop_config["base"], "")
+    base_tree = loop_config["base"]
+    if isinstance(base_tree, ray.ObjectRef):  # see run_sweep: the base config travels by reference
+        base_tree = ray.get(base_tree)
+    base = _build(Config, base_tree, "")
     values = {k: loop_config["space"][k] for k in loop_config["space"]}
-    out_dir = os.path.join(loop_config["sweep_dir"], "trials", ctx.get_trial_name())
+    with _known_ray_deprecations():  # the trial name is what names the trial's folder
+        trial_name = ctx.get_trial_name()
+    out_dir = os.path.join(loop_config["sweep_dir"], "trials", trial_name)
     cfg = apply(base, values, out_dir)
     restored = ray.train.get_checkpoint()
     if restored is not None and ctx.get_local_rank() == 0:
@@ -184,11 +191,10 @@ def run_sweep(sweep: Sweep) -> dict:
     # Ray >= 2.48 defaults to Train V2, where a TorchTrainer is no Tune trainable; the sweep hands the
     # TorchTrainer to the Tuner (trial resources from its ScalingConfig), which is the V1 API.
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
+    # and Ray's notices about migrating off that API, which a user of this sweep cannot act on
+    # (the local Ray's workers inherit it; the driver's own are silenced by _known_ray_deprecations)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     import ray
-    from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     t = sweep.tune
     sweep_dir = str(Path(sweep.out_dir).resolve())
@@ -207,6 +213,18 @@ def run_sweep(sweep: Sweep) -> dict:
                           f"(tune.address)")
     dump_yaml(sweep.base, Path(sweep_dir) / "base_config.yaml")
     use_gpu = t.gpus_per_worker > 0
+    with _known_ray_deprecations():
+        return _fit(sweep, sweep_dir, use_gpu)
+
+
+def _fit(sweep: Sweep, sweep_dir: str, use_gpu: bool) -> dict:
+    import ray
+    from ray import tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    t = sweep.tune
     trainer = TorchTrainer(
         train_loop,
         scaling_config=ScalingConfig(num_workers=t.workers_per_trial, use_gpu=use_gpu,
@@ -216,7 +234,10 @@ def run_sweep(sweep: Sweep) -> dict:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
                                  timeout_s=60 * sweep.base.deepspeed.timeout_minutes),
     )
-    param_space = {"train_loop_config": {"base": to_dict(sweep.base), "space": ray_space(sweep.space),
+    # The base config goes by object reference: Ray prints every trial's whole config when it starts
+    # and copies it into each trial's params, so by value the console showed ~60 base keys beside the
+    # few searched ones. The reference is given again on restore (the object store is per session).
+    param_space = {"train_loop_config": {"base": ray.put(to_dict(sweep.base)), "space": ray_space(sweep.space),
                                          "sweep_dir": sweep_dir}}
     evals = max(1, math.ceil(sweep.base.train.steps / max(1, sweep.base.train.eval_every or sweep.base.train.steps)))
     # max_t one past the last eval: ASHA must not stop a trial at its final report (it would be killed
@@ -240,6 +261,17 @@ def run_sweep(sweep: Sweep) -> dict:
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)))
     results = tuner.fit()
     return write_outputs(sweep, results, sweep_dir)
+
+
+@contextlib.contextmanager
+def _known_ray_deprecations():
+    """Ray's notices about the Train V1 API this sweep uses on purpose (a TorchTrainer given to the Tuner,
+    trainer_resources, the trial name), which a user cannot act on: silenced here, and only here."""
+    from ray.util.annotations import RayDeprecationWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        yield
 
 
 SETTINGS_NAME = "sweep.yaml"

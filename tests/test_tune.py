@@ -44,6 +44,11 @@ def test_sweep_with_asha_writes_results_and_a_best_config_that_trains(tiny_data,
     args = tiny_overrides(tiny_data, sweep, **{"train.steps": 6, "train.eval_every": 2, "train.ckpt_every": 0})
     r = _tune([*args, "tune.num_samples=3", "tune.num_cpus=2"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    console = r.stdout + r.stderr
+    # what a user reads: each trial's searched values, not ~60 base keys beside them, and no notices
+    # about Ray's own API migration that the user cannot act on
+    assert "train_loop_config/space/ssl.tau" in console and "train_loop_config/base/" not in console
+    assert "RayDeprecationWarning" not in console
     rows = _rows(sweep)
     assert len(rows) == 3
     assert {"ssl.tau", "ssl.lambda_u", "ssl.mu", "best_top1", "last_top1", "steps", "status"} <= set(rows[0])
