@@ -265,7 +265,7 @@ def test_dry_run_writes_nothing_and_inspect_reports_the_set(raw_with_corrupt, tm
 def test_lean_tar_reader_agrees_with_tarfile_and_refuses_damage(fmt):
     import io
 
-    from distssl.data.streams import tar_members
+    from distssl.data.tar import tar_members
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:

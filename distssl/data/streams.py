@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from distssl.data import io
 from distssl.data.index import ShardSet
 from distssl.data.ring import RingReader, RingWriter
+from distssl.data.tar import tar_members
 from distssl.data.transforms import Views
 
 log = logging.getLogger(__name__)
@@ -51,63 +52,6 @@ class Raw:
 
 
 # --- stages --------------------------------------------------------------------------------------
-
-def _octal(field: bytes) -> int:
-    if field and field[0] & 0x80:  # GNU base-256 for big sizes
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
-
-
-_ZERO_BLOCK = b"\0" * 512
-
-
-def tar_members(f) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of every regular file in a tar stream. A lean reader (headers parsed by hand):
-    tarfile costs ~0.15 ms per sample, 10% of a whole decode + augment; this is ~5x cheaper.
-    Handles ustar, GNU long names and pax path records; a bad or cut header raises tarfile.ReadError."""
-    long_name: Optional[str] = None
-    while True:
-        header = f.read(512)
-        if len(header) < 512:
-            if not header:
-                return  # no end-of-archive blocks: accept, as tarfile does
-            raise tarfile.ReadError("unexpected end of data (truncated tar header)")
-        if header == _ZERO_BLOCK:
-            return
-        checksum_field = header[148:156]
-        # the checksum counts its own 8 bytes as spaces (8 * 32 = 256)
-        if _octal(checksum_field) != sum(header) - sum(checksum_field) + 256:
-            raise tarfile.ReadError("bad tar header checksum (damaged shard)")
-        size, kind = _octal(header[124:136]), header[156:157]
-        data = f.read(size)
-        if len(data) < size:
-            raise tarfile.ReadError("unexpected end of data (truncated tar member)")
-        pad = -size % 512
-        if pad and len(f.read(pad)) < pad:
-            raise tarfile.ReadError("unexpected end of data (truncated tar padding)")
-        if kind == b"L":  # GNU long name for the next member
-            long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
-            continue
-        if kind == b"x":  # pax extended header: "len key=value\n" records
-            for rec in data.decode("utf-8", "replace").splitlines():
-                key, _, value = rec.partition(" ")[2].partition("=")
-                if key == "path":
-                    long_name = value
-            continue
-        if kind not in (b"0", b"\0", b""):
-            long_name = None
-            continue  # directories, links, global pax headers
-        name = long_name
-        if name is None:
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            if header[257:262] == b"ustar":
-                prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
-                if prefix:
-                    name = f"{prefix}/{name}"
-        long_name = None
-        yield name, data
-
 
 def tar_samples(url: str) -> Iterator[Raw]:
     """Group consecutive tar members by key (the basename up to its first dot)."""
