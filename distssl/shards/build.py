@@ -1,24 +1,23 @@
-"""Raw images -> shard sets: plan (a pure function of listing + seed), write shards in parallel, index.
+"""Raw images -> shard sets: list the source, plan (or read the recorded plan), write shards, index.
 
 Why the shape:
-- The labeled split is drawn per class from a seeded permutation, verifying candidates as it goes,
-  so a corrupt image never takes a labeled slot and the labeled count is exact; every other image
-  is decoded exactly once, while its shard is written. The unlabeled set holds every good training
-  image, the labeled ones included (FixMatch trains its unlabeled loss on the whole train split).
-- Images are assigned to shards by a seeded shuffle of the sorted listing (shards mix classes), in
-  chunks bounded by ``max_count`` and by listed bytes (``max_shard_bytes``); the same inputs and seed
-  give the same shards, so a rerun skips the complete ones (those with stats) and changes nothing.
-- ``index.json`` is written last, from the shards' stats: a shard set without it is incomplete.
+- The plan is a pure function of the listing, the options and the seed (distssl.shards.plan) and is
+  recorded before any shard is written (distssl.shards.record). A rerun finishes the recorded plan;
+  one whose listing or options changed refuses before writing anything; ``extend`` adds the new
+  inputs as a new generation of shards after the existing ones.
+- A shard is complete when its stats exist (distssl.shards.writer), so a rerun writes only the
+  missing shards, wherever the jobs run (distssl.shards.runners: processes or a Ray cluster).
+- ``index.json`` is written last, from every shard's stats: a shard set without it is incomplete,
+  and one with it lists only complete shards (an extension in progress is invisible to readers).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import multiprocessing as mp
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -26,6 +25,10 @@ from distssl.data import io
 from distssl.data.index import FORMAT, INDEX_NAME
 from distssl.shards.images import ImageOptions, process_image
 from distssl.shards.listing import Listing, list_inputs
+from distssl.shards.plan import SplitOptions, plan_extension, plan_first, set_order
+from distssl.shards.record import (RECORD_NAME, Record, diff_listing, normalise_source,
+                                   option_changes, read_record, write_generation)
+from distssl.shards.runners import make_runner
 from distssl.shards.writer import ShardJob, read_stats, run_job
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,10 @@ class BuildOptions:
     max_count: int = 1000
     max_shard_bytes: Optional[int] = None
     image: ImageOptions = ImageOptions()
+    dedup: bool = False  # exact duplicates (same bytes) keep one copy: eval's, else labeled's, else the first
+    extend: bool = False  # add the source's new inputs to a finished (or unfinished) build
     workers: int = 1
+    ray_address: Optional[str] = None  # run the shard jobs as tasks on this Ray cluster ("auto", HOST:PORT)
     dry_run: bool = False
     progress: bool = True
 
@@ -70,62 +76,13 @@ class BuildOptions:
         if self.image.max_size is not None and self.image.max_size < 8:
             raise ValueError("--max-size must be >= 8 pixels")
 
+    def split(self) -> SplitOptions:
+        return SplitOptions(self.labels_per_class, self.label_fraction, self.eval_fraction, self.unlabeled,
+                            self.labeled_in_unlabeled, self.seed, self.max_count, self.max_shard_bytes, self.dedup)
 
-def _by_class(idx: np.ndarray, labels: np.ndarray) -> dict[int, np.ndarray]:
-    return {int(c): idx[labels[idx] == c] for c in np.unique(labels[idx])}
-
-
-def split_eval(listing: Listing, idx: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, seeded: round(fraction x class size) of every class go to eval."""
-    rng = np.random.default_rng([seed, 1])
-    chosen = []
-    for c, members in sorted(_by_class(idx, listing.labels).items()):
-        k = int(round(fraction * len(members)))
-        chosen.append(rng.permutation(members)[:k])
-    ev = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
-    return ev, np.setdiff1d(idx, ev)
-
-
-def split_labeled(listing: Listing, idx: np.ndarray, per_class: Callable[[int], int], seed: int,
-                  verify: Callable[[list[int]], list[Optional[str]]]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """Per class, walk a seeded permutation verifying candidates until ``per_class(n)`` good ones."""
-    rng = np.random.default_rng([seed, 2])
-    labeled, failures, bad = [], [], []
-    for c, members in sorted(_by_class(idx, listing.labels).items()):
-        want = per_class(len(members))
-        perm = rng.permutation(members)
-        got, pos = [], 0
-        while len(got) < want and pos < len(perm):
-            batch = perm[pos: pos + max(8, 2 * (want - len(got)))].tolist()
-            pos += len(batch)
-            for i, reason in zip(batch, verify(batch)):
-                if reason is None and len(got) < want:
-                    got.append(i)
-                elif reason is not None:
-                    failures.append({"input": listing.rels[i], "reason": reason})
-                    bad.append(i)
-        if len(got) < want:
-            name = listing.class_names[c] if c < len(listing.class_names) else c
-            raise ValueError(f"class {name!r} has only {len(got)} good images; {want} labels were asked for")
-        labeled.extend(got)
-    lab = np.sort(np.asarray(labeled, dtype=np.int64))
-    rest = np.setdiff1d(np.setdiff1d(idx, lab), np.asarray(bad, dtype=np.int64))
-    return lab, rest, failures
-
-
-def plan_shards(listing: Listing, idx: np.ndarray, seed: int, max_count: int,
-                max_bytes: Optional[int]) -> list[np.ndarray]:
-    order = np.random.default_rng([seed, 3]).permutation(idx) if len(idx) else idx
-    shards, start, size = [], 0, 0
-    for j, i in enumerate(order):
-        s = int(listing.sizes[i])
-        if j > start and (j - start >= max_count or (max_bytes and size + s > max_bytes)):
-            shards.append(order[start:j])
-            start, size = j, 0
-        size += s
-    if len(order) > start:
-        shards.append(order[start:])
-    return shards
+    def plan_options(self) -> dict:
+        """The options that shape the plan (recorded; a rerun must give the same)."""
+        return {**asdict(self.split()), "image": asdict(self.image)}
 
 
 def _verify_one(url: str) -> Optional[str]:
@@ -136,85 +93,105 @@ def _verify_one(url: str) -> Optional[str]:
     return process_image(data, ImageOptions())[2]
 
 
-class _Runner:
-    """Runs jobs inline (1 worker) or in spawned processes (fork is unsafe with s3fs' event loops)."""
-
-    def __init__(self, workers: int):
-        self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
-
-    def map(self, fn, items: list) -> list:
-        return list(self.pool.map(fn, items, chunksize=4)) if self.pool else [fn(x) for x in items]
-
-    def unordered(self, fn, items: list):
-        if not self.pool:
-            for x in items:
-                yield fn(x)
-            return
-        futures = [self.pool.submit(fn, x) for x in items]
-        for fut in as_completed(futures):
-            yield fut.result()
-
-    def close(self):
-        if self.pool:
-            self.pool.shutdown(cancel_futures=True)
+def _hash_one(url: str) -> tuple[Optional[str], Optional[str]]:
+    """(sha256 of the input's bytes, None), or (None, why) when it cannot be read."""
+    try:
+        return hashlib.sha256(io.read_bytes(url)).hexdigest(), None
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        return None, f"unreadable: {type(e).__name__}: {e}"
 
 
-def write_set(set_url: str, listing: Listing, idx: np.ndarray, *, labeled: bool, opts: BuildOptions,
-              extra_failures: list[dict], runner: _Runner, source: str, extra_index: Optional[dict] = None) -> dict:
-    shards = plan_shards(listing, idx, opts.seed, opts.max_count, opts.max_shard_bytes)
-    jobs, start = [], 0
-    for n, members in enumerate(shards):
-        keys = [f"{start + j:09d}" for j in range(len(members))]
-        start += len(members)
-        jobs.append(ShardJob(set_url, n, keys, [listing.url(int(i)) for i in members],
-                             [listing.rels[int(i)] for i in members], [int(listing.labels[i]) for i in members],
-                             labeled, opts.image))
+def input_url(base: str, rel: str) -> str:
+    return rel if not base or "://" in rel or rel.startswith("/") else io.join(base, rel)
+
+
+def set_url(dst: str, name: str) -> str:
+    return io.join(dst, name) if name else dst
+
+
+def is_labeled_set(name: str, options: dict) -> bool:
+    return name != "unlabeled" and not options["unlabeled"]
+
+
+def _jobs(dst: str, record: Record, base: str, image: ImageOptions) -> dict[str, list[ShardJob]]:
+    """Every shard of every generation, by set, as the record planned it."""
+    out: dict[str, list[ShardJob]] = {}
+    for gen in record.generations:
+        for name, plan in gen.sets.items():
+            k = plan.first_key
+            for n, members in enumerate(plan.shards):
+                keys = [f"{k + j:09d}" for j in range(len(members))]
+                k += len(members)
+                out.setdefault(name, []).append(ShardJob(
+                    set_url(dst, name), plan.first_shard + n, keys, [input_url(base, gen.rels[i]) for i in members],
+                    [gen.rels[i] for i in members], [gen.labels[i] for i in members],
+                    is_labeled_set(name, record.options), image))
+    return out
+
+
+def _complete(jobs: dict[str, list[ShardJob]], runner, progress: bool) -> dict[str, dict[str, dict]]:
+    """Write every shard without stats; returns the stats of all shards, by set and shard name."""
     from tqdm import tqdm
 
-    stats_by_name, failed, t0 = {}, 0, time.time()
-    name = set_url.rstrip("/").rsplit("/", 1)[-1]
-    bar = tqdm(total=len(idx), desc=f"shards {name}", unit="img", disable=not opts.progress, dynamic_ncols=True)
-    todo = []
-    for job in jobs:  # complete shards (stats present) are counted, not rewritten
-        st = read_stats(set_url, job.stats_name)
-        if st is None:
-            todo.append(job)
-        else:
-            stats_by_name[job.name] = st
-            bar.update(len(job.keys))
-    for st in runner.unordered(run_job, todo):
-        stats_by_name[st["name"]] = st
-        failed += len(st["failures"])
-        bar.update(st["count"] + len(st["failures"]))
-        bar.set_postfix(failed=failed, img_s=f"{bar.n / max(1e-9, time.time() - t0):.0f}")
-    bar.close()
-    stats = [stats_by_name[j.name] for j in jobs]
-    failures = extra_failures + [f for st in stats for f in st["failures"]]
-    hist = [0] * len(listing.class_names)
-    for st in stats:
+    out: dict[str, dict[str, dict]] = {}
+    for name in set_order(jobs):
+        stats, todo, failed, t0 = {}, [], 0, time.time()
+        label = name or "set"
+        bar = tqdm(total=sum(len(j.keys) for j in jobs[name]), desc=f"shards {label}", unit="img",
+                   disable=not progress, dynamic_ncols=True)
+        for job in jobs[name]:  # complete shards (stats present) are counted, not rewritten
+            st = read_stats(job.set_url, job.stats_name)
+            if st is None:
+                todo.append(job)
+            else:
+                stats[job.name] = st
+                bar.update(len(job.keys))
+        for st in runner.unordered(run_job, todo):
+            stats[st["name"]] = st
+            failed += len(st["failures"])
+            bar.update(st["count"] + len(st["failures"]))
+            bar.set_postfix(failed=failed, img_s=f"{bar.n / max(1e-9, time.time() - t0):.0f}")
+        bar.close()
+        out[name] = stats
+    return out
+
+
+def _write_index(url: str, name: str, record: Record, jobs: list[ShardJob], stats: dict[str, dict],
+                 extra: dict) -> dict:
+    ordered = [stats[j.name] for j in jobs]
+    planned = [f for gen in record.generations if name in gen.sets for f in gen.sets[name].failures]
+    failures = planned + [f for st in ordered for f in st["failures"]]
+    hist = [0] * len(record.class_names)
+    for st in ordered:
         for k, v in st["class_counts"].items():
             hist[int(k)] += v
+    reasons = _reason_counts(failures)
     index = {
-        "format": FORMAT, "count": sum(st["count"] for st in stats), "labeled": labeled,
-        "num_classes": len(listing.class_names) or None, "class_names": listing.class_names,
+        "format": FORMAT, "count": sum(st["count"] for st in ordered), "labeled": is_labeled_set(name, record.options),
+        "num_classes": len(record.class_names) or None, "class_names": record.class_names,
         "class_histogram": hist,
-        "shards": [{"name": st["name"], "count": st["count"], "bytes": st["bytes"]} for st in stats],
-        "bytes": sum(st["bytes"] for st in stats),
-        "failures": failures, "num_failures": len(failures),
-        "failure_reasons": _reason_counts(failures),
-        "source": io.redact(source), "seed": opts.seed, "max_count": opts.max_count, **(extra_index or {}),
+        "shards": [{"name": st["name"], "count": st["count"], "bytes": st["bytes"]} for st in ordered],
+        "bytes": sum(st["bytes"] for st in ordered),
+        "failures": failures, "num_failures": len(failures), "failure_reasons": reasons,
+        "duplicates": reasons.get("duplicate", 0),
+        "source": record.source, "seed": record.options["seed"], "max_count": record.options["max_count"],
+        "generations": sum(name in gen.sets for gen in record.generations), **extra,
     }
     if failures:
-        _write_if_changed(io.join(set_url, "failures.jsonl"),
+        _write_if_changed(io.join(url, "failures.jsonl"),
                           "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures).encode())
-    _write_if_changed(io.join(set_url, INDEX_NAME), json.dumps(index, indent=1).encode())
+    _write_if_changed(io.join(url, INDEX_NAME), json.dumps(index, indent=1).encode())
     return index
+
+
+def _reason_kind(reason: str) -> str:
+    return "duplicate" if reason.startswith("duplicate of ") else reason.split(":", 1)[0]
 
 
 def _reason_counts(failures: list[dict]) -> dict[str, int]:
     out: dict[str, int] = {}
     for f in failures:
-        kind = f["reason"].split(":", 1)[0]
+        kind = _reason_kind(f["reason"])
         out[kind] = out.get(kind, 0) + 1
     return dict(sorted(out.items()))
 
@@ -242,6 +219,70 @@ def warn_split_folders(src: str, class_names: list[str]) -> list[str]:
     return splits
 
 
+
+
+def _refuse_unrecorded(dst: str) -> None:
+    """Shards without a build record: their plan is unknown, so nothing may be added to them."""
+    fs, root = io.filesystem(dst)
+    root = root.rstrip("/")
+    found = [p for pattern in ("*.stats.json", "*/*.stats.json", INDEX_NAME, f"*/{INDEX_NAME}")
+             for p in fs.glob(f"{root}/{pattern}")]
+    if found:
+        raise ValueError(f"{io.redact(dst)} already holds shards but no {RECORD_NAME} (built by an older distssl, "
+                         f"or by hand): their plan is unknown, so nothing was written. Build into a new destination")
+
+
+def _labels_in_record_order(record: Record, listing: Listing, dst: str) -> None:
+    """Class ids as the record numbered them (a class folder that disappeared must not shift them)."""
+    if not record.class_names and not listing.class_names:
+        return
+    ids = {c: k for k, c in enumerate(record.class_names)}
+    new = [c for c in listing.class_names if c not in ids]
+    if new:
+        raise ValueError(f"{io.redact(dst)}: the source has classes the build does not know ({', '.join(new[:5])}"
+                         f"{' ...' if len(new) > 5 else ''}); a build's classes are fixed, so nothing was written. "
+                         f"Build into a new destination")
+    remap = np.asarray([ids[c] for c in listing.class_names], dtype=np.int64)
+    listing.labels = np.where(listing.labels >= 0, remap[np.maximum(listing.labels, 0)], -1)
+    listing.class_names = list(record.class_names)
+
+
+def _check_same_build(record: Record, source: str, opts: BuildOptions, dst: str) -> None:
+    changes = option_changes(record.options, opts.plan_options())
+    if record.source != source:
+        changes.insert(0, f"source: {record.source} -> {source}")
+    if changes:
+        raise ValueError(f"{io.redact(dst)} was built with other options: {'; '.join(changes)}. Nothing was "
+                         f"written. Rerun with the options it was built with (see its {RECORD_NAME}), or give "
+                         f"a new destination")
+
+
+def _existing_hashes(stats: dict[str, dict[str, dict]]) -> dict[str, str]:
+    """Content hash -> SET/KEY of every written sample, eval first, then labeled."""
+    out: dict[str, str] = {}
+    for name in set_order(stats):
+        for st in stats[name].values():
+            for key, sha in st.get("samples", []):
+                out.setdefault(sha, f"{name}/{key}" if name else key)
+    return out
+
+
+def _offsets(record: Record) -> dict[str, tuple[int, int]]:
+    """Each set's next shard number and sample key."""
+    out: dict[str, tuple[int, int]] = {}
+    for gen in record.generations:
+        for name, plan in gen.sets.items():
+            out[name] = (plan.first_shard + len(plan.shards), plan.first_key + plan.planned)
+    return out
+
+
+def _sub_listing(listing: Listing, rels: list[str]) -> Listing:
+    pos = {r: i for i, r in enumerate(listing.rels)}
+    take = np.asarray([pos[r] for r in rels], dtype=np.int64)
+    return Listing(listing.base, list(rels), listing.labels[take] if len(take) else listing.labels[:0],
+                   listing.sizes[take] if len(take) else listing.sizes[:0], listing.class_names)
+
+
 def make_shards(src: str, dst: str, opts: Optional[BuildOptions] = None, **kw) -> dict[str, dict]:
     """Build DST, or DST/{labeled,unlabeled[,eval]} with a label split. Returns the indexes by set."""
     opts = opts or BuildOptions(**kw)
@@ -250,43 +291,80 @@ def make_shards(src: str, dst: str, opts: Optional[BuildOptions] = None, **kw) -
     if len(listing) == 0:
         raise ValueError(f"{io.redact(src)}: no images found")
     warn_split_folders(src, listing.class_names)
-    idx = np.arange(len(listing), dtype=np.int64)
-    sets: dict[str, tuple[np.ndarray, bool, list]] = {}
-    if opts.eval_fraction:
-        ev, idx = split_eval(listing, idx, opts.eval_fraction, opts.seed)
-        sets["eval"] = (ev, True, [])
-    runner = _Runner(opts.workers)
+    source, split = normalise_source(src), opts.split()
+    record = read_record(dst)
+    if record is None:
+        _refuse_unrecorded(dst)
+    else:
+        _check_same_build(record, source, opts, dst)
+        _labels_in_record_order(record, listing, dst)
+    diff = diff_listing(record, listing.rels, listing.sizes) if record else None
+    if diff and not opts.extend:
+        raise ValueError(
+            f"{io.redact(src)} has changed since {io.redact(dst)} was planned: {diff.describe()}. Nothing was "
+            f"written. To add the new inputs as new shards (existing shards and the labeled split stay as they "
+            f"are), rerun with --extend; to build from the new listing, give a new destination")
+    runner = None
     try:
-        if opts.labels_per_class or opts.label_fraction:
-            want = (lambda n: opts.labels_per_class) if opts.labels_per_class else \
-                (lambda n: max(1, int(round(opts.label_fraction * n))))
+        if record is None:
+            if opts.dry_run:
+                gen = plan_first(listing, split, lambda ids: [None] * len(ids), None)
+                return {name: _plan_summary(listing, plan) for name, plan in gen.sets.items()}
+            runner = make_runner(opts.workers, opts.ray_address, dst)
             verify = lambda ids: runner.map(_verify_one, [listing.url(i) for i in ids])  # noqa: E731
-            lab, rest, bad = split_labeled(listing, idx, want, opts.seed, verify)
-            if opts.labeled_in_unlabeled:
-                rest = np.union1d(rest, lab)
-            sets["labeled"] = (lab, True, [])
-            sets["unlabeled"] = (rest, False, bad)  # failures are listed with the set they would have fed
-        elif sets:
-            sets["train"] = (idx, not opts.unlabeled, [])
-        else:
-            sets[""] = (idx, not opts.unlabeled, [])
-        if opts.dry_run:
-            return {name: _plan_summary(listing, members, opts) for name, (members, _, _) in sets.items()}
+            hashes = runner.map(_hash_one, [listing.url(i) for i in range(len(listing))]) if opts.dedup else None
+            record = Record(source, opts.plan_options(), list(listing.class_names))
+            write_generation(dst, record, plan_first(listing, split, verify, hashes))
+        elif opts.dry_run:
+            new = _sub_listing(listing, diff.added + diff.changed) if diff else _sub_listing(listing, [])
+            gen = plan_extension(new, split, len(record.generations), _offsets(record), None, {}, [], [])
+            return {name: _plan_summary(new, plan) for name, plan in gen.sets.items()}
+        runner = runner or make_runner(opts.workers, opts.ray_address, dst)
+        stats = _complete(_jobs(dst, record, listing.base, opts.image), runner, opts.progress)
+        if diff:  # --extend: the recorded plan is complete; now the new generation
+            new = _sub_listing(listing, diff.added + diff.changed)
+            hashes = runner.map(_hash_one, [new.url(i) for i in range(len(new))])
+            gen = plan_extension(new, split, len(record.generations), _offsets(record), hashes,
+                                 _existing_hashes(stats), diff.removed, diff.changed)
+            write_generation(dst, record, gen)
+            stats = _complete(_jobs(dst, record, listing.base, opts.image), runner, opts.progress)
+            _report_removed(src, diff)
+        jobs = _jobs(dst, record, listing.base, opts.image)
+        removed = _removed_by_set(record)
         out = {}
-        for name, (members, labeled, bad) in sets.items():
-            url = io.join(dst, name) if name else dst
-            extra = {"includes_labeled": opts.labeled_in_unlabeled} if name == "unlabeled" else None
-            out[name] = write_set(url, listing, members, labeled=labeled, opts=opts, extra_failures=bad,
-                                  runner=runner, source=src, extra_index=extra)
+        for name in set_order(jobs):
+            extra = {"removed_inputs": removed.get(name, 0)}
+            if name == "unlabeled":
+                extra["includes_labeled"] = record.options["labeled_in_unlabeled"]
+            out[name] = _write_index(set_url(dst, name), name, record, jobs[name], stats.get(name, {}), extra)
         return out
     finally:
-        runner.close()
+        if runner is not None:
+            runner.close()
 
 
-def _plan_summary(listing: Listing, members: np.ndarray, opts: BuildOptions) -> dict:
-    shards = plan_shards(listing, members, opts.seed, opts.max_count, opts.max_shard_bytes)
-    return {"count": int(len(members)), "shards": [{"count": int(len(s))} for s in shards],
-            "listed_bytes": int(listing.sizes[members].sum()), "num_failures": 0, "dry_run": True}
+def _removed_by_set(record: Record) -> dict[str, int]:
+    """How many samples of each set come from inputs since removed from the source."""
+    gone = {r for gen in record.generations for r in gen.removed}
+    out: dict[str, int] = {}
+    for gen in record.generations:
+        for name, plan in gen.sets.items():
+            out[name] = out.get(name, 0) + sum(gen.rels[i] in gone for shard in plan.shards for i in shard)
+    return out
+
+
+def _report_removed(src: str, diff) -> None:
+    if diff.removed or diff.changed:
+        log.warning("%s: %d inputs of the build are gone from the source and %d changed in size; their samples stay "
+                    "in the shards (listed in the build record; rebuild into a new destination to drop them)%s",
+                    io.redact(src), len(diff.removed), len(diff.changed),
+                    f", e.g. {(diff.removed or diff.changed)[0]}")
+
+
+def _plan_summary(listing: Listing, plan) -> dict:
+    members = [i for shard in plan.shards for i in shard]
+    return {"count": len(members), "shards": [{"count": len(s)} for s in plan.shards],
+            "listed_bytes": int(listing.sizes[members].sum()) if members else 0, "num_failures": 0, "dry_run": True}
 
 
 def is_complete(dst: str) -> bool:

@@ -6,6 +6,7 @@ after it, so a build killed at any point reruns only the shards without stats.
 """
 from __future__ import annotations
 
+import hashlib
 import io as _io
 import json
 import tarfile
@@ -59,8 +60,9 @@ def _read_or_error(url: str):
 
 
 def write_shard(job: ShardJob) -> dict:
-    """Returns the shard's stats: count, bytes, class counts and the failed inputs with why."""
-    failures, count, hist = [], 0, {}
+    """Returns the shard's stats: count, bytes, class counts, each sample's key and content hash (what
+    ``--extend`` and ``--dedup`` compare new inputs against) and the failed inputs with why."""
+    failures, count, hist, hashes = [], 0, {}, []
     with io.atomic_write(io.join(job.set_url, job.name)) as f, ThreadPoolExecutor(READ_THREADS) as readers:
         with tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
             # reads overlap (object stores answer one GET at a time with latency); order is kept
@@ -80,15 +82,18 @@ def write_shard(job: ShardJob) -> dict:
                 _tar_add(tar, f"{key}.{ext}", payload)
                 if job.labeled:
                     _tar_add(tar, f"{key}.cls", str(label).encode())
-                meta = {"path": rel, **({"label": label} if label >= 0 else {})}
+                sha256 = hashlib.sha256(data).hexdigest()  # of the original bytes, whatever is stored
+                meta = {"path": rel, "sha256": sha256, **({"label": label} if label >= 0 else {})}
                 _tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
                 count += 1
+                hashes.append([key, sha256])
                 if label >= 0:
                     hist[label] = hist.get(label, 0) + 1
         f.flush()
     fs, path = io.filesystem(io.join(job.set_url, job.name))
     stats = {"name": job.name, "count": count, "bytes": int(fs.info(path)["size"]),
-             "class_counts": {str(k): v for k, v in sorted(hist.items())}, "failures": failures}
+             "class_counts": {str(k): v for k, v in sorted(hist.items())}, "failures": failures,
+             "samples": hashes}
     io.write_bytes(io.join(job.set_url, job.stats_name), json.dumps(stats, sort_keys=True).encode())
     return stats
 

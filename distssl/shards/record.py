@@ -1,0 +1,146 @@
+"""The build record: what a shard build planned, kept beside its shards.
+
+A build is a sequence of generations: the first build, then one per ``--extend``. Each generation
+records its inputs (key, listed size, label, content hash when known) and its plan (the inputs of
+every shard of every set), in ``DST/build-gNNN.json.gz``; ``DST/build.json`` holds the source, the
+options that shape the plan and the list of generations. The generation file is written first and
+``build.json`` after it, both before any shard, so:
+
+- a rerun finishes the recorded plan (never a new plan mixed into old shards), and
+- a rerun whose listing or options differ from the record refuses before writing anything, saying
+  what changed (inputs added, removed, changed in size) and what to do.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from distssl.data import io
+
+RECORD_NAME = "build.json"
+FORMAT = "distssl.build/1"
+
+
+@dataclass
+class SetPlan:
+    """One set's part of one generation."""
+    shards: list[list[int]]  # per shard, indices into the generation's inputs
+    first_shard: int = 0  # shard numbers and sample keys continue after the earlier generations'
+    first_key: int = 0
+    failures: list[dict] = field(default_factory=list)  # dropped before writing (bad label candidates, duplicates)
+
+    @property
+    def planned(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+
+@dataclass
+class Generation:
+    rels: list[str]
+    sizes: list[int]
+    labels: list[int]  # index into the record's class names, -1 = none
+    shas: list[Optional[str]]  # sha256 of the input's bytes, when the plan needed it
+    sets: dict[str, SetPlan]
+    removed: list[str] = field(default_factory=list)  # earlier inputs gone from the source at this generation
+    changed: list[str] = field(default_factory=list)  # earlier inputs whose listed size changed (re-added)
+
+    def to_json(self) -> dict:
+        return {"inputs": [[r, s, lab, h] for r, s, lab, h in zip(self.rels, self.sizes, self.labels, self.shas)],
+                "sets": {k: {"shards": p.shards, "first_shard": p.first_shard, "first_key": p.first_key,
+                             "failures": p.failures} for k, p in self.sets.items()},
+                "removed": self.removed, "changed": self.changed}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Generation":
+        rows = d["inputs"]
+        return cls([r[0] for r in rows], [int(r[1]) for r in rows], [int(r[2]) for r in rows],
+                   [r[3] for r in rows],
+                   {k: SetPlan(v["shards"], v["first_shard"], v["first_key"], v["failures"])
+                    for k, v in d["sets"].items()},
+                   list(d.get("removed", [])), list(d.get("changed", [])))
+
+
+@dataclass
+class Record:
+    source: str
+    options: dict
+    class_names: list[str]
+    generations: list[Generation] = field(default_factory=list)
+
+    def current_inputs(self) -> dict[str, int]:
+        """The source as the record knows it: key -> listed size, after every generation."""
+        out: dict[str, int] = {}
+        for gen in self.generations:
+            for rel in gen.removed:
+                out.pop(rel, None)
+            out.update(zip(gen.rels, gen.sizes))
+        return out
+
+
+def normalise_source(src: str) -> str:
+    """The source as recorded: credentials hidden, local paths absolute, no trailing slash."""
+    src = str(src).rstrip("/")
+    if "://" not in src:
+        src = os.path.abspath(src)
+    return io.redact(src)
+
+
+def _gen_name(g: int) -> str:
+    return f"build-g{g:03d}.json.gz"
+
+
+def read_record(dst: str) -> Optional[Record]:
+    try:
+        head = json.loads(io.read_bytes(io.join(dst, RECORD_NAME)))
+    except FileNotFoundError:
+        return None
+    if head.get("format") != FORMAT:
+        raise ValueError(f"{io.redact(dst)}/{RECORD_NAME}: unknown build record format {head.get('format')!r}")
+    gens = [Generation.from_json(json.loads(gzip.decompress(io.read_bytes(io.join(dst, _gen_name(g))))))
+            for g in range(len(head["generations"]))]
+    return Record(head["source"], head["options"], list(head["class_names"]), gens)
+
+
+def write_generation(dst: str, record: Record, gen: Generation) -> None:
+    """Append ``gen``: its file first, then build.json, which is what makes it part of the record."""
+    g = len(record.generations)
+    body = json.dumps(gen.to_json(), separators=(",", ":")).encode()
+    io.write_bytes(io.join(dst, _gen_name(g)), gzip.compress(body, mtime=0))  # same bytes on a rerun
+    record.generations.append(gen)
+    summary = [{"file": _gen_name(i), "inputs": len(x.rels), "removed": len(x.removed),
+                "sets": {k: {"shards": len(p.shards), "planned": p.planned} for k, p in x.sets.items()}}
+               for i, x in enumerate(record.generations)]
+    head = {"format": FORMAT, "source": record.source, "options": record.options,
+            "class_names": record.class_names, "generations": summary}
+    io.write_bytes(io.join(dst, RECORD_NAME), json.dumps(head, indent=1).encode())
+
+
+@dataclass
+class Diff:
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+    def describe(self) -> str:
+        return (f"{len(self.added)} inputs added, {len(self.removed)} removed, "
+                f"{len(self.changed)} changed in size")
+
+
+def diff_listing(record: Record, rels: list[str], sizes) -> Diff:
+    known = record.current_inputs()
+    now = dict(zip(rels, (int(s) for s in sizes)))
+    added = sorted(r for r in now if r not in known)
+    removed = sorted(r for r in known if r not in now)
+    changed = sorted(r for r, s in now.items() if r in known and s and known[r] and s != known[r])
+    return Diff(added, removed, changed)
+
+
+def option_changes(recorded: dict, now: dict) -> list[str]:
+    return [f"{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(recorded) | set(now))
+            if recorded.get(k) != now.get(k)]
