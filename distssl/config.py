@@ -89,10 +89,56 @@ class DeepSpeedConfig:
     timeout_minutes: int = 10  # collective timeout: a dead peer fails the run this fast
 
 
+class DataSpec:
+    """Annotation of a key that takes one shard set or several, each with an optional weight:
+    ``s3://a/unlabeled``; ``[s3://a/unlabeled, s3://b/unlabeled]`` (every sample once per epoch);
+    ``{s3://a/unlabeled: 3, s3://b/unlabeled: 1}`` or ``[{path: ..., weight: 3}, ...]`` (each set's
+    share of the samples drawn). Stored as the string for one unweighted set, else as a list of
+    ``{path, weight}``."""
+
+
+def data_sources(spec: Any) -> list[tuple[str, Optional[float]]]:
+    """A DataSpec value (as stored, or in any form the config accepts) as [(path, weight or None), ...]."""
+    spec = _coerce_sources("data spec", spec)
+    if isinstance(spec, str):
+        return [(spec, None)] if spec else []
+    return [(d["path"], d["weight"]) for d in spec]
+
+
+def _coerce_sources(key: str, value: Any) -> Any:
+    if isinstance(value, str) or value is None:
+        return value or ""
+    if isinstance(value, dict):
+        value = [{"path": k, "weight": w} for k, w in value.items()]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{key}: expected a shard set, a list of them, or a mapping of shard set -> weight, "
+                          f"got {value!r}")
+    items = []
+    for i, v in enumerate(value):
+        if isinstance(v, str):
+            v = {"path": v, "weight": None}
+        if not isinstance(v, dict) or set(v) - {"path", "weight"} or not isinstance(v.get("path"), str):
+            raise ConfigError(f"{key}[{i}]: expected a path or {{path: ..., weight: ...}}, got {v!r}")
+        w = v.get("weight")
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0):
+            raise ConfigError(f"{key}[{i}]: weight must be a number > 0, got {w!r}")
+        items.append({"path": v["path"], "weight": None if w is None else float(w)})
+    paths = [d["path"] for d in items]
+    if len(set(paths)) < len(paths):
+        raise ConfigError(f"{key}: a shard set is listed twice ({paths}); give it a larger weight instead")
+    weighted = [d["weight"] is not None for d in items]
+    if any(weighted) and not all(weighted):
+        raise ConfigError(f"{key}: give every set a weight, or none (then every sample is read once per epoch)")
+    if len(items) == 1 and items[0]["weight"] is None:
+        return items[0]["path"]
+    return items
+
+
 @dataclass
 class DataConfig:
-    labeled: str = ""
-    unlabeled: str = ""
+    # one shard set (folder/URL with index.json, or a brace pattern), or several with weights (DataSpec)
+    labeled: DataSpec = ""
+    unlabeled: DataSpec = ""
     eval: str = ""
     # when set, the bundled MNIST-5k demo shards are built here if missing, and only when data.labeled /
     # unlabeled / eval are the demo's sets under it
@@ -147,6 +193,8 @@ RESUMABLE_CHANGES = {
 
 
 def _type_name(tp: Any) -> str:
+    if tp is DataSpec:
+        return "shard set(s)"
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if _optional_inner(tp) is not None:
@@ -164,6 +212,8 @@ def _optional_inner(tp: Any) -> Any:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    if tp is DataSpec:
+        return _coerce_sources(key, value)
     inner = _optional_inner(tp)
     if inner is not None:
         return None if value is None else _coerce(key, value, inner)
@@ -326,9 +376,11 @@ def check_paths(cfg: Config) -> None:
     from distssl.data.index import describe_missing
 
     for key in ("labeled", "unlabeled", "eval"):
-        problem = describe_missing(getattr(cfg.data, key))
-        if problem:
-            raise ConfigError(f"data.{key}: {problem}")
+        sources = data_sources(getattr(cfg.data, key))
+        for i, (path, _) in enumerate(sources):
+            problem = describe_missing(path)
+            if problem:
+                raise ConfigError(f"data.{key}{f'[{i}]' if len(sources) > 1 else ''}: {problem}")
     if cfg.model.pretrained and "://" not in cfg.model.pretrained and not os.path.exists(cfg.model.pretrained):
         raise ConfigError(f"model.pretrained: {cfg.model.pretrained} does not exist (give a local file or URL)")
     out = Path(cfg.run.out_dir)

@@ -46,7 +46,8 @@ def uses_demo_data(data_cfg) -> bool:
     if not data_cfg.demo_root:
         return False
     paths = demo_paths(data_cfg.demo_root)
-    return any(os.path.normpath(str(getattr(data_cfg, k) or "")) == os.path.normpath(paths[k])
+    return any(isinstance(getattr(data_cfg, k), str)
+               and os.path.normpath(getattr(data_cfg, k) or "") == os.path.normpath(paths[k])
                for k in ("labeled", "unlabeled", "eval"))
 
 

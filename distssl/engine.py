@@ -439,7 +439,8 @@ class Trainer:
         metrics = MetricsWriter(str(self.out), is_main, self.step, t.steps)
         if resumed is not None:
             metrics.message(f"resumed from {self.ckpt_dir / ckpt.tag_for(resumed)} at step {resumed}")
-        labeled = self._train_batches("labeled", self.labeled, self.B, labeled_item(self.views))
+        labeled = self._train_batches("labeled", self.labeled, self.B,
+                                      labeled_item(self.views, self.label_maps.get("labeled")))
         make_unlabeled = unlabeled_plan_item if cfg.data.augment_on == "device" else unlabeled_item
         unlabeled = (self._train_batches("unlabeled", self.unlabeled, self.B * cfg.ssl.mu,
                                          make_unlabeled(self.views, self.label_maps.get("unlabeled")))

@@ -73,45 +73,48 @@ def class_label_map(reference: list[str], names: list[str]) -> list[int]:
     return [reference.index(n) for n in names]
 
 
-def check_classes(cfg: Config) -> Optional[dict[str, list[int]]]:
+def check_classes(cfg: Config) -> Optional[dict[str, dict[int, list[int]]]]:
     """Every set that names its classes names the same ones, in the same order (label i is one class
-    everywhere), and as many as the model has. ``data.class_match=by_name`` accepts the same names in
-    another order (returns the label maps that put them in the labeled set's order); ``by_index``
-    accepts any names, trusting the label numbers."""
-    from distssl.data.index import resolve
+    everywhere), and as many as the model has; with several sets under one key, each of them.
+    ``data.class_match=by_name`` accepts the same names in another order (returns the label maps,
+    by key and source, that put them in the labeled set's order); ``by_index`` accepts any names,
+    trusting the label numbers."""
+    from distssl.config import data_sources
+    from distssl.data.index import resolve_one
 
-    sets = {}
+    sets = []  # (key, source, how the user named it, its shard set)
     for key in ("labeled", "unlabeled", "eval"):
-        try:
-            sets[key] = resolve(getattr(cfg.data, key))
-        except FileNotFoundError:
-            continue  # a missing set is check_paths' to report (or the demo's, still to be built)
-    for key in ("labeled", "eval"):
-        s = sets.get(key)
-        if s is not None and s.num_classes is not None and s.num_classes != cfg.model.num_classes:
-            raise ConfigError(f"model.num_classes={cfg.model.num_classes} but data.{key} has {s.num_classes} classes "
+        sources = data_sources(getattr(cfg.data, key))
+        for i, (path, _) in enumerate(sources):
+            try:
+                shards = resolve_one(path)
+            except FileNotFoundError:
+                continue  # a missing set is check_paths' to report (or the demo's, still to be built)
+            sets.append((key, i, f"data.{key}" + (f"[{i}]" if len(sources) > 1 else ""), shards))
+    for key, _, where, s in sets:
+        if key != "unlabeled" and s.num_classes is not None and s.num_classes != cfg.model.num_classes:
+            raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {where} has {s.num_classes} classes "
                               f"({', '.join(s.class_names[:5])}{'...' if len(s.class_names) > 5 else ''})")
-    named = {k: s.class_names for k, s in sets.items() if s.class_names}
+    named = [(key, i, where, s.class_names) for key, i, where, s in sets if s.class_names]
     if len(named) < 2:
         return None
-    ref_key = "labeled" if "labeled" in named else next(iter(named))
-    ref = named[ref_key]
-    maps = {}
-    for key, names in named.items():
+    _, _, ref_where, ref = next((x for x in named if x[0] == "labeled"), named[0])
+    maps: dict[str, dict[int, list[int]]] = {}
+    for key, i, where, names in named:
         if names == ref:
             continue
         match = cfg.data.class_match
         if match == "by_index":
-            log.warning("data.%s names its classes %s, data.%s %s: data.class_match=by_index trusts the label "
-                        "numbers", key, _short(names), ref_key, _short(ref))
+            log.warning("%s names its classes %s, %s %s: data.class_match=by_index trusts the label "
+                        "numbers", where, _short(names), ref_where, _short(ref))
             continue
         if match == "by_name" and sorted(names) == sorted(ref):
-            maps[key] = class_label_map(ref, names)
+            maps.setdefault(key, {})[i] = class_label_map(ref, names)
             continue
         only_here, only_ref = [n for n in names if n not in ref], [n for n in ref if n not in names]
-        diff = (f"only in data.{key}: {_short(only_here)}, only in data.{ref_key}: {_short(only_ref)}"
+        diff = (f"only in {where}: {_short(only_here)}, only in {ref_where}: {_short(only_ref)}"
                 if only_here or only_ref else "the same names in another order")
-        raise ConfigError(f"data.{key} has classes {_short(names)} but data.{ref_key} has {_short(ref)} ({diff}): label i "
+        raise ConfigError(f"{where} has classes {_short(names)} but {ref_where} has {_short(ref)} ({diff}): label i "
                           f"must mean the same class in every set. Rebuild the shards from class folders with the "
                           f"same names, or set data.class_match=by_name (same names in another order: labels "
                           f"remapped by name) or data.class_match=by_index (the label numbers already agree)")

@@ -91,7 +91,11 @@ def _absolute_paths(cfg: Config) -> None:
                          ("model", "pretrained"), ("run", "out_dir"), ("deepspeed", "template")):
         obj = getattr(cfg, section)
         value = getattr(obj, key)
-        if value and "://" not in value and not os.path.isabs(value):
+        if isinstance(value, list):  # several shard sets (config.DataSpec)
+            for item in value:
+                if "://" not in item["path"] and not os.path.isabs(item["path"]):
+                    item["path"] = os.path.abspath(item["path"])
+        elif value and "://" not in value and not os.path.isabs(value):
             setattr(obj, key, os.path.abspath(value))
 
 

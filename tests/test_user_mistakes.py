@@ -52,7 +52,7 @@ def test_class_match_maps_names_in_another_order_or_trusts_the_numbers(tiny_data
     with pytest.raises(ConfigError, match="data.eval has classes"):
         check_classes(load_config(DEMO, base))
     maps = check_classes(load_config(DEMO, base + ["data.class_match=by_name"]))
-    assert maps == {"eval": list(range(9, -1, -1))}  # eval label i is labeled class 9 - i
+    assert maps == {"eval": {0: list(range(9, -1, -1))}}  # eval label i is labeled class 9 - i
     assert check_classes(load_config(DEMO, base + ["data.class_match=by_index"])) == {}
 
 

@@ -2,14 +2,20 @@
 
 A data spec is either a shard-set folder/URL holding ``index.json`` or a WebDataset brace
 pattern (``shards/train-{000000..000009}.tar``); with a pattern, per-shard counts are unknown.
+Several specs, each with an optional weight, resolve to one :class:`ShardSet` over all their shards
+whose epochs draw from each source its share (MosaicML Streaming's ``proportion``): without
+weights every shard once per epoch; with weights, source i gives w_i / sum(w) of an epoch's samples,
+as whole shards taken in turn from its own endless sequence of seeded permutations, so every shard
+of a source is read equally often and an epoch's shard list is a pure function of (seed, epoch).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import braceexpand
+import numpy as np
 
 from distssl.data import io
 
@@ -26,10 +32,47 @@ class ShardSet:
     class_names: list[str] = field(default_factory=list)
     class_histogram: list[int] = field(default_factory=list)
     labeled: Optional[bool] = None
+    # several sources: which one each shard comes from, each source's first shard, and its weight
+    shard_source: list[int] = field(default_factory=list)
+    source_specs: list[str] = field(default_factory=list)
+    source_starts: list[int] = field(default_factory=list)
+    weights: Optional[list[float]] = None
 
     @property
     def total(self) -> Optional[int]:
         return sum(self.counts) if self.counts is not None else None
+
+    def source_of(self, shard: int) -> int:
+        return self.shard_source[shard] if self.shard_source else 0
+
+    def shards_per_epoch(self) -> list[int]:
+        """How many shards each source gives an epoch (weights only): source i's share of the
+        samples, w_i / sum(w) of them all, in whole shards of its average size, at least one."""
+        starts = self.source_starts + [len(self.urls)]
+        n_shards = [starts[i + 1] - starts[i] for i in range(len(self.source_starts))]
+        if self.counts is not None:
+            n_samples = [sum(self.counts[starts[i]:starts[i + 1]]) for i in range(len(n_shards))]
+        else:
+            n_samples = n_shards  # unknown counts: shards stand in for samples
+        total, wsum = sum(n_samples), sum(self.weights)
+        return [max(1, int(round(w / wsum * total * s / max(1, n))))
+                for w, s, n in zip(self.weights, n_shards, n_samples)]
+
+    def epoch_shards(self, seed: int, epoch: int) -> np.ndarray:
+        """The shards of one epoch, in order: a pure function of (seed, epoch)."""
+        order_rng = np.random.default_rng([seed, epoch])
+        if not self.weights:
+            return order_rng.permutation(len(self.urls))
+        starts = self.source_starts + [len(self.urls)]
+        chosen = []
+        for i, k in enumerate(self.shards_per_epoch()):
+            n, cycles = starts[i + 1] - starts[i], {}
+            for pos in range(epoch * k, (epoch + 1) * k):  # source i's endless shard sequence
+                c = pos // n
+                if c not in cycles:
+                    cycles[c] = np.random.default_rng([seed, 7919, i, c]).permutation(n)
+                chosen.append(starts[i] + int(cycles[c][pos % n]))
+        return order_rng.permutation(np.asarray(chosen, dtype=np.int64))
 
 
 def is_pattern(spec: str) -> bool:
@@ -61,8 +104,40 @@ def read_index(spec: str) -> dict:
         raise FileNotFoundError(f"{io.redact(spec)}: no {INDEX_NAME} (not a complete shard set)") from None
 
 
-def resolve(spec: str) -> ShardSet:
-    """Turn a data spec into shard URLs plus whatever the index knows."""
+def resolve(spec: Any) -> ShardSet:
+    """Turn a data spec (one set, or several with weights: config.DataSpec) into one ShardSet."""
+    from distssl.config import data_sources
+
+    sources = data_sources(spec)
+    if len(sources) == 1 and sources[0][1] is None:
+        return resolve_one(sources[0][0])
+    parts = [resolve_one(path) for path, _ in sources]
+    names = [p.class_names for p in parts]
+    same_classes = all(n == names[0] for n in names)
+    weights = [w for _, w in sources] if sources[0][1] is not None else None
+    out = ShardSet(
+        spec=", ".join(path for path, _ in sources),
+        urls=[u for p in parts for u in p.urls],
+        counts=[c for p in parts for c in p.counts] if all(p.counts is not None for p in parts) else None,
+        num_classes=parts[0].num_classes if same_classes else None,
+        class_names=names[0] if same_classes else [],
+        labeled=parts[0].labeled if all(p.labeled == parts[0].labeled for p in parts) else None,
+        shard_source=[i for i, p in enumerate(parts) for _ in p.urls],
+        source_specs=[path for path, _ in sources],
+        source_starts=list(np.cumsum([0] + [len(p.urls) for p in parts[:-1]]).tolist()),
+        weights=weights,
+    )
+    if same_classes and all(p.class_histogram for p in parts):
+        # the classes as an epoch draws them: each source's histogram times its shards read per shard
+        repeat = ([k / len(p.urls) for k, p in zip(out.shards_per_epoch(), parts)] if weights
+                  else [1.0] * len(parts))
+        out.class_histogram = [sum(r * p.class_histogram[c] for r, p in zip(repeat, parts))
+                               for c in range(len(parts[0].class_histogram))]
+    return out
+
+
+def resolve_one(spec: str) -> ShardSet:
+    """Turn one set's spec into shard URLs plus whatever the index knows."""
     if is_pattern(spec):
         return ShardSet(spec=spec, urls=list(braceexpand.braceexpand(spec)))
     index = read_index(spec)

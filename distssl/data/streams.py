@@ -49,6 +49,7 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 class Raw:
     key: str
     fields: dict[str, bytes]
+    source: int = 0  # which of the stream's shard sets it comes from (their label maps differ)
 
 
 # --- stages --------------------------------------------------------------------------------------
@@ -101,14 +102,17 @@ def _is_transient(e: Exception) -> bool:
     return cause is not None and not isinstance(cause, (tarfile.TarError, EOFError))
 
 
-def shard_groups(n_shards: int, g: int, G: int, seed: int, group_size: int = 1) -> Iterator[tuple[int, list[int]]]:
-    """Infinite (epoch, shards read together) sequence of global worker ``g`` of ``G``: each epoch is a
-    (seed, epoch) permutation of the shards, split over the workers, and this worker's part is cut
-    into groups of at most ``group_size`` shards (balanced sizes) whose samples are mixed."""
+def shard_groups(n_shards: int, g: int, G: int, seed: int, group_size: int = 1,
+                 epoch_shards: Optional[Callable[[int, int], np.ndarray]] = None) -> Iterator[tuple[int, list[int]]]:
+    """Infinite (epoch, shards read together) sequence of global worker ``g`` of ``G``: each epoch's
+    shard list (a (seed, epoch) permutation of the shards, or ``epoch_shards(seed, epoch)`` for
+    weighted sources) is split over the workers, and this worker's part is cut into groups of at
+    most ``group_size`` shards (balanced sizes) whose samples are mixed."""
     epoch = 0
     while True:
-        perm = np.random.default_rng([seed, epoch]).permutation(n_shards)
-        mine = perm[g::G] if n_shards >= G else perm[[g % n_shards]]
+        perm = (epoch_shards(seed, epoch) if epoch_shards is not None
+                else np.random.default_rng([seed, epoch]).permutation(n_shards))
+        mine = perm[g::G] if len(perm) >= G else perm[[g % len(perm)]]
         for group in np.array_split(mine, -(-len(mine) // group_size)):
             yield epoch, [int(s) for s in group]
         epoch += 1
@@ -185,7 +189,7 @@ class TrainStream(IterableDataset):
         n = len(self.shards.urls)
         counts = self.shards.counts
         pos = 0
-        for epoch, group in shard_groups(n, g, G, self.seed, self.interleave_shards):
+        for epoch, group in shard_groups(n, g, G, self.seed, self.interleave_shards, self.shards.epoch_shards):
             total = sum(counts[s] for s in group) if counts is not None else None
             if total is not None and pos + total <= skip:
                 pos += total  # skipped without opening its shards
@@ -194,12 +198,14 @@ class TrainStream(IterableDataset):
             if self.trace_dir:
                 for s in group:
                     self._trace(g, epoch, s, pos)
-            sources = {s: resilient_samples(self.shards.urls[s]) for s in group}
-            remaining = {s: counts[s] for s in group} if counts is not None else None
-            mixed = interleave(sources, remaining, rng, self._shard_failed)
-            for s, raw in buffer_shuffle(mixed, self.shuffle_buffer, rng):
+            # keyed by slot: a weighted source may put one shard twice into a group
+            sources = {j: resilient_samples(self.shards.urls[s]) for j, s in enumerate(group)}
+            remaining = {j: counts[s] for j, s in enumerate(group)} if counts is not None else None
+            failed = lambda j, read, e, group=group: self._shard_failed(group[j], read, e)  # noqa: E731
+            mixed = interleave(sources, remaining, rng, failed)
+            for j, raw in buffer_shuffle(mixed, self.shuffle_buffer, rng):
                 if pos >= skip:
-                    yield pos, s, raw
+                    yield pos, group[j], raw
                 pos += 1
 
     def _shard_failed(self, shard: int, read: int, e: Exception) -> None:
@@ -220,6 +226,7 @@ class TrainStream(IterableDataset):
         pack = _collate_for(self.ring_slots)
         items, skipped, warned = [], 0, set()
         for pos, s, raw in self._raw_sequence(g, G, self.cursors.get(g, 0)):
+            raw.source = self.shards.source_of(s)
             rng = random.Random(sample_seed(self.seed, g, pos))
             item = self.make_item(raw, rng)
             if item is None:
@@ -316,16 +323,20 @@ def _label(raw: Raw) -> Optional[int]:
     return None
 
 
-def _meta_label(raw: Raw, label_map: Optional[list[int]] = None) -> int:
+LabelMaps = Optional[dict[int, list[int]]]  # per source of a stream: its labels in the labeled set's order
+
+
+def _meta_label(raw: Raw, label_maps: LabelMaps = None) -> int:
     try:
         label = int(json.loads(raw.fields["json"]).get("label", -1)) if "json" in raw.fields else -1
     except (ValueError, AttributeError):
         return -1
-    return _mapped(label, label_map)
+    return _mapped(label, raw, label_maps)
 
 
-def _mapped(label: Optional[int], label_map: Optional[list[int]]) -> Optional[int]:
+def _mapped(label: Optional[int], raw: Raw, label_maps: LabelMaps) -> Optional[int]:
     """A set's label in the labeled set's class order (data.class_match=by_name)."""
+    label_map = label_maps.get(raw.source) if label_maps else None
     if label_map is None or label is None or not 0 <= label < len(label_map):
         return label
     return label_map[label]
@@ -341,25 +352,25 @@ def _decode_or_none(raw: Raw, decode_bytes: Callable[[bytes], "object"]):
         return None
 
 
-def labeled_item(views: Views) -> Callable:
+def labeled_item(views: Views, label_maps: LabelMaps = None) -> Callable:
     def make(raw: Raw, rng: random.Random) -> Optional[dict]:
-        label = _label(raw)
+        label = _mapped(_label(raw), raw, label_maps)
         img = _decode_or_none(raw, lambda data: views.base(data, rng)) if label is not None else None
         return None if img is None else {"x": views.weak(img, rng), "y": label}
     return make
 
 
-def unlabeled_item(views: Views, label_map: Optional[list[int]] = None) -> Callable:
+def unlabeled_item(views: Views, label_maps: LabelMaps = None) -> Callable:
     """Both views come from one decode (and, with data.crop=random_resized, one crop) of the image."""
     def make(raw: Raw, rng: random.Random) -> Optional[dict]:
         img = _decode_or_none(raw, lambda data: views.base(data, rng))
         if img is None:
             return None
-        return {"weak": views.weak(img, rng), "strong": views.strong(img, rng), "y_true": _meta_label(raw, label_map)}
+        return {"weak": views.weak(img, rng), "strong": views.strong(img, rng), "y_true": _meta_label(raw, label_maps)}
     return make
 
 
-def unlabeled_plan_item(views: Views, label_map: Optional[list[int]] = None) -> Callable:
+def unlabeled_plan_item(views: Views, label_maps: LabelMaps = None) -> Callable:
     """``data.augment_on=device``: the decoded (and cropped) base image and the random choices of both
     views, drawn from the sample's rng in the loader path's order; the views are made on the device
     (distssl.data.device_augment)."""
@@ -371,13 +382,13 @@ def unlabeled_plan_item(views: Views, label_map: Optional[list[int]] = None) -> 
         if img is None:
             return None
         return {"base": to_uint8(img), "plan_weak": torch.tensor(weak_plan(views, rng)),
-                "plan_strong": torch.tensor(strong_plan(views, rng)), "y_true": _meta_label(raw, label_map)}
+                "plan_strong": torch.tensor(strong_plan(views, rng)), "y_true": _meta_label(raw, label_maps)}
     return make
 
 
-def eval_item(views: Views, label_map: Optional[list[int]] = None) -> Callable:
+def eval_item(views: Views, label_maps: LabelMaps = None) -> Callable:
     def make(raw: Raw, rng) -> Optional[dict]:
-        label = _mapped(_label(raw), label_map)
+        label = _mapped(_label(raw), raw, label_maps)
         img = _decode_or_none(raw, views.eval_image) if label is not None else None
         return None if img is None else {"x": views.eval(img), "y": label}
     return make
