@@ -32,8 +32,8 @@ from distssl import preflight
 from distssl.config import Config, ConfigError, dump_yaml, resume_conflicts
 from distssl.data.index import ShardSet, resolve
 from distssl.data import device_augment
-from distssl.data.streams import (EvalStream, TrainStream, eval_item, labeled_item, loader, unlabeled_item,
-                                  unlabeled_plan_item)
+from distssl.data.streams import (DataError, EvalStream, TrainStream, eval_item, labeled_item, loader,  # noqa: F401
+                                  unlabeled_item, unlabeled_plan_item)
 from distssl.data.transforms import Views, normalize
 from distssl.metrics import MetricsWriter, plot
 from distssl.export import META_NAME, WEIGHTS_NAME, gather_ema_state, model_meta, write_export
@@ -51,10 +51,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def _nanmean_by_key(values: dict[str, list[float]]) -> dict[str, float]:
     """Mean of each key ignoring NaNs (e.g. pseudo-label accuracy when no label passed tau); NaN if all are."""
     return {k: float("nan") if all(math.isnan(x) for x in v) else float(np.nanmean(v)) for k, v in values.items()}
-
-
-class DataError(RuntimeError):
-    """The data is broken beyond what skipping can absorb."""
 
 
 # --- process group ------------------------------------------------------------------------------

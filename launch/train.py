@@ -78,7 +78,10 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
+        msg = str(e).strip()
+        if "Original Traceback" in msg:  # raised in a loader worker: the message is its last line
+            msg = msg.splitlines()[-1].split("DataError: ", 1)[-1]
+        print(f"data error: {msg}", file=sys.stderr)
         return 3
     except RuntimeError as e:
         if not _is_peer_failure(e):

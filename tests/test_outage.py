@@ -115,7 +115,7 @@ def test_a_build_that_loses_the_store_fails_cleanly_and_the_rerun_completes(tiny
 
 
 def test_a_build_that_cannot_reach_the_store_at_all_says_to_rerun(tmp_path):
-    """The first thing a rerun does is look for finished shards' stats: a store that is down then
+    """The first thing a build does is look for its record (build.json): a store that is down then
     (a botocore error, not an OSError) must give the same clean message, not a traceback."""
     from PIL import Image
 
@@ -130,4 +130,4 @@ def test_a_build_that_cannot_reach_the_store_at_all_says_to_rerun(tmp_path):
                         "--unlabeled", "--quiet"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 1, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and "Rerun the same command" in r.stderr, r.stderr[-2000:]
-    assert "s3://nowhere/set/shard-000000.stats.json" in r.stderr
+    assert "s3://nowhere/set/build.json" in r.stderr  # names what it could not read

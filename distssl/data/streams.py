@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
+class DataError(RuntimeError):
+    """The data cannot feed the run: too many unusable samples, or a stream with nothing readable."""
+
+
 @dataclass
 class Raw:
     key: str
@@ -87,8 +91,8 @@ def resilient_samples(url: str, attempts: int = 6, base_delay: float = 0.5) -> I
         except (FileNotFoundError, PermissionError):
             raise
         except Exception as e:  # network errors come as many types (OSError, aiohttp, botocore)
-            if isinstance(e, tarfile.TarError) and not _is_transient(e):
-                raise
+            if is_damage(e):
+                raise  # permanent: retrying would read the same bytes
             if attempt == attempts - 1:
                 raise
             log.warning("shard %s: %s after %d samples; retrying in %.1fs", io.redact(url), e, done, delay)
@@ -96,10 +100,13 @@ def resilient_samples(url: str, attempts: int = 6, base_delay: float = 0.5) -> I
             delay = min(2 * delay, 30.0)
 
 
-def _is_transient(e: Exception) -> bool:
-    """A truncated tar is damage, not a network blip; a wrapped connection error is transient."""
-    cause = e.__cause__ or e.__context__
-    return cause is not None and not isinstance(cause, (tarfile.TarError, EOFError))
+def is_damage(e: BaseException) -> bool:
+    """Permanent damage (a bad or cut tar header: the bytes are wrong) rather than a passing outage (a
+    refused or cut connection, which a wrapped cause shows: retried)."""
+    if not isinstance(e, (tarfile.TarError, EOFError)):
+        return False
+    cause = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
+    return cause is None or isinstance(cause, (tarfile.TarError, EOFError))
 
 
 def shard_groups(n_shards: int, g: int, G: int, seed: int, group_size: int = 1,
@@ -181,6 +188,8 @@ class TrainStream(IterableDataset):
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.make_item, self.cursors = make_item, dict(cursors or {})
         self.interleave_shards = interleave_shards
+        self._unread = 0  # samples of damaged shards never read, counted into the next batch's "skipped"
+        self._first_error: Optional[str] = None
 
     def _raw_sequence(self, g: int, G: int, skip: int) -> Iterator[tuple[int, int, Raw]]:
         """(position, shard, raw sample) from position ``skip`` on. A group of shards whose index
@@ -189,11 +198,17 @@ class TrainStream(IterableDataset):
         n = len(self.shards.urls)
         counts = self.shards.counts
         pos = 0
+        current, opened, read = -1, [], 0  # this epoch's shards opened and samples read by this reader
         for epoch, group in shard_groups(n, g, G, self.seed, self.interleave_shards, self.shards.epoch_shards):
+            if epoch != current:
+                self._check_epoch(opened, read)
+                current, opened, read = epoch, [], 0
             total = sum(counts[s] for s in group) if counts is not None else None
             if total is not None and pos + total <= skip:
                 pos += total  # skipped without opening its shards
+                read += total
                 continue
+            opened += group
             rng = random.Random(f"shuffle:{self.seed}:{epoch}:{group[0]}:{g}")
             if self.trace_dir:
                 for s in group:
@@ -204,14 +219,30 @@ class TrainStream(IterableDataset):
             failed = lambda j, read, e, group=group: self._shard_failed(group[j], read, e)  # noqa: E731
             mixed = interleave(sources, remaining, rng, failed)
             for j, raw in buffer_shuffle(mixed, self.shuffle_buffer, rng):
+                read += 1
                 if pos >= skip:
                     yield pos, group[j], raw
                 pos += 1
 
+    def _check_epoch(self, opened: list[int], read: int) -> None:
+        """A reader that went through a whole epoch of its shards without one sample would cycle
+        through epochs for ever (and its loader never hand over a batch): stop, naming the set."""
+        if opened and read == 0:
+            raise DataError(f"data.{self.name}: not one sample could be read in a whole epoch of this reader's "
+                            f"{len(opened)} shard(s) (e.g. {io.redact(self.shards.urls[opened[0]])}: "
+                            f"{self._first_error or 'no samples'}). The shards are damaged or unreachable: check "
+                            f"them with tools/inspect_shards.py --verify, or rebuild them")
+
     def _shard_failed(self, shard: int, read: int, e: Exception) -> None:
-        """A damaged shard (or one unreachable after retries) is skipped, not fatal."""
-        log.warning("shard %s: unreadable past sample %d (%s: %s); going on without it",
-                    io.redact(self.shards.urls[shard]), read, type(e).__name__, e)
+        """A damaged shard (or one unreachable after retries) is skipped, not fatal, and the samples it
+        still held (by the index, else one) count as skipped toward train.max_bad_fraction."""
+        counts = self.shards.counts
+        unread = max(1, counts[shard] - read) if counts is not None else 1
+        self._unread += unread
+        self._first_error = self._first_error or f"{type(e).__name__}: {e}"
+        kind = "damaged" if is_damage(e) else "unreachable after retries"
+        log.warning("shard %s: %s past sample %d (%s: %s); going on without it (%d samples counted as skipped)",
+                    io.redact(self.shards.urls[shard]), kind, read, type(e).__name__, e, unread)
 
     def _trace(self, g: int, epoch: int, shard: int, pos: int) -> None:
         """One JSON line per shard opened: which global worker read which shard in which epoch."""
@@ -240,6 +271,7 @@ class TrainStream(IterableDataset):
             items.append(item)
             if len(items) == self.batch_size:
                 batch = pack(items)
+                skipped, self._unread = skipped + self._unread, 0
                 batch["worker"], batch["cursor"], batch["skipped"] = g, pos + 1, skipped
                 yield batch
                 items, skipped = [], 0

@@ -14,7 +14,11 @@ def _octal(field: bytes) -> int:
     if field and field[0] & 0x80:  # GNU base-256 for big sizes
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:  # not a number where a header keeps one: the block is not a tar header
+        raise tarfile.ReadError(f"bad tar header (damaged shard): {bytes(text[:12])!r} is not an octal "
+                                f"number") from None
 
 
 _ZERO_BLOCK = b"\0" * 512
