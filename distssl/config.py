@@ -26,6 +26,9 @@ class RunConfig:
     seed: int = 0
     log_every: int = 10
     trace_shards: bool = False  # debugging: log which shards each rank/worker reads, per epoch (out_dir/trace/)
+    # a scheduler's preemption signals: on any of them every rank saves a complete checkpoint at the
+    # next step boundary and the run exits 75 ("rerun to resume"); [] = die on them as before
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass
@@ -188,7 +191,7 @@ class Config:
 RESUMABLE_CHANGES = {
     "train.steps", "train.eval_every", "train.ckpt_every", "train.keep_checkpoints",
     "train.eval_batch_size", "run.log_every", "train.max_bad_fraction", "data.demo_root",
-    "deepspeed.timeout_minutes", "run.out_dir", "run.trace_shards",
+    "deepspeed.timeout_minutes", "run.out_dir", "run.trace_shards", "run.preempt_signals",
 }
 
 
@@ -340,6 +343,9 @@ def validate(cfg: Config) -> None:
     _check(t.num_workers >= 0, "train.num_workers", t.num_workers, ">= 0")
     _check(0.0 <= t.max_bad_fraction <= 1.0, "train.max_bad_fraction", t.max_bad_fraction, "0..1")
     _check(cfg.run.log_every >= 1, "run.log_every", cfg.run.log_every, ">= 1")
+    for name in cfg.run.preempt_signals:
+        _check(name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT"), "run.preempt_signals", name,
+               "SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP or SIGCONT")
     _check(o.lr > 0, "optim.lr", o.lr, "> 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
     _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "0 <= momentum < 1")

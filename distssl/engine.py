@@ -36,6 +36,7 @@ from distssl.data.streams import (DataError, EvalStream, TrainStream, eval_item,
                                   unlabeled_item, unlabeled_plan_item)
 from distssl.data.transforms import Views, normalize
 from distssl.metrics import MetricsWriter, plot
+from distssl.preempt import Preempted, PreemptWatch
 from distssl.export import META_NAME, WEIGHTS_NAME, gather_ema_state, model_meta, write_export
 from distssl.models import create_model, fill_input_defaults, param_groups
 from distssl.schedule import lr_factor
@@ -164,6 +165,7 @@ class Trainer:
         import deepspeed
 
         self.cfg, self.rank, self.world, self.on_eval = cfg, rank, world, on_eval
+        self.preempt = PreemptWatch(cfg.run.preempt_signals, cfg.run.out_dir, rank)
         self.device = torch.device(f"cuda:{local_rank}" if use_cuda() else "cpu")
         if use_cuda():
             torch.backends.cudnn.benchmark = True  # fixed batch shapes: time cuDNN's algorithms once, keep the fastest
@@ -455,7 +457,10 @@ class Trainer:
             ub = next(unlabeled) if unlabeled is not None else None
             skipped = float(lb.pop("skipped", 0) + (ub.pop("skipped", 0) if ub else 0))
             stats = self.train_step(lb, ub)
-            self.skipped_total += int(self._sum_over_ranks([skipped])[0])
+            # one all-reduce per step carries both: every rank learns of a preemption at the same step
+            sums = self._sum_over_ranks([skipped, float(self.preempt.requested)])
+            self.skipped_total += int(sums[0])
+            preempted = bool(sums[1] > 0)
             self._check_bad_fraction(samples_per_step)
             for k, v in stats.items():
                 acc.setdefault(k, []).append(v)
@@ -475,11 +480,21 @@ class Trainer:
                 metrics.log("eval", self.step, last_eval)
                 metrics.message(f"step {self.step}: eval top-1 {100 * last_eval['top1']:.2f}% "
                                 f"top-5 {100 * last_eval['top5']:.2f}% ({last_eval['eval_images']} images, EMA)")
-            if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps or \
-                    (is_eval and self.on_eval is not None):
+            saved = (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps or \
+                (is_eval and self.on_eval is not None)
+            if saved:
                 self.save()
             if is_eval and self.on_eval is not None:  # e.g. report to Ray Tune with this checkpoint
                 self.on_eval(self.step, dict(last_eval), self.ckpt_dir / ckpt.tag_for(self.step))
+            if preempted and self.step < t.steps:
+                if not saved:
+                    self.save()
+                self.preempt.saved = True
+                stop = Preempted(self.step, self.ckpt_dir / ckpt.tag_for(self.step),
+                                 self.preempt.signame or "a signal to another rank")
+                metrics.message(str(stop))
+                metrics.close()
+                raise stop
         if not last_eval:  # the run was already finished
             written = self._finished_outputs()
             # else it was killed between its last checkpoint and its outputs

@@ -72,8 +72,16 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
     _report_dead_peers_on_sigterm(cfg.run.out_dir)
     from distssl.engine import DataError, run
+    from distssl.preempt import PREEMPTED_EXIT, Preempted
     try:
         result = run(cfg)
+    except Preempted as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"preempted: {e}", file=sys.stderr, flush=True)
+        # the checkpoint is complete on every rank: leave now, inside the grace period, without
+        # waiting on loader workers or the process group's teardown
+        sys.stdout.flush()
+        os._exit(PREEMPTED_EXIT)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -40,6 +40,7 @@ from distssl.data.index import ShardSet
 from distssl.data.ring import RingReader, RingWriter
 from distssl.data.tar import tar_members
 from distssl.data.transforms import Views
+from distssl.preempt import ignore_in_worker
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -455,9 +456,11 @@ def loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int = 4,
     cuda = torch.cuda.is_available()
     if num_workers == 0 or not ring:
         return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                          prefetch_factor=prefetch_factor if num_workers else None, pin_memory=cuda)
+                          prefetch_factor=prefetch_factor if num_workers else None, pin_memory=cuda,
+                          worker_init_fn=ignore_in_worker if num_workers else None)
     dataset = copy.copy(dataset)
     # two slots more than the batches a worker may have in flight: a worker never waits for one
     dataset.ring_slots = prefetch_factor + 2
     return RingLoader(DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                                 prefetch_factor=prefetch_factor, collate_fn=_as_is), pin_memory=cuda)
+                                 prefetch_factor=prefetch_factor, collate_fn=_as_is,
+                                 worker_init_fn=ignore_in_worker), pin_memory=cuda)

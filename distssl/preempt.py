@@ -1,0 +1,90 @@
+"""Save on the scheduler's signal.
+
+SLURM (``--signal=USR1@120``) and Kubernetes (SIGTERM, then SIGKILL after
+``terminationGracePeriodSeconds``) preempt a job with a signal and a grace period. A rank's handler
+only notes the signal: the training loop folds the note into the all-reduce it already makes every
+step, so every rank learns it at the same step boundary, all write one complete checkpoint together,
+and the run exits with :data:`PREEMPTED_EXIT` ("preempted: rerun the same command to resume").
+
+Loader worker processes ignore these signals (:func:`ignore_in_worker`): SLURM signals every process
+of the step and DeepSpeed's launcher terminates each rank's whole process tree, and a dying loader
+worker would take its rank down before it saved. They exit with their rank.
+
+A SIGTERM that comes because a peer rank died (DeepSpeed's launcher stops the survivors that way) is
+not a preemption: the handler names the dead peer and exits at once, as before.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+PREEMPTED_EXIT = 75  # sysexits' EX_TEMPFAIL: a temporary failure, the same command may be retried
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is complete."""
+
+    def __init__(self, step: int, checkpoint: Path, signame: str):
+        super().__init__(f"preempted by {signame} at step {step}: saved {checkpoint}. Rerun the same command to "
+                         f"resume from it (any number of ranks)")
+        self.step, self.checkpoint, self.signame = step, checkpoint, signame
+
+
+def signal_numbers(names: list[str]) -> list[int]:
+    return [int(getattr(signal, n)) for n in names]
+
+
+_ignored: tuple[int, ...] = ()
+
+
+def ignore_in_worker(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: the preemption signals are the rank's to handle."""
+    for s in _ignored:
+        signal.signal(s, signal.SIG_IGN)
+
+
+class PreemptWatch:
+    """Notes a preemption signal; :attr:`requested` is read at every step boundary."""
+
+    def __init__(self, names: list[str], out_dir: str, rank: int):
+        global _ignored
+        self.out_dir, self.rank = out_dir, rank
+        self.signum: Optional[int] = None
+        self.saved = False
+        self.numbers = signal_numbers(names)
+        if threading.current_thread() is not threading.main_thread():
+            return  # e.g. a Ray Tune trial's training thread: Ray owns the signals there
+        _ignored = tuple(self.numbers)
+        for s in self.numbers:
+            signal.signal(s, self._handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def signame(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def _handler(self, signum, frame) -> None:
+        if self.saved:  # the checkpoint is written: the rest is exiting
+            os._exit(PREEMPTED_EXIT)
+        if signum == signal.SIGTERM:
+            from distssl.engine import describe_dead_peers  # a peer died: the launcher is stopping us
+
+            dead = describe_dead_peers(self.out_dir, self.rank)
+            if dead:
+                print(f"rank {self.rank}: terminated by the launcher because a peer died: {dead}. Rerun the same "
+                      f"command to resume from the newest complete checkpoint in {self.out_dir}/checkpoints",
+                      file=sys.stderr, flush=True)
+                os._exit(128 + signum)
+        if self.signum is None:
+            print(f"rank {self.rank}: {signal.Signals(signum).name} received: saving a checkpoint at the next step "
+                  f"boundary, then exiting ({PREEMPTED_EXIT})", file=sys.stderr, flush=True)
+        self.signum = signum
