@@ -192,6 +192,7 @@ RESUMABLE_CHANGES = {
     "train.steps", "train.eval_every", "train.ckpt_every", "train.keep_checkpoints",
     "train.eval_batch_size", "run.log_every", "train.max_bad_fraction", "data.demo_root",
     "deepspeed.timeout_minutes", "run.out_dir", "run.trace_shards", "run.preempt_signals",
+    "train.num_workers",  # a resume with other loader readers continues the data exactly (data/position.py)
 }
 
 

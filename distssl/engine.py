@@ -32,10 +32,11 @@ from distssl import preflight
 from distssl.config import Config, ConfigError, dump_yaml, resume_conflicts
 from distssl.data.index import ShardSet, resolve
 from distssl.data import device_augment
-from distssl.data.streams import (DataError, EvalStream, TrainStream, eval_item, labeled_item, loader,  # noqa: F401
+from distssl.data.streams import (DataError, EvalStream, StreamPlan, TrainStream, eval_item, labeled_item, loader,  # noqa: F401
                                   unlabeled_item, unlabeled_plan_item)
 from distssl.data.transforms import Views, normalize
 from distssl.metrics import MetricsWriter, plot
+from distssl import elastic
 from distssl.preempt import Preempted, PreemptWatch
 from distssl.export import META_NAME, WEIGHTS_NAME, gather_ema_state, model_meta, write_export
 from distssl.models import create_model, fill_input_defaults, param_groups
@@ -232,16 +233,22 @@ class Trainer:
         self.views = Views.from_config(cfg.data)
         self.step = 0
         self.cursors: dict[str, dict[int, int]] = {"labeled": {}, "unlabeled": {}}
+        # what a run with another reader count left unread, to be read first (distssl.data.position)
+        self.plans: dict[str, StreamPlan] = {"labeled": StreamPlan(), "unlabeled": StreamPlan()}
+        self.readers = world * max(1, t.num_workers)  # global loader readers per stream
         self.skipped_total = 0
 
     # -- data --
+    def _stream(self, which: str, shards: ShardSet, batch: int, make, plan: StreamPlan) -> TrainStream:
+        return TrainStream(shards, rank=self.rank, world_size=self.world, batch_size=batch,
+                           seed=self.cfg.run.seed + (0 if which == "labeled" else 1),
+                           shuffle_buffer=self.cfg.data.shuffle_buffer, make_item=make,
+                           cursors=self.cursors[which], name=which,
+                           interleave_shards=self.cfg.data.interleave_shards, plan=plan,
+                           trace_dir=str(self.out / "trace") if self.cfg.run.trace_shards else None)
+
     def _train_batches(self, which: str, shards: ShardSet, batch: int, make) -> Iterator[dict]:
-        stream = TrainStream(shards, rank=self.rank, world_size=self.world, batch_size=batch,
-                             seed=self.cfg.run.seed + (0 if which == "labeled" else 1),
-                             shuffle_buffer=self.cfg.data.shuffle_buffer, make_item=make,
-                             cursors=self.cursors[which], name=which,
-                             interleave_shards=self.cfg.data.interleave_shards,
-                             trace_dir=str(self.out / "trace") if self.cfg.run.trace_shards else None)
+        stream = self._stream(which, shards, batch, make, self.plans[which])
         for b in loader(stream, self.cfg.train.num_workers):
             self.cursors[which][int(b.pop("worker"))] = int(b.pop("cursor"))
             yield b
@@ -396,6 +403,7 @@ class Trainer:
     def rank_state(self) -> dict:
         return {"step": self.step, "ema": self.ema.state_dict(), "da": self.da.state_dict(),
                 "cursors": {k: {str(w): c for w, c in v.items()} for k, v in self.cursors.items()},
+                "plans": {k: p.to_json() for k, p in self.plans.items()}, "readers": self.readers,
                 "torch_rng": torch.get_rng_state(),
                 "skipped_total": self.skipped_total, "world_size": self.world}
 
@@ -403,10 +411,14 @@ class Trainer:
         tmp_tag = f"tmp_{ckpt.tag_for(self.step)}"
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tmp_tag, save_latest=False)
         ckpt.save_rank_state(ckpt.rank_state_path(self.ckpt_dir, tmp_tag, self.rank), self.rank_state())
+        # the same state gathered whole, for a resume on another number of ranks (distssl/elastic.py)
+        elastic.save(self.ckpt_dir / tmp_tag / elastic.ELASTIC_NAME,
+                     elastic.gather(self.engine, self.ema, self.scheduler, self.step))
         dist.barrier()
         if self.rank == 0:
             ckpt.finalize(self.ckpt_dir, tmp_tag, self.step,
-                          {"world_size": self.world, "zero_stage": self.cfg.deepspeed.zero_stage},
+                          {"world_size": self.world, "readers": self.readers,
+                           "zero_stage": self.cfg.deepspeed.zero_stage},
                           self.cfg.train.keep_checkpoints)
         dist.barrier()
 
@@ -415,9 +427,10 @@ class Trainer:
         if found is None:
             return None
         step, tag, info = found
-        if info.get("world_size", self.world) != self.world:
-            raise ConfigError(f"{self.ckpt_dir / tag} was saved by {info['world_size']} ranks, this launch has "
-                              f"{self.world}: launch with the same number of processes to resume it")
+        old_world = int(info.get("world_size", self.world))
+        old_readers = int(info.get("readers", old_world * max(1, self.cfg.train.num_workers)))
+        if old_world != self.world or old_readers != self.readers:
+            return self._resume_elastic(tag, old_world, old_readers)
         self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_optimizer_states=True,
                                     load_lr_scheduler_states=True)
         state = ckpt.load_rank_state(ckpt.rank_state_path(self.ckpt_dir, tag, self.rank))
@@ -425,9 +438,44 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.da.load_state_dict(state["da"])
         self.cursors = {k: {int(w): int(c) for w, c in v.items()} for k, v in state["cursors"].items()}
+        self.plans = {k: StreamPlan.from_json(state.get("plans", {}).get(k)) for k in self.plans}
         torch.set_rng_state(state["torch_rng"])
         self.skipped_total = int(state.get("skipped_total", 0))
         return step
+
+    def _resume_elastic(self, tag: str, old_world: int, old_readers: int) -> int:
+        """Resume what ``old_world`` ranks (``old_readers`` loader readers per stream) saved on this
+        launch's: weights, momentum, EMA, DA and the lr schedule exactly (elastic.pt), and each
+        stream's position as a plan that reads the rest of the interrupted epoch once."""
+        where = self.ckpt_dir / tag
+        if not (where / elastic.ELASTIC_NAME).exists():
+            raise ConfigError(f"{where} was saved by {old_world} ranks x {old_readers // old_world} loader readers "
+                              f"without the world-size-independent state ({elastic.ELASTIC_NAME}) that newer "
+                              f"checkpoints hold: resume it with the same ranks and train.num_workers")
+        state = elastic.load(where / elastic.ELASTIC_NAME)
+        elastic.restore(self.engine, self.ema, self.scheduler, state)
+        old = [ckpt.load_rank_state(ckpt.rank_state_path(self.ckpt_dir, tag, r)) for r in range(old_world)]
+        self.step = int(state["step"])
+        self.da.load_state_dict(old[0]["da"])
+        self.skipped_total = int(old[0].get("skipped_total", 0))
+        for which, shards in (("labeled", self.labeled), ("unlabeled", self.unlabeled)):
+            cursors = {int(w): int(c) for st in old for w, c in st["cursors"].get(which, {}).items()}
+            plan = StreamPlan.from_json(old[0].get("plans", {}).get(which))
+            try:
+                self.plans[which] = self._stream(which, shards, 1, None, plan).replan(cursors, old_readers)
+            except ValueError as e:
+                raise ConfigError(f"data.{which}: {e}") from None
+        self.cursors = {"labeled": {}, "unlabeled": {}}
+        self.engine.global_steps = self.step
+        self.engine.global_samples = self.step * self.cfg.train.batch_size
+        # dropout / drop-path masks after this point differ from an uninterrupted run; views do not
+        torch.manual_seed(self.cfg.run.seed * 1_000_003 + self.step * 131 + self.rank)
+        if self.rank == 0:
+            log.warning("resumed %s on %d ranks x %d loader readers (saved by %d x %d): weights, momentum, EMA, "
+                        "DA and the lr schedule exactly; the data from where every reader stopped, the rest of the "
+                        "interrupted epoch read once", where, self.world, self.readers // self.world, old_world,
+                        old_readers // old_world)
+        return self.step
 
     # -- the loop --
     def fit(self) -> dict:

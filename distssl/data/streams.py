@@ -23,6 +23,7 @@ Why this shape:
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import random
@@ -31,12 +32,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distssl.data import io
 from distssl.data.index import ShardSet
+from distssl.data.position import StreamPlan, Unit, reader_groups, replan, unit_size
 from distssl.data.ring import RingReader, RingWriter
 from distssl.data.tar import tar_members
 from distssl.data.transforms import Views
@@ -55,6 +56,7 @@ class Raw:
     key: str
     fields: dict[str, bytes]
     source: int = 0  # which of the stream's shard sets it comes from (their label maps differ)
+    index: int = -1  # its position in its shard (raw order)
 
 
 # --- stages --------------------------------------------------------------------------------------
@@ -87,6 +89,7 @@ def resilient_samples(url: str, attempts: int = 6, base_delay: float = 0.5) -> I
             for i, raw in enumerate(tar_samples(url)):
                 if i >= done:
                     done += 1
+                    raw.index = i
                     yield raw
             return
         except (FileNotFoundError, PermissionError):
@@ -108,22 +111,6 @@ def is_damage(e: BaseException) -> bool:
         return False
     cause = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
     return cause is None or isinstance(cause, (tarfile.TarError, EOFError))
-
-
-def shard_groups(n_shards: int, g: int, G: int, seed: int, group_size: int = 1,
-                 epoch_shards: Optional[Callable[[int, int], np.ndarray]] = None) -> Iterator[tuple[int, list[int]]]:
-    """Infinite (epoch, shards read together) sequence of global worker ``g`` of ``G``: each epoch's
-    shard list (a (seed, epoch) permutation of the shards, or ``epoch_shards(seed, epoch)`` for
-    weighted sources) is split over the workers, and this worker's part is cut into groups of at
-    most ``group_size`` shards (balanced sizes) whose samples are mixed."""
-    epoch = 0
-    while True:
-        perm = (epoch_shards(seed, epoch) if epoch_shards is not None
-                else np.random.default_rng([seed, epoch]).permutation(n_shards))
-        mine = perm[g::G] if len(perm) >= G else perm[[g % len(perm)]]
-        for group in np.array_split(mine, -(-len(mine) // group_size)):
-            yield epoch, [int(s) for s in group]
-        epoch += 1
 
 
 def interleave(sources: dict[int, Iterator[Raw]], remaining: Optional[dict[int, int]], rng: random.Random,
@@ -152,6 +139,10 @@ def interleave(sources: dict[int, Iterator[Raw]], remaining: Optional[dict[int, 
             continue
         read[s] += 1
         yield s, raw
+
+
+def _without(samples: Iterator[Raw], skip: frozenset) -> Iterator[Raw]:
+    return (raw for raw in samples if raw.index not in skip) if skip else samples
 
 
 def buffer_shuffle(samples: Iterable, bufsize: int, rng: random.Random) -> Iterator:
@@ -183,8 +174,10 @@ class TrainStream(IterableDataset):
 
     def __init__(self, shards: ShardSet, *, rank: int, world_size: int, batch_size: int, seed: int,
                  shuffle_buffer: int, make_item: Callable, cursors: Optional[dict[int, int]] = None,
-                 trace_dir: Optional[str] = None, name: str = "train", interleave_shards: int = 1):
+                 trace_dir: Optional[str] = None, name: str = "train", interleave_shards: int = 1,
+                 plan: Optional[StreamPlan] = None):
         self.shards, self.rank, self.world_size = shards, rank, world_size
+        self.plan = plan or StreamPlan()  # what an earlier run with another reader count left to read first
         self.trace_dir, self.name = trace_dir, name
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.make_item, self.cursors = make_item, dict(cursors or {})
@@ -196,34 +189,51 @@ class TrainStream(IterableDataset):
         """(position, shard, raw sample) from position ``skip`` on. A group of shards whose index
         counts end before ``skip`` is passed over without opening it; inside the group that holds
         ``skip``, the mixed sequence is replayed (bytes read, nothing decoded) up to it."""
-        n = len(self.shards.urls)
         counts = self.shards.counts
         pos = 0
-        current, opened, read = -1, [], 0  # this epoch's shards opened and samples read by this reader
-        for epoch, group in shard_groups(n, g, G, self.seed, self.interleave_shards, self.shards.epoch_shards):
-            if epoch != current:
+        current, opened, read = None, [], 0  # this phase's shards opened and samples read by this reader
+        for phase, label, units in reader_groups(self.shards, self.plan, g, G, self.seed, self.interleave_shards):
+            if phase != current:
                 self._check_epoch(opened, read)
-                current, opened, read = epoch, [], 0
-            total = sum(counts[s] for s in group) if counts is not None else None
+                current, opened, read = phase, [], 0
+            total = sum(unit_size(counts, u) for u in units) if counts is not None else None
             if total is not None and pos + total <= skip:
                 pos += total  # skipped without opening its shards
                 read += total
                 continue
-            opened += group
-            rng = random.Random(f"shuffle:{self.seed}:{epoch}:{group[0]}:{g}")
+            opened += [u.shard for u in units]
             if self.trace_dir:
-                for s in group:
-                    self._trace(g, epoch, s, pos)
-            # keyed by slot: a weighted source may put one shard twice into a group
-            sources = {j: resilient_samples(self.shards.urls[s]) for j, s in enumerate(group)}
-            remaining = {j: counts[s] for j, s in enumerate(group)} if counts is not None else None
-            failed = lambda j, read, e, group=group: self._shard_failed(group[j], read, e)  # noqa: E731
-            mixed = interleave(sources, remaining, rng, failed)
-            for j, raw in buffer_shuffle(mixed, self.shuffle_buffer, rng):
+                for u in units:
+                    self._trace(g, phase[1], u.shard, pos)
+            for j, raw in self._mixed(units, g, label):
                 read += 1
                 if pos >= skip:
-                    yield pos, group[j], raw
+                    yield pos, units[j].shard, raw
                 pos += 1
+
+    def _mixed(self, units: list[Unit], g: int, label: str) -> Iterator[tuple[int, Raw]]:
+        """(slot, raw sample) of one group of reader ``g``, in its deterministic mixed order. Keyed by
+        slot: a weighted source may put one shard twice into a group."""
+        counts = self.shards.counts
+        rng = random.Random(f"shuffle:{self.seed}:{label}:{units[0].shard}:{g}")
+        sources = {j: _without(resilient_samples(self.shards.urls[u.shard]), u.skip) for j, u in enumerate(units)}
+        remaining = {j: unit_size(counts, u) for j, u in enumerate(units)} if counts is not None else None
+        failed = lambda j, read, e: self._shard_failed(units[j].shard, read + len(units[j].skip), e)  # noqa: E731
+        yield from buffer_shuffle(interleave(sources, remaining, rng, failed), self.shuffle_buffer, rng)
+
+    def replan(self, cursors: dict[int, int], readers: int) -> StreamPlan:
+        """The plan that continues, for any reader count, where ``readers`` readers at ``cursors``
+        stopped. A group's mixed order depends only on its seeded draws and its shards' counts, not on
+        the bytes, so the part of it a reader consumed is found without reading the shards (a shard
+        that was damaged mid-read changed the real order: around it a sample may be read twice)."""
+        def replay(units, g, label, n):
+            rng = random.Random(f"shuffle:{self.seed}:{label}:{units[0].shard}:{g}")
+            sources = {j: (Raw("", {}, index=i) for i in range(self.shards.counts[u.shard]) if i not in u.skip)
+                       for j, u in enumerate(units)}
+            remaining = {j: unit_size(self.shards.counts, u) for j, u in enumerate(units)}
+            order = buffer_shuffle(interleave(sources, remaining, rng, lambda *a: None), self.shuffle_buffer, rng)
+            return [(j, raw.index) for j, raw in itertools.islice(order, n)]
+        return replan(self.shards, self.plan, cursors, readers, self.seed, self.interleave_shards, replay)
 
     def _check_epoch(self, opened: list[int], read: int) -> None:
         """A reader that went through a whole epoch of its shards without one sample would cycle

@@ -1,0 +1,187 @@
+"""The training state in a form that does not depend on the world size, for resuming on M ranks
+what N ranks saved.
+
+DeepSpeed's own checkpoint is partitioned by rank (ZeRO's optimizer state, ZeRO-3's weights), and
+its universal-checkpoint converter knows only Adam's state keys. The states here are small, so every
+checkpoint also holds ``elastic.pt``, written by rank 0 from states gathered over all ranks:
+
+- the fp32 master weights and SGD's momentum, per parameter name, whole (DeepSpeed's tensor-fragment
+  API gathers them from ZeRO 1-3 partitions);
+- the model's buffers (BatchNorm statistics, averaged over ranks as the eval does);
+- the EMA's weights, whole (under ZeRO-3 each rank holds only its partition), and its buffers;
+- the lr scheduler's state and the step.
+
+Resuming on another world size builds the engine as for a fresh run and puts these back, so that
+weights, momentum, EMA and DA continue exactly. Each rank's torch RNG is reseeded from (seed, step,
+rank) instead (dropout and drop-path masks differ after such a resume; the views do not: they are
+seeded per sample).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+ELASTIC_NAME = "elastic.pt"
+MOMENTUM = "momentum_buffer"
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _partition_layout(p: torch.nn.Parameter) -> Optional[int]:
+    """ZeRO-3: elements per rank of a partitioned parameter, else None (every rank holds it whole)."""
+    if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False):
+        return p.ds_tensor.numel()
+    return None
+
+
+def _gather_partition(part: torch.Tensor, numel: int, shape) -> torch.Tensor:
+    pieces = [torch.empty_like(part) for _ in range(_world())]
+    dist.all_gather(pieces, part.contiguous())
+    return torch.cat(pieces)[:numel].view(shape)
+
+
+def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    if _world() == 1 or not t.is_floating_point():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / _world()
+
+
+def _flat_partitions(optimizer) -> Optional[list]:
+    """ZeRO's flat fp32 partitions (the tensors its inner optimizer steps), None without ZeRO."""
+    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO 1/2, ZeRO-3
+        if hasattr(optimizer, attr):
+            return list(getattr(optimizer, attr))
+    return None
+
+
+def _has_momentum(optimizer) -> bool:
+    """Whether every rank's optimizer holds SGD momentum yet (it is created at the first step)."""
+    flats = _flat_partitions(optimizer)
+    if flats is not None:
+        here = all(MOMENTUM in optimizer.optimizer.state.get(f, {}) for f in flats)
+    else:
+        here = any(MOMENTUM in s for s in getattr(optimizer, "state", {}).values())
+    flag = torch.tensor([float(here)])
+    if _world() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _relink_states(optimizer) -> None:
+    """ZeRO 1/2 map each parameter to its slice of the optimizer state once, lazily; SGD's momentum
+    may appear after that (or, on a restore, be put there by us): map them again."""
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _optimizer_momentum(optimizer, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    """SGD's momentum of ``p`` whole, whatever the ZeRO stage."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+        return safe_get_full_optimizer_state(p, MOMENTUM)
+    return getattr(optimizer, "state", {}).get(p, {}).get(MOMENTUM)
+
+
+def gather(engine, ema, scheduler, step: int) -> Optional[dict]:
+    """Collective: every rank calls it; rank 0 gets the state, the others None."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module, optimizer = engine.module, engine.optimizer
+    with_momentum = _has_momentum(optimizer)
+    if with_momentum:
+        _relink_states(optimizer)
+    params, momentum, shadow = {}, {}, {}
+    for name, p in module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        params[name] = (full if full is not None else p.data).detach().float().cpu()
+        m = _optimizer_momentum(optimizer, p) if with_momentum else None
+        if m is not None:
+            momentum[name] = m.detach().float().cpu()
+        s = ema.shadow[name]
+        per_rank = _partition_layout(p)
+        shadow[name] = (_gather_partition(s, p.ds_numel, p.ds_shape) if per_rank is not None else s).detach().cpu()
+    buffers = {n: _mean_over_ranks(b.detach()).cpu() for n, b in module.named_buffers()}
+    ema_buffers = {n: _mean_over_ranks(b.detach()).cpu() for n, b in ema.buffers.items()}
+    if _rank() != 0:
+        return None
+    return {"step": step, "params": params, "momentum": momentum, "buffers": buffers, "ema": shadow,
+            "ema_buffers": ema_buffers, "scheduler": scheduler.state_dict() if scheduler is not None else None}
+
+
+def save(path: Path, state: Optional[dict]) -> None:
+    if state is not None:
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _materialise_momentum(optimizer) -> None:
+    """SGD creates its momentum lazily at the first step: create it (zeros) so that it can be set, and
+    let ZeRO 1/2 link the new state into each parameter's fragment map."""
+    inner = getattr(optimizer, "optimizer", None)
+    if hasattr(optimizer, "single_partition_of_fp32_groups"):  # ZeRO 1/2
+        for flat in optimizer.single_partition_of_fp32_groups:
+            inner.state[flat].setdefault(MOMENTUM, torch.zeros_like(flat))
+        _relink_states(optimizer)
+    elif hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        for flat in optimizer.fp32_partitioned_groups_flat:
+            inner.state[flat].setdefault(MOMENTUM, torch.zeros_like(flat))
+
+
+@torch.no_grad()
+def restore(engine, ema, scheduler, state: dict) -> None:
+    """Put ``state`` back into a freshly built engine of any world size (every rank calls it)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    module, optimizer = engine.module, engine.optimizer
+    if state["momentum"]:
+        _materialise_momentum(optimizer)
+    rank = _rank()
+    for name, p in module.named_parameters():
+        value = state["params"][name].to(p.device)
+        per_rank = _partition_layout(p)
+        if per_rank is not None:  # ZeRO-3: this rank's slice of the weights, and of the fp32 master
+            flat = torch.zeros(per_rank * _world(), dtype=value.dtype, device=value.device)
+            flat[: value.numel()] = value.flatten()
+            p.ds_tensor.data.copy_(flat[rank * per_rank:(rank + 1) * per_rank])
+        else:
+            p.data.copy_(value.view_as(p.data))
+        safe_set_full_fp32_param(p, value)
+        if name in state["momentum"]:
+            m = state["momentum"][name].to(p.device)
+            if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+                safe_set_full_optimizer_state(p, m, MOMENTUM)
+            else:
+                optimizer.state[p][MOMENTUM] = m.view_as(p.data).clone()
+        s = state["ema"][name].to(p.device)
+        if per_rank is not None:
+            flat = torch.zeros(per_rank * _world(), dtype=s.dtype, device=s.device)
+            flat[: s.numel()] = s.flatten()
+            ema.shadow[name].copy_(flat[rank * per_rank:(rank + 1) * per_rank])
+        else:
+            ema.shadow[name].copy_(s.view_as(ema.shadow[name]))
+    for n, b in module.named_buffers():
+        b.copy_(state["buffers"][n].to(b.device))
+    for n, b in ema.buffers.items():
+        b.copy_(state["ema_buffers"][n].to(b.device))
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
