@@ -16,6 +16,7 @@ plus distribution alignment's own time per step (p_model update + alignment).
 
 Ends with: RESULT step_ratio=shared_bn/supervised step_vs_concat=shared_bn/concat
 concat_step_ratio=concat/supervised da_overhead=DA/concat ...
+boundary_allreduce_overhead=(the per-step all-reduce that carries the preemption flag)/shared_bn
 Accuracy of the two steps on the demo: docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -109,6 +110,41 @@ def measure(overrides: list[str], steps: int, warmup: int = 2, sync=lambda: None
     return med
 
 
+def _allreduce_worker(rank: int, port: int, rounds: int, out) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    flags = torch.zeros(2)
+    times = []
+    for i in range(rounds + 20):
+        t0 = time.perf_counter()
+        dist.all_reduce(flags)
+        if i >= 20:
+            times.append(time.perf_counter() - t0)
+    if rank == 0:
+        out.put(statistics.median(times))
+    dist.destroy_process_group()
+
+
+def boundary_allreduce_seconds(rounds: int = 300) -> float:
+    """The step-boundary all-reduce (skipped samples + the preemption flag: 2 floats) between two
+    gloo processes on this machine, median seconds."""
+    import torch.multiprocessing as mp
+
+    from distssl.testing import free_port
+
+    ctx = mp.get_context("spawn")
+    out, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_allreduce_worker, args=(r, port, rounds, out)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    seconds = out.get(timeout=120)
+    for proc in procs:
+        proc.join()
+    return seconds
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a short run (under a minute)")
@@ -136,10 +172,13 @@ def main(argv=None) -> int:
            for k in ("shared_bn", "concat", "supervised", "da")], ("step", "ms", "img/s"))
     print("\nshared_bn: weak view without gradients, normalised with the gradient forward's BatchNorm statistics; "
           "concat: cat(labeled, weak, strong) with gradients")
+    boundary = boundary_allreduce_seconds()
+    print(f"step-boundary all-reduce (skipped count + preemption flag, 2 gloo ranks): {boundary * 1e6:.0f} us, "
+          f"{100 * boundary / med['shared_bn']:.2f}% of the shared_bn step")
     result(step_ratio=med["shared_bn"] / med["supervised"], step_vs_concat=med["shared_bn"] / med["concat"],
            concat_step_ratio=med["concat"] / med["supervised"], da_overhead=med["da"] / med["concat"],
            shared_bn_ms=med["shared_bn"] * 1000, concat_ms=med["concat"] * 1000,
-           supervised_ms=med["supervised"] * 1000)
+           supervised_ms=med["supervised"] * 1000, boundary_allreduce_overhead=boundary / med["shared_bn"])
     return 0
 
 
