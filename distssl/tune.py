@@ -44,6 +44,10 @@ class TuneSettings:
     max_concurrent_trials: int = 0  # 0 = as many as resources allow
     max_failures: int = 1  # restarts of a failed trial (from its last checkpoint)
     address: str = ""  # a Ray cluster (ray start --head ...); empty = start Ray on this machine
+    # where Ray keeps trial checkpoints and results: any fsspec URL (s3://bucket/sweeps, gs://...) that
+    # every node reaches, so a trial restarted on another node resumes from its last checkpoint;
+    # empty = run.out_dir/ray on this machine (enough for one node, refused by Ray for several)
+    storage_path: str = ""
     num_cpus: int = 0  # local Ray only: CPUs it may use; 0 = all
 
 
@@ -249,22 +253,36 @@ def _fit(sweep: Sweep, sweep_dir: str, use_gpu: bool) -> dict:
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=evals + 1, grace_period=min(t.grace_period, evals),
                                reduction_factor=t.reduction_factor)
                  if t.scheduler == "asha" else FIFOScheduler())
-    storage = str(Path(sweep_dir) / "ray")
+    storage, filesystem = _storage(t.storage_path, sweep_dir)
     name = "sweep"
     path = os.path.join(storage, name)
-    if tune.Tuner.can_restore(path):  # a killed sweep: finished trials are kept, the rest go on
+    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):  # a killed sweep: finished trials kept
         tuner = tune.Tuner.restore(path, trainable=trainer, param_space=param_space, resume_unfinished=True,
-                                   resume_errored=True)
+                                   resume_errored=True, storage_filesystem=filesystem)
     else:
         tuner = tune.Tuner(
             trainer, param_space=param_space,
             tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, scheduler=scheduler, num_samples=t.num_samples,
                                         max_concurrent_trials=t.max_concurrent_trials or None),
-            run_config=RunConfig(name=name, storage_path=storage, verbose=1,
+            run_config=RunConfig(name=name, storage_path=storage, storage_filesystem=filesystem, verbose=1,
                                  failure_config=FailureConfig(max_failures=t.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)))
     results = tuner.fit()
     return write_outputs(sweep, results, sweep_dir)
+
+
+def _storage(url: str, sweep_dir: str):
+    """(path, pyarrow filesystem or None) for Ray's storage: a local folder, or any fsspec URL through
+    pyarrow's fsspec handler (so S3-compatible endpoints, gs:// and the rest work as for the data)."""
+    if not url:
+        return str(Path(sweep_dir) / "ray"), None
+    if "://" not in url or url.startswith("file://"):
+        return os.path.abspath(url.removeprefix("file://")), None
+    import pyarrow.fs
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(url)
+    return path.rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
 @contextlib.contextmanager
