@@ -15,6 +15,7 @@ not a preemption: the handler names the dead peer and exits at once, as before.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -43,6 +44,21 @@ def signal_numbers(names: list[str]) -> list[int]:
 _ignored: tuple[int, ...] = ()
 
 
+def _reap_loader_workers() -> None:
+    """At exit, multiprocessing stops daemonic children (loader workers) with SIGTERM and waits for
+    them: ours ignore it (above), so they are killed here first; they hold nothing to save."""
+    import multiprocessing
+
+    # torch's SIGCHLD handler would report each kill as a failed loader worker
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon and child.pid:
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def ignore_in_worker(_worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: the preemption signals are the rank's to handle."""
     for s in _ignored:
@@ -63,6 +79,8 @@ class PreemptWatch:
         _ignored = tuple(self.numbers)
         for s in self.numbers:
             signal.signal(s, self._handler)
+        if self.numbers:
+            atexit.register(_reap_loader_workers)
 
     @property
     def requested(self) -> bool:
