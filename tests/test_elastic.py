@@ -25,7 +25,8 @@ def _train_steps(out: Path) -> list[int]:
             if "loss" in d and "step" in d]
 
 
-@pytest.mark.parametrize("zero,before,after", [(2, 2, 1), (3, 2, 1), (2, 1, 2), (3, 1, 2)])
+# both directions and both partitioned stages, in two runs (each case costs ~40 s of the suite)
+@pytest.mark.parametrize("zero,before,after", [(2, 2, 1), (3, 1, 2)])
 def test_a_run_saved_on_n_ranks_resumes_on_m_with_its_state_exact(tiny_data, tmp_path, zero, before, after):
     out = tmp_path / "run"
     args = tiny_overrides(tiny_data, out, **{"train.steps": 6, "train.ckpt_every": 6, "train.eval_every": 6,
