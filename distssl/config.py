@@ -47,7 +47,33 @@ class TrainConfig:
 
 
 @dataclass
+class FlexMatchConfig:
+    """Zhang et al. 2021: per-class thresholds tau * M(beta(c)), M(x) = x / (2 - x)."""
+    warmup: bool = True  # the paper's threshold warm-up: classes start from a low threshold while most are unseen
+
+
+@dataclass
+class FreeMatchConfig:
+    """Wang et al. 2023: self-adaptive global and class thresholds and the fairness loss."""
+    momentum: float = 0.999  # EMA of the confidence statistics (the paper's lambda)
+    fairness_weight: float = 0.01  # self-adaptive fairness loss weight (the paper's CIFAR setting)
+
+
+@dataclass
+class SoftMatchConfig:
+    """Chen et al. 2023: truncated-Gaussian weights from the EMA mean/variance of the confidence."""
+    momentum: float = 0.999
+    n_sigma: float = 2.0  # the Gaussian's width in standard deviations (the paper's default)
+
+
+@dataclass
 class SSLConfig:
+    # which rule weighs the unlabeled loss: fixmatch (fixed tau), flexmatch, freematch (adaptive
+    # thresholds) or softmatch (soft weights); distribution alignment (dist_align) works with all
+    algorithm: Literal["fixmatch", "flexmatch", "freematch", "softmatch"] = "fixmatch"
+    flexmatch: FlexMatchConfig = field(default_factory=FlexMatchConfig)
+    freematch: FreeMatchConfig = field(default_factory=FreeMatchConfig)
+    softmatch: SoftMatchConfig = field(default_factory=SoftMatchConfig)
     tau: float = 0.95
     lambda_u: float = 1.0
     mu: int = 7
@@ -333,6 +359,10 @@ def validate(cfg: Config) -> None:
     _check(s.mu >= 1, "ssl.mu", s.mu, "an integer >= 1")
     _check(0.0 <= s.ema_decay < 1.0, "ssl.ema_decay", s.ema_decay, "0 <= decay < 1")
     _check(0.0 <= s.dist_align_momentum < 1.0, "ssl.dist_align_momentum", s.dist_align_momentum, "0 <= m < 1")
+    _check(0.0 <= s.freematch.momentum < 1.0, "ssl.freematch.momentum", s.freematch.momentum, "0 <= m < 1")
+    _check(s.freematch.fairness_weight >= 0, "ssl.freematch.fairness_weight", s.freematch.fairness_weight, ">= 0")
+    _check(0.0 <= s.softmatch.momentum < 1.0, "ssl.softmatch.momentum", s.softmatch.momentum, "0 <= m < 1")
+    _check(s.softmatch.n_sigma > 0, "ssl.softmatch.n_sigma", s.softmatch.n_sigma, "> 0")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", cfg.deepspeed.zero_stage, "0, 1, 2 or 3")
     _check(cfg.deepspeed.timeout_minutes >= 1, "deepspeed.timeout_minutes", cfg.deepspeed.timeout_minutes, ">= 1")
     _check(t.steps >= 1, "train.steps", t.steps, ">= 1")

@@ -44,7 +44,7 @@ from distssl.schedule import lr_factor
 from distssl.ssl.bnstats import BatchStatsSharing
 from distssl.ssl.distalign import DistributionAlignment, target_from_histogram
 from distssl.ssl.ema import EMA
-from distssl.ssl.fixmatch import fixmatch_loss
+from distssl import ssl as algorithms
 
 log = logging.getLogger("distssl")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -228,6 +228,13 @@ class Trainer:
                                   "a shard set with index.json (not a brace pattern)")
             p_target = target_from_histogram(self.labeled.class_histogram)
         self.da = DistributionAlignment(cfg.model.num_classes, cfg.ssl.dist_align_momentum, p_target)
+        # the SSL algorithm (ssl.algorithm): loss and stats from the views' logits, its own state
+        # updated once per step from all ranks; DA is a component it uses when ssl.dist_align is on
+        try:
+            self.algorithm = algorithms.build(cfg.ssl, cfg.model.num_classes, self.da if cfg.ssl.dist_align else None,
+                                              self.unlabeled.total)
+        except ValueError as e:
+            raise ConfigError(f"ssl.algorithm={cfg.ssl.algorithm}: {e}") from None
         self.mean = torch.tensor(cfg.data.mean, device=self.device)
         self.std = torch.tensor(cfg.data.std, device=self.device)
         self.views = Views.from_config(cfg.data)
@@ -269,7 +276,7 @@ class Trainer:
         return ub
 
     def train_step(self, lb: dict, ub: Optional[dict]) -> dict:
-        """One FixMatch step; returns the stats of fixmatch_loss (plus lr)."""
+        """One step: forward the views, the algorithm's loss, backward/step; returns its stats (plus lr)."""
         engine, n = self.engine, self.grad_accum
         engine.train()
         if ub is not None and "base" in ub:
@@ -283,37 +290,35 @@ class Trainer:
                 engine.step()  # applies the update only at the accumulation boundary
                 per_micro.append({"loss": float(loss.detach()), "loss_x": float(loss.detach())})
         else:
-            # DA aligns each micro-batch with p_model as of the step start and updates it once with the
-            # whole per-rank batch, so p_model depends on the global batch only, not on the accumulation.
-            per_micro, weak_probs = [], []
-            for x, y, uw, us, yt in zip(xs, ys, ub["weak"].chunk(n), ub["strong"].chunk(n), ub["y_true"].chunk(n)):
-                x, b = self._to(x), x.shape[0]
+            # the algorithm weighs each micro-batch with its state (and DA's p_model) as of the step
+            # start and updates them once per step from the whole global batch (end_step), so they
+            # depend on the global batch only, not on the world size or the accumulation
+            per_micro = []
+            ids = ub["idx"].chunk(n) if "idx" in ub else [None] * n
+            for x, y, x_ulb_w, x_ulb_s, y_true, idx in zip(xs, ys, ub["weak"].chunk(n), ub["strong"].chunk(n),
+                                                           ub["y_true"].chunk(n), ids):
+                x_lb, b = self._to(x), x.shape[0]
                 if self.cfg.ssl.weak_forward == "concat":
                     # FixMatch's reference step: one forward of cat(labeled, weak, strong) with gradients;
                     # the weak logits are detached for the pseudo-labels but still pay for the backward
-                    logits = engine(torch.cat([x, self._to(uw), self._to(us)])).float()
-                    u = uw.shape[0]
-                    probs_w = torch.softmax(logits[b:b + u].detach(), dim=1)
-                    logits_s = logits[b + u:]
+                    logits = engine(torch.cat([x_lb, self._to(x_ulb_w), self._to(x_ulb_s)])).float()
+                    u = x_ulb_w.shape[0]
+                    probs_ulb_w = torch.softmax(logits[b:b + u].detach(), dim=1)
+                    logits_ulb_s = logits[b + u:]
                 else:
                     # shared_bn: cat(labeled, strong) with gradients, then the weak view without, through
                     # the same function: BatchNorm normalises it with the statistics of that forward
                     with self.bn_sharing.record():
-                        logits = engine(torch.cat([x, self._to(us)])).float()
+                        logits = engine(torch.cat([x_lb, self._to(x_ulb_s)])).float()
                     with torch.no_grad(), self.bn_sharing.replay():
-                        probs_w = torch.softmax(engine(self._to(uw)).float(), dim=1)
-                    logits_s = logits[b:]
-                if self.cfg.ssl.dist_align:
-                    weak_probs.append(probs_w)
-                    probs_w = self.da.align_with_current(probs_w)
-                loss, stats = fixmatch_loss(logits[:b], y.to(self.device), logits_s, probs_w,
-                                            tau=self.cfg.ssl.tau, lambda_u=self.cfg.ssl.lambda_u,
-                                            true_u=yt.to(self.device))
+                        probs_ulb_w = torch.softmax(engine(self._to(x_ulb_w)).float(), dim=1)
+                    logits_ulb_s = logits[b:]
+                loss, stats = self.algorithm.loss(logits[:b], y.to(self.device), logits_ulb_s, probs_ulb_w,
+                                                  ids=idx, true_u=y_true.to(self.device))
                 engine.backward(loss)
                 engine.step()
                 per_micro.append(stats)
-            if weak_probs:
-                self.da.update(torch.cat(weak_probs))
+            self.algorithm.end_step()
         stats = _nanmean_by_key({k: [m[k] for m in per_micro] for k in per_micro[0]})
         self.step += 1
         stats["ema_decay"] = self.ema.update(self.step)
@@ -402,6 +407,7 @@ class Trainer:
     # -- checkpoints --
     def rank_state(self) -> dict:
         return {"step": self.step, "ema": self.ema.state_dict(), "da": self.da.state_dict(),
+                "algorithm": self.algorithm.state_dict(),
                 "cursors": {k: {str(w): c for w, c in v.items()} for k, v in self.cursors.items()},
                 "plans": {k: p.to_json() for k, p in self.plans.items()}, "readers": self.readers,
                 "torch_rng": torch.get_rng_state(),
@@ -436,12 +442,20 @@ class Trainer:
         state = ckpt.load_rank_state(ckpt.rank_state_path(self.ckpt_dir, tag, self.rank))
         self.step = int(state["step"])
         self.ema.load_state_dict(state["ema"])
-        self.da.load_state_dict(state["da"])
+        self._load_algorithm(state)
         self.cursors = {k: {int(w): int(c) for w, c in v.items()} for k, v in state["cursors"].items()}
         self.plans = {k: StreamPlan.from_json(state.get("plans", {}).get(k)) for k in self.plans}
         torch.set_rng_state(state["torch_rng"])
         self.skipped_total = int(state.get("skipped_total", 0))
         return step
+
+    def _load_algorithm(self, state: dict) -> None:
+        self.da.load_state_dict(state["da"])
+        if "algorithm" in state:  # checkpoints before the algorithm seam hold DA alone
+            try:
+                self.algorithm.load_state_dict(state["algorithm"])
+            except ValueError as e:
+                raise ConfigError(f"ssl.algorithm: {e}: resume with the same algorithm") from None
 
     def _resume_elastic(self, tag: str, old_world: int, old_readers: int) -> int:
         """Resume what ``old_world`` ranks (``old_readers`` loader readers per stream) saved on this
@@ -456,7 +470,7 @@ class Trainer:
         elastic.restore(self.engine, self.ema, self.scheduler, state)
         old = [ckpt.load_rank_state(ckpt.rank_state_path(self.ckpt_dir, tag, r)) for r in range(old_world)]
         self.step = int(state["step"])
-        self.da.load_state_dict(old[0]["da"])
+        self._load_algorithm(old[0])
         self.skipped_total = int(old[0].get("skipped_total", 0))
         for which, shards in (("labeled", self.labeled), ("unlabeled", self.unlabeled)):
             cursors = {int(w): int(c) for st in old for w, c in st["cursors"].get(which, {}).items()}
@@ -489,7 +503,8 @@ class Trainer:
                                       labeled_item(self.views, self.label_maps.get("labeled")))
         make_unlabeled = unlabeled_plan_item if cfg.data.augment_on == "device" else unlabeled_item
         unlabeled = (self._train_batches("unlabeled", self.unlabeled, self.B * cfg.ssl.mu,
-                                         make_unlabeled(self.views, self.label_maps.get("unlabeled")))
+                                         make_unlabeled(self.views, self.label_maps.get("unlabeled"),
+                                                        self.unlabeled.sample_offsets()))
                      if self.uses_unlabeled else None)
         imgs_per_step = t.batch_size * (1 + (2 * cfg.ssl.mu if self.uses_unlabeled else 0))
         samples_per_step = t.batch_size * (1 + (cfg.ssl.mu if self.uses_unlabeled else 0))

@@ -42,6 +42,14 @@ class ShardSet:
     def total(self) -> Optional[int]:
         return sum(self.counts) if self.counts is not None else None
 
+    def sample_offsets(self) -> list[int]:
+        """Per source, where its samples start in one id space (ids = offset + key number)."""
+        starts = (self.source_starts or [0]) + [len(self.urls)]
+        if self.counts is None:
+            return [0] * (len(starts) - 1)
+        sizes = [sum(self.counts[starts[i]:starts[i + 1]]) for i in range(len(starts) - 1)]
+        return [sum(sizes[:i]) for i in range(len(sizes))]
+
     def source_of(self, shard: int) -> int:
         return self.shard_source[shard] if self.shard_source else 0
 

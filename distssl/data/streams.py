@@ -403,17 +403,28 @@ def labeled_item(views: Views, label_maps: LabelMaps = None) -> Callable:
     return make
 
 
-def unlabeled_item(views: Views, label_maps: LabelMaps = None) -> Callable:
+def sample_id(raw: Raw, offsets: Optional[list[int]]) -> int:
+    """A stable id per unlabeled sample (per-sample algorithm state: FlexMatch): the builder's key
+    number plus its set's offset; keys that are not numbers hash (crc32) instead."""
+    import zlib
+
+    stem = raw.key.rsplit("/", 1)[-1]
+    number = int(stem) if stem.isdigit() else zlib.crc32(raw.key.encode())
+    return number + (offsets[raw.source] if offsets else 0)
+
+
+def unlabeled_item(views: Views, label_maps: LabelMaps = None, offsets: Optional[list[int]] = None) -> Callable:
     """Both views come from one decode (and, with data.crop=random_resized, one crop) of the image."""
     def make(raw: Raw, rng: random.Random) -> Optional[dict]:
         img = _decode_or_none(raw, lambda data: views.base(data, rng))
         if img is None:
             return None
-        return {"weak": views.weak(img, rng), "strong": views.strong(img, rng), "y_true": _meta_label(raw, label_maps)}
+        return {"weak": views.weak(img, rng), "strong": views.strong(img, rng), "y_true": _meta_label(raw, label_maps),
+                "idx": sample_id(raw, offsets)}
     return make
 
 
-def unlabeled_plan_item(views: Views, label_maps: LabelMaps = None) -> Callable:
+def unlabeled_plan_item(views: Views, label_maps: LabelMaps = None, offsets: Optional[list[int]] = None) -> Callable:
     """``data.augment_on=device``: the decoded (and cropped) base image and the random choices of both
     views, drawn from the sample's rng in the loader path's order; the views are made on the device
     (distssl.data.device_augment)."""
@@ -425,7 +436,8 @@ def unlabeled_plan_item(views: Views, label_maps: LabelMaps = None) -> Callable:
         if img is None:
             return None
         return {"base": to_uint8(img), "plan_weak": torch.tensor(weak_plan(views, rng)),
-                "plan_strong": torch.tensor(strong_plan(views, rng)), "y_true": _meta_label(raw, label_maps)}
+                "plan_strong": torch.tensor(strong_plan(views, rng)), "y_true": _meta_label(raw, label_maps),
+                "idx": sample_id(raw, offsets)}
     return make
 
 

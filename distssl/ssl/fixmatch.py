@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from distssl.ssl.algorithm import Algorithm
+
 
 def fixmatch_loss(logits_x: torch.Tensor, targets_x: torch.Tensor, logits_strong: torch.Tensor,
                   probs_weak: torch.Tensor, *, tau: float, lambda_u: float,
@@ -34,3 +36,12 @@ def fixmatch_loss(logits_x: torch.Tensor, targets_x: torch.Tensor, logits_strong
         stats["pseudo_acc"] = float(correct[masked_known].float().mean()) if masked_known.any() else float("nan")
         stats["pseudo_acc_all"] = float(correct[known].float().mean()) if known.any() else float("nan")
     return loss, stats
+
+
+class FixMatch(Algorithm):
+    """Sohn et al. 2020, "FixMatch": a fixed confidence threshold tau (0.95 in the paper)."""
+
+    name = "fixmatch"
+
+    def weights(self, probs: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
+        return (probs.max(dim=1).values >= self.tau).float()

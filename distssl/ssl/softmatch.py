@@ -1,0 +1,49 @@
+"""SoftMatch (Chen et al. 2023, "SoftMatch: Addressing the Quantity-Quality Trade-off in
+Semi-supervised Learning").
+
+Every pseudo-label counts, weighted by a truncated Gaussian of its confidence: weight 1 at or above
+mu_t, exp(-(max p - mu_t)^2 / (2 sigma_t^2 / n_sigma^2)) below it, with mu_t and sigma_t^2 the EMAs
+(momentum 0.999) of the mean and the unbiased variance of the weak views' max confidence over the
+global batch, starting at 1/C and 1. Uniform alignment (UA) is distribution alignment towards the
+uniform distribution: ``ssl.dist_align=true`` with ``dist_align_target=uniform`` (the paper's
+setting). Defaults from the paper and USB's configs: n_sigma 2, momentum 0.999.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from distssl.ssl.algorithm import Algorithm, ema
+
+
+def soft_weights(max_p: torch.Tensor, mu: float, var: float, n_sigma: float) -> torch.Tensor:
+    below = torch.clamp(max_p - mu, max=0.0)
+    return torch.exp(-(below ** 2) / (2 * var / n_sigma ** 2))
+
+
+class SoftMatch(Algorithm):
+    name = "softmatch"
+
+    def __init__(self, num_classes: int, *, momentum: float = 0.999, n_sigma: float = 2.0, **kw):
+        super().__init__(num_classes, **kw)
+        self.momentum, self.n_sigma = momentum, n_sigma
+        self.mu, self.var = 1.0 / num_classes, 1.0
+
+    def weights(self, probs: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
+        return soft_weights(probs.max(dim=1).values, self.mu, self.var, self.n_sigma)
+
+    def update(self, probs: torch.Tensor, ids: Optional[torch.Tensor]) -> None:
+        max_p = probs.max(dim=1).values.double()
+        total = self.global_sum(torch.stack([max_p.sum(), (max_p ** 2).sum(), max_p.new_tensor(max_p.numel())]))
+        s, s2, n = (float(x) for x in total.double())
+        mean = s / n
+        var = (s2 - n * mean * mean) / max(1.0, n - 1)  # unbiased, as torch.var
+        self.mu = float(ema(torch.tensor(self.mu), torch.tensor(mean), self.momentum))
+        self.var = float(ema(torch.tensor(self.var), torch.tensor(var), self.momentum))
+
+    def own_state(self) -> dict:
+        return {"mu": torch.tensor(self.mu), "var": torch.tensor(self.var)}
+
+    def load_own_state(self, state: dict) -> None:
+        self.mu, self.var = float(state["mu"]), float(state["var"])
