@@ -83,9 +83,9 @@ class SSLConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True
     # "shared_bn": labeled + strong forwarded with gradients, the weak view without (it only makes
-    # pseudo-labels), normalised with the BatchNorm statistics of that forward: 0.64x the step time of
-    # "concat" on CPU and 0.83x on an H200, "concat" being FixMatch's reference cat(labeled, weak,
-    # strong) forward with gradients; same top-1 on the demo over 8 seeds (docs/benchmarks.md)
+    # pseudo-labels), normalised with the BatchNorm statistics of that forward: it skips the weak
+    # view's backward, which "concat" (FixMatch's reference cat(labeled, weak, strong) forward with
+    # gradients) pays; step times and the demo's top-1 over seeds: docs/benchmarks.md
     weak_forward: Literal["shared_bn", "concat"] = "shared_bn"
 
 

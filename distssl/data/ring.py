@@ -2,9 +2,8 @@
 
 Why: a DataLoader worker hands each batch tensor over by copying it into a fresh shared-memory
 segment and passing its file descriptor through an authenticated socket connection, one per
-tensor. For a 64-image two-view batch that was ~4 ms of worker CPU and ~2 ms of the training
-process per batch (tools/bench/stream.py; the per-image work is ~55 ms per batch), and fresh pages
-cost a page fault each. Here each worker collates straight into one of ``slots`` shared buffers it
+tensor, and fresh pages cost a page fault each: worker and trainer CPU per batch that the ring saves
+(measured with tools/bench/stream.py: docs/benchmarks.md, two-view stream). Here each worker collates straight into one of ``slots`` shared buffers it
 allocated once, and sends only the slot number and the tensors' layout; the training process
 copies the batch out (so a caller may keep batches as long as it likes) and counts it consumed.
 

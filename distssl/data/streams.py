@@ -327,7 +327,7 @@ class EvalStream(IterableDataset):
 def sample_seed(seed: int, g: int, pos: int) -> int:
     """The augmentation seed of sample ``pos`` of global worker ``g``: distinct for every
     (seed, g, pos) below 2**20 workers and 2**40 positions, and an int (seeding from a string
-    hashes it with SHA-512, ~3x slower)."""
+    hashes it with SHA-512 first)."""
     return ((seed & 0xFFFFFFFF) << 60) | ((g & 0xFFFFF) << 40) | (pos & 0xFFFFFFFFFF)
 
 
@@ -472,9 +472,9 @@ class RingLoader:
 
 def loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int = 4, ring: bool = True):
     """Batches of ``dataset`` from ``num_workers`` processes, handed over through reused shared-memory
-    slots (distssl.data.ring); with CUDA they are copied out into page-locked memory. On an H200 node
-    that fed the GPU 6% faster than DataLoader's pin-memory thread, at a quarter of the trainer's CPU
-    per batch (docs/benchmarks.md). ``ring=False``: the standard DataLoader path."""
+    slots (distssl.data.ring); with CUDA they are copied out into page-locked memory, without
+    DataLoader's pin-memory thread (measured against it: docs/benchmarks.md, two-view stream).
+    ``ring=False``: the standard DataLoader path."""
     cuda = torch.cuda.is_available()
     if num_workers == 0 or not ring:
         return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,

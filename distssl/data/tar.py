@@ -1,8 +1,8 @@
 """A lean reader of tar streams: WebDataset shards are plain tars, read sequentially from any store.
 
 Headers are parsed by hand (ustar, GNU long names, pax path records; checksums checked): Python's
-tarfile costs ~0.15 ms per sample, 10% of a whole decode + augment, and this ~5x less
-(docs/benchmarks.md). A bad or cut header raises ``tarfile.ReadError``.
+tarfile builds a TarInfo per member and costs a noticeable share of a decode + augment; the two are
+compared in docs/benchmarks.md. A bad or cut header raises ``tarfile.ReadError``.
 """
 from __future__ import annotations
 

@@ -24,8 +24,8 @@ except ImportError:  # optional: PIL decodes the same JPEGs, a little slower
     simplejpeg = None
 
 FILL = (127, 127, 127)
-# PIL hands numpy a read-only buffer; the tensors made from it are only read (a copy would cost
-# 0.1 ms per image), so torch's warning about writing to them does not apply
+# PIL hands numpy a read-only buffer; the tensors made from it are only read (a copy per image
+# would be waste), so torch's warning about writing to them does not apply
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
                         module=__name__)
 
@@ -50,7 +50,7 @@ def _draft(img: Image.Image, need: tuple[int, int]) -> float:
 def _rgb_pixels(data: bytes, img: Image.Image, min_width: int, min_height: int) -> np.ndarray:
     """HWC uint8 RGB pixels, a JPEG decoded at the smallest DCT scale that keeps it at least
     min_width x min_height. simplejpeg (libjpeg-turbo, also PIL's decoder) when it is installed:
-    the same pixels at full scale, ~20% cheaper than PIL's decode plus its copy into numpy, and
+    the same pixels at full scale straight into numpy (no PIL image to copy out), and
     scales in eighths (3/8, 5/8...) rather than only halves; PIL otherwise, and for what
     libjpeg-turbo's strict mode refuses (recoverable corruption)."""
     if simplejpeg is not None and img.format == "JPEG":
@@ -117,16 +117,16 @@ def decode_random_resized(data: bytes, size: int, scale: tuple[float, float], ra
     x0, y0 = int(left * fx), int(top * fy)
     x1 = max(x0 + 1, min(pixels.shape[3], round((left + w) * fx)))
     y1 = max(y0 + 1, min(pixels.shape[2], round((top + h) * fy)))
-    # torch's antialiased uint8 resize (PIL's filters, AVX2) on the crop's pixels only: 4-6x
-    # faster than PIL's resize at 224 px (docs/benchmarks.md)
+    # torch's antialiased uint8 resize (PIL's filters, vectorised) on the crop's pixels only; its
+    # cost against PIL's resize: docs/benchmarks.md, ImageNet stream
     out = torch.nn.functional.interpolate(pixels[:, :, y0:y1, x0:x1], size=(size, size), mode=interpolation,
                                           antialias=True)
     return _planes_to_image(out[0])
 
 
 def _planes_to_image(chw: torch.Tensor) -> Image.Image:
-    """CHW uint8 -> RGB image, merging the three contiguous planes (5x cheaper than fromarray of a
-    strided HWC view, which copies pixel by pixel)."""
+    """CHW uint8 -> RGB image, merging the three contiguous planes (fromarray of a strided HWC view
+    would copy pixel by pixel)."""
     h, w = chw.shape[1:]
     return Image.merge("RGB", [Image.frombuffer("L", (w, h), chw[c].contiguous().numpy(), "raw", "L", 0, 1)
                                for c in range(3)])
@@ -188,7 +188,7 @@ def flip_and_crop_array(img: Image.Image, rng: random.Random, flip: bool, pad_fr
     x, y = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
     rows = _reflect(np.arange(y - pad, y - pad + h), h)
     cols = _reflect(np.arange(x - pad, x - pad + w), w)
-    return arr.take(rows, axis=0).take(cols, axis=1)  # two 1-d gathers: 6x faster than 2-d fancy indexing
+    return arr.take(rows, axis=0).take(cols, axis=1)  # two 1-d gathers, not one 2-d fancy index
 
 
 def flip_and_crop(img: Image.Image, rng: random.Random, flip: bool, pad_fraction: float) -> Image.Image:
