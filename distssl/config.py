@@ -452,7 +452,7 @@ def dump_yaml(cfg: Config, path: str | Path) -> None:
 
 def _redacted(tree: Any) -> Any:
     """Credentials embedded in URLs never reach files on disk."""
-    from distssl.data.io import redact
+    from distssl.data.store import redact
 
     if isinstance(tree, dict):
         return {k: _redacted(v) for k, v in tree.items()}

@@ -1,4 +1,7 @@
-"""The training engine: DeepSpeed ZeRO around a timm backbone, the FixMatch step, eval, save/resume.
+"""The training loop: DeepSpeed ZeRO around a timm backbone; each step forwards the views and hands
+the logits to the SSL algorithm (distssl.ssl), then backward/step; eval, save/resume. The process
+group and peer watch (distssl.peers), the optimizer and DeepSpeed config (distssl.optim), data checks
+(distssl.preflight) and the world-size-independent state (distssl.elastic) live in their own modules.
 
 One step = one labeled batch of B (global) and an unlabeled batch of mu*B, each split evenly across
 ranks. By default (ssl.weak_forward=shared_bn) labeled + strong go through one forward with
@@ -15,10 +18,7 @@ import logging
 import math
 import os
 import random
-import socket
-import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -38,125 +38,21 @@ from distssl.data.transforms import Views, normalize
 from distssl.metrics import MetricsWriter, plot
 from distssl import elastic
 from distssl.preempt import Preempted, PreemptWatch
+from distssl.optim import accumulation, build_optimizer, deepspeed_config
+from distssl.peers import init_distributed, use_cuda, watch_local_peers, write_heartbeat
 from distssl.export import META_NAME, WEIGHTS_NAME, gather_ema_state, model_meta, write_export
-from distssl.models import create_model, fill_input_defaults, param_groups
-from distssl.schedule import lr_factor
+from distssl.models import create_model, fill_input_defaults
 from distssl.ssl.bnstats import BatchStatsSharing
 from distssl.ssl.distalign import DistributionAlignment, target_from_histogram
 from distssl.ssl.ema import EMA
 from distssl import ssl as algorithms
 
 log = logging.getLogger("distssl")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _nanmean_by_key(values: dict[str, list[float]]) -> dict[str, float]:
     """Mean of each key ignoring NaNs (e.g. pseudo-label accuracy when no label passed tau); NaN if all are."""
     return {k: float("nan") if all(math.isnan(x) for x in v) else float(np.nanmean(v)) for k, v in values.items()}
-
-
-# --- process group ------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def use_cuda() -> bool:
-    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
-
-
-def init_distributed(timeout_minutes: int) -> tuple[int, int, int]:
-    """(rank, world size, local rank); a plain ``python launch/train.py`` is a world of one."""
-    if "RANK" not in os.environ and not dist.is_initialized():
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-    if not use_cuda():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import deepspeed.ops
-
-    if not use_cuda():
-        # DeepSpeed compiles a shared-memory all-reduce for CPU on first use (~90 s, an inference
-        # optimisation); gloo serves training collectives as well, so skip the build.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    timeout = timedelta(minutes=timeout_minutes)
-    # DeepSpeed clones the world into new groups (data parallel, ZeRO) with torch's default timeout
-    # (30 min, 10 for nccl), not the one given here: make the default ours, or a frozen peer stalls
-    # the run for half an hour whenever it stops inside one of those groups' collectives.
-    import torch.distributed.distributed_c10d as c10d
-    c10d.default_pg_timeout = timeout
-    c10d.default_pg_nccl_timeout = timeout
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda() else "gloo", timeout=timeout)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if use_cuda():
-        torch.cuda.set_device(local_rank)
-    else:
-        torch.set_num_threads(cpu_threads(world))
-    return rank, world, local_rank
-
-
-def cpu_threads(world: int) -> int:
-    """Threads for a rank on CPU: OMP_NUM_THREADS when something set it (the user, or Ray, which sets it
-    to the CPUs a trial's worker was given, so trials side by side do not each take every core), else
-    this host's cores shared by its ranks."""
-    given = os.environ.get("OMP_NUM_THREADS", "")
-    if given.isdigit() and int(given) > 0:
-        return int(given)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 0))) or \
-        min(world, os.cpu_count() or 1)
-    return max(1, (os.cpu_count() or 1) // max(1, local_world))
-
-
-def accumulation(cfg: Config, world: int) -> tuple[int, int]:
-    """(per-rank labeled micro-batch, gradient accumulation steps) that keep the global batch
-    ``train.batch_size`` whatever the world size, so results do not depend on the number of GPUs."""
-    t = cfg.train
-    if t.batch_size % world:
-        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {world}")
-    per_rank = t.batch_size // world
-    micro = min(t.micro_batch_size or per_rank, per_rank)
-    if per_rank % micro:
-        raise ConfigError(f"train.micro_batch_size={t.micro_batch_size}: the per-rank batch {per_rank} "
-                          f"(train.batch_size {t.batch_size} / {world} ranks) must be a multiple of it")
-    return micro, per_rank // micro
-
-
-def deepspeed_config(cfg: Config, micro_batch: int, world: int, grad_accum: int = 1) -> dict:
-    template = cfg.deepspeed.template or str(REPO_ROOT / "configs" / "deepspeed" / f"zero{cfg.deepspeed.zero_stage}.json")
-    if not Path(template).is_absolute() and not Path(template).exists() and (REPO_ROOT / template).exists():
-        template = str(REPO_ROOT / template)  # configs/deepspeed/... from any working directory
-    try:
-        ds = json.loads(Path(template).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"deepspeed.template: {template} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"deepspeed.template: {template} is not valid JSON ({e})") from None
-    ds = {k: v for k, v in ds.items() if not k.startswith("_")}  # comments in the template
-    ds.setdefault("zero_optimization", {})["stage"] = cfg.deepspeed.zero_stage
-    ds["train_micro_batch_size_per_gpu"] = micro_batch
-    ds["gradient_accumulation_steps"] = grad_accum
-    ds["train_batch_size"] = micro_batch * grad_accum * world
-    precision = cfg.train.precision
-    if precision == "bf16":
-        # Autocast, not a bf16 module: parameters, BatchNorm statistics, EMA and master weights stay
-        # fp32 (BatchNorm on a cast module meets fp32 running stats, and a 0.999 EMA in bf16 rounds
-        # its updates away); convolutions and matmuls run in bf16.
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-        ds["bf16"] = {"enabled": False}
-        ds["fp16"] = {"enabled": False}
-    elif precision == "fp16":  # fp16 needs loss scaling: DeepSpeed's dynamic scaler (starts at 2**16)
-        ds.pop("torch_autocast", None)
-        ds["bf16"] = {"enabled": False}
-        ds["fp16"] = {**ds.get("fp16", {}), "enabled": True}
-        ds["fp16"].setdefault("loss_scale", 0)
-        ds["fp16"].setdefault("initial_scale_power", 16)
-    ds["zero_allow_untested_optimizer"] = True
-    ds.setdefault("steps_per_print", 10 ** 9)
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds
 
 
 # --- the step ------------------------------------------------------------------------------------
@@ -182,15 +78,9 @@ class Trainer:
         # labels of sets that name their classes in another order, in the labeled set's order
         self.label_maps = preflight.check_classes(cfg) or {}
 
-        readers = world * max(1, t.num_workers)
-        for name, shards in (("labeled", self.labeled), ("unlabeled", self.unlabeled)):
-            if len(shards.urls) < readers and rank == 0:
-                # No hang (a worker without a shard of its own shares one, with its own shuffle), but
-                # an epoch then repeats samples across workers: say so, and how to avoid it.
-                log.warning("data.%s has %d shard(s) for %d readers (%d ranks x %d loader workers): readers share "
-                            "shards, so an epoch repeats samples across them; rebuild with a smaller --max-count "
-                            "(at least %d shards) or lower train.num_workers", name, len(shards.urls), readers,
-                            world, max(1, t.num_workers), readers)
+        if rank == 0:
+            preflight.warn_few_shards({"labeled": self.labeled, "unlabeled": self.unlabeled}, world,
+                                      t.num_workers)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = create_model(cfg.model.name, cfg.model.num_classes, cfg.model.pretrained, cfg.model.drop_path_rate,
                              cfg.model.grad_checkpointing)
@@ -198,20 +88,7 @@ class Trainer:
         # parameters stay contiguous: DeepSpeed broadcasts them as byte views (which a channels_last
         # weight cannot give: "stride(-1) must be 1", seen on an H200) and ZeRO flattens them anyway.
         self.channels_last = t.channels_last and use_cuda()
-        o = cfg.optim
-        groups = param_groups(model, o.weight_decay, o.lr, o.backbone_lr_scale, o.layer_decay)
-        optimizer = torch.optim.SGD([{k: v for k, v in g.items() if k not in ("lr_scale", "is_head")} for g in groups],
-                                    lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
-        frozen = cfg.model.freeze_backbone_steps
-
-        def schedule(is_head: bool):
-            def factor(s: int) -> float:
-                if not is_head and s < frozen:  # backbone lr 0 while it is frozen (ZeRO keeps flat buffers)
-                    return 0.0
-                return lr_factor(s, t.steps, o.warmup_steps, o.cosine_fraction)
-            return factor
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(g["is_head"]) for g in groups])
+        optimizer, scheduler = build_optimizer(model, cfg)
         ds_config = deepspeed_config(cfg, self.micro, world, self.grad_accum)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -578,85 +455,6 @@ class Trainer:
             summary = {"step": self.step, **last_eval, "out_dir": str(self.out)}
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         return last_eval
-
-
-# --- which rank died ----------------------------------------------------------------------------
-
-def write_heartbeat(out: Path, rank: int, step: int) -> None:
-    """out_dir/ranks/rankNNNNN.json: host, pid, step and time, so a survivor can say who died."""
-    d = out / "ranks"
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".rank{rank:05d}.json.tmp"
-    tmp.write_text(json.dumps({"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "step": step,
-                               "time": time.time()}))
-    os.replace(tmp, d / f"rank{rank:05d}.json")
-
-
-def _process_state(pid: int) -> Optional[str]:
-    """'gone', 'stopped', 'zombie' or None (running) for a process on this host."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return "gone"
-    except OSError:
-        return None
-    return {"Z": "exited", "X": "gone", "T": "stopped", "t": "stopped"}.get(state)
-
-
-def watch_local_peers(out: Path, my_rank: int, local_peers: int, interval: float = 0.2) -> None:
-    """A daemon thread that names a rank on this host the moment it dies. DeepSpeed's launcher
-    notices a dead child within 1 s and then terminates the others, and its own message shows the
-    last rank's command whichever rank failed; this thread speaks first (it runs while the main
-    thread waits inside a collective, which releases the GIL)."""
-    import threading
-
-    here = socket.gethostname()
-
-    def watch() -> None:
-        # Heartbeat files are read only until every local peer's pid is known (on a shared file
-        # system, N ranks re-reading N files five times a second would load it); then only /proc.
-        local: dict[int, int] = {}
-        while True:
-            time.sleep(interval)
-            if len(local) < local_peers:
-                for f in (out / "ranks").glob("rank*.json"):
-                    try:
-                        hb = json.loads(f.read_text())
-                    except (OSError, ValueError):
-                        continue
-                    if hb.get("host") == here and hb.get("rank") != my_rank:
-                        local[int(hb["rank"])] = int(hb["pid"])
-            # Only a peer that is gone counts: a stopped one (job control, a debugger) may resume,
-            # and if it never does the collective timeout names it.
-            if any(_process_state(pid) in ("gone", "exited") for pid in local.values()):
-                dead = describe_dead_peers(str(out), my_rank)
-                print(f"rank {my_rank}: a peer died: {dead}. The launcher will stop the other ranks; rerun "
-                      f"the same command to resume from the newest complete checkpoint in {out / 'checkpoints'}",
-                      file=sys.stderr, flush=True)
-                return
-
-    threading.Thread(target=watch, name="distssl-peer-watch", daemon=True).start()
-
-
-def describe_dead_peers(out_dir: str, my_rank: int) -> str:
-    """'rank 1 (pid 123 on host h): gone; ...' from the heartbeats, or '' when nothing is known."""
-    here = socket.gethostname()
-    found = []
-    for f in sorted((Path(out_dir) / "ranks").glob("rank*.json")):
-        try:
-            hb = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        if hb.get("rank") == my_rank:
-            continue
-        where = f"rank {hb['rank']} (pid {hb['pid']} on {hb['host']})"
-        if hb.get("host") == here:
-            state = _process_state(int(hb["pid"]))
-            if state:
-                found.append(f"{where} is {state}, last at step {hb['step']}")
-        else:
-            found.append(f"{where} last reported step {hb['step']} {time.time() - hb['time']:.0f} s ago")
-    return "; ".join(found)
 
 
 def prepare_out_dir(cfg: Config) -> None:

@@ -16,16 +16,16 @@ log = logging.getLogger(__name__)
 
 
 def _is_checkpoint_dir(path: str) -> bool:
-    from distssl.data import io
+    from distssl.data import store
 
-    fs, p = io.filesystem(path)
+    fs, p = store.filesystem(path)
     return fs.isdir(p)
 
 
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     """safetensors, a torch state dict loaded with weights_only=True (never unrestricted pickle), or a
     run/checkpoint folder of this project (its EMA weights)."""
-    from distssl.data import io
+    from distssl.data import store
 
     if _is_checkpoint_dir(path):
         from distssl.export import ema_weights_from_run
@@ -33,10 +33,10 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
         return state
     if path.endswith(".safetensors"):
         from safetensors.torch import load as load_st
-        return load_st(io.read_bytes(path))
+        return load_st(store.read_bytes(path))
     import io as _io
     try:
-        state = torch.load(_io.BytesIO(io.read_bytes(path)), map_location="cpu", weights_only=True)
+        state = torch.load(_io.BytesIO(store.read_bytes(path)), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - an unpickling refusal is the user's to fix, with the reason
         raise ConfigError(f"model.pretrained={path}: not a safetensors file or a weights-only torch state dict "
                          f"({str(e).splitlines()[0][:200]}); convert it with safetensors.torch.save_file") from None
@@ -50,10 +50,10 @@ def pretrained_meta(path: Optional[str]) -> dict:
     """The JSON written next to an exported ``model.safetensors`` (input size, mean/std, classes), if any."""
     if not path or _is_checkpoint_dir(path):
         return {}
-    from distssl.data import io
+    from distssl.data import store
 
     try:
-        return json.loads(io.read_bytes(posixpath.splitext(path)[0] + ".json"))
+        return json.loads(store.read_bytes(posixpath.splitext(path)[0] + ".json"))
     except (OSError, ValueError):  # no JSON beside it (FileNotFoundError is an OSError), or not ours
         return {}
 
@@ -122,7 +122,7 @@ def create_model(name: str, num_classes: int, pretrained: str | None = None, dro
 
 def load_pretrained(model: torch.nn.Module, path: str) -> dict:
     """Load what matches; re-initialise a classifier of another size; list every missing/unexpected key."""
-    from distssl.data.io import redact
+    from distssl.data.store import redact
 
     state = load_state_dict_file(path)
     own = model.state_dict()

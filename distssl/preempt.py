@@ -94,7 +94,7 @@ class PreemptWatch:
         if self.saved:  # the checkpoint is written: the rest is exiting
             os._exit(PREEMPTED_EXIT)
         if signum == signal.SIGTERM:
-            from distssl.engine import describe_dead_peers  # a peer died: the launcher is stopping us
+            from distssl.peers import describe_dead_peers  # a peer died: the launcher is stopping us
 
             dead = describe_dead_peers(self.out_dir, self.rank)
             if dead:

@@ -47,10 +47,10 @@ def looks_like_weights(head: bytes) -> bool:
 
 
 def check_pretrained(path: str) -> None:
-    from distssl.data import io
+    from distssl.data import store
 
-    where = io.redact(path)
-    fs, p = io.filesystem(path)
+    where = store.redact(path)
+    fs, p = store.filesystem(path)
     if fs.isdir(p):
         if not (fs.exists(f"{p}/config.yaml") and (fs.isdir(f"{p}/checkpoints") or fs.exists(f"{p}/COMPLETE"))):
             raise ConfigError(f"model.pretrained={where} is a folder but not a run of this project (no config.yaml "
@@ -123,3 +123,15 @@ def check_classes(cfg: Config) -> Optional[dict[str, dict[int, list[int]]]]:
 
 def _short(names: list[str], n: int = 6) -> str:
     return "[" + ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "") + "]"
+
+
+def warn_few_shards(sets: dict, world: int, num_workers: int) -> None:
+    """Fewer shards than readers: no hang (a reader without a shard of its own shares one, with its
+    own shuffle), but an epoch then repeats samples across readers: say so, and how to avoid it."""
+    readers = world * max(1, num_workers)
+    for name, shards in sets.items():
+        if len(shards.urls) < readers:
+            log.warning("data.%s has %d shard(s) for %d readers (%d ranks x %d loader workers): readers share "
+                        "shards, so an epoch repeats samples across them; rebuild with a smaller --max-count "
+                        "(at least %d shards) or lower train.num_workers", name, len(shards.urls), readers,
+                        world, max(1, num_workers), readers)

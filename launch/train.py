@@ -33,7 +33,7 @@ def _report_dead_peers_on_sigterm(out_dir: str) -> None:
     import signal
 
     def handler(signum, frame):
-        from distssl.engine import describe_dead_peers
+        from distssl.peers import describe_dead_peers
 
         rank = os.environ.get("RANK", "?")
         dead = describe_dead_peers(out_dir, int(rank) if rank.isdigit() else -1)
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     except RuntimeError as e:
         if not _is_peer_failure(e):
             raise
-        from distssl.engine import describe_dead_peers
+        from distssl.peers import describe_dead_peers
 
         rank = os.environ.get("RANK", "?")
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)

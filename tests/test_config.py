@@ -94,7 +94,7 @@ def test_credentials_in_urls_never_reach_config_yaml(tmp_path):
 
 @pytest.mark.parametrize("name", ["demo.yaml", "cifar10.yaml", "imagenet.yaml"])
 def test_shipped_configs_load_and_resolve(name):
-    from distssl.engine import accumulation, deepspeed_config
+    from distssl.optim import accumulation, deepspeed_config
     from distssl.models import fill_input_defaults
 
     cfg = load_config(str(ROOT / "configs" / name))

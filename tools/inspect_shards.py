@@ -20,9 +20,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     a = p.parse_args(argv)
 
-    from distssl.data import io
+    from distssl.data import store
     from distssl.data.index import read_index
-    from distssl.inspect import draw_grid, summarize, verify
+    from distssl.shardinfo import draw_grid, summarize, verify
 
     try:
         index = read_index(a.url)
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     if a.json:
         print(json.dumps(summary, indent=1))
     else:
-        print(f"{io.redact(a.url)}: {summary['count']} images in {summary['shards']} shards, "
+        print(f"{store.redact(a.url)}: {summary['count']} images in {summary['shards']} shards, "
               f"{summary['bytes'] / 1e6:.1f} MB, labeled={summary['labeled']}")
         if summary["class_histogram"]:
             print("classes: " + ", ".join(f"{n}={c}" for n, c in summary["class_histogram"].items()))

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     import logging
     logging.basicConfig(level=logging.WARNING, format="make_shards: warning: %(message)s")
 
-    from distssl.data.io import redact
+    from distssl.data.store import redact
     from distssl.shards import BuildOptions, ImageOptions, make_shards
 
     opts = BuildOptions(labels_per_class=a.labels_per_class, label_fraction=a.label_fraction,

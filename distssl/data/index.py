@@ -17,7 +17,7 @@ from typing import Any, Optional
 import braceexpand
 import numpy as np
 
-from distssl.data import io
+from distssl.data import store
 
 INDEX_NAME = "index.json"
 FORMAT = "distssl.shardset/1"
@@ -93,13 +93,13 @@ def describe_missing(spec: str) -> Optional[str]:
         return None  # remote: checked when opened, with retries
     if is_pattern(spec):
         urls = list(braceexpand.braceexpand(spec))
-        missing = [u for u in urls if not io.exists(u)]
+        missing = [u for u in urls if not store.exists(u)]
         if missing:
             return f"{len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})"
         return None
-    if not io.exists(spec):
+    if not store.exists(spec):
         return f"{spec} does not exist (build it with tools/make_shards.py SRC {spec})"
-    if not io.exists(io.join(spec, INDEX_NAME)):
+    if not store.exists(store.join(spec, INDEX_NAME)):
         return (f"{spec} has no {INDEX_NAME}: it is not a complete shard set "
                 f"(rerun tools/make_shards.py to finish it, or give a brace pattern of .tar files)")
     return None
@@ -107,9 +107,9 @@ def describe_missing(spec: str) -> Optional[str]:
 
 def read_index(spec: str) -> dict:
     try:
-        return json.loads(io.read_bytes(io.join(spec, INDEX_NAME)))
+        return json.loads(store.read_bytes(store.join(spec, INDEX_NAME)))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{io.redact(spec)}: no {INDEX_NAME} (not a complete shard set)") from None
+        raise FileNotFoundError(f"{store.redact(spec)}: no {INDEX_NAME} (not a complete shard set)") from None
 
 
 def resolve(spec: Any) -> ShardSet:
@@ -152,7 +152,7 @@ def resolve_one(spec: str) -> ShardSet:
     shards = index["shards"]
     return ShardSet(
         spec=spec,
-        urls=[io.join(spec, s["name"]) for s in shards],
+        urls=[store.join(spec, s["name"]) for s in shards],
         counts=[int(s["count"]) for s in shards],
         num_classes=index.get("num_classes"),
         class_names=list(index.get("class_names", [])),

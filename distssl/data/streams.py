@@ -22,7 +22,7 @@ Why this shape:
 """
 from __future__ import annotations
 
-import copy
+import functools
 import itertools
 import json
 import logging
@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from distssl.data import io
+from distssl.data import store
 from distssl.data.index import ShardSet
 from distssl.data.position import StreamPlan, Unit, reader_groups, replan, unit_size
 from distssl.data.ring import RingReader, RingWriter
@@ -63,7 +63,7 @@ class Raw:
 
 def tar_samples(url: str) -> Iterator[Raw]:
     """Group consecutive tar members by key (the basename up to its first dot)."""
-    with io.open_stream(url) as f:
+    with store.open_stream(url) as f:
         current: Optional[Raw] = None
         for name, data in tar_members(f):
             base = name.rsplit("/", 1)[-1]
@@ -99,7 +99,7 @@ def resilient_samples(url: str, attempts: int = 6, base_delay: float = 0.5) -> I
                 raise  # permanent: retrying would read the same bytes
             if attempt == attempts - 1:
                 raise
-            log.warning("shard %s: %s after %d samples; retrying in %.1fs", io.redact(url), e, done, delay)
+            log.warning("shard %s: %s after %d samples; retrying in %.1fs", store.redact(url), e, done, delay)
             time.sleep(delay)
             delay = min(2 * delay, 30.0)
 
@@ -170,8 +170,6 @@ def _worker_id(rank: int) -> tuple[int, int]:
 class TrainStream(IterableDataset):
     """Infinite batches for one rank; ``make_item(raw, rng) -> dict | None`` builds one sample."""
 
-    ring_slots = 0  # > 0: collate into reused shared-memory slots (set by ``loader``)
-
     def __init__(self, shards: ShardSet, *, rank: int, world_size: int, batch_size: int, seed: int,
                  shuffle_buffer: int, make_item: Callable, cursors: Optional[dict[int, int]] = None,
                  trace_dir: Optional[str] = None, name: str = "train", interleave_shards: int = 1,
@@ -240,7 +238,7 @@ class TrainStream(IterableDataset):
         through epochs for ever (and its loader never hand over a batch): stop, naming the set."""
         if opened and read == 0:
             raise DataError(f"data.{self.name}: not one sample could be read in a whole epoch of this reader's "
-                            f"{len(opened)} shard(s) (e.g. {io.redact(self.shards.urls[opened[0]])}: "
+                            f"{len(opened)} shard(s) (e.g. {store.redact(self.shards.urls[opened[0]])}: "
                             f"{self._first_error or 'no samples'}). The shards are damaged or unreachable: check "
                             f"them with tools/inspect_shards.py --verify, or rebuild them")
 
@@ -253,7 +251,7 @@ class TrainStream(IterableDataset):
         self._first_error = self._first_error or f"{type(e).__name__}: {e}"
         kind = "damaged" if is_damage(e) else "unreachable after retries"
         log.warning("shard %s: %s past sample %d (%s: %s); going on without it (%d samples counted as skipped)",
-                    io.redact(self.shards.urls[shard]), kind, read, type(e).__name__, e, unread)
+                    store.redact(self.shards.urls[shard]), kind, read, type(e).__name__, e, unread)
 
     def _trace(self, g: int, epoch: int, shard: int, pos: int) -> None:
         """One JSON line per shard opened: which global worker read which shard in which epoch."""
@@ -263,9 +261,12 @@ class TrainStream(IterableDataset):
             f.write(json.dumps({"rank": self.rank, "g": g, "epoch": epoch, "shard": shard, "pos": pos}) + "\n")
 
     def __iter__(self) -> Iterator[dict]:
+        return self.batches(collate)
+
+    def batches(self, pack: Callable[[list[dict]], dict]) -> Iterator[dict]:
+        """This reader's batches, each made by ``pack`` (plain ``collate``, or a ring writer's)."""
         g, per_rank = _worker_id(self.rank)
         G = self.world_size * per_rank
-        pack = _collate_for(self.ring_slots)
         items, skipped, warned = [], 0, set()
         for pos, s, raw in self._raw_sequence(g, G, self.cursors.get(g, 0)):
             raw.source = self.shards.source_of(s)
@@ -277,7 +278,7 @@ class TrainStream(IterableDataset):
                     warned.add(s)
                     log.warning("shard %s: skipping sample %s (no decodable image, or no cls in a labeled set); "
                                 "further bad samples of this shard are counted, not logged",
-                                io.redact(self.shards.urls[s]), raw.key)
+                                store.redact(self.shards.urls[s]), raw.key)
                 continue
             items.append(item)
             if len(items) == self.batch_size:
@@ -291,18 +292,18 @@ class TrainStream(IterableDataset):
 class EvalStream(IterableDataset):
     """Every eval sample exactly once across all ranks and loader workers."""
 
-    ring_slots = 0  # as in TrainStream
-
     def __init__(self, shards: ShardSet, *, rank: int, world_size: int, batch_size: int, make_item: Callable):
         self.shards, self.rank, self.world_size = shards, rank, world_size
         self.batch_size, self.make_item = batch_size, make_item
 
     def __iter__(self) -> Iterator[dict]:
+        return self.batches(collate)
+
+    def batches(self, pack: Callable[[list[dict]], dict]) -> Iterator[dict]:
         g, per_rank = _worker_id(self.rank)
         G = self.world_size * per_rank
         n = len(self.shards.urls)
         by_shard = n >= G  # each shard read once; else every worker reads all, keeps i % G == g
-        pack = _collate_for(self.ring_slots)
         items, skipped, i = [], 0, 0
         for s in range(n):
             if by_shard and s % G != g:
@@ -449,9 +450,20 @@ def eval_item(views: Views, label_maps: LabelMaps = None) -> Callable:
     return make
 
 
-def _collate_for(ring_slots: int) -> Callable[[list[dict]], dict]:
-    """The ring writer inside a loader worker that has slots, plain ``collate`` elsewhere."""
-    return RingWriter(ring_slots).collate if ring_slots and get_worker_info() is not None else collate
+def ring_collate(slots: int) -> Callable[[list[dict]], dict]:
+    """Called inside a loader worker: a ring writer of ``slots`` shared buffers (plain ``collate``
+    in the training process itself)."""
+    return RingWriter(slots).collate if get_worker_info() is not None else collate
+
+
+class Collated(IterableDataset):
+    """A stream whose batches are made by the collate ``make_pack()`` returns, called in each worker."""
+
+    def __init__(self, stream, make_pack: Callable[[], Callable[[list[dict]], dict]]):
+        self.stream, self.make_pack = stream, make_pack
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.stream.batches(self.make_pack())
 
 
 def _as_is(batch):
@@ -480,9 +492,8 @@ def loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int = 4,
         return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
                           prefetch_factor=prefetch_factor if num_workers else None, pin_memory=cuda,
                           worker_init_fn=ignore_in_worker if num_workers else None)
-    dataset = copy.copy(dataset)
     # two slots more than the batches a worker may have in flight: a worker never waits for one
-    dataset.ring_slots = prefetch_factor + 2
+    dataset = Collated(dataset, functools.partial(ring_collate, prefetch_factor + 2))
     return RingLoader(DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
                                  prefetch_factor=prefetch_factor, collate_fn=_as_is,
                                  worker_init_fn=ignore_in_worker), pin_memory=cuda)

@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from distssl.data import io
+from distssl.data import store
 from distssl.data.index import FORMAT, INDEX_NAME
 from distssl.shards.images import ImageOptions, process_image
 from distssl.shards.listing import Listing, list_inputs
@@ -87,7 +87,7 @@ class BuildOptions:
 
 def _verify_one(url: str) -> Optional[str]:
     try:
-        data = io.read_bytes(url)
+        data = store.read_bytes(url)
     except Exception as e:
         return f"unreadable: {type(e).__name__}: {e}"
     return process_image(data, ImageOptions())[2]
@@ -96,17 +96,17 @@ def _verify_one(url: str) -> Optional[str]:
 def _hash_one(url: str) -> tuple[Optional[str], Optional[str]]:
     """(sha256 of the input's bytes, None), or (None, why) when it cannot be read."""
     try:
-        return hashlib.sha256(io.read_bytes(url)).hexdigest(), None
+        return hashlib.sha256(store.read_bytes(url)).hexdigest(), None
     except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
         return None, f"unreadable: {type(e).__name__}: {e}"
 
 
 def input_url(base: str, rel: str) -> str:
-    return rel if not base or "://" in rel or rel.startswith("/") else io.join(base, rel)
+    return rel if not base or "://" in rel or rel.startswith("/") else store.join(base, rel)
 
 
 def set_url(dst: str, name: str) -> str:
-    return io.join(dst, name) if name else dst
+    return store.join(dst, name) if name else dst
 
 
 def is_labeled_set(name: str, options: dict) -> bool:
@@ -178,9 +178,9 @@ def _write_index(url: str, name: str, record: Record, jobs: list[ShardJob], stat
         "generations": sum(name in gen.sets for gen in record.generations), **extra,
     }
     if failures:
-        _write_if_changed(io.join(url, "failures.jsonl"),
+        _write_if_changed(store.join(url, "failures.jsonl"),
                           "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures).encode())
-    _write_if_changed(io.join(url, INDEX_NAME), json.dumps(index, indent=1).encode())
+    _write_if_changed(store.join(url, INDEX_NAME), json.dumps(index, indent=1).encode())
     return index
 
 
@@ -199,11 +199,11 @@ def _reason_counts(failures: list[dict]) -> dict[str, int]:
 def _write_if_changed(url: str, body: bytes) -> None:
     """A rerun of a finished build leaves every object untouched."""
     try:
-        if io.read_bytes(url) == body:
+        if store.read_bytes(url) == body:
             return
     except FileNotFoundError:
         pass
-    io.write_bytes(url, body)
+    store.write_bytes(url, body)
 
 
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "eval", "evaluation", "test", "testing", "dev"}
@@ -213,7 +213,7 @@ def warn_split_folders(src: str, class_names: list[str]) -> list[str]:
     """Class folders named like splits (train/, eval/) mean SRC is one level too high: say so."""
     splits = [n for n in class_names if n.lower() in SPLIT_NAMES]
     if len(splits) >= 2:
-        where = io.redact(src).rstrip("/")
+        where = store.redact(src).rstrip("/")
         log.warning("%s: the class folders %s look like split folders, not classes; if they are splits, build "
                     "each on its own (e.g. %s/%s)", where, ", ".join(splits), where, splits[0])
     return splits
@@ -223,12 +223,12 @@ def warn_split_folders(src: str, class_names: list[str]) -> list[str]:
 
 def _refuse_unrecorded(dst: str) -> None:
     """Shards without a build record: their plan is unknown, so nothing may be added to them."""
-    fs, root = io.filesystem(dst)
+    fs, root = store.filesystem(dst)
     root = root.rstrip("/")
     found = [p for pattern in ("*.stats.json", "*/*.stats.json", INDEX_NAME, f"*/{INDEX_NAME}")
              for p in fs.glob(f"{root}/{pattern}")]
     if found:
-        raise ValueError(f"{io.redact(dst)} already holds shards but no {RECORD_NAME} (built by an older distssl, "
+        raise ValueError(f"{store.redact(dst)} already holds shards but no {RECORD_NAME} (built by an older distssl, "
                          f"or by hand): their plan is unknown, so nothing was written. Build into a new destination")
 
 
@@ -239,7 +239,7 @@ def _labels_in_record_order(record: Record, listing: Listing, dst: str) -> None:
     ids = {c: k for k, c in enumerate(record.class_names)}
     new = [c for c in listing.class_names if c not in ids]
     if new:
-        raise ValueError(f"{io.redact(dst)}: the source has classes the build does not know ({', '.join(new[:5])}"
+        raise ValueError(f"{store.redact(dst)}: the source has classes the build does not know ({', '.join(new[:5])}"
                          f"{' ...' if len(new) > 5 else ''}); a build's classes are fixed, so nothing was written. "
                          f"Build into a new destination")
     remap = np.asarray([ids[c] for c in listing.class_names], dtype=np.int64)
@@ -252,7 +252,7 @@ def _check_same_build(record: Record, source: str, opts: BuildOptions, dst: str)
     if record.source != source:
         changes.insert(0, f"source: {record.source} -> {source}")
     if changes:
-        raise ValueError(f"{io.redact(dst)} was built with other options: {'; '.join(changes)}. Nothing was "
+        raise ValueError(f"{store.redact(dst)} was built with other options: {'; '.join(changes)}. Nothing was "
                          f"written. Rerun with the options it was built with (see its {RECORD_NAME}), or give "
                          f"a new destination")
 
@@ -289,7 +289,7 @@ def make_shards(src: str, dst: str, opts: Optional[BuildOptions] = None, **kw) -
     opts.check()
     listing = list_inputs(src, opts.unlabeled)
     if len(listing) == 0:
-        raise ValueError(f"{io.redact(src)}: no images found")
+        raise ValueError(f"{store.redact(src)}: no images found")
     warn_split_folders(src, listing.class_names)
     source, split = normalise_source(src), opts.split()
     record = read_record(dst)
@@ -301,7 +301,7 @@ def make_shards(src: str, dst: str, opts: Optional[BuildOptions] = None, **kw) -
     diff = diff_listing(record, listing.rels, listing.sizes) if record else None
     if diff and not opts.extend:
         raise ValueError(
-            f"{io.redact(src)} has changed since {io.redact(dst)} was planned: {diff.describe()}. Nothing was "
+            f"{store.redact(src)} has changed since {store.redact(dst)} was planned: {diff.describe()}. Nothing was "
             f"written. To add the new inputs as new shards (existing shards and the labeled split stay as they "
             f"are), rerun with --extend; to build from the new listing, give a new destination")
     runner = None
@@ -357,7 +357,7 @@ def _report_removed(src: str, diff) -> None:
     if diff.removed or diff.changed:
         log.warning("%s: %d inputs of the build are gone from the source and %d changed in size; their samples stay "
                     "in the shards (listed in the build record; rebuild into a new destination to drop them)%s",
-                    io.redact(src), len(diff.removed), len(diff.changed),
+                    store.redact(src), len(diff.removed), len(diff.changed),
                     f", e.g. {(diff.removed or diff.changed)[0]}")
 
 
@@ -368,4 +368,4 @@ def _plan_summary(listing: Listing, plan) -> dict:
 
 
 def is_complete(dst: str) -> bool:
-    return io.exists(io.join(dst, INDEX_NAME))
+    return store.exists(store.join(dst, INDEX_NAME))

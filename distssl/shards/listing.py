@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from distssl.data import io
+from distssl.data import store
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".jfif"}
 MANIFEST_EXTS = (".csv", ".jsonl", ".ndjson")
@@ -30,7 +30,7 @@ class Listing:
 
     def url(self, i: int) -> str:
         rel = self.rels[i]
-        return rel if not self.base or "://" in rel or rel.startswith("/") else io.join(self.base, rel)
+        return rel if not self.base or "://" in rel or rel.startswith("/") else store.join(self.base, rel)
 
     def __len__(self) -> int:
         return len(self.rels)
@@ -41,9 +41,9 @@ def _protocol_prefix(src: str) -> str:
 
 
 def list_folder(src: str, unlabeled: bool) -> Listing:
-    fs, root = io.filesystem(src)
+    fs, root = store.filesystem(src)
     if not fs.isdir(root):
-        raise FileNotFoundError(f"{io.redact(src)}: no such folder of images (or the bucket/prefix is empty)")
+        raise FileNotFoundError(f"{store.redact(src)}: no such folder of images (or the bucket/prefix is empty)")
     root = root.rstrip("/")
     rels, sizes = [], []
     for dirpath, _dirs, files in fs.walk(root, detail=True):
@@ -61,7 +61,7 @@ def list_folder(src: str, unlabeled: bool) -> Listing:
         return Listing(base, rels, np.full(len(rels), -1, dtype=np.int64), sizes_arr)
     keep = [i for i, r in enumerate(rels) if "/" in r]
     if not keep:
-        raise ValueError(f"{io.redact(src)}: no class subfolders (SRC/<class>/*.jpg); pass --unlabeled for a "
+        raise ValueError(f"{store.redact(src)}: no class subfolders (SRC/<class>/*.jpg); pass --unlabeled for a "
                          f"flat folder of images, or give a CSV/JSONL manifest")
     rels = [rels[i] for i in keep]
     classes = sorted({r.split("/", 1)[0] for r in rels})
@@ -73,16 +73,16 @@ def list_folder(src: str, unlabeled: bool) -> Listing:
 def list_manifest(src: str) -> Listing:
     """CSV (header with ``path`` or ``url``, optional ``label``) or JSONL with the same keys.
     Relative paths are taken relative to the manifest's folder; labels may be names or ids."""
-    text = io.read_bytes(src).decode("utf-8")
+    text = store.read_bytes(src).decode("utf-8")
     if src.lower().endswith(".csv"):
         rows = list(csv.DictReader(_io.StringIO(text)))
     else:
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     if not rows:
-        raise ValueError(f"{io.redact(src)}: the manifest has no rows")
+        raise ValueError(f"{store.redact(src)}: the manifest has no rows")
     key = "path" if "path" in rows[0] else "url" if "url" in rows[0] else None
     if key is None:
-        raise ValueError(f"{io.redact(src)}: manifest rows need a 'path' or 'url' column (found {list(rows[0])})")
+        raise ValueError(f"{store.redact(src)}: manifest rows need a 'path' or 'url' column (found {list(rows[0])})")
     base = src.rsplit("/", 1)[0] if "/" in src else "."
     rels = [str(r[key]) for r in rows]
     raw_labels = [r.get("label") for r in rows]

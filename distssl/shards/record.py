@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from distssl.data import io
+from distssl.data import store
 
 RECORD_NAME = "build.json"
 FORMAT = "distssl.build/1"
@@ -85,7 +85,7 @@ def normalise_source(src: str) -> str:
     src = str(src).rstrip("/")
     if "://" not in src:
         src = os.path.abspath(src)
-    return io.redact(src)
+    return store.redact(src)
 
 
 def _gen_name(g: int) -> str:
@@ -94,12 +94,12 @@ def _gen_name(g: int) -> str:
 
 def read_record(dst: str) -> Optional[Record]:
     try:
-        head = json.loads(io.read_bytes(io.join(dst, RECORD_NAME)))
+        head = json.loads(store.read_bytes(store.join(dst, RECORD_NAME)))
     except FileNotFoundError:
         return None
     if head.get("format") != FORMAT:
-        raise ValueError(f"{io.redact(dst)}/{RECORD_NAME}: unknown build record format {head.get('format')!r}")
-    gens = [Generation.from_json(json.loads(gzip.decompress(io.read_bytes(io.join(dst, _gen_name(g))))))
+        raise ValueError(f"{store.redact(dst)}/{RECORD_NAME}: unknown build record format {head.get('format')!r}")
+    gens = [Generation.from_json(json.loads(gzip.decompress(store.read_bytes(store.join(dst, _gen_name(g))))))
             for g in range(len(head["generations"]))]
     return Record(head["source"], head["options"], list(head["class_names"]), gens)
 
@@ -108,14 +108,14 @@ def write_generation(dst: str, record: Record, gen: Generation) -> None:
     """Append ``gen``: its file first, then build.json, which is what makes it part of the record."""
     g = len(record.generations)
     body = json.dumps(gen.to_json(), separators=(",", ":")).encode()
-    io.write_bytes(io.join(dst, _gen_name(g)), gzip.compress(body, mtime=0))  # same bytes on a rerun
+    store.write_bytes(store.join(dst, _gen_name(g)), gzip.compress(body, mtime=0))  # same bytes on a rerun
     record.generations.append(gen)
     summary = [{"file": _gen_name(i), "inputs": len(x.rels), "removed": len(x.removed),
                 "sets": {k: {"shards": len(p.shards), "planned": p.planned} for k, p in x.sets.items()}}
                for i, x in enumerate(record.generations)]
     head = {"format": FORMAT, "source": record.source, "options": record.options,
             "class_names": record.class_names, "generations": summary}
-    io.write_bytes(io.join(dst, RECORD_NAME), json.dumps(head, indent=1).encode())
+    store.write_bytes(store.join(dst, RECORD_NAME), json.dumps(head, indent=1).encode())
 
 
 @dataclass

@@ -69,9 +69,9 @@ class RayRunner:
                              f"or build without --ray-address") from None
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         hosts = {n.get("NodeManagerAddress") for n in nodes}
-        from distssl.data import io
-        if len(hosts) > 1 and io.is_local(io.filesystem(dst)[0]):
-            raise ValueError(f"{io.redact(dst)} is a local path but the Ray cluster spans {len(hosts)} machines: "
+        from distssl.data import store
+        if len(hosts) > 1 and store.is_local(store.filesystem(dst)[0]):
+            raise ValueError(f"{store.redact(dst)} is a local path but the Ray cluster spans {len(hosts)} machines: "
                              f"each would write to its own disk. Give a shared store (s3://, gs://, a shared mount "
                              f"as file://) as the destination")
         log.info("Ray cluster: %d nodes, %d CPUs", len(nodes), int(ray.cluster_resources().get("CPU", 0)))

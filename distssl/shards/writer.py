@@ -13,7 +13,7 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from distssl.data import io
+from distssl.data import store
 from distssl.shards.images import ImageOptions, process_image
 
 READ_THREADS = 16
@@ -47,14 +47,14 @@ def _tar_add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 def read_stats(set_url: str, stats_name: str) -> dict | None:
     try:
-        return json.loads(io.read_bytes(io.join(set_url, stats_name)))
+        return json.loads(store.read_bytes(store.join(set_url, stats_name)))
     except FileNotFoundError:
         return None
 
 
 def _read_or_error(url: str):
     try:
-        return io.read_bytes(url)
+        return store.read_bytes(url)
     except Exception as e:
         return e
 
@@ -63,7 +63,7 @@ def write_shard(job: ShardJob) -> dict:
     """Returns the shard's stats: count, bytes, class counts, each sample's key and content hash (what
     ``--extend`` and ``--dedup`` compare new inputs against) and the failed inputs with why."""
     failures, count, hist, hashes = [], 0, {}, []
-    with io.atomic_write(io.join(job.set_url, job.name)) as f, ThreadPoolExecutor(READ_THREADS) as readers:
+    with store.atomic_write(store.join(job.set_url, job.name)) as f, ThreadPoolExecutor(READ_THREADS) as readers:
         with tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
             # reads overlap (object stores answer one GET at a time with latency); order is kept
             for key, (url, rel, label), data in zip(job.keys, zip(job.urls, job.rels, job.labels),
@@ -72,7 +72,7 @@ def write_shard(job: ShardJob) -> dict:
                     failures.append({"input": rel, "reason": f"unreadable: {type(data).__name__}: {data}"})
                     continue
                 if isinstance(data, Exception):  # the store, not the image: never mark the shard complete
-                    raise OSError(f"{io.redact(url)}: still unreadable after retries ({type(data).__name__}: "
+                    raise OSError(f"{store.redact(url)}: still unreadable after retries ({type(data).__name__}: "
                                   f"{data}); shard {job.name} was not written. Rerun the same command when the "
                                   f"store is back: finished shards are kept") from data
                 payload, ext, reason = process_image(data, job.opts)
@@ -90,11 +90,11 @@ def write_shard(job: ShardJob) -> dict:
                 if label >= 0:
                     hist[label] = hist.get(label, 0) + 1
         f.flush()
-    fs, path = io.filesystem(io.join(job.set_url, job.name))
+    fs, path = store.filesystem(store.join(job.set_url, job.name))
     stats = {"name": job.name, "count": count, "bytes": int(fs.info(path)["size"]),
              "class_counts": {str(k): v for k, v in sorted(hist.items())}, "failures": failures,
              "samples": hashes}
-    io.write_bytes(io.join(job.set_url, job.stats_name), json.dumps(stats, sort_keys=True).encode())
+    store.write_bytes(store.join(job.set_url, job.stats_name), json.dumps(stats, sort_keys=True).encode())
     return stats
 
 

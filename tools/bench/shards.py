@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     count = a.count or (400 if a.quick else 3000)
 
-    from distssl.data import io
+    from distssl.data import store
     from distssl.shards import BuildOptions, ImageOptions, make_shards
     from distssl.shards.images import process_image
 
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     n_limit = min(count, 300 if a.quick else 1000)
     t = time.perf_counter()
     for path in paths[:n_limit]:
-        process_image(io.read_bytes(str(path)), img_opts)
+        process_image(store.read_bytes(str(path)), img_opts)
     per_core = n_limit / (time.perf_counter() - t)
     limit = per_core * a.workers
     per_shard = max(25, count // (4 * a.workers))  # enough shards to keep every worker busy

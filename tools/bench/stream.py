@@ -78,8 +78,8 @@ class S3Objects:
         return len(self.urls)
 
     def __getitem__(self, i):
-        from distssl.data import io
-        return self.transform(io.read_bytes(self.urls[i])), 0
+        from distssl.data import store
+        return self.transform(store.read_bytes(self.urls[i])), 0
 
 
 def _loop(args):
@@ -122,8 +122,6 @@ def loop_alone(datas, views):
 class SameBatch(IterableDataset):
     """A stream that repeats one batch's items: isolates the cost of handing batches over."""
 
-    ring_slots = 0
-
     def __init__(self, batch, image_size):
         import torch
         self.items = [{"weak": torch.zeros(3, image_size, image_size, dtype=torch.uint8),
@@ -131,8 +129,10 @@ class SameBatch(IterableDataset):
                       for _ in range(batch)]
 
     def __iter__(self):
-        from distssl.data.streams import _collate_for
-        pack = _collate_for(self.ring_slots)
+        from distssl.data.streams import collate
+        return self.batches(collate)
+
+    def batches(self, pack):
         while True:
             b = pack(self.items)
             b["worker"], b["cursor"], b["skipped"] = 0, 0, 0
@@ -238,7 +238,7 @@ def imagenet(a) -> int:
     """ImageNet mode: photo JPEGs at ImageNet's sizes, 224-px views, the CPU a GPU's feed costs."""
     import torch
 
-    from distssl.data import io
+    from distssl.data import store
     from distssl.data.streams import labeled_item, unlabeled_item, unlabeled_plan_item
     from distssl.data.transforms import Views
     from distssl.shards import ImageOptions, make_shards
@@ -273,7 +273,7 @@ def imagenet(a) -> int:
             cores[f"cores_per_gpu_{key}"] = need
             kb = sum(s["bytes"] for s in json.loads((folder / "unlabeled/index.json").read_text())["shards"]) / 1e3
             rows.append((key, f"{kb / count:.0f} KB", f"{lab:.2f}", f"{unl:.2f}", f"{need:.1f}"))
-        datas = [io.read_bytes(str(p)) for p in sorted((tmp / "raw").rglob("*.jpg"))[:60]] if name == "orig" else None
+        datas = [store.read_bytes(str(p)) for p in sorted((tmp / "raw").rglob("*.jpg"))[:60]] if name == "orig" else None
         if datas is None:  # the same stage profile on the resized shards' own bytes
             from distssl.data.streams import tar_samples
             datas = [r.fields["jpg"] for _, r in zip(range(60), tar_samples(str(folder / "unlabeled/shard-000000.tar")))]
@@ -322,7 +322,7 @@ def main(argv=None) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from distssl.data import io
+    from distssl.data import store
     from distssl.data.index import resolve
     from distssl.data.streams import TrainStream, loader, unlabeled_item
     from distssl.data.transforms import Views
@@ -336,7 +336,7 @@ def main(argv=None) -> int:
     views = Views(a.image_size, flip=True, pad_fraction=0.125, randaugment_ops=2, cutout_fraction=0.5)
 
     n_limit = min(count, 600)
-    datas = [io.read_bytes(str(p)) for p in paths[:n_limit]]
+    datas = [store.read_bytes(str(p)) for p in paths[:n_limit]]
     batches = max(4, min(40 if a.quick else 60, count // a.batch - 3))  # ImageFolder's epoch is finite
     rounds = a.rounds or (5 if a.quick else 8)
 

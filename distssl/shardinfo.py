@@ -1,7 +1,7 @@
 """Summaries, verification and a picture of a shard set (used by tools/inspect_shards.py)."""
 from __future__ import annotations
 
-from distssl.data import io
+from distssl.data import store
 from distssl.data.streams import IMAGE_KEYS, tar_samples
 from distssl.data.transforms import decode
 
@@ -24,7 +24,7 @@ def verify(url: str, index: dict) -> dict:
     decoded, bad, counts_match = 0, 0, True
     for shard in tqdm(index["shards"], desc="verify", unit="shard"):
         n = 0
-        for raw in tar_samples(io.join(url, shard["name"])):
+        for raw in tar_samples(store.join(url, shard["name"])):
             n += 1
             data = next((raw.fields[k] for k in IMAGE_KEYS if k in raw.fields), None)
             try:
@@ -47,7 +47,7 @@ def draw_grid(url: str, index: dict, out_png: str, count: int) -> int:
     names = index.get("class_names") or []
     images = []
     for shard in index["shards"]:
-        for raw in tar_samples(io.join(url, shard["name"])):
+        for raw in tar_samples(store.join(url, shard["name"])):
             data = next((raw.fields[k] for k in IMAGE_KEYS if k in raw.fields), None)
             label = raw.fields.get("cls")
             label = int(label) if label is not None else json.loads(raw.fields.get("json", b"{}")).get("label")

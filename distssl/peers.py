@@ -1,0 +1,153 @@
+"""The process group and the peers: starting it (gloo on CPU, nccl on GPU, our collective timeout),
+how many CPU threads a rank takes, and telling which rank died (heartbeats, a watcher thread).
+
+Kept out of the training loop (distssl/engine.py), which only calls :func:`init_distributed`,
+:func:`write_heartbeat` and :func:`watch_local_peers`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+# --- process group ------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def use_cuda() -> bool:
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
+def init_distributed(timeout_minutes: int) -> tuple[int, int, int]:
+    """(rank, world size, local rank); a plain ``python launch/train.py`` is a world of one."""
+    if "RANK" not in os.environ and not dist.is_initialized():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if not use_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    if not use_cuda():
+        # DeepSpeed compiles a shared-memory all-reduce for CPU on first use (~90 s, an inference
+        # optimisation); gloo serves training collectives as well, so skip the build.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    timeout = timedelta(minutes=timeout_minutes)
+    # DeepSpeed clones the world into new groups (data parallel, ZeRO) with torch's default timeout
+    # (30 min, 10 for nccl), not the one given here: make the default ours, or a frozen peer stalls
+    # the run for half an hour whenever it stops inside one of those groups' collectives.
+    import torch.distributed.distributed_c10d as c10d
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda() else "gloo", timeout=timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda():
+        torch.cuda.set_device(local_rank)
+    else:
+        torch.set_num_threads(cpu_threads(world))
+    return rank, world, local_rank
+
+
+def cpu_threads(world: int) -> int:
+    """Threads for a rank on CPU: OMP_NUM_THREADS when something set it (the user, or Ray, which sets it
+    to the CPUs a trial's worker was given, so trials side by side do not each take every core), else
+    this host's cores shared by its ranks."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 0))) or \
+        min(world, os.cpu_count() or 1)
+    return max(1, (os.cpu_count() or 1) // max(1, local_world))
+
+
+# --- which rank died ----------------------------------------------------------------------------
+
+def write_heartbeat(out: Path, rank: int, step: int) -> None:
+    """out_dir/ranks/rankNNNNN.json: host, pid, step and time, so a survivor can say who died."""
+    d = out / "ranks"
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".rank{rank:05d}.json.tmp"
+    tmp.write_text(json.dumps({"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "step": step,
+                               "time": time.time()}))
+    os.replace(tmp, d / f"rank{rank:05d}.json")
+
+
+def _process_state(pid: int) -> Optional[str]:
+    """'gone', 'stopped', 'zombie' or None (running) for a process on this host."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "gone"
+    except OSError:
+        return None
+    return {"Z": "exited", "X": "gone", "T": "stopped", "t": "stopped"}.get(state)
+
+
+def watch_local_peers(out: Path, my_rank: int, local_peers: int, interval: float = 0.2) -> None:
+    """A daemon thread that names a rank on this host the moment it dies. DeepSpeed's launcher
+    notices a dead child within 1 s and then terminates the others, and its own message shows the
+    last rank's command whichever rank failed; this thread speaks first (it runs while the main
+    thread waits inside a collective, which releases the GIL)."""
+    import threading
+
+    here = socket.gethostname()
+
+    def watch() -> None:
+        # Heartbeat files are read only until every local peer's pid is known (on a shared file
+        # system, N ranks re-reading N files five times a second would load it); then only /proc.
+        local: dict[int, int] = {}
+        while True:
+            time.sleep(interval)
+            if len(local) < local_peers:
+                for f in (out / "ranks").glob("rank*.json"):
+                    try:
+                        hb = json.loads(f.read_text())
+                    except (OSError, ValueError):
+                        continue
+                    if hb.get("host") == here and hb.get("rank") != my_rank:
+                        local[int(hb["rank"])] = int(hb["pid"])
+            # Only a peer that is gone counts: a stopped one (job control, a debugger) may resume,
+            # and if it never does the collective timeout names it.
+            if any(_process_state(pid) in ("gone", "exited") for pid in local.values()):
+                dead = describe_dead_peers(str(out), my_rank)
+                print(f"rank {my_rank}: a peer died: {dead}. The launcher will stop the other ranks; rerun "
+                      f"the same command to resume from the newest complete checkpoint in {out / 'checkpoints'}",
+                      file=sys.stderr, flush=True)
+                return
+
+    threading.Thread(target=watch, name="distssl-peer-watch", daemon=True).start()
+
+
+def describe_dead_peers(out_dir: str, my_rank: int) -> str:
+    """'rank 1 (pid 123 on host h): gone; ...' from the heartbeats, or '' when nothing is known."""
+    here = socket.gethostname()
+    found = []
+    for f in sorted((Path(out_dir) / "ranks").glob("rank*.json")):
+        try:
+            hb = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if hb.get("rank") == my_rank:
+            continue
+        where = f"rank {hb['rank']} (pid {hb['pid']} on {hb['host']})"
+        if hb.get("host") == here:
+            state = _process_state(int(hb["pid"]))
+            if state:
+                found.append(f"{where} is {state}, last at step {hb['step']}")
+        else:
+            found.append(f"{where} last reported step {hb['step']} {time.time() - hb['time']:.0f} s ago")
+    return "; ".join(found)
