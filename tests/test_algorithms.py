@@ -141,3 +141,17 @@ def _contributions(algo, raw, aligned, ids):
         max_p = aligned.max(dim=1).values.double()
         out.append(torch.stack([max_p.sum(), (max_p ** 2).sum(), max_p.new_tensor(max_p.numel())]))
     return out
+
+
+def test_a_sweep_can_search_the_algorithm_like_any_key():
+    from distssl.config import ConfigError, load_config
+    from distssl.tune import check_space
+
+    base = load_config("configs/demo.yaml", ["data.demo_root=null"])
+    check_space({"ssl.algorithm": {"choice": ["fixmatch", "flexmatch", "freematch", "softmatch"]}}, base)
+    with pytest.raises(ConfigError, match="space.ssl.algorithm"):
+        check_space({"ssl.algorithm": {"choice": ["fixmatch", "mixmatch"]}}, base)
+    with pytest.raises(ConfigError, match="ssl.freematch.fairness_weight"):
+        load_config("configs/demo.yaml", ["ssl.freematch.fairness_weight=-1"])
+    with pytest.raises(ConfigError, match="unknown key 'ssl.softmatch.sigma'"):
+        load_config("configs/demo.yaml", ["ssl.softmatch.sigma=2"])

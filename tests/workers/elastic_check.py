@@ -2,25 +2,17 @@
 checkpoint into this launch's engine, gather the state whole again and compare it with what was saved
 (elastic.pt). Rank 0 writes {"exact": bool, "differs": [...], "step": N, "p_model": [...]} as JSON."""
 import json
-import os
-import sys
 
 import torch
 
+from common import trainer_from_argv
+
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
-    out_json, overrides = args[0], args[1:]
+    out_json, cfg, rank, world, trainer = trainer_from_argv()
     from distssl import checkpoint as ckpt
     from distssl import elastic
-    from distssl.config import load_config
-    from distssl.engine import Trainer, init_distributed
-    from distssl.models import fill_input_defaults
 
-    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml"), overrides)
-    fill_input_defaults(cfg)
-    rank, world, local_rank = init_distributed(5)
-    trainer = Trainer(cfg, rank, world, local_rank)
     step = trainer.resume()
     _, tag, _ = ckpt.latest(trainer.ckpt_dir)
     again = elastic.gather(trainer.engine, trainer.ema, trainer.scheduler, trainer.step)
@@ -36,6 +28,8 @@ def main() -> None:
         with open(out_json, "w") as f:
             json.dump({"exact": not differs, "differs": differs[:10], "step": step,
                        "p_model": trainer.da.p_model.tolist(), "momentum": len(saved["momentum"])}, f)
+    torch.distributed.barrier()  # every rank leaves together, through the process group's own teardown
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

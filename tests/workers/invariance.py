@@ -4,24 +4,14 @@ writes each step's global loss, p_model and the algorithm's state as JSON."""
 import dataclasses
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from common import trainer_from_argv
 
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
-    out_json, overrides = args[0], args[1:]
-    from distssl.config import load_config
-    from distssl.engine import Trainer, init_distributed
-    from distssl.models import fill_input_defaults
-
-    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml"), overrides)
-    fill_input_defaults(cfg)
-    rank, world, local_rank = init_distributed(5)
-    trainer = Trainer(cfg, rank, world, local_rank)
+    out_json, cfg, rank, world, trainer = trainer_from_argv()
     B, mu, size = cfg.train.batch_size, cfg.ssl.mu, cfg.data.image_size
     per, uper = B // world, B * mu // world
     from distssl import ssl as algorithms
