@@ -32,8 +32,8 @@ from distssl import preflight
 from distssl.config import Config, ConfigError, dump_yaml, resume_conflicts
 from distssl.data.index import ShardSet, resolve
 from distssl.data import device_augment
-from distssl.data.streams import (DataError, EvalStream, StreamPlan, TrainStream, eval_item, labeled_item, loader,  # noqa: F401
-                                  unlabeled_item, unlabeled_plan_item)
+from distssl.data.streams import DataError, EvalStream, StreamPlan, TrainStream, loader
+from distssl.data.samples import eval_item, labeled_item, unlabeled_item, unlabeled_plan_item
 from distssl.data.transforms import Views, normalize
 from distssl.metrics import MetricsWriter, plot
 from distssl import elastic

@@ -7,7 +7,8 @@ import pytest
 
 from conftest import run_train, tiny_overrides
 from distssl.data.index import resolve
-from distssl.data.streams import DataError, TrainStream, resilient_samples, unlabeled_item
+from distssl.data.streams import DataError, TrainStream, resilient_samples
+from distssl.data.samples import unlabeled_item
 from distssl.data.transforms import Views
 
 VIEWS = Views(image_size=28, flip=False, pad_fraction=0.125, randaugment_ops=2, cutout_fraction=0.5)
@@ -68,7 +69,9 @@ def test_a_stream_with_nothing_readable_in_an_epoch_stops_naming_the_set(tiny_da
     assert "a whole epoch" in str(e.value)
 
 
-@pytest.mark.parametrize("at_member", [0, 40])
+# damage mid-shard (the case that spun); damage at the first header stops the same way, shown at the
+# stream level above (test_a_stream_with_nothing_readable_in_an_epoch_stops_naming_the_set)
+@pytest.mark.parametrize("at_member", [40])
 def test_a_run_on_damaged_unlabeled_shards_stops_with_a_data_error_instead_of_spinning(tiny_data, tmp_path,
                                                                                        at_member):
     damaged = tmp_path / "unlabeled"

@@ -41,7 +41,8 @@ def test_export_loads_in_timm_unchanged(trained, tiny_data, tmp_path):
     from safetensors.torch import load_file
 
     from distssl.data.index import resolve
-    from distssl.data.streams import EvalStream, eval_item
+    from distssl.data.streams import EvalStream
+    from distssl.data.samples import eval_item
     from distssl.data.transforms import Views, normalize
 
     weights = trained / "model.safetensors"

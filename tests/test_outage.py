@@ -39,7 +39,8 @@ def _upload(local_dir, bucket, prefix):
 
 def _batches(n, caplog=None, outage=None):
     from distssl.data.index import resolve
-    from distssl.data.streams import TrainStream, unlabeled_item
+    from distssl.data.streams import TrainStream
+    from distssl.data.samples import unlabeled_item
     from distssl.data.transforms import Views
 
     views = Views(28, False, 0.125, 2, 0.5)

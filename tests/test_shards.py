@@ -12,7 +12,8 @@ import torch
 
 from conftest import ROOT, export_digits
 from distssl.data.index import ShardSet, resolve
-from distssl.data.streams import EvalStream, TrainStream, eval_item, labeled_item, unlabeled_item
+from distssl.data.streams import EvalStream, TrainStream
+from distssl.data.samples import eval_item, labeled_item, unlabeled_item
 from distssl.data.transforms import Views
 from distssl.shards import make_shards
 

@@ -239,7 +239,7 @@ def imagenet(a) -> int:
     import torch
 
     from distssl.data import store
-    from distssl.data.streams import labeled_item, unlabeled_item, unlabeled_plan_item
+    from distssl.data.samples import labeled_item, unlabeled_item, unlabeled_plan_item
     from distssl.data.transforms import Views
     from distssl.shards import ImageOptions, make_shards
 
@@ -324,7 +324,8 @@ def main(argv=None) -> int:
 
     from distssl.data import store
     from distssl.data.index import resolve
-    from distssl.data.streams import TrainStream, loader, unlabeled_item
+    from distssl.data.streams import TrainStream, loader
+    from distssl.data.samples import unlabeled_item
     from distssl.data.transforms import Views
     from distssl.shards import make_shards
 

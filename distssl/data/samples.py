@@ -1,0 +1,111 @@
+"""Sample builders: one raw tar sample (image bytes, ``cls``, ``json``) in, the tensors of one
+training or eval item out, or None for a bad sample (counted by the stream, never fatal). The
+streams (distssl/data/streams.py) call them; which builder a stream gets says what it feeds:
+labeled (weak view + label), unlabeled (both views from one decode, or the device-view plan), eval.
+"""
+from __future__ import annotations
+
+import json
+import random
+from typing import Callable, Optional
+
+import torch
+
+from distssl.data.streams import IMAGE_KEYS, Raw
+from distssl.data.transforms import Views
+
+
+def _image_bytes(raw: Raw) -> Optional[bytes]:
+    return next((raw.fields[k] for k in IMAGE_KEYS if k in raw.fields), None)
+
+
+def _label(raw: Raw) -> Optional[int]:
+    if "cls" in raw.fields:
+        try:
+            return int(raw.fields["cls"].decode().strip())
+        except ValueError:
+            return None
+    return None
+
+
+LabelMaps = Optional[dict[int, list[int]]]  # per source of a stream: its labels in the labeled set's order
+
+
+def _meta_label(raw: Raw, label_maps: LabelMaps = None) -> int:
+    try:
+        label = int(json.loads(raw.fields["json"]).get("label", -1)) if "json" in raw.fields else -1
+    except (ValueError, AttributeError):
+        return -1
+    return _mapped(label, raw, label_maps)
+
+
+def _mapped(label: Optional[int], raw: Raw, label_maps: LabelMaps) -> Optional[int]:
+    """A set's label in the labeled set's class order (data.class_match=by_name)."""
+    label_map = label_maps.get(raw.source) if label_maps else None
+    if label_map is None or label is None or not 0 <= label < len(label_map):
+        return label
+    return label_map[label]
+
+
+def _decode_or_none(raw: Raw, decode_bytes: Callable[[bytes], "object"]):
+    data = _image_bytes(raw)
+    if data is None:
+        return None
+    try:
+        return decode_bytes(data)
+    except Exception:  # undecodable image: counted by the caller, never fatal
+        return None
+
+
+def labeled_item(views: Views, label_maps: LabelMaps = None) -> Callable:
+    def make(raw: Raw, rng: random.Random) -> Optional[dict]:
+        label = _mapped(_label(raw), raw, label_maps)
+        img = _decode_or_none(raw, lambda data: views.base(data, rng)) if label is not None else None
+        return None if img is None else {"x": views.weak(img, rng), "y": label}
+    return make
+
+
+def sample_id(raw: Raw, offsets: Optional[list[int]]) -> int:
+    """A stable id per unlabeled sample (per-sample algorithm state: FlexMatch): the builder's key
+    number plus its set's offset; keys that are not numbers hash (crc32) instead."""
+    import zlib
+
+    stem = raw.key.rsplit("/", 1)[-1]
+    number = int(stem) if stem.isdigit() else zlib.crc32(raw.key.encode())
+    return number + (offsets[raw.source] if offsets else 0)
+
+
+def unlabeled_item(views: Views, label_maps: LabelMaps = None, offsets: Optional[list[int]] = None) -> Callable:
+    """Both views come from one decode (and, with data.crop=random_resized, one crop) of the image."""
+    def make(raw: Raw, rng: random.Random) -> Optional[dict]:
+        img = _decode_or_none(raw, lambda data: views.base(data, rng))
+        if img is None:
+            return None
+        return {"weak": views.weak(img, rng), "strong": views.strong(img, rng), "y_true": _meta_label(raw, label_maps),
+                "idx": sample_id(raw, offsets)}
+    return make
+
+
+def unlabeled_plan_item(views: Views, label_maps: LabelMaps = None, offsets: Optional[list[int]] = None) -> Callable:
+    """``data.augment_on=device``: the decoded (and cropped) base image and the random choices of both
+    views, drawn from the sample's rng in the loader path's order; the views are made on the device
+    (distssl.data.device_augment)."""
+    from distssl.data.device_augment import strong_plan, weak_plan
+    from distssl.data.transforms import to_uint8
+
+    def make(raw: Raw, rng: random.Random) -> Optional[dict]:
+        img = _decode_or_none(raw, lambda data: views.base(data, rng))
+        if img is None:
+            return None
+        return {"base": to_uint8(img), "plan_weak": torch.tensor(weak_plan(views, rng)),
+                "plan_strong": torch.tensor(strong_plan(views, rng)), "y_true": _meta_label(raw, label_maps),
+                "idx": sample_id(raw, offsets)}
+    return make
+
+
+def eval_item(views: Views, label_maps: LabelMaps = None) -> Callable:
+    def make(raw: Raw, rng) -> Optional[dict]:
+        label = _mapped(_label(raw), raw, label_maps)
+        img = _decode_or_none(raw, views.eval_image) if label is not None else None
+        return None if img is None else {"x": views.eval(img), "y": label}
+    return make
