@@ -129,8 +129,10 @@ def _jobs(dst: str, record: Record, base: str, image: ImageOptions) -> dict[str,
     return out
 
 
-def _complete(jobs: dict[str, list[ShardJob]], runner, progress: bool) -> dict[str, dict[str, dict]]:
-    """Write every shard without stats; returns the stats of all shards, by set and shard name."""
+def _complete(jobs: dict[str, list[ShardJob]], runner, progress: bool,
+              known: Optional[dict[str, dict[str, dict]]] = None) -> dict[str, dict[str, dict]]:
+    """Write every shard without stats; returns the stats of all shards, by set and shard name
+    (``known``: stats already read, not read again)."""
     from tqdm import tqdm
 
     out: dict[str, dict[str, dict]] = {}
@@ -140,7 +142,7 @@ def _complete(jobs: dict[str, list[ShardJob]], runner, progress: bool) -> dict[s
         bar = tqdm(total=sum(len(j.keys) for j in jobs[name]), desc=f"shards {label}", unit="img",
                    disable=not progress, dynamic_ncols=True)
         for job in jobs[name]:  # complete shards (stats present) are counted, not rewritten
-            st = read_stats(job.set_url, job.stats_name)
+            st = (known or {}).get(name, {}).get(job.name) or read_stats(job.set_url, job.stats_name)
             if st is None:
                 todo.append(job)
             else:
@@ -327,7 +329,7 @@ def make_shards(src: str, dst: str, opts: Optional[BuildOptions] = None, **kw) -
             gen = plan_extension(new, split, len(record.generations), _offsets(record), hashes,
                                  _existing_hashes(stats), diff.removed, diff.changed)
             write_generation(dst, record, gen)
-            stats = _complete(_jobs(dst, record, listing.base, opts.image), runner, opts.progress)
+            stats = _complete(_jobs(dst, record, listing.base, opts.image), runner, opts.progress, known=stats)
             _report_removed(src, diff)
         jobs = _jobs(dst, record, listing.base, opts.image)
         removed = _removed_by_set(record)
