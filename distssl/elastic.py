@@ -135,14 +135,12 @@ def load(path: Path) -> dict:
 def _materialise_momentum(optimizer) -> None:
     """SGD creates its momentum lazily at the first step: create it (zeros) so that it can be set, and
     let ZeRO 1/2 link the new state into each parameter's fragment map."""
-    inner = getattr(optimizer, "optimizer", None)
-    if hasattr(optimizer, "single_partition_of_fp32_groups"):  # ZeRO 1/2
-        for flat in optimizer.single_partition_of_fp32_groups:
-            inner.state[flat].setdefault(MOMENTUM, torch.zeros_like(flat))
-        _relink_states(optimizer)
-    elif hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
-        for flat in optimizer.fp32_partitioned_groups_flat:
-            inner.state[flat].setdefault(MOMENTUM, torch.zeros_like(flat))
+    flats = _flat_partitions(optimizer)
+    if flats is None:  # no ZeRO: momentum is set per parameter in restore()
+        return
+    for flat in flats:
+        optimizer.optimizer.state[flat].setdefault(MOMENTUM, torch.zeros_like(flat))
+    _relink_states(optimizer)
 
 
 @torch.no_grad()
