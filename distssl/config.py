@@ -101,14 +101,24 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    # any name of timm's optimizer factory (timm.optim.list_optimizers()): sgd, adamw, lamb, lion, ...
+    name: str = "sgd"
     lr: float = 0.03
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = True  # sgd only
+    betas: Optional[list[float]] = None  # Adam-family (b1, b2); null = the optimizer's default
+    eps: Optional[float] = None  # Adam-family; null = the optimizer's default
+    weight_decay: float = 5e-4  # decoupled for adamw/lamb; never on biases, norms or no_weight_decay()
     warmup_steps: int = 0
     cosine_fraction: float = 7 / 16  # lr = lr0 * cos(pi * cosine_fraction * k / K), FixMatch's 7/16
     backbone_lr_scale: float = 1.0  # fine-tuning: backbone lr = lr * this (the classifier keeps lr)
     layer_decay: float = 1.0  # fine-tuning: < 1 scales each layer's lr by layer_decay ** (depth from the top)
+
+
+# timm optimizers whose update of a tensor depends on the tensor as a whole (LAMB/LARS trust ratios,
+# NovoGrad's per-layer norms, Adafactor's factored moments, Kron/Muon's matrices): on ZeRO's flat
+# partitions they compute something else
+PER_TENSOR_OPTIMIZERS = ("lamb", "lars", "larc", "novograd", "adafactor", "kron", "muon", "adahessian")
 
 
 @dataclass
@@ -364,6 +374,13 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= s.softmatch.momentum < 1.0, "ssl.softmatch.momentum", s.softmatch.momentum, "0 <= m < 1")
     _check(s.softmatch.n_sigma > 0, "ssl.softmatch.n_sigma", s.softmatch.n_sigma, "> 0")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", cfg.deepspeed.zero_stage, "0, 1, 2 or 3")
+    per_tensor = [k for k in PER_TENSOR_OPTIMIZERS if k in o.name.lower()]
+    if per_tensor and cfg.deepspeed.zero_stage > 0:
+        raise ConfigError(f"optim.name={o.name} computes per-tensor statistics ({per_tensor[0]}: layer-wise trust "
+                          f"ratios, factored or matrix state), but deepspeed.zero_stage={cfg.deepspeed.zero_stage} "
+                          "steps the optimizer on flat partitions that mix tensors (measured: tests/"
+                          "test_optimizers.py). Use deepspeed.zero_stage=0, or an element-wise optimizer "
+                          "(sgd, adamw, lion, ...)")
     _check(cfg.deepspeed.timeout_minutes >= 1, "deepspeed.timeout_minutes", cfg.deepspeed.timeout_minutes, ">= 1")
     _check(t.steps >= 1, "train.steps", t.steps, ">= 1")
     _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")

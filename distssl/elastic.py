@@ -2,17 +2,18 @@
 what N ranks saved.
 
 DeepSpeed's own checkpoint is partitioned by rank (ZeRO's optimizer state, ZeRO-3's weights), and
-its universal-checkpoint converter knows only Adam's state keys. The states here are small, so every
-checkpoint also holds ``elastic.pt``, written by rank 0 from states gathered over all ranks:
+its universal-checkpoint converter knows only Adam's state keys (not SGD's momentum). The states
+here are small, so every checkpoint also holds ``elastic.pt``, written by rank 0 from states gathered over all ranks:
 
-- the fp32 master weights and SGD's momentum, per parameter name, whole (DeepSpeed's tensor-fragment
+- the fp32 master weights and the optimizer's state (SGD's momentum, Adam's moments and step, ...),
+  per parameter name, whole (DeepSpeed's tensor-fragment
   API gathers them from ZeRO 1-3 partitions);
 - the model's buffers (BatchNorm statistics, averaged over ranks as the eval does);
 - the EMA's weights, whole (under ZeRO-3 each rank holds only its partition), and its buffers;
 - the lr scheduler's state and the step.
 
 Resuming on another world size builds the engine as for a fresh run and puts these back, so that
-weights, momentum, EMA and DA continue exactly. Each rank's torch RNG is reseeded from (seed, step,
+weights, optimizer state, EMA and DA continue exactly. Each rank's torch RNG is reseeded from (seed, step,
 rank) instead (dropout and drop-path masks differ after such a resume; the views do not: they are
 seeded per sample).
 """
@@ -65,34 +66,50 @@ def _flat_partitions(optimizer) -> Optional[list]:
     return None
 
 
-def _has_momentum(optimizer) -> bool:
-    """Whether every rank's optimizer holds SGD momentum yet (it is created at the first step)."""
+def _stepped(optimizer) -> tuple[object, list]:
+    """(the torch optimizer that holds the state, the tensors it steps): ZeRO's flat partitions, or the
+    parameters themselves."""
     flats = _flat_partitions(optimizer)
     if flats is not None:
-        here = all(MOMENTUM in optimizer.optimizer.state.get(f, {}) for f in flats)
-    else:
-        here = any(MOMENTUM in s for s in getattr(optimizer, "state", {}).values())
+        return optimizer.optimizer, flats
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner, [p for g in inner.param_groups for p in g["params"]]
+
+
+def _state_layout(optimizer) -> tuple[list[str], dict]:
+    """The optimizer's per-tensor state keys (SGD's momentum_buffer; Adam's exp_avg, exp_avg_sq; ...)
+    and its scalar state (Adam's step), once every rank's optimizer has stepped; ([], {}) before
+    (state is created at the first step)."""
+    inner, stepped = _stepped(optimizer)
+    states = [inner.state.get(t, {}) for t in stepped]
+    here = bool(stepped) and all(states)
     flag = torch.tensor([float(here)])
     if _world() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    if not flag.item():
+        return [], {}
+    first, t0 = states[0], stepped[0]
+    keys = sorted(k for k, v in first.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape == t0.shape)
+    scalars = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in first.items() if k not in keys}
+    return keys, scalars
 
 
 def _relink_states(optimizer) -> None:
-    """ZeRO 1/2 map each parameter to its slice of the optimizer state once, lazily; SGD's momentum
-    may appear after that (or, on a restore, be put there by us): map them again."""
+    """ZeRO 1/2 map each parameter to its slice of the optimizer state once, lazily; the state may
+    appear after that (or, on a restore, be put there by us): map them again."""
     if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
         optimizer._hp_optimizer_states_linked = False
         optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def _optimizer_momentum(optimizer, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
-    """SGD's momentum of ``p`` whole, whatever the ZeRO stage."""
+def _full_state(optimizer, p: torch.nn.Parameter, key: str) -> Optional[torch.Tensor]:
+    """The optimizer's ``key`` state of ``p`` whole, whatever the ZeRO stage."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
-        return safe_get_full_optimizer_state(p, MOMENTUM)
-    return getattr(optimizer, "state", {}).get(p, {}).get(MOMENTUM)
+        return safe_get_full_optimizer_state(p, key)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner.state.get(p, {}).get(key)
 
 
 def gather(engine, ema, scheduler, step: int) -> Optional[dict]:
@@ -100,16 +117,17 @@ def gather(engine, ema, scheduler, step: int) -> Optional[dict]:
     from deepspeed.utils import safe_get_full_fp32_param
 
     module, optimizer = engine.module, engine.optimizer
-    with_momentum = _has_momentum(optimizer)
-    if with_momentum:
+    keys, scalars = _state_layout(optimizer)
+    if keys:
         _relink_states(optimizer)
-    params, momentum, shadow = {}, {}, {}
+    params, optim_state, shadow = {}, {k: {} for k in keys}, {}
     for name, p in module.named_parameters():
         full = safe_get_full_fp32_param(p)
         params[name] = (full if full is not None else p.data).detach().float().cpu()
-        m = _optimizer_momentum(optimizer, p) if with_momentum else None
-        if m is not None:
-            momentum[name] = m.detach().float().cpu()
+        for k in keys:
+            v = _full_state(optimizer, p, k)
+            if v is not None:
+                optim_state[k][name] = v.detach().float().cpu()
         s = ema.shadow[name]
         per_rank = _partition_layout(p)
         shadow[name] = (_gather_partition(s, p.ds_numel, p.ds_shape) if per_rank is not None else s).detach().cpu()
@@ -117,8 +135,11 @@ def gather(engine, ema, scheduler, step: int) -> Optional[dict]:
     ema_buffers = {n: _mean_over_ranks(b.detach()).cpu() for n, b in ema.buffers.items()}
     if _rank() != 0:
         return None
-    return {"step": step, "params": params, "momentum": momentum, "buffers": buffers, "ema": shadow,
-            "ema_buffers": ema_buffers, "scheduler": scheduler.state_dict() if scheduler is not None else None}
+    inner, _ = _stepped(optimizer)
+    group_steps = [g.get("step") for g in inner.param_groups]  # Lamb and others count steps per group
+    return {"step": step, "params": params, "optimizer": optim_state, "optimizer_scalars": scalars,
+            "optimizer_group_steps": group_steps, "buffers": buffers, "ema": shadow, "ema_buffers": ema_buffers,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None}
 
 
 def save(path: Path, state: Optional[dict]) -> None:
@@ -132,14 +153,27 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _materialise_momentum(optimizer) -> None:
-    """SGD creates its momentum lazily at the first step: create it (zeros) so that it can be set, and
-    let ZeRO 1/2 link the new state into each parameter's fragment map."""
-    flats = _flat_partitions(optimizer)
-    if flats is None:  # no ZeRO: momentum is set per parameter in restore()
-        return
-    for flat in flats:
-        optimizer.optimizer.state[flat].setdefault(MOMENTUM, torch.zeros_like(flat))
+def optimizer_state(state: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """{state key: {parameter name: tensor}}; elastic.pt files of SGD-only versions held "momentum"."""
+    if "optimizer" in state:
+        return state["optimizer"]
+    return {MOMENTUM: state["momentum"]} if state.get("momentum") else {}
+
+
+def _materialise_state(optimizer, keys: list[str], scalars: dict, group_steps: list) -> None:
+    """Optimizers create their state lazily at the first step: create it (zeros, the saved scalars) so
+    that it can be set, and let ZeRO 1/2 link the new state into each parameter's fragment map."""
+    inner, stepped = _stepped(optimizer)
+    for t in stepped:
+        st = inner.state[t]
+        for k in keys:
+            st.setdefault(k, torch.zeros_like(t))
+        for k, v in scalars.items():
+            st[k] = v.clone().to(t.device) if torch.is_tensor(v) else v
+    if len(group_steps) == len(inner.param_groups):
+        for g, n in zip(inner.param_groups, group_steps):
+            if n is not None:
+                g["step"] = n
     _relink_states(optimizer)
 
 
@@ -149,8 +183,10 @@ def restore(engine, ema, scheduler, state: dict) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     module, optimizer = engine.module, engine.optimizer
-    if state["momentum"]:
-        _materialise_momentum(optimizer)
+    saved_optimizer = optimizer_state(state)
+    if saved_optimizer:
+        _materialise_state(optimizer, list(saved_optimizer), state.get("optimizer_scalars", {}),
+                           state.get("optimizer_group_steps", []))
     rank = _rank()
     for name, p in module.named_parameters():
         value = state["params"][name].to(p.device)
@@ -162,12 +198,14 @@ def restore(engine, ema, scheduler, state: dict) -> None:
         else:
             p.data.copy_(value.view_as(p.data))
         safe_set_full_fp32_param(p, value)
-        if name in state["momentum"]:
-            m = state["momentum"][name].to(p.device)
+        for key, values in saved_optimizer.items():
+            if name not in values:
+                continue
+            v = values[name].to(p.device)
             if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
-                safe_set_full_optimizer_state(p, m, MOMENTUM)
+                safe_set_full_optimizer_state(p, v, key)
             else:
-                optimizer.state[p][MOMENTUM] = m.view_as(p.data).clone()
+                getattr(optimizer, "optimizer", optimizer).state[p][key] = v.view_as(p.data).clone()
         s = state["ema"][name].to(p.device)
         if per_rank is not None:
             flat = torch.zeros(per_rank * _world(), dtype=s.dtype, device=s.device)

@@ -28,24 +28,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distssl import checkpoint as ckpt
-from distssl import preflight
+from distssl import elastic, preflight
+from distssl import ssl as algorithms
 from distssl.config import Config, ConfigError, dump_yaml, resume_conflicts
-from distssl.data.index import ShardSet, resolve
 from distssl.data import device_augment
-from distssl.data.streams import DataError, EvalStream, StreamPlan, TrainStream, loader
+from distssl.data.index import ShardSet, resolve
 from distssl.data.samples import eval_item, labeled_item, unlabeled_item, unlabeled_plan_item
+from distssl.data.streams import DataError, EvalStream, StreamPlan, TrainStream, loader
 from distssl.data.transforms import Views, normalize
+from distssl.export import META_NAME, WEIGHTS_NAME, gather_ema_state, model_meta, write_export
 from distssl.metrics import MetricsWriter, plot
-from distssl import elastic
-from distssl.preempt import Preempted, PreemptWatch
+from distssl.models import create_model, fill_input_defaults
 from distssl.optim import accumulation, build_optimizer, deepspeed_config
 from distssl.peers import init_distributed, use_cuda, watch_local_peers, write_heartbeat
-from distssl.export import META_NAME, WEIGHTS_NAME, gather_ema_state, model_meta, write_export
-from distssl.models import create_model, fill_input_defaults
+from distssl.preempt import Preempted, PreemptWatch
 from distssl.ssl.bnstats import BatchStatsSharing
 from distssl.ssl.distalign import DistributionAlignment, target_from_histogram
 from distssl.ssl.ema import EMA
-from distssl import ssl as algorithms
 
 log = logging.getLogger("distssl")
 

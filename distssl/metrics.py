@@ -109,7 +109,10 @@ def plot(metrics_path: str | Path, out_png: str | Path) -> bool:
     pts = [(r["step"], r["pseudo_acc"]) for r in train if r.get("pseudo_acc") is not None]
     if pts:
         ax.plot(*zip(*pts), alpha=0.5, label="pseudo-label acc. (masked)")
-    ax.set_xlabel("step"); ax.set_ylim(0, 1.02); ax.grid(alpha=0.3); ax.legend(loc="lower right")
+    ax.set_xlabel("step")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
     ax.set_title(Path(metrics_path).parent.name)
     fig.tight_layout()
     tmp = Path(str(out_png) + ".tmp.png")

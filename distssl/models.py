@@ -171,37 +171,27 @@ def _classifier_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Param
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, backbone_lr_scale: float = 1.0,
                  layer_decay: float = 1.0) -> list[dict]:
-    """SGD groups: no weight decay on 1-d tensors (norms, biases); the backbone's lr scaled by
-    ``backbone_lr_scale`` and, with ``layer_decay`` < 1, by layer_decay ** (depth from the top) as in
-    BEiT/timm. Each group carries ``lr_scale`` and ``is_head`` so the scheduler and the backbone
-    freeze can act on them."""
+    """Parameter groups from timm's own builders (``param_groups_weight_decay``, or with
+    ``layer_decay`` < 1 ``param_groups_layer_decay``: no weight decay on 1-d tensors, biases and the
+    model's ``no_weight_decay()``; lr scaled by layer_decay ** (depth from the head) as in BEiT), each
+    split into classifier and backbone so that the backbone's lr can be scaled by
+    ``backbone_lr_scale`` and frozen. Each group carries ``lr_scale`` and ``is_head`` for the schedule;
+    its ``lr`` is already scaled (torch's LambdaLR scales each group's initial lr)."""
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    no_wd = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
+    if layer_decay < 1.0:
+        base = param_groups_layer_decay(model, weight_decay, no_weight_decay_list=no_wd, layer_decay=layer_decay)
+    else:
+        base = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_wd)
     head_ids = {id(p) for _, p in _classifier_params(model)}
-    layer_of = _layer_ids(model) if layer_decay < 1.0 else {}
-    top = max(layer_of.values(), default=0)  # the head's layer: scale 1, the layer below it layer_decay
-    groups: dict[tuple, dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_head = id(p) in head_ids
-        scale = 1.0 if is_head else backbone_lr_scale
-        if layer_of and not is_head:
-            scale *= layer_decay ** max(1, top - layer_of.get(name, 0))
-        wd = 0.0 if p.ndim <= 1 else weight_decay
-        key = (is_head, round(scale, 12), wd)
-        g = groups.setdefault(key, {"params": [], "weight_decay": wd, "lr": lr * scale, "lr_scale": scale,
-                                    "is_head": is_head})
-        g["params"].append(p)
-    return list(groups.values())
+    groups: list[dict] = []
+    for g in base:
+        for is_head in (True, False):
+            params = [p for p in g["params"] if (id(p) in head_ids) == is_head]
+            if params:
+                scale = g.get("lr_scale", 1.0) * (1.0 if is_head else backbone_lr_scale)
+                groups.append({"params": params, "weight_decay": g["weight_decay"], "lr": lr * scale,
+                               "lr_scale": scale, "is_head": is_head})
+    return groups
 
-
-def _layer_ids(model: torch.nn.Module) -> dict[str, int]:
-    """Parameter name -> layer index (0 = stem), from timm's group_matcher when the model has one."""
-    from timm.models import group_parameters
-
-    matcher = getattr(model, "group_matcher", None)
-    if callable(matcher):
-        groups = group_parameters(model, matcher(coarse=False), reverse=False)
-        return {n: i for i, names in groups.items() for n in names}
-    # Fallback: order of top-level children.
-    order = {name: i for i, (name, _) in enumerate(model.named_children())}
-    return {n: order.get(n.split(".")[0], 0) for n, _ in model.named_parameters()}

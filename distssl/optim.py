@@ -1,5 +1,6 @@
-"""What steps the weights: the optimizer (SGD with nesterov, per-group weight decay, backbone lr scale,
-layer decay), its lr schedule (warm-up, FixMatch's cosine, a frozen backbone at lr 0), the global
+"""What steps the weights: the optimizer (any of timm's, SGD with nesterov by default; timm's
+weight-decay exclusions and layer-decay groups, a backbone lr scale), its lr schedule (warm-up,
+FixMatch's cosine, a frozen backbone at lr 0), the global
 batch split into per-rank micro-batches, and the DeepSpeed config built from its template.
 """
 from __future__ import annotations
@@ -17,11 +18,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config):
-    """(torch optimizer, LambdaLR) for ``model``; DeepSpeed wraps both."""
+    """(optimizer from timm's factory, LambdaLR) for ``model``; DeepSpeed wraps both."""
+    from timm.optim import create_optimizer_v2
+
     o, steps, frozen = cfg.optim, cfg.train.steps, cfg.model.freeze_backbone_steps
     groups = param_groups(model, o.weight_decay, o.lr, o.backbone_lr_scale, o.layer_decay)
-    optimizer = torch.optim.SGD([{k: v for k, v in g.items() if k not in ("lr_scale", "is_head")} for g in groups],
-                                lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    is_head = [g["is_head"] for g in groups]
+    name, extra = o.name.lower(), {}
+    if name == "sgd":  # timm's "sgd" is nesterov; "momentum" is plain (and takes momentum 0)
+        name = "sgd" if o.nesterov and o.momentum > 0 else "momentum"
+    if o.betas is not None:
+        extra["betas"] = tuple(o.betas)
+    if o.eps is not None:
+        extra["eps"] = o.eps
+    optimizer = create_optimizer_v2([{k: v for k, v in g.items() if k not in ("lr_scale", "is_head")} for g in groups],
+                                    opt=name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum, **extra)
 
     def schedule(is_head: bool):
         def factor(s: int) -> float:
@@ -30,7 +41,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config):
             return lr_factor(s, steps, o.warmup_steps, o.cosine_fraction)
         return factor
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(g["is_head"]) for g in groups])
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(h) for h in is_head])
 
 
 def accumulation(cfg: Config, world: int) -> tuple[int, int]:
@@ -48,7 +59,8 @@ def accumulation(cfg: Config, world: int) -> tuple[int, int]:
 
 
 def deepspeed_config(cfg: Config, micro_batch: int, world: int, grad_accum: int = 1) -> dict:
-    template = cfg.deepspeed.template or str(REPO_ROOT / "configs" / "deepspeed" / f"zero{cfg.deepspeed.zero_stage}.json")
+    default = REPO_ROOT / "configs" / "deepspeed" / f"zero{cfg.deepspeed.zero_stage}.json"
+    template = cfg.deepspeed.template or str(default)
     if not Path(template).is_absolute() and not Path(template).exists() and (REPO_ROOT / template).exists():
         template = str(REPO_ROOT / template)  # configs/deepspeed/... from any working directory
     try:

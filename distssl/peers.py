@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-
 # --- process group ------------------------------------------------------------------------------
 
 def _free_port() -> int:

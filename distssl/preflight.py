@@ -21,6 +21,7 @@ MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a
 
 def check(cfg: Config) -> None:
     check_model_name(cfg.model.name)
+    check_optimizer_name(cfg.optim.name)
     if cfg.model.pretrained:
         check_pretrained(cfg.model.pretrained)
     check_classes(cfg)
@@ -37,6 +38,17 @@ def check_model_name(name: str) -> None:
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise ConfigError(f"model.name={name!r} is not a timm model: {hint}"
                       f"python -c \"import timm; print(timm.list_models('{name[:4]}*'))\" lists the names")
+
+
+def check_optimizer_name(name: str) -> None:
+    from timm.optim import list_optimizers
+
+    known = list_optimizers()
+    if name.lower() not in known:
+        close = difflib.get_close_matches(name.lower(), known, n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(f"optim.name={name!r} is not one of timm's optimizers: {hint}python -c \"from timm.optim "
+                          f"import list_optimizers; print(list_optimizers())\" lists them (sgd, adamw, lamb, ...)")
 
 
 def looks_like_weights(head: bytes) -> bool:

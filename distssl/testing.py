@@ -1,4 +1,5 @@
-"""A local S3-protocol server (moto's server mode) for tests and benchmarks: no internet needed."""
+"""What the tests and benchmarks start: a local S3-protocol server (moto's server mode, no internet
+needed), a TCP proxy that can take it down, the DeepSpeed launch command, and bucket uploads."""
 from __future__ import annotations
 
 import os
@@ -17,6 +18,58 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def deepspeed_command(script: str | Path, args: list[str] = (), nproc: int | None = 2, master_port: int | None = None,
+                      hostfile: str | Path | None = None, node_rank: int | None = None) -> list[str]:
+    """``deepspeed [--num_gpus N | --hostfile H --no_ssh --node_rank R --master_addr 127.0.0.1] --master_port P
+    SCRIPT ARGS`` with this interpreter's launcher, on a free port unless one is given."""
+    cmd = [str(Path(sys.executable).parent / "deepspeed")]
+    if hostfile is not None:
+        cmd += ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank or 0),
+                "--master_addr", "127.0.0.1"]
+    else:
+        cmd += ["--num_gpus", str(nproc)]
+    return cmd + ["--master_port", str(master_port or free_port()), str(script), *map(str, args)]
+
+
+def train_command(args: list[str] = (), nproc: int = 1, config: str | Path | None = None, **launch) -> list[str]:
+    """launch/train.py with the demo config (or ``config``) as a user runs it: plain python for one
+    process, else under the deepspeed launcher (``launch`` as for :func:`deepspeed_command`)."""
+    script = REPO_ROOT / "launch/train.py"
+    full = ["--config", str(config or REPO_ROOT / "configs/demo.yaml"), *map(str, args)]
+    if nproc == 1 and not launch:
+        return [sys.executable, str(script), *full]
+    return deepspeed_command(script, full, nproc=nproc, **launch)
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """The environment for a launched run on this CPU machine: DeepSpeed's CPU accelerator, unbuffered."""
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def upload_folder(local: str | Path, url: str) -> int:
+    """Copy every file under ``local`` to the fsspec URL ``url`` (s3://bucket/prefix, gs://..., az://...,
+    a path), creating the bucket when it does not exist; returns the number of files."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True)  # the endpoint as the env says now
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    is_local = "file" in protocols
+    bucket = root.split("/", 1)[0]
+    if not is_local and not fs.exists(bucket):
+        fs.mkdir(bucket)
+    files = [p for p in sorted(Path(local).rglob("*")) if p.is_file()]
+    for p in files:
+        target = f"{root.rstrip('/')}/{p.relative_to(local).as_posix()}"
+        if is_local:
+            fs.makedirs(fs._parent(target), exist_ok=True)
+        fs.put_file(str(p), target)
+    fs.invalidate_cache()
+    return len(files)
 
 
 @contextmanager

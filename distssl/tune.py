@@ -24,8 +24,18 @@ from typing import Any, Literal
 
 import yaml
 
-from distssl.config import (Config, ConfigError, _build, _set_path, dump_yaml, flatten, load_config, parse_override,
-                            to_dict, validate)
+from distssl.config import (
+    Config,
+    ConfigError,
+    _build,
+    _set_path,
+    dump_yaml,
+    flatten,
+    load_config,
+    parse_override,
+    to_dict,
+    validate,
+)
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 
@@ -67,7 +77,8 @@ def load_sweep(path: str, overrides: list[str] = ()) -> Sweep:
     tree = yaml.safe_load(Path(path).read_text()) or {}
     unknown = set(tree) - {"base", "tune", "space", "overrides"}
     if unknown:
-        raise ConfigError(f"unknown key '{sorted(unknown)[0]}' in {path}: a tune config has base, tune, space, overrides")
+        raise ConfigError(f"unknown key '{sorted(unknown)[0]}' in {path}: "
+                          "a tune config has base, tune, space, overrides")
     if "base" not in tree:
         raise ConfigError(f"{path}: 'base' (the training config the trials start from) is missing")
     base_path = str((Path(path).parent / tree["base"]).resolve())

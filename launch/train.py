@@ -14,8 +14,6 @@ import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def _is_peer_failure(e: BaseException) -> bool:
     """A collective that failed because another rank is gone (gloo/nccl errors, timeouts)."""

@@ -14,10 +14,7 @@ then run this with tune.address=auto.
 import argparse
 import json
 import logging
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:

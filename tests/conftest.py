@@ -1,12 +1,11 @@
 """Shared fixtures: small real-image shard sets built with the project's own builder."""
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from distssl.testing import free_port  # noqa: F401 (tests import it from here)
+from distssl.testing import free_port, launch_env, train_command  # noqa: F401 (tests import them from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -44,14 +43,8 @@ def tiny_overrides(data: dict, out_dir: Path, **extra) -> list[str]:
 
 def run_train(args: list[str], nproc: int = 1, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
     """launch/train.py as a user runs it: plain python (1 process) or the deepspeed launcher."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/demo.yaml"), *args]
-    else:
-        port = free_port()
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
-               str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/demo.yaml"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, **kw)
+    return subprocess.run(train_command(args, nproc), capture_output=True, text=True, timeout=timeout,
+                          env=launch_env(), cwd=ROOT, **kw)
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,11 @@ import json
 import tarfile
 
 import pytest
-
 from conftest import run_train, tiny_overrides
+
 from distssl.data.index import resolve
-from distssl.data.streams import TrainStream
 from distssl.data.samples import labeled_item
+from distssl.data.streams import TrainStream
 from distssl.data.transforms import Views
 
 VIEWS = Views(image_size=28, flip=False, pad_fraction=0.125, randaugment_ops=2, cutout_fraction=0.5)

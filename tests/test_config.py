@@ -3,8 +3,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import ROOT
+
 from distssl.config import ConfigError, load_config, resume_conflicts, to_dict
 
 DEMO = str(ROOT / "configs/demo.yaml")
@@ -94,8 +94,8 @@ def test_credentials_in_urls_never_reach_config_yaml(tmp_path):
 
 @pytest.mark.parametrize("name", ["demo.yaml", "cifar10.yaml", "imagenet.yaml"])
 def test_shipped_configs_load_and_resolve(name):
-    from distssl.optim import accumulation, deepspeed_config
     from distssl.models import fill_input_defaults
+    from distssl.optim import accumulation, deepspeed_config
 
     cfg = load_config(str(ROOT / "configs" / name))
     fill_input_defaults(cfg)

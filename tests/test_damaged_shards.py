@@ -4,11 +4,11 @@ import shutil
 import time
 
 import pytest
-
 from conftest import run_train, tiny_overrides
+
 from distssl.data.index import resolve
-from distssl.data.streams import DataError, TrainStream, resilient_samples
 from distssl.data.samples import unlabeled_item
+from distssl.data.streams import DataError, TrainStream, resilient_samples
 from distssl.data.transforms import Views
 
 VIEWS = Views(image_size=28, flip=False, pad_fraction=0.125, randaugment_ops=2, cutout_fraction=0.5)

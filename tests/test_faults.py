@@ -8,15 +8,14 @@ import time
 from pathlib import Path
 
 import psutil
+from conftest import ROOT, tiny_overrides
 
-from conftest import ROOT, free_port, tiny_overrides
+from distssl.testing import launch_env, train_command
 
 
 def _launch(args, log: Path) -> subprocess.Popen:
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/demo.yaml"), *args]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+    return subprocess.Popen(train_command(args, nproc=2), stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env=launch_env(), cwd=ROOT,
                             start_new_session=True)
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run_train, tiny_overrides
+
 from distssl.config import load_config
 from distssl.models import create_model, fill_input_defaults, load_pretrained, param_groups
 
@@ -41,8 +41,8 @@ def test_export_loads_in_timm_unchanged(trained, tiny_data, tmp_path):
     from safetensors.torch import load_file
 
     from distssl.data.index import resolve
-    from distssl.data.streams import EvalStream
     from distssl.data.samples import eval_item
+    from distssl.data.streams import EvalStream
     from distssl.data.transforms import Views, normalize
 
     weights = trained / "model.safetensors"

@@ -3,14 +3,13 @@ loss curve and p_model on 1 rank (2 accumulated micro-batches) and on 2 ranks (1
 with real DeepSpeed ZeRO-2 over gloo, for both forms of the step. BatchNorm sees the same images per
 forward either way (4 labeled + 8 strong, + 8 weak in the concat step)."""
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, tiny_overrides
 
-from conftest import ROOT, free_port, tiny_overrides
+from distssl.testing import deepspeed_command, launch_env
 
 WORKER = ROOT / "tests/workers/invariance.py"
 
@@ -19,14 +18,11 @@ def _run(n: int, tiny_data, tmp_path: Path, extra: list[str], algorithms: str = 
     out = tmp_path / f"w{n}.json"
     args = tiny_overrides(tiny_data, tmp_path / f"run{n}", **{"train.batch_size": 8, "ssl.mu": 2, "ssl.tau": 0.05,
                                                             "train.micro_batch_size": 4}) + extra
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(n), "--master_port", str(free_port()),
-           str(WORKER), str(out), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                       env={**os.environ, "DS_ACCELERATOR": "cpu",
-                            # 3 steps per algorithm when four share one engine: past ~12 steps on random
-                            # images float noise between the two reductions grows past the tolerance
-                            "INVARIANCE_STEPS": "4" if "," not in algorithms else "3",
-                            "INVARIANCE_ALGORITHMS": algorithms})
+    r = subprocess.run(deepspeed_command(WORKER, [out, *args], nproc=n), capture_output=True, text=True, timeout=300,
+                       cwd=ROOT, env=launch_env(
+                           # 3 steps per algorithm when four share one engine: past ~12 steps on random
+                           # images float noise between the two reductions grows past the tolerance
+                           INVARIANCE_STEPS="4" if "," not in algorithms else "3", INVARIANCE_ALGORITHMS=algorithms))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return json.loads(out.read_text())
 

@@ -1,33 +1,28 @@
 """A real 2-node run on this one machine: two deepspeed launcher invocations (--no_ssh, one process
 per node) joined over gloo. Shards are split between the nodes, and DA and eval are all-reduced."""
 import json
-import os
 import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-
 from conftest import ROOT, free_port, tiny_overrides
+
+from distssl.testing import launch_env, train_command
 
 
 def test_two_nodes_split_shards_and_share_da_and_eval(tiny_data, tmp_path):
     out = tmp_path / "run"
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
-    port = free_port()
+    port = free_port()  # both nodes' launchers meet on it
     # 8 steps x 56 unlabeled images per node: each node reads its half of the 12 unlabeled shards
     # (epoch 0) and starts epoch 1.
     args = tiny_overrides(tiny_data, out, **{"train.steps": 8, "train.batch_size": 16, "ssl.mu": 7,
                                              "train.eval_every": 8, "train.ckpt_every": 8,
                                              "run.trace_shards": "true", "run.log_every": 4})
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    ds = str(Path(sys.executable).parent / "deepspeed")
-    procs = [subprocess.Popen([ds, "--hostfile", str(hosts), "--no_ssh", "--node_rank", str(r),
-                               "--master_addr", "127.0.0.1", "--master_port", str(port),
-                               str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/demo.yaml"), *args],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    procs = [subprocess.Popen(train_command(args, hostfile=hosts, node_rank=r, master_port=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=launch_env(), cwd=ROOT)
              for r in (0, 1)]
     logs = [p.communicate(timeout=400)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]

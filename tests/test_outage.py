@@ -10,9 +10,9 @@ import threading
 import time
 
 import pytest
-
 from conftest import ROOT, s3fs_fresh
-from distssl.testing import TcpProxy
+
+from distssl.testing import TcpProxy, upload_folder
 
 
 @pytest.fixture()
@@ -28,19 +28,10 @@ def proxy(s3_server, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def _upload(local_dir, bucket, prefix):
-    import boto3
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket=bucket)
-    for p in local_dir.rglob("*"):
-        if p.is_file():
-            s3.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(local_dir)}")
-
-
 def _batches(n, caplog=None, outage=None):
     from distssl.data.index import resolve
-    from distssl.data.streams import TrainStream
     from distssl.data.samples import unlabeled_item
+    from distssl.data.streams import TrainStream
     from distssl.data.transforms import Views
 
     views = Views(28, False, 0.125, 2, 0.5)
@@ -56,8 +47,7 @@ def _batches(n, caplog=None, outage=None):
 
 
 def test_streaming_survives_an_outage_and_yields_the_same_batches(tiny_data, s3_server, proxy, caplog):
-    from pathlib import Path
-    _upload(Path(tiny_data["unlabeled"]), "outage", "unlabeled")
+    upload_folder(tiny_data["unlabeled"], "s3://outage/unlabeled")
     t0 = time.time()
     reference = _batches(60)  # 1,200 samples: every one of the 12 shards opened, then a second epoch
     undisturbed = time.time() - t0
@@ -79,7 +69,7 @@ def test_a_build_that_loses_the_store_fails_cleanly_and_the_rerun_completes(tiny
     from pathlib import Path
 
     raw = Path(tiny_data["raw"]) / "train"
-    _upload(raw, "outage-raw", "train")
+    upload_folder(raw, "s3://outage-raw/train")
     import boto3
     boto3.client("s3").create_bucket(Bucket="outage-shards")
     cmd = [sys.executable, str(ROOT / "tools/make_shards.py"), "s3://outage-raw/train", "s3://outage-shards/set",

@@ -1,26 +1,23 @@
 """Preemption: a scheduler's signal makes every rank save at the next step boundary and exit 75;
 the rerun resumes with no step lost or repeated (real 2-rank DeepSpeed runs)."""
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+from conftest import ROOT, run_train, tiny_overrides
 
-from conftest import ROOT, free_port, run_train, tiny_overrides
 from distssl import checkpoint as ckpt
 from distssl.preempt import PREEMPTED_EXIT
+from distssl.testing import launch_env, train_command
 
 
 def _launch(args, log: Path) -> subprocess.Popen:
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/demo.yaml"), *args]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    return subprocess.Popen(train_command(args, nproc=2), stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env=launch_env(), cwd=ROOT)
 
 
 def _last_step(out: Path) -> int:

@@ -4,8 +4,9 @@ import threading
 import time
 
 import pytest
-
 from conftest import export_digits, s3fs_fresh
+
+from distssl.testing import upload_folder
 
 
 @pytest.fixture(scope="module")
@@ -15,11 +16,8 @@ def raw_bucket(s3_server, tmp_path_factory):
     local = tmp_path_factory.mktemp("raw")
     export_digits(local, n_train=400, n_eval=0, seed=2)
     (local / "train/4/bad_empty.png").write_bytes(b"")
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket="ray-raw")
-    s3.create_bucket(Bucket="ray-shards")
-    for p in local.rglob("*.png"):
-        s3.upload_file(str(p), "ray-raw", str(p.relative_to(local)))
+    upload_folder(local, "s3://ray-raw")
+    boto3.client("s3").create_bucket(Bucket="ray-shards")
     return local
 
 
@@ -83,7 +81,8 @@ def test_local_destination_on_a_cluster_of_several_machines_is_refused(tmp_path,
     class FakeRay:  # a cluster spanning two hosts cannot be made on one machine: its node table is
         @staticmethod
         def nodes():
-            return [{"Alive": True, "NodeManagerAddress": "10.0.0.1"}, {"Alive": True, "NodeManagerAddress": "10.0.0.2"}]
+            return [{"Alive": True, "NodeManagerAddress": "10.0.0.1"},
+                    {"Alive": True, "NodeManagerAddress": "10.0.0.2"}]
 
         @staticmethod
         def init(**kw):

@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader
 
 from distssl.data.index import resolve
 from distssl.data.ring import RingReader, RingWriter
-from distssl.data.streams import EvalStream, RingLoader, TrainStream, loader
 from distssl.data.samples import eval_item, unlabeled_item
+from distssl.data.streams import EvalStream, RingLoader, TrainStream, loader
 from distssl.data.transforms import Views
 
 VIEWS = Views(image_size=28, flip=True, pad_fraction=0.125, randaugment_ops=2, cutout_fraction=0.5)

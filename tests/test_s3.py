@@ -6,13 +6,13 @@ import time
 from collections import Counter
 
 import pytest
-
 from conftest import ROOT, export_digits, run_train, s3fs_fresh, tiny_overrides
+
+from distssl.testing import upload_folder
 
 
 @pytest.fixture(scope="module")
 def raw_bucket(s3_server, tmp_path_factory):
-    import boto3
 
     local = tmp_path_factory.mktemp("raw")
     export_digits(local, n_train=300, n_eval=60, seed=1)
@@ -20,10 +20,7 @@ def raw_bucket(s3_server, tmp_path_factory):
     (local / "train/4/bad_truncated.png").write_bytes(one.read_bytes()[:50])
     (local / "train/4/bad_empty.png").write_bytes(b"")
     (local / "train/9/bad_text.png").write_bytes(b"<html>not an image</html>")
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket="raw")
-    for p in local.rglob("*.png"):
-        s3.upload_file(str(p), "raw", str(p.relative_to(local)))
+    upload_folder(local, "s3://raw")
     return local
 
 
@@ -65,7 +62,8 @@ def test_bucket_to_shards_exact_counts_failures_listed_and_rerun_idempotent(raw_
     assert lab["count"] == 30 and lab["class_histogram"] == [3] * 10
     assert unl["count"] == 300 and unl["includes_labeled"]  # every good image, the labeled ones too
     assert unl["num_failures"] == 3 and unl["failure_reasons"] == {"empty file": 1, "undecodable": 2}
-    unlabeled_keys, labeled_keys = _keys_in_shards(fs, "shards1/train/unlabeled"), _keys_in_shards(fs, "shards1/train/labeled")
+    unlabeled_keys = _keys_in_shards(fs, "shards1/train/unlabeled")
+    labeled_keys = _keys_in_shards(fs, "shards1/train/labeled")
     assert len(unlabeled_keys) == len(set(unlabeled_keys)) == 300 and set(labeled_keys) <= set(unlabeled_keys)
     assert "testing-secret" not in json.dumps(unl) + json.dumps(lab)
     before = _objects("shards1")
@@ -98,8 +96,8 @@ def test_a_killed_build_rerun_finishes_with_every_image_once(raw_bucket, tmp_pat
     keys = _keys_in_shards(fs, "shards2/set")
     assert idx["count"] == len(keys) == len(set(keys)) == 300
     assert Counter(k.split("/")[0] for k in keys) == Counter(
-        p.split("/")[0] for p in (str(q.relative_to(raw_bucket / "train")) for q in (raw_bucket / "train").rglob("*.png"))
-        if "bad" not in p)
+        q.relative_to(raw_bucket / "train").parts[0] for q in (raw_bucket / "train").rglob("*.png")
+        if "bad" not in q.name)
 
 
 def test_training_streams_shards_from_s3(raw_bucket, tmp_path):

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, export_digits
+
 from distssl.data.index import ShardSet, resolve
-from distssl.data.streams import EvalStream, TrainStream
 from distssl.data.samples import eval_item, labeled_item, unlabeled_item
+from distssl.data.streams import EvalStream, TrainStream
 from distssl.data.transforms import Views
 from distssl.shards import make_shards
 
@@ -200,11 +200,13 @@ def test_batches_mix_many_shards_and_batch_mates_change_between_epochs(tiny_data
     overlap = sum(len(m1[k] & m2[k]) for k in m1) / sum(len(m1[k]) for k in m1)
     assert overlap < 0.15  # batch-mates change from epoch to epoch (0.31 with one shard at a time)
     shards_met = [len({shard_of(j) for j in m1[k] | m2[k]}) for k in m1]
-    assert sum(shards_met) / len(shards_met) > 6  # over two epochs an image meets most of the 12 shards (1.4 one at a time)
+    # over two epochs an image meets most of the 12 shards (1.4 one at a time)
+    assert sum(shards_met) / len(shards_met) > 6
 
 
 def test_manifest_fractions_resize_and_format(tmp_path):
     import csv
+
     from PIL import Image
 
     export_digits(tmp_path / "raw", n_train=100, n_eval=0, seed=2)

@@ -7,7 +7,6 @@ import sys
 import time
 
 import yaml
-
 from conftest import ROOT, tiny_overrides
 
 TUNE_CFG = str(ROOT / "configs/tune/demo.yaml")
@@ -76,8 +75,8 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data, tmp
                             start_new_session=True)
     deadline, done = time.time() + 300, False
     while time.time() < deadline and not done:  # until Ray's own state records a finished trial
-        done = any("TERMINATED" in p.read_text(errors="ignore")
-                   for p in (sweep / "ray" / "sweep").glob("experiment_state*.json")) if (sweep / "ray").exists() else False
+        states = (sweep / "ray" / "sweep").glob("experiment_state*.json") if (sweep / "ray").exists() else []
+        done = any("TERMINATED" in p.read_text(errors="ignore") for p in states)
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -10,7 +10,6 @@ import time
 
 import psutil
 import pytest
-
 from conftest import ROOT, s3fs_fresh, tiny_overrides
 
 

@@ -13,10 +13,7 @@ Load the result with timm (no hub access):
                             pretrained_cfg_overlay=dict(meta["pretrained_cfg"], file="OUT/model.safetensors"))
 """
 import argparse
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:

@@ -97,10 +97,12 @@ def main(argv=None) -> int:
         if a.dry_run:
             sizes = [s["count"] for s in idx["shards"]]
             print(f"{where}: would write {idx['count']} images in {len(sizes)} shards "
-                  f"({min(sizes, default=0)}-{max(sizes, default=0)} per shard, {idx['listed_bytes'] / 1e6:.1f} MB listed)")
+                  f"({min(sizes, default=0)}-{max(sizes, default=0)} per shard, "
+                  f"{idx['listed_bytes'] / 1e6:.1f} MB listed)")
         else:
             reasons = ", ".join(f"{k} {v}" for k, v in idx["failure_reasons"].items())
-            removed = f", {idx['removed_inputs']} from inputs since removed from the source" if idx.get("removed_inputs") else ""
+            removed = (f", {idx['removed_inputs']} from inputs since removed from the source"
+                       if idx.get("removed_inputs") else "")
             print(f"{where}: {idx['count']} images in {len(idx['shards'])} shards ({idx['bytes'] / 1e6:.1f} MB), "
                   f"{idx['num_failures']} inputs skipped{f' ({reasons})' if reasons else ''}{removed}")
     return 0

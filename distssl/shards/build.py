@@ -26,8 +26,15 @@ from distssl.data.index import FORMAT, INDEX_NAME
 from distssl.shards.images import ImageOptions, process_image
 from distssl.shards.listing import Listing, list_inputs
 from distssl.shards.plan import SplitOptions, plan_extension, plan_first, set_order
-from distssl.shards.record import (RECORD_NAME, Record, diff_listing, normalise_source,
-                                   option_changes, read_record, write_generation)
+from distssl.shards.record import (
+    RECORD_NAME,
+    Record,
+    diff_listing,
+    normalise_source,
+    option_changes,
+    read_record,
+    write_generation,
+)
 from distssl.shards.runners import make_runner
 from distssl.shards.writer import ShardJob, read_stats, run_job
 

@@ -72,7 +72,8 @@ class EMA:
         flat = torch.cat([b.reshape(-1) for b in floats])  # one all-reduce for all of them
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
-        torch._foreach_copy_(floats, [part.view_as(b) for part, b in zip(flat.split([b.numel() for b in floats]), floats)])
+        parts = flat.split([b.numel() for b in floats])
+        torch._foreach_copy_(floats, [part.view_as(b) for part, b in zip(parts, floats)])
 
     @contextlib.contextmanager
     @torch.no_grad()

@@ -71,7 +71,8 @@ class FreeMatch(Algorithm):
         self.label_hist = ema(self.label_hist, total[1 + C:1 + 2 * C] / n, self.momentum)
 
     def own_state(self) -> dict:
-        return {"time_p": torch.tensor(self.time_p), "p_model": self.p_model.clone(), "label_hist": self.label_hist.clone()}
+        return {"time_p": torch.tensor(self.time_p), "p_model": self.p_model.clone(),
+                "label_hist": self.label_hist.clone()}
 
     def load_own_state(self, state: dict) -> None:
         self.time_p = float(state["time_p"])

@@ -4,8 +4,6 @@ group and a Trainer."""
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
 
 def trainer_from_argv():
     """(output path, config, rank, world size, Trainer)."""

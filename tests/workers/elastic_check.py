@@ -4,7 +4,6 @@ checkpoint into this launch's engine, gather the state whole again and compare i
 import json
 
 import torch
-
 from common import trainer_from_argv
 
 
@@ -19,15 +18,24 @@ def main() -> None:
     if rank == 0:
         saved = elastic.load(trainer.ckpt_dir / tag / elastic.ELASTIC_NAME)
         differs = []
-        for part in ("params", "momentum", "buffers", "ema", "ema_buffers"):
-            if set(saved[part]) != set(again[part]):
+        parts = [(p, saved[p], again[p]) for p in ("params", "buffers", "ema", "ema_buffers")]
+        saved_opt, again_opt = elastic.optimizer_state(saved), elastic.optimizer_state(again)
+        if set(saved_opt) != set(again_opt):
+            differs.append(f"optimizer state keys {sorted(saved_opt)} != {sorted(again_opt)}")
+        parts += [(f"optimizer.{k}", saved_opt[k], again_opt.get(k, {})) for k in saved_opt]
+        for part, a, b in parts:
+            if set(a) != set(b):
                 differs.append(f"{part}: names")
-            differs += [f"{part}.{k}" for k in saved[part] if not torch.equal(saved[part][k], again[part][k])]
+            differs += [f"{part}.{k}" for k in a if k in b and not torch.equal(a[k], b[k])]
+        scalars = (saved["optimizer_scalars"], again["optimizer_scalars"])
+        if {k: float(v) for k, v in scalars[0].items()} != {k: float(v) for k, v in scalars[1].items()}:
+            differs.append(f"optimizer scalars {scalars}")
         if saved["scheduler"]["last_epoch"] != again["scheduler"]["last_epoch"]:
             differs.append("scheduler")
         with open(out_json, "w") as f:
             json.dump({"exact": not differs, "differs": differs[:10], "step": step,
-                       "p_model": trainer.da.p_model.tolist(), "momentum": len(saved["momentum"])}, f)
+                       "p_model": trainer.da.p_model.tolist(),
+                       "optimizer_state": {k: len(v) for k, v in saved_opt.items()}}, f)
     torch.distributed.barrier()  # every rank leaves together, through the process group's own teardown
     torch.distributed.destroy_process_group()
 

@@ -6,7 +6,6 @@ import json
 import os
 
 import torch
-
 from common import trainer_from_argv
 
 

@@ -14,26 +14,24 @@ Ends with: RESULT <algorithm>_top1=... for each
 """
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, result, table
 
-from common import machine, result, table  # noqa: E402
+from distssl.testing import launch_env, train_command
+
+ROOT = Path(__file__).resolve().parents[2]
 
 ALGORITHMS = ("fixmatch", "flexmatch", "freematch", "softmatch")
 
 
 def run_one(out: Path, nproc: int, seed: int, steps: int, extra: list[str]) -> dict:
     if not (out / "summary.json").exists():
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), str(ROOT / "launch/train.py"),
-               "--config", str(ROOT / "configs/demo.yaml"), f"run.out_dir={out}", f"run.seed={seed}",
-               f"train.steps={steps}", *extra]
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        cmd = train_command([f"run.out_dir={out}", f"run.seed={seed}", f"train.steps={steps}", *extra], nproc=nproc)
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=launch_env())
         if r.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())

@@ -77,12 +77,5 @@ def s3_server():
 
 
 def upload_folder(local: Path, bucket: str, prefix: str = "") -> None:
-    import boto3
-    s3 = boto3.client("s3")
-    try:
-        s3.create_bucket(Bucket=bucket)
-    except s3.exceptions.BucketAlreadyOwnedByYou:
-        pass
-    for p in local.rglob("*"):
-        if p.is_file():
-            s3.upload_file(str(p), bucket, f"{prefix}{p.relative_to(local)}")
+    from distssl.testing import upload_folder as upload
+    upload(local, f"s3://{bucket}/{prefix}")

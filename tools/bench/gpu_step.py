@@ -2,7 +2,8 @@
 """FixMatch step vs supervised step, images/s of ResNet-50 at 224 px in bf16 on one GPU.
 
 The same three real-engine steps as tools/bench/step.py (shared_bn, the default: weak view without
-gradients; concat, FixMatch's reference step; a supervised step over the same B + 2muB images), on CUDA with bf16 autocast and
+gradients; concat, FixMatch's reference step; a supervised step over the same B + 2muB images), on CUDA
+with bf16 autocast and
 channels_last. Without a GPU it says so and exits 0 (a skip, not a failure).
 
   python tools/bench/gpu_step.py [--quick] [--profile] [--batch B] [--mu MU] [--model resnet50] [--size 224]
@@ -14,9 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def profile_variants(variants: dict, rounds: int = 3) -> None:

@@ -20,9 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import machine, photo_jpegs, result, s3_server, table, upload_folder  # noqa: E402
+from common import machine, photo_jpegs, result, s3_server, table, upload_folder
 
 
 def _build(address: str, src: str, dst: str, count: int, per_shard: int, max_size: int) -> float:

@@ -16,10 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import machine, real_images, result, s3_server, table, upload_folder  # noqa: E402
+from common import machine, real_images, result, s3_server, table, upload_folder
 
 
 def main(argv=None) -> int:

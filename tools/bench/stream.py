@@ -26,7 +26,8 @@ Also: the CPU cost of handing one batch from a worker to the trainer, torch's Da
 against distssl's shared-memory ring (distssl/data/ring.py).
 
 Ends with: RESULT stream_img_s=... limit_img_s=... stream_vs_limit=... imagefolder_img_s=...
-stream_vs_imagefolder=... handover_ms_dataloader=... handover_ms_ring=... [s3_stream_img_s=... s3_imagefolder_img_s=... s3_stream_vs_imagefolder=...]
+stream_vs_imagefolder=... handover_ms_dataloader=... handover_ms_ring=...
+[s3_stream_img_s=... s3_imagefolder_img_s=... s3_stream_vs_imagefolder=...]
 [gpu_feed_img_s_dataloader=... gpu_feed_img_s_ring=...: with CUDA, batches copied to the GPU from pinned memory]
 """
 import argparse
@@ -40,11 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import machine, photo_jpegs, real_images, result, s3_server, table, upload_folder  # noqa: E402
-from torch.utils.data import IterableDataset  # noqa: E402
+from common import machine, photo_jpegs, real_images, result, s3_server, table, upload_folder
+from torch.utils.data import IterableDataset
 
 
 class TwoViews:
@@ -102,6 +100,7 @@ def loop_limit(datas, views, workers, repeat=1):
     """Summed rate of `workers` loops running at the same time (on SMT or shared-budget cores that
     is less than cores x one loop)."""
     import multiprocessing as mp
+
     import torch
 
     torch.set_num_threads(1)
@@ -142,6 +141,7 @@ class SameBatch(IterableDataset):
 def handover_ms(batch, image_size, ring, batches):
     """(worker CPU ms, training-process CPU ms) per batch to hand a batch from 1 worker over."""
     import psutil
+
     from distssl.data.streams import loader
 
     ds = SameBatch(batch, image_size)
@@ -196,6 +196,7 @@ def cpu_ms_per_sample(spec: str, make_item, batch: int, batches: int, interleave
 def stage_ms(datas: list[bytes], views, reps: int = 2) -> dict[str, float]:
     """Where one unlabeled sample's time goes: decode, crop + resize, weak view, strong view."""
     import io as _io
+
     from PIL import Image
 
     def per(f):
@@ -210,7 +211,8 @@ def stage_ms(datas: list[bytes], views, reps: int = 2) -> dict[str, float]:
     it = itertools.cycle(base)
     decode = per(lambda d: Image.open(_io.BytesIO(d)).convert("RGB"))
     return {"decode (full, for reference)": decode, "decode + crop + resize (base)": per(lambda d: views.base(d, rng)),
-            "weak view": per(lambda d: views.weak(next(it), rng)), "strong view": per(lambda d: views.strong(next(it), rng))}
+            "weak view": per(lambda d: views.weak(next(it), rng)),
+            "strong view": per(lambda d: views.strong(next(it), rng))}
 
 
 def device_views_ms(views, batch: int, rounds: int = 3) -> float:
@@ -251,7 +253,8 @@ def imagenet(a) -> int:
     sets = {}
     for size in sizes:
         name = "orig" if size is None else f"max{size}"
-        make_shards(str(tmp / "raw"), str(tmp / name), labels_per_class=max(1, count // 40), max_count=max(20, count // 24),
+        make_shards(str(tmp / "raw"), str(tmp / name), labels_per_class=max(1, count // 40),
+                    max_count=max(20, count // 24),
                     image=ImageOptions(max_size=size, format="jpg" if size else None), progress=False)
         sets[name] = tmp / name
     recipe = dict(crop="random_resized", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic")
@@ -273,10 +276,12 @@ def imagenet(a) -> int:
             cores[f"cores_per_gpu_{key}"] = need
             kb = sum(s["bytes"] for s in json.loads((folder / "unlabeled/index.json").read_text())["shards"]) / 1e3
             rows.append((key, f"{kb / count:.0f} KB", f"{lab:.2f}", f"{unl:.2f}", f"{need:.1f}"))
-        datas = [store.read_bytes(str(p)) for p in sorted((tmp / "raw").rglob("*.jpg"))[:60]] if name == "orig" else None
+        originals = sorted((tmp / "raw").rglob("*.jpg"))[:60]
+        datas = [store.read_bytes(str(p)) for p in originals] if name == "orig" else None
         if datas is None:  # the same stage profile on the resized shards' own bytes
             from distssl.data.streams import tar_samples
-            datas = [r.fields["jpg"] for _, r in zip(range(60), tar_samples(str(folder / "unlabeled/shard-000000.tar")))]
+            first = tar_samples(str(folder / "unlabeled/shard-000000.tar"))
+            datas = [r.fields["jpg"] for _, r in zip(range(60), first)]
         detail[name] = stage_ms(datas, pipelines[""])
     print(f"machine: {machine()}; {count} photo JPEGs (~500x375) -> 224 px, per GPU and step: "
           f"{lab_batch} labeled + {unl_batch} unlabeled (mu {a.mu}) in {a.step_ms} ms")
@@ -324,8 +329,8 @@ def main(argv=None) -> int:
 
     from distssl.data import store
     from distssl.data.index import resolve
-    from distssl.data.streams import TrainStream, loader
     from distssl.data.samples import unlabeled_item
+    from distssl.data.streams import TrainStream, loader
     from distssl.data.transforms import Views
     from distssl.shards import make_shards
 

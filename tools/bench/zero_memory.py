@@ -23,8 +23,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 # Communication scratch (reduce/all-gather buckets) is sized by the config, not by the model: not state.
@@ -105,14 +103,12 @@ def worker(stage: int, precision: str, model_name: str, out: str) -> None:
 
 
 def run_stage(stage: int, precision: str, model_name: str, tmp: str) -> dict:
-    from distssl.testing import free_port
+    from distssl.testing import deepspeed_command, launch_env
 
     out = Path(tmp) / f"z{stage}_{precision}.json"
-    ds = str(Path(sys.executable).parent / "deepspeed")
-    cmd = [ds, "--num_gpus", "2", "--master_port", str(free_port()), __file__, "--worker", str(stage),
-           "--precision", precision, "--model", model_name, "--out", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"},
-                       timeout=600)
+    cmd = deepspeed_command(__file__, ["--worker", stage, "--precision", precision, "--model", model_name,
+                                       "--out", out])
+    r = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), timeout=600)
     if r.returncode != 0:
         raise SystemExit(f"ZeRO-{stage} {precision} worker failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     return json.loads(out.read_text())
@@ -147,7 +143,8 @@ def main(argv=None) -> int:
     rows = []
     for (precision, stage), g in got.items():
         base = got[(precision, 0)]["bytes"]
-        rows.append((precision, stage, f"{g['bytes'] / 2**20:.2f}", f"{g['bytes'] / n:.1f}", f"{g['bytes'] / base:.3f}"))
+        rows.append((precision, stage, f"{g['bytes'] / 2**20:.2f}", f"{g['bytes'] / n:.1f}",
+                     f"{g['bytes'] / base:.3f}"))
     table(rows, ("precision", "ZeRO stage", "MiB per rank", "bytes/param", "vs stage 0"))
     kv = {"zero3_state_ratio": got[("bf16", 3)]["bytes"] / got[("bf16", 0)]["bytes"]}
     for (precision, stage), g in got.items():
