@@ -71,3 +71,17 @@ def test_per_tensor_optimizers_are_refused_on_zero_partitions(name):
     with pytest.raises(ConfigError, match=rf"optim.name={name}.*deepspeed.zero_stage=2.*zero_stage=0"):
         load_config(ROOT / "configs/demo.yaml", [f"optim.name={name}", "deepspeed.zero_stage=2"])
     load_config(ROOT / "configs/demo.yaml", [f"optim.name={name}", "deepspeed.zero_stage=0"])
+
+
+def test_vit_finetune_recipe_builds_adamw_with_layer_decay_and_drop_path():
+    """configs/vit_finetune.yaml as a user would start it (the ViT-B/16 itself, no pretrained file here)."""
+    cfg = load_config(ROOT / "configs/vit_finetune.yaml", ["model.pretrained=null", "model.num_classes=10"])
+    model = create_model(cfg.model.name, cfg.model.num_classes, drop_path_rate=cfg.model.drop_path_rate)
+    assert max(b.drop_path1.drop_prob for b in model.blocks if hasattr(b.drop_path1, "drop_prob")) == pytest.approx(0.1)
+    optimizer, _ = build_optimizer(model, cfg)
+    assert type(optimizer).__name__ == "AdamW" and optimizer.defaults["betas"] == (0.9, 0.999)
+    lr_of = {id(p): g["initial_lr"] for g in optimizer.param_groups for p in g["params"]}  # before the warm-up
+    head, last, first = model.head.weight, model.blocks[-1].mlp.fc1.weight, model.blocks[0].mlp.fc1.weight
+    assert lr_of[id(head)] == pytest.approx(1.25e-4)
+    assert lr_of[id(last)] == pytest.approx(1.25e-4 * 0.65)
+    assert lr_of[id(first)] == pytest.approx(1.25e-4 * 0.65 ** 12)
