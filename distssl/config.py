@@ -29,6 +29,9 @@ class RunConfig:
     # a scheduler's preemption signals: on any of them every rank saves a complete checkpoint at the
     # next step boundary and the run exits 75 ("rerun to resume"); [] = die on them as before
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # experiment trackers, from rank 0: tensorboard (out_dir/tb), mlflow (MLFLOW_TRACKING_URI), wandb (WANDB_*);
+    # e.g. run.loggers=[tensorboard,mlflow]; [] = metrics.jsonl only
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass
@@ -228,6 +231,7 @@ RESUMABLE_CHANGES = {
     "train.steps", "train.eval_every", "train.ckpt_every", "train.keep_checkpoints",
     "train.eval_batch_size", "run.log_every", "train.max_bad_fraction", "data.demo_root",
     "deepspeed.timeout_minutes", "run.out_dir", "run.trace_shards", "run.preempt_signals",
+    "run.loggers",
     "train.num_workers",  # a resume with other loader readers continues the data exactly (data/position.py)
 }
 
@@ -391,6 +395,8 @@ def validate(cfg: Config) -> None:
     _check(t.num_workers >= 0, "train.num_workers", t.num_workers, ">= 0")
     _check(0.0 <= t.max_bad_fraction <= 1.0, "train.max_bad_fraction", t.max_bad_fraction, "0..1")
     _check(cfg.run.log_every >= 1, "run.log_every", cfg.run.log_every, ">= 1")
+    for name in cfg.run.loggers:
+        _check(name in ("tensorboard", "mlflow", "wandb"), "run.loggers", name, "tensorboard, mlflow or wandb")
     for name in cfg.run.preempt_signals:
         _check(name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT"), "run.preempt_signals", name,
                "SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP or SIGCONT")

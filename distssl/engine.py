@@ -29,14 +29,15 @@ import torch.nn.functional as F
 
 from distssl import checkpoint as ckpt
 from distssl import elastic, preflight
+from distssl import export as outputs
 from distssl import ssl as algorithms
-from distssl.config import Config, ConfigError, dump_yaml, resume_conflicts
+from distssl.config import Config, ConfigError, dump_yaml, resume_conflicts, to_dict
 from distssl.data import device_augment
 from distssl.data.index import ShardSet, resolve
 from distssl.data.samples import eval_item, labeled_item, unlabeled_item, unlabeled_plan_item
 from distssl.data.streams import DataError, EvalStream, StreamPlan, TrainStream, loader
 from distssl.data.transforms import Views, normalize
-from distssl.export import META_NAME, WEIGHTS_NAME, gather_ema_state, model_meta, write_export
+from distssl.export import gather_ema_state, model_meta, write_export
 from distssl.metrics import MetricsWriter, plot
 from distssl.models import create_model, fill_input_defaults
 from distssl.optim import accumulation, build_optimizer, deepspeed_config
@@ -246,8 +247,19 @@ class Trainer:
         return {"top1": counts[0].item() / n, "top5": counts[1].item() / n, "eval_images": int(counts[2].item()),
                 "eval_skipped": int(counts[3].item())}
 
-    def export(self, last_eval: dict) -> Optional[Path]:
-        """Final EMA weights -> out_dir/model.safetensors + model.json (every rank gathers, rank 0 writes)."""
+    def _best_top1(self) -> float:
+        """The best eval top-1 so far (model_best.json, read by rank 0 and shared), -1 before any."""
+        best = -1.0
+        if self.rank == 0:
+            try:
+                best = float(json.loads((self.out / outputs.BEST_META_NAME).read_text())["eval_top1"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        return self._sum_over_ranks([best if self.rank == 0 else 0.0])[0].item()
+
+    def export(self, last_eval: dict, name: str = outputs.WEIGHTS_NAME) -> Optional[Path]:
+        """EMA weights -> out_dir/NAME.safetensors + NAME.json (every rank gathers, rank 0 writes): the final
+        ones as model.*, the best eval's as model_best.* (as timm's CheckpointSaver keeps the best)."""
         state = gather_ema_state(self)
         if self.rank != 0:
             return None
@@ -256,7 +268,7 @@ class Trainer:
                           self.evalset.class_names or self.labeled.class_names or [],
                           {"step": self.step, "eval_top1": last_eval.get("top1"), "weights": "ema"},
                           crop_pct=self.views.eval_crop_pct, interpolation=self.views.interpolation)
-        return write_export(state, meta, self.out / WEIGHTS_NAME)
+        return write_export(state, meta, self.out / name)
 
     def _check_bad_fraction(self, samples_per_step: int, min_samples: int = 1000) -> None:
         """Bad samples are skipped and counted; too many of them means broken data, not bad luck."""
@@ -273,7 +285,8 @@ class Trainer:
         every rank (all or none skip, since the eval and the export are collective), else None."""
         try:
             summary = json.loads((self.out / "summary.json").read_text())
-            found = summary.get("step") == self.step and (self.out / WEIGHTS_NAME).exists() and "top1" in summary
+            exported = (self.out / outputs.WEIGHTS_NAME).exists()
+            found = summary.get("step") == self.step and exported and "top1" in summary
         except (OSError, ValueError):
             found = False
         if self._sum_over_ranks([float(found)])[0] < self.world:
@@ -372,7 +385,8 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         resumed = self.resume()
         is_main = self.rank == 0
-        metrics = MetricsWriter(str(self.out), is_main, self.step, t.steps)
+        metrics = MetricsWriter(str(self.out), is_main, self.step, t.steps, tuple(cfg.run.loggers), to_dict(cfg))
+        best_top1 = self._best_top1()
         if resumed is not None:
             metrics.message(f"resumed from {self.ckpt_dir / ckpt.tag_for(resumed)} at step {resumed}")
         labeled = self._train_batches("labeled", self.labeled, self.B,
@@ -416,7 +430,10 @@ class Trainer:
             is_eval = (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps
             if is_eval:
                 last_eval = self.evaluate()
-                metrics.log("eval", self.step, last_eval)
+                if last_eval["top1"] > best_top1:  # the same on every rank: top-1 is all-reduced
+                    best_top1 = last_eval["top1"]
+                    self.export(last_eval, outputs.BEST_NAME)
+                metrics.log("eval", self.step, {**last_eval, "best_top1": best_top1})
                 metrics.message(f"step {self.step}: eval top-1 {100 * last_eval['top1']:.2f}% "
                                 f"top-5 {100 * last_eval['top5']:.2f}% ({last_eval['eval_images']} images, EMA)")
             saved = (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps or \
@@ -447,12 +464,15 @@ class Trainer:
                 return written
         exported = self.export(last_eval)
         if exported is not None:
-            metrics.message(f"exported EMA weights to {exported} (+ {META_NAME}; load with timm, see README)")
-        metrics.close()
+            metrics.message(f"exported EMA weights to {exported} (+ {outputs.META_NAME}; load with timm, see README); "
+                            f"the best eval's ({100 * best_top1:.2f}%) to {self.out / outputs.BEST_NAME}")
         if is_main:
             plot(self.out / "metrics.jsonl", self.out / "curves.png")
-            summary = {"step": self.step, **last_eval, "out_dir": str(self.out)}
+            summary = {"step": self.step, **last_eval, "best_top1": best_top1, "out_dir": str(self.out)}
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            metrics.artifacts([self.out / n for n in ("config.yaml", "summary.json", "curves.png", outputs.WEIGHTS_NAME,
+                                                      outputs.META_NAME, outputs.BEST_NAME, outputs.BEST_META_NAME)])
+        metrics.close()
         return last_eval
 
 

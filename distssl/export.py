@@ -22,6 +22,8 @@ from distssl import checkpoint as ckpt
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"
+BEST_NAME = "model_best.safetensors"  # the EMA weights of the best eval top-1 so far
+BEST_META_NAME = "model_best.json"
 
 
 def _full_from_partitions(parts: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Rank-0 outputs: a progress bar, TensorBoard events, metrics.jsonl and an end-of-run plot."""
+"""Rank-0 outputs: a progress bar, metrics.jsonl, the trackers (distssl.loggers) and an end-of-run plot."""
 from __future__ import annotations
 
 import json
@@ -32,36 +32,45 @@ def _clean(v):
 
 
 class MetricsWriter:
-    """Does nothing on ranks other than 0."""
+    """metrics.jsonl, the progress bar and the trackers of ``run.loggers``; does nothing on ranks other than 0."""
 
-    def __init__(self, out_dir: str, enabled: bool, start_step: int, total_steps: int):
+    def __init__(self, out_dir: str, enabled: bool, start_step: int, total_steps: int,
+                 loggers: tuple[str, ...] = ("tensorboard",), params: Optional[dict] = None):
         self.enabled = enabled
         self.out = Path(out_dir)
-        self.bar = self.tb = None
+        self.bar = None
+        self.trackers: list = []
         if not enabled:
             return
         from tqdm import tqdm
+
+        from distssl.loggers import open_loggers
+
         self.jsonl_path = self.out / "metrics.jsonl"
         truncate_after(self.jsonl_path, start_step)
         self.jsonl = open(self.jsonl_path, "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.out / "tb"), purge_step=start_step + 1)
-        except ImportError:  # tensorboard is a dependency; a broken install should not stop training
-            self.tb = None
+        self.trackers = open_loggers(list(loggers), self.out, start_step, params or {})
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         mininterval=1.0)
 
     def log(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:
             return
+        from distssl.loggers import numbers
+
         rec = {"kind": kind, "step": step, **{k: _clean(v) for k, v in values.items()}}
         self.jsonl.write(json.dumps(rec) + "\n")
         self.jsonl.flush()
-        if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and v is not None and not (isinstance(v, float) and math.isnan(v)):
-                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+        scalars = numbers(kind, values)
+        for tracker in self.trackers:
+            tracker.metrics(step, scalars)
+
+    def artifacts(self, paths: list[Path]) -> None:
+        """The run's output files, to every tracker that keeps files (MLflow, W&B)."""
+        if self.enabled:
+            present = [p for p in paths if p.exists()]
+            for tracker in self.trackers:
+                tracker.artifacts(present)
 
     def progress(self, step: int, postfix: Optional[dict] = None) -> None:
         if self.bar is not None:
@@ -80,9 +89,12 @@ class MetricsWriter:
             return
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+            self.bar = None
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
         self.jsonl.close()
+        self.enabled = False
 
 
 def plot(metrics_path: str | Path, out_png: str | Path) -> bool:

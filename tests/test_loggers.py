@@ -1,0 +1,56 @@
+"""Experiment trackers and the best checkpoint: a real run logs its config, every metric line and its
+outputs to MLflow (a local file store) and W&B (offline), a resume continues the same tracker run, and
+model_best.* holds the EMA weights of the best eval."""
+import json
+
+import pytest
+
+from conftest import run_train, tiny_overrides
+
+
+@pytest.mark.slow
+def test_a_run_reports_to_mlflow_and_wandb_and_keeps_its_best_eval(tiny_data, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    args = tiny_overrides(tiny_data, out, **{"train.steps": 4, "train.eval_every": 1, "train.ckpt_every": 2,
+                                             "run.loggers": "[tensorboard,mlflow,wandb]"})
+    r = run_train(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train(args + ["train.steps=6"])  # resumed: the same MLflow and W&B runs go on
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    evals = [d for d in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if d["kind"] == "eval"]
+    assert [d["step"] for d in evals] == [1, 2, 3, 4, 5, 6]
+    best = max(evals, key=lambda d: (d["top1"], -d["step"]))  # the first eval that reached the best top-1
+    meta = json.loads((out / "model_best.json").read_text())
+    assert meta["eval_top1"] == best["top1"] and meta["step"] == best["step"]
+    assert evals[-1]["best_top1"] == best["top1"]
+    final, kept = load_file(str(out / "model.safetensors")), load_file(str(out / "model_best.safetensors"))
+    assert set(final) == set(kept)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1  # one run, continued by the resume
+    run = runs[0]
+    assert run.data.params["optim.lr"] == "0.03" and run.data.params["model.name"] == "test_resnet"
+    top1 = client.get_metric_history(run.info.run_id, "eval/top1")
+    assert sorted(m.step for m in top1) == [1, 2, 3, 4, 5, 6]
+    assert [m.value for m in sorted(top1, key=lambda m: m.step)] == [d["top1"] for d in evals]
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 6
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model.safetensors", "model_best.safetensors", "curves.png", "config.yaml"} <= artifacts
+    assert run.info.status == "FINISHED"
+
+    runs_wb = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert runs_wb and len({p.name for p in runs_wb}) == 1  # one W&B run id across the resume
+    logged = b"".join(p.read_bytes() for p in runs_wb)
+    assert b"eval/top1" in logged and b"model_best.safetensors" in logged and b"optim" in logged
+    del mlflow
