@@ -59,3 +59,13 @@ def s3_server():
 def s3fs_fresh():
     import s3fs
     return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(request, monkeypatch):
+    """The fast tier (-m "not slow") stays fast: a test that starts a process must be marked slow."""
+    if request.node.get_closest_marker("slow") is None:
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{request.node.nodeid} starts a process ({args[0] if args else ''}): "
+                                 "mark it @pytest.mark.slow")
+        monkeypatch.setattr(subprocess, "Popen", refuse)

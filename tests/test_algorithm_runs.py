@@ -11,6 +11,7 @@ from distssl import checkpoint as ckpt
 
 # FlexMatch: the per-sample state, fed by the stream's ids (the global-statistics algorithms are shown
 # restored in test_algorithms.py and world-size independent on a real engine in test_invariance.py)
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm,key", [("flexmatch", "status")])
 def test_a_run_saves_its_algorithm_state_and_resumes_it(tiny_data, tmp_path, algorithm, key):
     out = tmp_path / "run"

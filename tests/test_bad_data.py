@@ -49,6 +49,7 @@ def test_bad_samples_are_skipped_counted_and_warned_once_per_shard(damaged_label
     assert caplog.text.count("skipping sample") == 1
 
 
+@pytest.mark.slow
 def test_too_many_bad_samples_stop_the_run_with_a_clear_error(tiny_data, damaged_labeled, tmp_path):
     data = {**tiny_data, "labeled": str(damaged_labeled)}
     r = run_train(tiny_overrides(data, tmp_path / "run", **{"train.steps": 400, "train.eval_every": 0,

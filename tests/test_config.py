@@ -56,6 +56,7 @@ def _cli(*args):
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needle", [
     (["ssl.tau=1.5"], "ssl.tau"),
     (["ssl.taux=0.9"], "taux"),
@@ -70,6 +71,7 @@ def test_cli_exits_nonzero_with_one_clear_line_and_no_traceback(tmp_path, args, 
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_resume_whose_config_broke_it(tiny_data, tmp_path):
     from conftest import tiny_overrides
     out = tmp_path / "run"
@@ -92,7 +94,7 @@ def test_credentials_in_urls_never_reach_config_yaml(tmp_path):
     assert resume_conflicts(yaml.safe_load(text), cfg) == []
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "cifar10.yaml", "imagenet.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "cifar10.yaml", "imagenet.yaml", "vit_finetune.yaml"])
 def test_shipped_configs_load_and_resolve(name):
     from distssl.models import fill_input_defaults
     from distssl.optim import accumulation, deepspeed_config
@@ -112,6 +114,9 @@ def test_shipped_configs_load_and_resolve(name):
         assert ds["torch_autocast"]["enabled"] and cfg.data.mean == pytest.approx([0.485, 0.456, 0.406])
         # FixMatch's ImageNet input: a random-resized crop, evaluated on a 0.875 centre crop, bicubic
         assert (cfg.data.crop, cfg.data.eval_crop_pct, cfg.data.interpolation) == ("random_resized", 0.875, "bicubic")
+    elif name == "vit_finetune.yaml":  # MAE's fine-tuning recipe: AdamW, layer decay, drop path
+        assert (cfg.optim.name, cfg.optim.layer_decay, cfg.model.drop_path_rate) == ("adamw", 0.65, 0.1)
+        assert cfg.data.crop == "random_resized" and cfg.data.mean == pytest.approx([0.5] * 3)
     else:  # the CIFAR recipe: pad crops, evaluated on the whole image
         assert cfg.data.crop == "pad" and cfg.data.eval_crop_pct == 1.0
 

@@ -71,6 +71,7 @@ def test_a_stream_with_nothing_readable_in_an_epoch_stops_naming_the_set(tiny_da
 
 # damage mid-shard (the case that spun); damage at the first header stops the same way, shown at the
 # stream level above (test_a_stream_with_nothing_readable_in_an_epoch_stops_naming_the_set)
+@pytest.mark.slow
 @pytest.mark.parametrize("at_member", [40])
 def test_a_run_on_damaged_unlabeled_shards_stops_with_a_data_error_instead_of_spinning(tiny_data, tmp_path,
                                                                                        at_member):

@@ -69,6 +69,7 @@ def test_a_batch_is_the_samples_made_one_by_one(photo):
     assert np.mean([float((batch[i] != bases[i]).float().mean()) for i in range(40)]) > 0.2  # it does augment
 
 
+@pytest.mark.slow
 def test_a_run_with_random_resized_crops_and_views_on_device_exports_an_eval_timm_reproduces(tiny_data, tmp_path):
     """The ImageNet path end to end (at 32 px on digits): random-resized crops, views made on the
     training device, eval at crop_pct 0.875 bicubic; timm, given only model.json, scores what the run

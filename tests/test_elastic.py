@@ -25,6 +25,8 @@ def _train_steps(out: Path) -> list[int]:
 
 # both directions and both partitioned stages, in two runs (each case costs ~40 s of the suite)
 # and both kinds of optimizer state: SGD's momentum, AdamW's two moments and its step count
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("zero,before,after,optimizer,state_keys", [
     (2, 2, 1, "sgd", {"momentum_buffer"}), (3, 1, 2, "adamw", {"exp_avg", "exp_avg_sq"})])
 def test_a_run_saved_on_n_ranks_resumes_on_m_with_its_state_exact(tiny_data, tmp_path, zero, before, after,

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from conftest import ROOT, tiny_overrides
 
 from distssl.testing import launch_env, train_command
@@ -46,6 +47,8 @@ def _wait_for_step(proc, out: Path, step: int, timeout: float = 240) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_sigkilled_rank_fails_the_launcher_and_the_same_command_resumes(tiny_data, tmp_path):
     out = tmp_path / "run"
     args = tiny_overrides(tiny_data, out, **{"train.steps": 14, "train.ckpt_every": 4, "train.eval_every": 14})
@@ -69,6 +72,8 @@ def test_sigkilled_rank_fails_the_launcher_and_the_same_command_resumes(tiny_dat
     assert (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_a_peer_that_stops_answering_fails_the_run_within_the_timeout(tiny_data, tmp_path):
     out = tmp_path / "run"
     args = tiny_overrides(tiny_data, out, **{"train.steps": 100000, "train.ckpt_every": 0, "train.eval_every": 0,
@@ -94,6 +99,7 @@ def test_a_peer_that_stops_answering_fails_the_run_within_the_timeout(tiny_data,
     assert "Rerun the same command" in log
 
 
+@pytest.mark.slow
 def test_the_peer_watch_names_a_local_rank_the_moment_it_dies(tmp_path, capfd):
     """The thread every rank runs: a peer process on this host that dies is named (rank, pid, step)
     within a fraction of a second, before DeepSpeed's launcher (which polls once a second) stops the rest."""

@@ -37,6 +37,7 @@ def _timm_load(weights: Path):
                              pretrained_cfg_overlay=dict(meta["pretrained_cfg"], file=str(weights))).eval(), meta
 
 
+@pytest.mark.slow
 def test_export_loads_in_timm_unchanged(trained, tiny_data, tmp_path):
     from safetensors.torch import load_file
 
@@ -75,6 +76,7 @@ def test_export_loads_in_timm_unchanged(trained, tiny_data, tmp_path):
     assert correct / seen == pytest.approx(reported["top1"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_finetune_from_export_is_far_above_scratch_after_one_step(trained, tiny_data, tmp_path):
     one = {"train.steps": 1, "train.eval_every": 1, "train.batch_size": 16}
     ft = run_train(tiny_overrides(tiny_data, tmp_path / "ft", **one,
@@ -87,6 +89,7 @@ def test_finetune_from_export_is_far_above_scratch_after_one_step(trained, tiny_
     assert top_ft >= top_sc + 0.2, (top_ft, top_sc)
 
 
+@pytest.mark.slow
 def test_freeze_backbone_trains_only_the_head(trained, tiny_data, tmp_path):
     from safetensors.torch import load_file
 
@@ -103,6 +106,7 @@ def test_freeze_backbone_trains_only_the_head(trained, tiny_data, tmp_path):
             assert torch.equal(before[k], after[k]), k
 
 
+@pytest.mark.slow
 def test_pretrained_mismatches_are_named(trained, tmp_path, caplog):
     from safetensors.torch import load_file, save_file
 
@@ -132,6 +136,7 @@ def test_pretrained_mismatches_are_named(trained, tmp_path, caplog):
         load_pretrained(create_model("test_resnet", 10), str(tmp_path / "pickled.pt"))
 
 
+@pytest.mark.slow
 def test_run_folder_as_pretrained_and_input_defaults(trained):
     model = create_model("test_resnet", 10, pretrained=str(trained))  # a run folder: its EMA weights
     from safetensors.torch import load_file
@@ -179,6 +184,7 @@ def test_wrn28_2_is_a_timm_model_with_grad_checkpointing():
         torch.testing.assert_close(a.grad, b.grad, msg=n)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_run_keeps_fp32_weights_and_exports_them(tiny_data, tmp_path):
     from safetensors.torch import load_file
 
@@ -191,6 +197,7 @@ def test_bf16_autocast_run_keeps_fp32_weights_and_exports_them(tiny_data, tmp_pa
     assert [m["step"] for m in _metrics(out, "train")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_leaves_its_outputs_as_they_are(trained, tiny_data):
     """The same command again (or a sweep trial restored after its last checkpoint) finds the run
     finished: it reports the final eval from summary.json and rewrites nothing."""

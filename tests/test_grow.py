@@ -58,6 +58,7 @@ def raw(tmp_path):
     return tmp_path / "raw"
 
 
+@pytest.mark.slow
 def test_source_grown_after_a_killed_build_is_refused_then_extended_exactly_once(raw, tmp_path):
     src, dst = raw / "train", tmp_path / "shards"
     cmd = [sys.executable, str(ROOT / "tools/make_shards.py"), src, dst, "--unlabeled", "--max-count", "10", "--quiet"]
@@ -95,6 +96,7 @@ def test_source_grown_after_a_killed_build_is_refused_then_extended_exactly_once
     assert _tree(dst) == done
 
 
+@pytest.mark.slow
 def test_extend_a_finished_split_build_keeps_labels_and_reports_removed_and_known_content(raw, tmp_path):
     src, dst = raw / "train", tmp_path / "shards"
     args = [src, dst, "--labels-per-class", 2, "--eval-fraction", 0.1, "--max-count", 25]
@@ -132,6 +134,7 @@ def test_extend_a_finished_split_build_keeps_labels_and_reports_removed_and_know
     assert unl["removed_inputs"] == 1 and ev["generations"] == 2
 
 
+@pytest.mark.slow
 def test_options_changed_since_the_build_are_refused_with_what_changed(raw, tmp_path):
     src, dst = raw / "eval", tmp_path / "shards"
     assert _cli(src, dst, "--max-count", 20).returncode == 0
@@ -143,6 +146,7 @@ def test_options_changed_since_the_build_are_refused_with_what_changed(raw, tmp_
     assert _tree(dst) == before
 
 
+@pytest.mark.slow
 def test_dedup_keeps_the_eval_copy_then_the_labeled_one_and_counts_the_rest(raw, tmp_path):
     src = raw / "train"
     originals = sorted(src.rglob("*.png"))[:15]
@@ -170,6 +174,7 @@ def test_dedup_keeps_the_eval_copy_then_the_labeled_one_and_counts_the_rest(raw,
         "duplicate" in indexes["eval"]["failure_reasons"]
 
 
+@pytest.mark.slow
 def test_shards_without_a_build_record_are_not_added_to(raw, tmp_path):
     dst = tmp_path / "old"
     assert _cli(raw / "eval", dst, "--max-count", 20).returncode == 0

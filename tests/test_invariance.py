@@ -27,6 +27,8 @@ def _run(n: int, tiny_data, tmp_path: Path, extra: list[str], algorithms: str = 
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("weak_forward,algorithms", [("shared_bn", "fixmatch,flexmatch,freematch,softmatch"),
                                                      ("concat", "fixmatch")])
 def test_same_global_batch_same_curve_on_one_and_two_ranks(tiny_data, tmp_path, weak_forward, algorithms):

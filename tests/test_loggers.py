@@ -4,7 +4,6 @@ model_best.* holds the EMA weights of the best eval."""
 import json
 
 import pytest
-
 from conftest import run_train, tiny_overrides
 
 

@@ -5,12 +5,15 @@ import subprocess
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import ROOT, free_port, tiny_overrides
 
 from distssl.testing import launch_env, train_command
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_nodes_split_shards_and_share_da_and_eval(tiny_data, tmp_path):
     out = tmp_path / "run"
     hosts = tmp_path / "hosts"

@@ -48,6 +48,8 @@ def test_an_unknown_optimizer_is_named_with_the_closest():
         preflight.check_optimizer_name("adamww")
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_sgd_and_adamw_under_zero2_and_zero3_and_lamb_without_zero_step_as_the_optimizer_alone(tmp_path):
     """LAMB's trust ratio is per tensor: under ZeRO it would be taken over a flat partition of many
     tensors (measured here before it was refused: 15% of the step off under ZeRO-2, 55% under ZeRO-3),

@@ -46,6 +46,8 @@ def _batches(n, caplog=None, outage=None):
             return out
 
 
+@pytest.mark.slow
+@pytest.mark.s3
 def test_streaming_survives_an_outage_and_yields_the_same_batches(tiny_data, s3_server, proxy, caplog):
     upload_folder(tiny_data["unlabeled"], "s3://outage/unlabeled")
     t0 = time.time()
@@ -65,6 +67,8 @@ def test_streaming_survives_an_outage_and_yields_the_same_batches(tiny_data, s3_
     assert took >= undisturbed + 2.0
 
 
+@pytest.mark.slow
+@pytest.mark.s3
 def test_a_build_that_loses_the_store_fails_cleanly_and_the_rerun_completes(tiny_data, s3_server, proxy, tmp_path):
     from pathlib import Path
 
@@ -105,6 +109,8 @@ def test_a_build_that_loses_the_store_fails_cleanly_and_the_rerun_completes(tiny
     assert sorted(paths) == sorted(str(p.relative_to(raw)) for p in raw.rglob("*.png"))
 
 
+@pytest.mark.slow
+@pytest.mark.s3
 def test_a_build_that_cannot_reach_the_store_at_all_says_to_rerun(tmp_path):
     """The first thing a build does is look for its record (build.json): a store that is down then
     (a botocore error, not an OSError) must give the same clean message, not a traceback."""

@@ -40,6 +40,8 @@ def _train_steps(out: Path) -> list[int]:
             if "loss" in d and "step" in d]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("how", ["usr1_to_every_rank", "sigterm_to_the_launcher"])
 def test_a_preempted_run_saves_at_the_next_step_and_resumes_with_no_step_lost(tiny_data, tmp_path, how):
     out = tmp_path / "run"

@@ -37,6 +37,9 @@ def _set(fs, prefix):
     return json.loads(fs.cat_file(f"{prefix}/index.json"))
 
 
+@pytest.mark.slow
+@pytest.mark.s3
+@pytest.mark.ray
 def test_ray_cluster_build_into_s3_survives_a_lost_node_and_a_rerun_writes_nothing(cluster):
     from distssl.shards import make_shards
 
@@ -75,6 +78,8 @@ def test_ray_cluster_build_into_s3_survives_a_lost_node_and_a_rerun_writes_nothi
     assert after == before  # complete shards are never rewritten
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_local_destination_on_a_cluster_of_several_machines_is_refused(tmp_path, monkeypatch):
     from distssl.shards.runners import RayRunner
 

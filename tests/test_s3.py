@@ -49,6 +49,8 @@ def _keys_in_shards(fs, prefix):
     return keys
 
 
+@pytest.mark.slow
+@pytest.mark.s3
 def test_bucket_to_shards_exact_counts_failures_listed_and_rerun_idempotent(raw_bucket):
     import boto3
     boto3.client("s3").create_bucket(Bucket="shards1")
@@ -72,6 +74,8 @@ def test_bucket_to_shards_exact_counts_failures_listed_and_rerun_idempotent(raw_
     assert _objects("shards1") == before  # not one object rewritten
 
 
+@pytest.mark.slow
+@pytest.mark.s3
 def test_a_killed_build_rerun_finishes_with_every_image_once(raw_bucket, tmp_path):
     import boto3
     boto3.client("s3").create_bucket(Bucket="shards2")
@@ -100,6 +104,8 @@ def test_a_killed_build_rerun_finishes_with_every_image_once(raw_bucket, tmp_pat
         if "bad" not in q.name)
 
 
+@pytest.mark.slow
+@pytest.mark.s3
 def test_training_streams_shards_from_s3(raw_bucket, tmp_path):
     import boto3
     boto3.client("s3").create_bucket(Bucket="shards3")

@@ -59,6 +59,7 @@ def _paths_in_set(folder: Path) -> set[str]:
     return out
 
 
+@pytest.mark.slow
 def test_labeled_images_can_be_left_out_of_the_unlabeled_set(raw_with_corrupt, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "tools/make_shards.py"), str(raw_with_corrupt), str(tmp_path / "o"),
                         "--labels-per-class", "3", "--max-count", "40", "--exclude-labeled", "--quiet"],
@@ -249,6 +250,7 @@ def test_originals_are_kept_byte_for_byte_without_resize(raw_with_corrupt, tmp_p
                 assert png == src[meta["path"].split("/")[-1]]
 
 
+@pytest.mark.slow
 def test_dry_run_writes_nothing_and_inspect_reports_the_set(raw_with_corrupt, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "tools/make_shards.py"), str(raw_with_corrupt), str(tmp_path / "d"),
                         "--labels-per-class", "2", "--max-count", "60", "--dry-run"], capture_output=True, text=True)

@@ -130,6 +130,7 @@ def test_sets_that_order_their_classes_differently_are_mapped_per_set(tiny_data,
     assert maps == {"labeled": {1: list(range(9, -1, -1))}}
 
 
+@pytest.mark.slow
 def test_a_run_reads_two_weighted_unlabeled_sets_and_resumes(tiny_data, second_set, tmp_path):
     out = tmp_path / "run"
     spec = f"{{{tiny_data['unlabeled']}: 2, {second_set}: 1}}"

@@ -33,6 +33,8 @@ def zero2_run(tiny_data, tmp_path_factory):
     return out, after_first, second
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_zero2_two_ranks_train_and_write_outputs(zero2_run):
     out, first, _ = zero2_run
     train = [m for m in first["metrics"] if m["kind"] == "train"]
@@ -45,6 +47,8 @@ def test_zero2_two_ranks_train_and_write_outputs(zero2_run):
     assert list((out / "tb").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_zero2_resume_continues_step_count_and_da_state(zero2_run):
     out, first, second = zero2_run
     assert "resumed from" in second.stdout + second.stderr
@@ -65,6 +69,8 @@ def test_zero2_resume_continues_step_count_and_da_state(zero2_run):
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_zero3_trains_resumes_and_evaluates_ema_like_zero2(tiny_data, tmp_path, zero2_run):
     out = tmp_path / "run"
     kv = {"train.steps": 4, "train.ckpt_every": 2, "train.eval_every": 4, "deepspeed.zero_stage": 3}
@@ -98,6 +104,8 @@ def test_zero3_trains_resumes_and_evaluates_ema_like_zero2(tiny_data, tmp_path, 
     assert [m["step"] for m in _metrics(out) if m["kind"] == "train"] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_eval_counts_each_image_once_over_two_ranks_and_two_loader_workers_each(tiny_data, tmp_path):
     out = tmp_path / "run"
     r = run_train(tiny_overrides(tiny_data, out, **{"train.steps": 1, "train.eval_every": 1,
@@ -110,6 +118,8 @@ def test_eval_counts_each_image_once_over_two_ranks_and_two_loader_workers_each(
 
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_vit_with_activation_checkpointing_under_zero3(tiny_data, tmp_path):
     """The large-backbone switch: timm's set_grad_checkpointing inside ZeRO-3's parameter gathering."""
     out = tmp_path / "vit"

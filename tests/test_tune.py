@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 from conftest import ROOT, tiny_overrides
 
@@ -23,6 +24,8 @@ def _rows(sweep):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_bad_search_key_is_named_before_any_trial_starts(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"base": str(ROOT / "configs/demo.yaml"),
@@ -38,6 +41,8 @@ def test_a_bad_search_key_is_named_before_any_trial_starts(tmp_path):
     assert not (tmp_path / "s" / "ray").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_sweep_with_asha_writes_results_and_a_best_config_that_trains(tiny_data, tmp_path):
     sweep = tmp_path / "sweep"
     args = tiny_overrides(tiny_data, sweep, **{"train.steps": 6, "train.eval_every": 2, "train.ckpt_every": 0})
@@ -65,6 +70,8 @@ def test_sweep_with_asha_writes_results_and_a_best_config_that_trains(tiny_data,
     assert (out / "summary.json").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data, tmp_path):
     sweep = tmp_path / "sweep"
     args = [*tiny_overrides(tiny_data, sweep, **{"train.steps": 4, "train.eval_every": 2, "train.ckpt_every": 0}),
@@ -92,6 +99,8 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data, tmp
         assert (sweep / "trials" / name / "summary.json").stat().st_mtime == mtime
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_trial_can_be_a_two_process_deepspeed_run_reporting_every_rank(tiny_data, tmp_path):
     sweep = tmp_path / "sweep"
     args = tiny_overrides(tiny_data, sweep, **{"train.steps": 2, "train.eval_every": 2, "train.ckpt_every": 0})

@@ -46,6 +46,9 @@ def _reported_checkpoints(fs) -> set[str]:
     return {p.split("/checkpoint_")[1].split("/")[0] for p in fs.find("tune-storage/sweeps") if "/checkpoint_" in p}
 
 
+@pytest.mark.slow
+@pytest.mark.s3
+@pytest.mark.ray
 def test_a_trial_on_a_lost_node_resumes_on_the_other_from_s3(tiny_data, tmp_path, cluster):
     c, nodes = cluster
     sweep = tmp_path / "sweep"

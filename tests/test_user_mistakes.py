@@ -34,6 +34,7 @@ def renamed_eval(tiny_data, tmp_path_factory):
     return str(root / "eval")
 
 
+@pytest.mark.slow
 def test_eval_classes_named_otherwise_are_refused_before_training(tiny_data, renamed_eval, tmp_path):
     r = run_train(tiny_overrides({**tiny_data, "eval": renamed_eval}, tmp_path / "run"))
     line = _refused(r, "data.eval has classes [1, 2, 3, 4, 5, 6, ... (10 in all)]", "data.labeled has [0, 1",
@@ -56,6 +57,8 @@ def test_class_match_maps_names_in_another_order_or_trusts_the_numbers(tiny_data
     assert check_classes(load_config(DEMO, base + ["data.class_match=by_index"])) == {}
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("override,needles", [
     ("model.name=resnet_nope", ("model.name='resnet_nope' is not a timm model", "did you mean")),
     ("model.pretrained={png}", ("is a PNG image, not weights",)),
@@ -96,6 +99,7 @@ def test_demo_data_is_built_only_for_the_demos_own_sets_and_null_is_accepted(tin
     assert cfg.data.demo_root is None and not uses_demo_data(cfg.data)
 
 
+@pytest.mark.slow
 def test_make_shards_warns_when_class_folders_look_like_splits(tiny_data, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "tools/make_shards.py"), str(tiny_data["raw"]), str(tmp_path / "o"),
                         "--dry-run"], capture_output=True, text=True)
@@ -107,6 +111,8 @@ def test_make_shards_warns_when_class_folders_look_like_splits(tiny_data, tmp_pa
     assert r.returncode == 0 and "split folders" not in r.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_sweep_folder_is_not_resumed_with_other_settings(tiny_data, tmp_path):
     """The settings a sweep started with are kept beside it; a rerun that changes them is refused with
     the keys that differ, before Ray starts (resuming would replay the old sweep's trials)."""
