@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from conftest import run_train, tiny_overrides
 
+from conftest import run_train, tiny_overrides
 from distssl import checkpoint as ckpt
 
 

@@ -4,8 +4,8 @@ import json
 import tarfile
 
 import pytest
-from conftest import run_train, tiny_overrides
 
+from conftest import run_train, tiny_overrides
 from distssl.data.index import resolve
 from distssl.data.samples import labeled_item
 from distssl.data.streams import TrainStream

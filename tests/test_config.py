@@ -3,8 +3,8 @@ import sys
 
 import pytest
 import yaml
-from conftest import ROOT
 
+from conftest import ROOT
 from distssl.config import ConfigError, load_config, resume_conflicts, to_dict
 
 DEMO = str(ROOT / "configs/demo.yaml")

@@ -4,8 +4,8 @@ import shutil
 import time
 
 import pytest
-from conftest import run_train, tiny_overrides
 
+from conftest import run_train, tiny_overrides
 from distssl.data.index import resolve
 from distssl.data.samples import unlabeled_item
 from distssl.data.streams import DataError, TrainStream, resilient_samples

@@ -78,6 +78,7 @@ def test_a_run_with_random_resized_crops_and_views_on_device_exports_an_eval_tim
     import tarfile
 
     import timm
+
     from conftest import run_train, tiny_overrides
 
     out = tmp_path / "run"

@@ -6,8 +6,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_train, tiny_overrides
 
+from conftest import ROOT, run_train, tiny_overrides
 from distssl.testing import deepspeed_command, launch_env
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, tiny_overrides
 
+from conftest import ROOT, tiny_overrides
 from distssl.testing import launch_env, train_command
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_train, tiny_overrides
 
+from conftest import ROOT, run_train, tiny_overrides
 from distssl.config import load_config
 from distssl.models import create_model, fill_input_defaults, load_pretrained, param_groups
 

@@ -7,8 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, tiny_overrides
 
+from conftest import ROOT, tiny_overrides
 from distssl.testing import deepspeed_command, launch_env
 
 WORKER = ROOT / "tests/workers/invariance.py"

@@ -4,6 +4,7 @@ model_best.* holds the EMA weights of the best eval."""
 import json
 
 import pytest
+
 from conftest import run_train, tiny_overrides
 
 

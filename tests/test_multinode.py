@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, free_port, tiny_overrides
 
+from conftest import ROOT, free_port, tiny_overrides
 from distssl.testing import launch_env, train_command
 
 

@@ -5,8 +5,8 @@ import json
 import subprocess
 
 import pytest
-from conftest import ROOT
 
+from conftest import ROOT
 from distssl.config import ConfigError, load_config
 from distssl.models import create_model, param_groups
 from distssl.optim import build_optimizer

@@ -10,8 +10,8 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, s3fs_fresh
 
+from conftest import ROOT, s3fs_fresh
 from distssl.testing import TcpProxy, upload_folder
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, run_train, tiny_overrides
 
+from conftest import ROOT, run_train, tiny_overrides
 from distssl import checkpoint as ckpt
 from distssl.preempt import PREEMPTED_EXIT
 from distssl.testing import launch_env, train_command

@@ -4,8 +4,8 @@ import threading
 import time
 
 import pytest
-from conftest import export_digits, s3fs_fresh
 
+from conftest import export_digits, s3fs_fresh
 from distssl.testing import upload_folder
 
 

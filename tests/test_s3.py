@@ -6,8 +6,8 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import ROOT, export_digits, run_train, s3fs_fresh, tiny_overrides
 
+from conftest import ROOT, export_digits, run_train, s3fs_fresh, tiny_overrides
 from distssl.testing import upload_folder
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, export_digits
 
+from conftest import ROOT, export_digits
 from distssl.data.index import ShardSet, resolve
 from distssl.data.samples import eval_item, labeled_item, unlabeled_item
 from distssl.data.streams import EvalStream, TrainStream

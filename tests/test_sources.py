@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import run_train, tiny_overrides
 
+from conftest import run_train, tiny_overrides
 from distssl.config import ConfigError, data_sources, load_config
 from distssl.data.index import resolve
 from distssl.data.streams import TrainStream

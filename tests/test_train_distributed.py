@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import run_train, tiny_overrides
 
 

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import yaml
+
 from conftest import ROOT, tiny_overrides
 
 TUNE_CFG = str(ROOT / "configs/tune/demo.yaml")

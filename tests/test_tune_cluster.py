@@ -10,6 +10,7 @@ import time
 
 import psutil
 import pytest
+
 from conftest import ROOT, s3fs_fresh, tiny_overrides
 
 

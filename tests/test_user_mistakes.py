@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, run_train, tiny_overrides
 
+from conftest import ROOT, run_train, tiny_overrides
 from distssl.config import ConfigError, load_config
 from distssl.preflight import check_classes, looks_like_weights
 

@@ -4,6 +4,7 @@ checkpoint into this launch's engine, gather the state whole again and compare i
 import json
 
 import torch
+
 from common import trainer_from_argv
 
 

@@ -6,6 +6,7 @@ import json
 import os
 
 import torch
+
 from common import trainer_from_argv
 
 

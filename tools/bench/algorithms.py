@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 from common import machine, result, table
-
 from distssl.testing import launch_env, train_command
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -64,8 +64,9 @@ def main(argv=None) -> int:
         return 0
     import os
     os.environ["DS_ACCELERATOR"] = "cuda"
-    from common import result, table
     from step import measure
+
+    from common import result, table
 
     steps = args.steps or (5 if args.quick else 20)
     # The trainer is built on the demo's shards, so the head has their 10 classes (1000 would add

@@ -41,8 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine, photo_jpegs, real_images, result, s3_server, table, upload_folder
 from torch.utils.data import IterableDataset
+
+from common import machine, photo_jpegs, real_images, result, s3_server, table, upload_folder
 
 
 class TwoViews:

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Build WebDataset shard sets from a bucket or folder of raw images.
+
+  python tools/make_shards.py SRC DST [--labels-per-class N | --label-fraction F] [--eval-fraction F]
+                              [--unlabeled] [--workers N] [--max-size S] [--format jpg|webp|png]
+                              [--max-count K] [--max-shard-bytes B] [--seed S] [--dedup] [--extend]
+                              [--ray-address auto|HOST:PORT] [--dry-run]
+
+SRC and DST are local paths or fsspec URLs (file://, s3://, gs://, memory://). S3-compatible stores
+(MinIO, Ceph) through AWS_ENDPOINT_URL and the usual credential chain. SRC is one of:
+  - a folder of class subfolders: SRC/<class>/*.jpg
+  - any folder of images, with --unlabeled
+  - a manifest SRC.csv / SRC.jsonl with a `path` or `url` column and an optional `label` (name or id)
+
+With --labels-per-class N (or --label-fraction F) DST gets DST/labeled (stratified, seeded) and
+DST/unlabeled (every training image, the labeled ones included as in FixMatch's reference, or
+without them with --exclude-labeled; true labels only in the json metadata). --eval-fraction F also carves out
+DST/eval. Every image is decoded once to verify it; corrupt, truncated, empty and oversized
+(decompression-bomb) inputs are skipped, counted by reason and listed in failures.jsonl and
+index.json. Each sample's json carries the sha256 of its original bytes.
+
+The plan (which input goes into which shard) is recorded in DST/build.json before any shard is
+written. A killed build rerun with the same command finishes that plan; a finished one is left as it
+is. If the source or the options changed since, the rerun refuses and writes nothing: say --extend to
+add the new inputs as new shards after the existing ones (inputs already there by content are
+counted as duplicates; removed inputs are reported, their samples stay), or give a new destination.
+--dedup drops exact duplicates (same bytes) across all sets, keeping the eval copy, then the labeled
+one, so no eval image ever trains; it reads every input once more to hash it.
+--ray-address runs the shard jobs as tasks on a Ray cluster (each node needs this package and access
+to SRC and DST: use a shared store); a job lost with a node is retried, and a rerun writes only the
+shards without stats.
+"""
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="folder, bucket prefix or manifest (.csv/.jsonl) of raw images")
+    p.add_argument("dst", help="output shard-set folder or URL")
+    split = p.add_argument_group("splits")
+    split.add_argument("--labels-per-class", type=int, help="N labeled images per class -> DST/labeled + DST/unlabeled")
+    split.add_argument("--label-fraction", type=float, help="fraction F of each class labeled (e.g. 0.1 for 10%%)")
+    split.add_argument("--eval-fraction", type=float, help="fraction of each class held out as DST/eval")
+    split.add_argument("--unlabeled", action="store_true", help="SRC has no classes: one unlabeled set")
+    split.add_argument("--exclude-labeled", action="store_true",
+                       help="leave the labeled images out of DST/unlabeled (default: the unlabeled set holds every "
+                            "training image, labeled ones included, as FixMatch's reference does)")
+    split.add_argument("--dedup", action="store_true",
+                       help="drop exact duplicate images (same bytes) across all sets, keeping the eval copy, then "
+                            "the labeled one; reads every input once more to hash it")
+    split.add_argument("--seed", type=int, default=0, help="seed of splits and shard assignment (default 0)")
+    img = p.add_argument_group("images")
+    img.add_argument("--max-size", type=int, help="resize so the shorter side is at most S pixels (aspect kept)")
+    img.add_argument("--format", choices=["jpg", "webp", "png"],
+                     help="re-encode into this format (default: keep png/jpg/webp originals byte for byte)")
+    img.add_argument("--quality", type=int, default=90, help="jpg/webp quality when re-encoding (default 90)")
+    out = p.add_argument_group("shards")
+    out.add_argument("--max-count", type=int, default=1000, help="images per shard at most (default 1000)")
+    out.add_argument("--max-shard-bytes", type=float, help="bytes per shard at most, by listed input size (e.g. 5e8)")
+    out.add_argument("--workers", type=int, default=1, help="parallel writer processes (default 1)")
+    out.add_argument("--ray-address", metavar="auto|HOST:PORT",
+                     help="run the shard jobs as tasks on this Ray cluster instead of local --workers")
+    out.add_argument("--extend", action="store_true",
+                     help="add the source's new inputs to an existing build as new shards (existing shards and the "
+                          "labeled split stay as they are; index.json gets the new totals)")
+    out.add_argument("--dry-run", action="store_true", help="print the plan (counts, shards) and write nothing")
+    out.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    import logging
+    logging.basicConfig(level=logging.WARNING, format="make_shards: warning: %(message)s")
+
+    from distssl.data.store import redact
+    from distssl.shards import BuildOptions, ImageOptions, make_shards
+
+    opts = BuildOptions(labels_per_class=a.labels_per_class, label_fraction=a.label_fraction,
+                        eval_fraction=a.eval_fraction, unlabeled=a.unlabeled, seed=a.seed, max_count=a.max_count,
+                        labeled_in_unlabeled=not a.exclude_labeled,
+                        max_shard_bytes=int(a.max_shard_bytes) if a.max_shard_bytes else None,
+                        image=ImageOptions(a.max_size, a.format, a.quality), workers=a.workers,
+                        dedup=a.dedup, extend=a.extend, ray_address=a.ray_address,
+                        dry_run=a.dry_run, progress=not a.quiet)
+    try:
+        sets = make_shards(a.src, a.dst, opts)
+    except (FileNotFoundError, PermissionError, ValueError) as e:
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the store went away mid-build: finished shards are kept, rerun resumes
+        msg = redact(str(e))
+        if "Rerun the same command" not in msg:  # whichever read or write the outage hit
+            msg += (". Rerun the same command when the store is reachable: finished shards are kept and "
+                    "only the missing ones are built")
+        print(f"make_shards: error: {msg}", file=sys.stderr)
+        return 1
+    for name, idx in sets.items():
+        where = redact(a.dst.rstrip("/") + (f"/{name}" if name else ""))
+        if a.dry_run:
+            sizes = [s["count"] for s in idx["shards"]]
+            print(f"{where}: would write {idx['count']} images in {len(sizes)} shards "
+                  f"({min(sizes, default=0)}-{max(sizes, default=0)} per shard, "
+                  f"{idx['listed_bytes'] / 1e6:.1f} MB listed)")
+        else:
+            reasons = ", ".join(f"{k} {v}" for k, v in idx["failure_reasons"].items())
+            removed = (f", {idx['removed_inputs']} from inputs since removed from the source"
+                       if idx.get("removed_inputs") else "")
+            print(f"{where}: {idx['count']} images in {len(idx['shards'])} shards ({idx['bytes'] / 1e6:.1f} MB), "
+                  f"{idx['num_failures']} inputs skipped{f' ({reasons})' if reasons else ''}{removed}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
