@@ -22,6 +22,6 @@ def test_entry_point_help_is_the_scripts_help(command):
                             timeout=120)
     assert mine.returncode == script.returncode == 0, mine.stderr + script.stderr
     def words(text, prog):  # the usage line wraps by the program name's length
-        return text.replace(prog, "PROG").split()
+        return text.replace(prog, "PROG", 1).split()
     assert words(mine.stdout, command) == words(script.stdout, Path(SCRIPTS[command]).name)
     assert len(mine.stdout.splitlines()) > 5  # a real description, not just usage
