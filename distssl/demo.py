@@ -13,6 +13,8 @@ import numpy as np
 
 EVAL_COUNT = 1000
 LABELS_PER_CLASS = 4  # 40 labels: the CIFAR-10@40 setting of the FixMatch paper
+# every set (the 40 labeled images too) in 16 shards: a shard per reader for up to 8 ranks x 2 loader workers
+MIN_SHARDS = 16
 
 
 def export_mnist5k(raw_root: str | Path, seed: int = 0, eval_count: int = EVAL_COUNT,
@@ -66,8 +68,8 @@ def ensure_demo_data(root: str | Path, progress: bool = False) -> dict[str, str]
             if not (raw / "eval").is_dir() or not (raw / ".complete").exists():
                 export_mnist5k(raw)
                 (raw / ".complete").write_text("ok\n")
-            make_shards(str(raw / "train"), str(Path(root) / "shards/train"),
-                        labels_per_class=LABELS_PER_CLASS, progress=progress)
-            make_shards(str(raw / "eval"), paths["eval"], progress=progress)
+            make_shards(str(raw / "train"), str(Path(root) / "shards/train"), labels_per_class=LABELS_PER_CLASS,
+                        min_shards=MIN_SHARDS, progress=progress)
+            make_shards(str(raw / "eval"), paths["eval"], min_shards=MIN_SHARDS, progress=progress)
         fcntl.flock(lock, fcntl.LOCK_UN)
     return paths

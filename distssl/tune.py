@@ -191,6 +191,9 @@ def train_loop(loop_config: dict) -> None:
         ray.train.report({**metrics, "step": step, "out_dir": out_dir},
                          checkpoint=Checkpoint.from_directory(str(ckpt_dir)))
 
+    from distssl.notices import silence_known_notices
+
+    silence_known_notices()  # in the trial's worker process, as launch/train.py does in each rank
     try:
         engine.run(cfg, on_eval=report)
     except ConfigError as e:

@@ -311,3 +311,20 @@ def test_weak_view_crop_equals_reflect_pad_then_crop():
         x, y = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
         padded = np.pad(ref, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
         assert np.array_equal(got, padded[y:y + 28, x:x + 28]), seed
+
+
+def test_min_shards_cuts_a_small_labeled_set_into_one_shard_per_reader(tiny_data, tmp_path):
+    """--min-shards: 20 labeled images in 8 shards (so 8 readers each get their own), the big set as
+    max_count would cut it; a rerun with the same option is the same build."""
+    idx = make_shards(str(tiny_data["raw"] / "train"), str(tmp_path / "s"), labels_per_class=2, max_count=100,
+                      min_shards=8, progress=False)
+    labeled, unlabeled = idx["labeled"], idx["unlabeled"]
+    assert len(labeled["shards"]) == 8 and labeled["count"] == 20
+    assert max(s["count"] for s in labeled["shards"]) == 3
+    assert len(unlabeled["shards"]) == 8 and unlabeled["count"] == 600  # 600 / 8 -> 75 per shard, under 100
+    again = make_shards(str(tiny_data["raw"] / "train"), str(tmp_path / "s"), labels_per_class=2, max_count=100,
+                        min_shards=8, progress=False)
+    assert again["labeled"]["shards"] == labeled["shards"]
+    with pytest.raises(ValueError, match="min_shards: 8 -> None"):
+        make_shards(str(tiny_data["raw"] / "train"), str(tmp_path / "s"), labels_per_class=2, max_count=100,
+                    progress=False)

@@ -3,7 +3,7 @@
 
   python tools/make_shards.py SRC DST [--labels-per-class N | --label-fraction F] [--eval-fraction F]
                               [--unlabeled] [--workers N] [--max-size S] [--format jpg|webp|png]
-                              [--max-count K] [--max-shard-bytes B] [--seed S] [--dedup] [--extend]
+                              [--max-count K] [--min-shards N] [--max-shard-bytes B] [--seed S] [--dedup] [--extend]
                               [--ray-address auto|HOST:PORT] [--dry-run]
 
 SRC and DST are local paths or fsspec URLs (file://, s3://, gs://, memory://). S3-compatible stores
@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     img.add_argument("--quality", type=int, default=90, help="jpg/webp quality when re-encoding (default 90)")
     out = p.add_argument_group("shards")
     out.add_argument("--max-count", type=int, default=1000, help="images per shard at most (default 1000)")
+    out.add_argument("--min-shards", type=int, default=1,
+                     help="cut every set into at least this many shards (as far as it has images), e.g. ranks x "
+                          "loader workers, so that each reader of a small labeled set gets shards of its own")
     out.add_argument("--max-shard-bytes", type=float, help="bytes per shard at most, by listed input size (e.g. 5e8)")
     out.add_argument("--workers", type=int, default=1, help="parallel writer processes (default 1)")
     out.add_argument("--ray-address", metavar="auto|HOST:PORT",
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
 
     opts = BuildOptions(labels_per_class=a.labels_per_class, label_fraction=a.label_fraction,
                         eval_fraction=a.eval_fraction, unlabeled=a.unlabeled, seed=a.seed, max_count=a.max_count,
-                        labeled_in_unlabeled=not a.exclude_labeled,
+                        min_shards=a.min_shards,                        labeled_in_unlabeled=not a.exclude_labeled,
                         max_shard_bytes=int(a.max_shard_bytes) if a.max_shard_bytes else None,
                         image=ImageOptions(a.max_size, a.format, a.quality), workers=a.workers,
                         dedup=a.dedup, extend=a.extend, ray_address=a.ray_address,

@@ -12,7 +12,6 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 
 
 def _is_peer_failure(e: BaseException) -> bool:
@@ -67,7 +66,9 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
-    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    from distssl.notices import silence_known_notices
+
+    silence_known_notices()
     _report_dead_peers_on_sigterm(cfg.run.out_dir)
     from distssl.engine import DataError, run
     from distssl.preempt import PREEMPTED_EXIT, Preempted

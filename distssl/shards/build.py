@@ -53,6 +53,7 @@ class BuildOptions:
     seed: int = 0
     max_count: int = 1000
     max_shard_bytes: Optional[int] = None
+    min_shards: int = 1  # every set in at least this many shards (when it has that many images)
     image: ImageOptions = ImageOptions()
     dedup: bool = False  # exact duplicates (same bytes) keep one copy: eval's, else labeled's, else the first
     extend: bool = False  # add the source's new inputs to a finished (or unfinished) build
@@ -64,6 +65,8 @@ class BuildOptions:
     def check(self) -> None:
         if self.max_count < 1:
             raise ValueError("--max-count must be >= 1")
+        if self.min_shards < 1:
+            raise ValueError("--min-shards must be >= 1")
         if self.max_shard_bytes is not None and self.max_shard_bytes < 1:
             raise ValueError("--max-shard-bytes must be >= 1")
         if self.labels_per_class is not None and self.label_fraction is not None:
@@ -85,11 +88,15 @@ class BuildOptions:
 
     def split(self) -> SplitOptions:
         return SplitOptions(self.labels_per_class, self.label_fraction, self.eval_fraction, self.unlabeled,
-                            self.labeled_in_unlabeled, self.seed, self.max_count, self.max_shard_bytes, self.dedup)
+                            self.labeled_in_unlabeled, self.seed, self.max_count, self.max_shard_bytes, self.dedup,
+                            self.min_shards)
 
     def plan_options(self) -> dict:
         """The options that shape the plan (recorded; a rerun must give the same)."""
-        return {**asdict(self.split()), "image": asdict(self.image)}
+        split = asdict(self.split())
+        if split["min_shards"] == 1:  # as builds recorded before the option existed
+            split.pop("min_shards")
+        return {**split, "image": asdict(self.image)}
 
 
 def _verify_one(url: str) -> Optional[str]:

@@ -34,6 +34,7 @@ class SplitOptions:
     max_count: int
     max_shard_bytes: Optional[int]
     dedup: bool
+    min_shards: int = 1  # each set in at least this many shards (as far as it has images): one per reader
 
     @property
     def label_split(self) -> bool:
@@ -105,17 +106,25 @@ def split_labeled(listing: Listing, idx: np.ndarray, per_class: Callable[[int], 
 
 
 def plan_shards(listing: Listing, idx: np.ndarray, seed: int, max_count: int,
-                max_bytes: Optional[int], generation: int = 0) -> list[np.ndarray]:
+                max_bytes: Optional[int], generation: int = 0, min_shards: int = 1) -> list[np.ndarray]:
+    """A seeded shuffle of ``idx`` cut into shards of at most ``max_count`` inputs and ``max_bytes``
+    listed bytes; with ``min_shards``, a set too small for that many is first cut into min_shards
+    near-equal parts (20 inputs in 8: 3,3,3,3,2,2,2,2)."""
     order = _rng(seed, 3, generation).permutation(idx) if len(idx) else idx
-    shards, start, size = [], 0, 0
-    for j, i in enumerate(order):
-        s = int(listing.sizes[i])
-        if j > start and (j - start >= max_count or (max_bytes and size + s > max_bytes)):
-            shards.append(order[start:j])
-            start, size = j, 0
-        size += s
-    if len(order) > start:
-        shards.append(order[start:])
+    parts = [order]
+    if min_shards > 1 and -(-len(order) // max_count) < min_shards:
+        parts = [p for p in np.array_split(order, min(min_shards, len(order))) if len(p)]
+    shards = []
+    for part in parts:
+        start, size = 0, 0
+        for j, i in enumerate(part):
+            s = int(listing.sizes[i])
+            if j > start and (j - start >= max_count or (max_bytes and size + s > max_bytes)):
+                shards.append(part[start:j])
+                start, size = j, 0
+            size += s
+        if len(part) > start:
+            shards.append(part[start:])
     return shards
 
 
@@ -179,7 +188,7 @@ def plan_first(listing: Listing, opts: SplitOptions, verify: Callable[[list[int]
     else:
         members[opts.pool] = idx
     sets = {name: SetPlan([s.tolist() for s in plan_shards(listing, m, opts.seed, opts.max_count,
-                                                              opts.max_shard_bytes)])
+                                                              opts.max_shard_bytes, 0, opts.min_shards)])
             for name, m in members.items()}
     keys = _keys(sets)
     for name, plan in sets.items():
@@ -217,7 +226,7 @@ def plan_extension(listing: Listing, opts: SplitOptions, generation: int, offset
     sets = {}
     for name, m in members.items():
         first_shard, first_key = offsets.get(name, (0, 0))
-        shards = plan_shards(listing, m, opts.seed, opts.max_count, opts.max_shard_bytes, generation)
+        shards = plan_shards(listing, m, opts.seed, opts.max_count, opts.max_shard_bytes, generation, opts.min_shards)
         sets[name] = SetPlan([s.tolist() for s in shards], first_shard, first_key)
     keys = _keys(sets)
     for name, plan in sets.items():
