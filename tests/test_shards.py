@@ -328,3 +328,24 @@ def test_min_shards_cuts_a_small_labeled_set_into_one_shard_per_reader(tiny_data
     with pytest.raises(ValueError, match="min_shards: 8 -> None"):
         make_shards(str(tiny_data["raw"] / "train"), str(tmp_path / "s"), labels_per_class=2, max_count=100,
                     progress=False)
+
+
+def test_shards_are_webdatasets_webdataset_reads_unchanged(tiny_data):
+    """Written by webdataset's TarWriter: webdataset's own pipeline reads every sample (image, label,
+    json), and its tar stage gives the same members as distssl's reader."""
+    import io
+    import json as _json
+
+    import webdataset as wds
+
+    from distssl.data.tar import tar_members, webdataset_members
+
+    shard = sorted(Path(tiny_data["labeled"]).glob("shard-*.tar"))[0]
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+    stats = _json.loads(shard.with_name(shard.name.replace(".tar", ".stats.json")).read_text())
+    assert [s["__key__"] for s in samples] == [k for k, _ in stats["samples"]]
+    for s in samples:
+        assert set(s) >= {"__key__", "png", "cls", "json"}
+        assert int(s["cls"]) == _json.loads(s["json"])["label"]
+    data = shard.read_bytes()
+    assert list(webdataset_members(io.BytesIO(data))) == list(tar_members(io.BytesIO(data)))

@@ -67,3 +67,13 @@ def tar_members(f) -> Iterator[tuple[str, bytes]]:
                     name = f"{prefix}/{name}"
         long_name = None
         yield name, data
+
+
+def webdataset_members(f) -> Iterator[tuple[str, bytes]]:
+    """The same (name, data) pairs through webdataset's own tar stage (``tar_file_iterator``, Python's
+    tarfile underneath). Not the default: tools/bench/stream.py measures what it costs per sample
+    against :func:`tar_members` (docs/benchmarks.md)."""
+    from webdataset.tariterators import tar_file_iterator
+
+    for sample in tar_file_iterator(f):
+        yield sample["fname"], sample["data"]

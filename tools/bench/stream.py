@@ -387,6 +387,21 @@ def main(argv=None) -> int:
         gpu = {f"gpu_feed_img_s_{k}": statistics.median(v) for k, v in feed.items()}
         print(f"to {torch.cuda.get_device_name()}, median of 3: DataLoader + pin thread "
               f"{gpu['gpu_feed_img_s_dataloader']:.0f} img/s, ring + pinned copy-out {gpu['gpu_feed_img_s_ring']:.0f}")
+    # the tar stage: distssl's lean reader against webdataset's tar_file_iterator beneath the same
+    # stream (shard mixing, shuffle, decode, views), CPU per sample in alternating rounds
+    import distssl.data.streams as streams
+    from distssl.data.tar import tar_members, webdataset_members
+
+    per_reader = {"lean": [], "webdataset": []}
+    for _ in range(3 if a.quick else 5):
+        for name, members in (("lean", tar_members), ("webdataset", webdataset_members)):
+            streams.tar_members = members
+            per_reader[name].append(cpu_ms_per_sample(str(tmp / "shards"), unlabeled_item(views), a.batch,
+                                                      max(4, batches // 2), 4))
+    streams.tar_members = tar_members
+    lean_ms, wds_ms = (statistics.median(per_reader[k]) for k in ("lean", "webdataset"))
+    print(f"tar stage beneath the stream, CPU ms per sample (median): distssl's reader {lean_ms:.3f}, "
+          f"webdataset's tar_file_iterator {wds_ms:.3f} ({100 * (wds_ms / lean_ms - 1):+.1f}% of the stream)")
     # where the loader's own time goes: handing one batch from a worker to the trainer
     n_hand = 150 if a.quick else 400
     std_w, std_m = handover_ms(a.batch, a.image_size, False, n_hand)
@@ -416,6 +431,7 @@ def main(argv=None) -> int:
     print(f"img/s: means over {rounds} rounds; ratios: medians of the per-round ratios")
     result(stream_img_s=stream, limit_img_s=limit, stream_vs_limit=vs_limit, imagefolder_img_s=folder,
            stream_vs_imagefolder=vs_folder, handover_ms_dataloader=std_w + std_m, handover_ms_ring=ring_w + ring_m,
+           tar_ms_lean=lean_ms, tar_ms_webdataset=wds_ms, webdataset_tar_cost=wds_ms / lean_ms - 1,
            **extra, **gpu)
     return 0
 
