@@ -185,6 +185,10 @@ class DataConfig:
     # when set, the bundled MNIST-5k demo shards are built here if missing, and only when data.labeled /
     # unlabeled / eval are the demo's sets under it
     demo_root: Optional[str] = None
+    # remote shards (s3://, gs://, az://...) read once are kept here, on each node's local disk, shared by its
+    # ranks and loader workers, least recently used ones deleted past cache_limit_gb; null = no cache
+    cache_dir: Optional[str] = None
+    cache_limit_gb: float = 100.0
     # when the sets name their classes differently: "strict" refuses, "by_name" accepts the same names
     # in another order (labels remapped to the labeled set's order), "by_index" trusts the label numbers
     class_match: Literal["strict", "by_name", "by_index"] = "strict"
@@ -231,7 +235,7 @@ RESUMABLE_CHANGES = {
     "train.steps", "train.eval_every", "train.ckpt_every", "train.keep_checkpoints",
     "train.eval_batch_size", "run.log_every", "train.max_bad_fraction", "data.demo_root",
     "deepspeed.timeout_minutes", "run.out_dir", "run.trace_shards", "run.preempt_signals",
-    "run.loggers",
+    "run.loggers", "data.cache_dir", "data.cache_limit_gb",
     "train.num_workers",  # a resume with other loader readers continues the data exactly (data/position.py)
 }
 
@@ -395,6 +399,7 @@ def validate(cfg: Config) -> None:
     _check(t.num_workers >= 0, "train.num_workers", t.num_workers, ">= 0")
     _check(0.0 <= t.max_bad_fraction <= 1.0, "train.max_bad_fraction", t.max_bad_fraction, "0..1")
     _check(cfg.run.log_every >= 1, "run.log_every", cfg.run.log_every, ">= 1")
+    _check(d.cache_limit_gb > 0, "data.cache_limit_gb", d.cache_limit_gb, "> 0 (GB of local disk for cached shards)")
     for name in cfg.run.loggers:
         _check(name in ("tensorboard", "mlflow", "wandb"), "run.loggers", name, "tensorboard, mlflow or wandb")
     for name in cfg.run.preempt_signals:

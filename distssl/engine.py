@@ -33,6 +33,7 @@ from distssl import export as outputs
 from distssl import ssl as algorithms
 from distssl.config import Config, ConfigError, dump_yaml, resume_conflicts, to_dict
 from distssl.data import device_augment
+from distssl.data.cache import cache_for
 from distssl.data.index import ShardSet, resolve
 from distssl.data.samples import eval_item, labeled_item, unlabeled_item, unlabeled_plan_item
 from distssl.data.streams import DataError, EvalStream, StreamPlan, TrainStream, loader
@@ -75,6 +76,9 @@ class Trainer:
 
         self.labeled, self.unlabeled, self.evalset = (resolve(cfg.data.labeled), resolve(cfg.data.unlabeled),
                                                       resolve(cfg.data.eval))
+        shard_cache = cache_for(cfg.data.cache_dir, cfg.data.cache_limit_gb)  # one per process, one folder per node
+        for shards in (self.labeled, self.unlabeled, self.evalset):
+            shards.cache = shard_cache
         # labels of sets that name their classes in another order, in the labeled set's order
         self.label_maps = preflight.check_classes(cfg) or {}
 

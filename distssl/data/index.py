@@ -37,6 +37,25 @@ class ShardSet:
     source_specs: list[str] = field(default_factory=list)
     source_starts: list[int] = field(default_factory=list)
     weights: Optional[list[float]] = None
+    sizes: Optional[list[int]] = None  # bytes per shard, when the index is known (the cache checks copies by it)
+    cache: Optional[Any] = None  # a data.cache.ShardCache for remote shards (data.cache_dir), else None
+
+    def open(self, shard: int):
+        """Shard ``shard`` for sequential reading: through the local cache when there is one and the
+        shard is remote, else from its store."""
+        url = self.urls[shard]
+        if self.cache is not None and not store.is_local(store.filesystem(url)[0]):
+            return self.cache.open(url, self.sizes[shard] if self.sizes is not None else None)
+        return store.open_stream(url)
+
+    def drop_copy(self, shard: int) -> bool:
+        """A damaged read of shard ``shard``: when it came from the local cache, drop the copy (this process
+        then reads the store) and say so; False when the store itself served it."""
+        url = self.urls[shard]
+        if self.cache is None or store.is_local(store.filesystem(url)[0]) or url in self.cache.bypassed:
+            return False
+        self.cache.bypass(url)
+        return True
 
     @property
     def total(self) -> Optional[int]:
@@ -127,6 +146,7 @@ def resolve(spec: Any) -> ShardSet:
         spec=", ".join(path for path, _ in sources),
         urls=[u for p in parts for u in p.urls],
         counts=[c for p in parts for c in p.counts] if all(p.counts is not None for p in parts) else None,
+        sizes=[n for p in parts for n in p.sizes] if all(p.sizes is not None for p in parts) else None,
         num_classes=parts[0].num_classes if same_classes else None,
         class_names=names[0] if same_classes else [],
         labeled=parts[0].labeled if all(p.labeled == parts[0].labeled for p in parts) else None,
@@ -154,6 +174,7 @@ def resolve_one(spec: str) -> ShardSet:
         spec=spec,
         urls=[store.join(spec, s["name"]) for s in shards],
         counts=[int(s["count"]) for s in shards],
+        sizes=[int(s["bytes"]) for s in shards] if all("bytes" in s for s in shards) else None,
         num_classes=index.get("num_classes"),
         class_names=list(index.get("class_names", [])),
         class_histogram=list(index.get("class_histogram", [])),

@@ -30,7 +30,7 @@ import random
 import tarfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -60,9 +60,10 @@ class Raw:
 
 # --- stages --------------------------------------------------------------------------------------
 
-def tar_samples(url: str) -> Iterator[Raw]:
-    """Group consecutive tar members by key (the basename up to its first dot)."""
-    with store.open_stream(url) as f:
+def tar_samples(url: str, opener: Optional[Callable[[], Any]] = None) -> Iterator[Raw]:
+    """Group consecutive tar members by key (the basename up to its first dot). ``opener`` opens the
+    shard (e.g. through the local cache); by default its store does."""
+    with (opener() if opener is not None else store.open_stream(url)) as f:
         current: Optional[Raw] = None
         for name, data in tar_members(f):
             base = name.rsplit("/", 1)[-1]
@@ -79,13 +80,15 @@ def tar_samples(url: str) -> Iterator[Raw]:
             yield current
 
 
-def resilient_samples(url: str, attempts: int = 6, base_delay: float = 0.5) -> Iterator[Raw]:
+def resilient_samples(url: str, attempts: int = 6, base_delay: float = 0.5, opener: Optional[Callable] = None,
+                      drop_copy: Optional[Callable[[], bool]] = None) -> Iterator[Raw]:
     """``tar_samples`` that survives a flaky object store: on a read error it backs off, reopens the
-    shard and skips the samples it already yielded (a shard's raw order is fixed)."""
+    shard and skips the samples it already yielded (a shard's raw order is fixed). Damage is final,
+    unless it was in a local copy (``drop_copy()`` drops it and says so): then the store is read."""
     done, delay = 0, base_delay
     for attempt in range(attempts):
         try:
-            for i, raw in enumerate(tar_samples(url)):
+            for i, raw in enumerate(tar_samples(url, opener)):
                 if i >= done:
                     done += 1
                     raw.index = i
@@ -95,12 +98,20 @@ def resilient_samples(url: str, attempts: int = 6, base_delay: float = 0.5) -> I
             raise
         except Exception as e:  # network errors come as many types (OSError, aiohttp, botocore)
             if is_damage(e):
+                if drop_copy is not None and drop_copy():
+                    continue  # the cached copy was bad, not the shard: read the store's
                 raise  # permanent: retrying would read the same bytes
             if attempt == attempts - 1:
                 raise
             log.warning("shard %s: %s after %d samples; retrying in %.1fs", store.redact(url), e, done, delay)
             time.sleep(delay)
             delay = min(2 * delay, 30.0)
+
+
+def shard_samples(shards, shard: int) -> Iterator[Raw]:
+    """The samples of one shard of a ShardSet, through its local cache when it has one."""
+    return resilient_samples(shards.urls[shard], opener=lambda: shards.open(shard),
+                             drop_copy=lambda: shards.drop_copy(shard))
 
 
 def is_damage(e: BaseException) -> bool:
@@ -213,7 +224,7 @@ class TrainStream(IterableDataset):
         slot: a weighted source may put one shard twice into a group."""
         counts = self.shards.counts
         rng = random.Random(f"shuffle:{self.seed}:{label}:{units[0].shard}:{g}")
-        sources = {j: _without(resilient_samples(self.shards.urls[u.shard]), u.skip) for j, u in enumerate(units)}
+        sources = {j: _without(shard_samples(self.shards, u.shard), u.skip) for j, u in enumerate(units)}
         remaining = {j: unit_size(counts, u) for j, u in enumerate(units)} if counts is not None else None
         failed = lambda j, read, e: self._shard_failed(units[j].shard, read + len(units[j].skip), e)  # noqa: E731
         yield from buffer_shuffle(interleave(sources, remaining, rng, failed), self.shuffle_buffer, rng)
@@ -307,7 +318,7 @@ class EvalStream(IterableDataset):
         for s in range(n):
             if by_shard and s % G != g:
                 continue
-            for raw in resilient_samples(self.shards.urls[s]):
+            for raw in shard_samples(self.shards, s):
                 mine = by_shard or i % G == g
                 i += 1
                 if not mine:
