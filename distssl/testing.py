@@ -104,6 +104,98 @@ def local_s3(secret: str = "testing-secret") -> Iterator[str]:
         proc.wait(timeout=10)
 
 
+@contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before it listened on port {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s")
+
+
+@contextmanager
+def local_gcs(port: int | None = None) -> Iterator[str]:
+    """Start ``gcp-storage-emulator`` (PyPI) in memory on a free localhost port and point
+    STORAGE_EMULATOR_HOST (which gcsfs follows) at it. Yields the endpoint URL."""
+    exe = shutil.which("gcp-storage-emulator") or str(Path(sys.executable).parent / "gcp-storage-emulator")
+    if not Path(exe).exists():
+        raise RuntimeError("gcp-storage-emulator is not installed: pip install gcp-storage-emulator")
+    port = port or free_port()
+    proc = subprocess.Popen([exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port, proc, "gcp-storage-emulator")
+        url = f"http://127.0.0.1:{port}"
+        # gcsfs's gRPC bucket-type probe, which no emulator answers, off (distssl.data.store does the same)
+        with _env({"STORAGE_EMULATOR_HOST": url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}):
+            yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+AZURITE_ACCOUNT = "devstoreaccount1"  # Azurite's documented development account and key
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def azurite_executable() -> str:
+    """azurite-blob from PATH, else from ~/.cache/distssl/azurite, installed there with npm when missing."""
+    found = shutil.which("azurite-blob")
+    if found:
+        return found
+    prefix = Path(os.environ.get("DISTSSL_AZURITE_PREFIX", Path.home() / ".cache/distssl/azurite"))
+    exe = prefix / "node_modules/.bin/azurite-blob"
+    if not exe.exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            raise RuntimeError("Azurite needs node and npm (npm install azurite); neither azurite-blob nor npm "
+                               "is on PATH")
+        prefix.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run([npm, "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(prefix), "azurite"],
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode != 0 or not exe.exists():
+            raise RuntimeError(f"npm install azurite failed: {(r.stderr or r.stdout)[-500:]}")
+    return str(exe)
+
+
+@contextmanager
+def local_azurite(workdir: str | Path, port: int | None = None) -> Iterator[str]:
+    """Start Azurite's blob service on a free localhost port (data under ``workdir``) and point
+    AZURE_STORAGE_CONNECTION_STRING (which adlfs follows) at it. ``--skipApiVersionCheck``: the current
+    Azure SDK speaks an API version this Azurite refuses otherwise (a real account needs nothing of it).
+    Yields the connection string."""
+    exe = azurite_executable()
+    port = port or free_port()
+    proc = subprocess.Popen([exe, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(workdir),
+                             "--silent", "--skipApiVersionCheck"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port, proc, "azurite-blob")
+        conn = (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+                f"BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};")
+        with _env({"AZURE_STORAGE_CONNECTION_STRING": conn}):
+            yield conn
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 class TcpProxy:
     """A localhost TCP proxy in front of a server, which a test can take down (every connection cut,
     new ones refused) and bring back on the same port: an object store outage without losing its data."""

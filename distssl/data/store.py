@@ -1,4 +1,4 @@
-"""fsspec access to any URL (local path, file://, s3://, gs://, memory://) with atomic writes."""
+"""fsspec access to any URL (local path, file://, s3://, gs://, az://, memory://) with atomic writes."""
 from __future__ import annotations
 
 import contextlib
@@ -21,9 +21,41 @@ def redact(url: str) -> str:
     return _SECRET_IN_URL.sub(r"\1***:***@", str(url))
 
 
+def _gcs_emulator_settings(url: str) -> None:
+    """gcsfs 2026.x probes each bucket's type over gRPC at first use, which a GCS emulator does not answer
+    (60 s time-outs per call): with an emulator (STORAGE_EMULATOR_HOST) turn the probe off before gcsfs is
+    imported. A real account (no emulator variable) is left as gcsfs sets it up."""
+    if url.startswith(("gs://", "gcs://")) and os.environ.get("STORAGE_EMULATOR_HOST"):
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
 def filesystem(url: str):
     """(fs, path) for ``url``; local paths stay local."""
+    _gcs_emulator_settings(str(url))
     return url_to_fs(str(url))
+
+
+_MAKE_BUCKET = {"s3": "aws s3 mb s3://{b}", "gs": "gcloud storage buckets create gs://{b}",
+                "gcs": "gcloud storage buckets create gs://{b}", "az": "az storage container create -n {b}",
+                "abfs": "az storage container create -n {b}"}
+
+
+def check_bucket(url: str) -> None:
+    """An object-store destination whose bucket (container) does not exist is named, with how to create it,
+    instead of the store's bare 404 (``b/shards/o`` from GCS); distssl does not create buckets (project,
+    region and access are the owner's choices)."""
+    fs, path = filesystem(url)
+    if is_local(fs) or "://" not in str(url):
+        return
+    scheme, bucket = str(url).split("://", 1)[0], path.split("/", 1)[0]
+    try:
+        found = fs.exists(bucket)
+    except Exception:  # no permission to look: let the write itself say what is wrong
+        return
+    if not found:
+        how = _MAKE_BUCKET.get(scheme, "create it with your store's tools").format(b=bucket)
+        raise ValueError(f"{redact(url)}: the bucket {scheme}://{bucket} does not exist (or these credentials "
+                         f"cannot see it): create it first ({how}), or check the endpoint/credential variables")
 
 
 def join(base: str, *parts: str) -> str:
@@ -48,7 +80,8 @@ def is_local(fs) -> bool:
 @contextlib.contextmanager
 def atomic_write(url: str) -> Iterator[IO[bytes]]:
     """A reader never sees a half-written file: locally we write a temporary sibling and rename it;
-    object stores (S3, GCS, memory) publish an object only when its upload completes."""
+    object stores (S3, GCS, Azure, memory) publish an object only when its upload completes (an aborted
+    upload is discarded: S3 multipart, GCS resumable and Azure block uploads are never committed)."""
     fs, path = filesystem(url)
     if not is_local(fs):
         f = fs.open(path, "wb")
@@ -112,5 +145,5 @@ def open_stream(url: str) -> IO[bytes]:
     return retry(fs.open, path, "rb", block_size=4 * 1024 * 1024, cache_type="readahead", what=url)
 
 
-__all__ = ["redact", "filesystem", "join", "exists", "read_bytes", "atomic_write", "write_bytes",
+__all__ = ["redact", "filesystem", "check_bucket", "join", "exists", "read_bytes", "atomic_write", "write_bytes",
            "open_stream", "retry", "is_local", "fsspec"]

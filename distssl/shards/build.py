@@ -303,6 +303,7 @@ def make_shards(src: str, dst: str, opts: Optional[BuildOptions] = None, **kw) -
     """Build DST, or DST/{labeled,unlabeled[,eval]} with a label split. Returns the indexes by set."""
     opts = opts or BuildOptions(**kw)
     opts.check()
+    store.check_bucket(dst)
     listing = list_inputs(src, opts.unlabeled)
     if len(listing) == 0:
         raise ValueError(f"{store.redact(src)}: no images found")
