@@ -198,12 +198,14 @@ def local_azurite(workdir: str | Path, port: int | None = None) -> Iterator[str]
 
 class TcpProxy:
     """A localhost TCP proxy in front of a server, which a test can take down (every connection cut,
-    new ones refused) and bring back on the same port: an object store outage without losing its data."""
+    new ones refused) and bring back on the same port: an object store outage without losing its data.
+    With ``latency``, each request waits that long on its way: the round trip of a real bucket."""
 
-    def __init__(self, target_port: int):
+    def __init__(self, target_port: int, latency: float = 0.0):
         import threading
 
         self.target_port, self.port = target_port, free_port()
+        self.latency = latency  # seconds added before each request chunk is forwarded (a far-away bucket)
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._server: socket.socket | None = None
@@ -254,16 +256,18 @@ class TcpProxy:
                     upstream.close()
                     return
                 self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, delay in ((client, upstream, self.latency), (upstream, client, 0.0)):
+                threading.Thread(target=self._pump, args=(a, b, delay), daemon=True).start()
 
     @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(src: socket.socket, dst: socket.socket, delay: float = 0.0) -> None:
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if delay:
+                    time.sleep(delay)
                 dst.sendall(data)
         except OSError:
             pass

@@ -23,11 +23,15 @@ path at 224 px, for comparison). Ends with RESULT cores_per_gpu=<the recipe's sh
 cores_per_gpu_<option>=...
 
 Also: the CPU cost of handing one batch from a worker to the trainer, torch's DataLoader hand-over
-against distssl's shared-memory ring (distssl/data/ring.py).
+against distssl's shared-memory ring (distssl/data/ring.py); the CPU per sample of the stream with
+webdataset's tar stage in place of distssl's reader; with --s3, a data.cache_dir's first epoch
+(fetching from the bucket through a proxy adding --latency-ms per request) against its second (local).
 
 Ends with: RESULT stream_img_s=... limit_img_s=... stream_vs_limit=... imagefolder_img_s=...
-stream_vs_imagefolder=... handover_ms_dataloader=... handover_ms_ring=...
-[s3_stream_img_s=... s3_imagefolder_img_s=... s3_stream_vs_imagefolder=...]
+stream_vs_imagefolder=... handover_ms_dataloader=... handover_ms_ring=... tar_ms_lean=...
+tar_ms_webdataset=... webdataset_tar_cost=...
+[s3_stream_img_s=... s3_imagefolder_img_s=... s3_stream_vs_imagefolder=... cache_epoch1_img_s=...
+cache_epoch2_img_s=... cache_epoch2_vs_epoch1=...]
 [gpu_feed_img_s_dataloader=... gpu_feed_img_s_ring=...: with CUDA, batches copied to the GPU from pinned memory]
 """
 import argparse
@@ -300,6 +304,44 @@ def imagenet(a) -> int:
     return 0
 
 
+def cached_epochs(endpoint: str, spec: str, cache_dir: Path, views, a) -> tuple[float, float]:
+    """img/s of a stream's first epoch (shards fetched from the store into data.cache_dir) and of its
+    second (read from the cache), through a proxy that adds --latency-ms to every request."""
+    import s3fs
+
+    from distssl.data.cache import ShardCache
+    from distssl.data.index import resolve
+    from distssl.data.samples import unlabeled_item
+    from distssl.data.streams import TrainStream, loader
+    from distssl.testing import TcpProxy
+
+    proxy = TcpProxy(int(endpoint.rsplit(":", 1)[1]), latency=a.latency_ms / 1000)
+    saved = os.environ["AWS_ENDPOINT_URL"]
+    os.environ["AWS_ENDPOINT_URL"] = proxy.url
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        shards = resolve(spec)
+        shards.cache = ShardCache(str(cache_dir), limit_gb=10)
+        per_epoch = sum(shards.counts) // a.batch
+        ds = TrainStream(shards, rank=0, world_size=1, batch_size=a.batch, seed=0, shuffle_buffer=256,
+                         make_item=unlabeled_item(views))
+        batches = iter(loader(ds, a.workers))
+        rates = []
+        for _ in range(2):
+            t = time.perf_counter()
+            for _ in range(per_epoch):
+                next(batches)
+            rates.append(per_epoch * a.batch / (time.perf_counter() - t))
+        del batches
+        print(f"data.cache_dir over s3:// with {a.latency_ms:g} ms per request: epoch 1 {rates[0]:.0f} img/s "
+              f"(fetching), epoch 2 {rates[1]:.0f} img/s (cached): {rates[1] / rates[0]:.2f}x", flush=True)
+        return rates[0], rates[1]
+    finally:
+        proxy.down()
+        os.environ["AWS_ENDPOINT_URL"] = saved
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small run (under a minute)")
@@ -319,7 +361,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64, help="unlabeled batch per step (default 64)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="loader workers (default: cores)")
     p.add_argument("--rounds", type=int, help="(limit, stream, ImageFolder) rounds (default 8, 5 with --quick)")
-    p.add_argument("--s3", action="store_true", help="also stream from a local S3 server (moto)")
+    p.add_argument("--s3", action="store_true", help="also stream from a local S3 server (moto), and measure a "
+                                                     "data.cache_dir's second epoch against its first")
+    p.add_argument("--latency-ms", type=float, default=40.0,
+                   help="--s3: latency a TCP proxy adds to each request for the cache epochs (default 40 ms, a "
+                        "bucket in another region; the same region is ~10-20)")
     a = p.parse_args(argv)
     if a.imagenet:
         return imagenet(a)
@@ -414,17 +460,23 @@ def main(argv=None) -> int:
             ("ImageFolder + DataLoader, local", f"{folder:.0f}", f"{folder_vs_limit:.2f}", "1.00")]
     extra = {}
     if a.s3:
-        with s3_server():
+        with s3_server() as endpoint:
             upload_folder(tmp / "shards", "bench", "shards/")
             upload_folder(tmp / "raw", "bench", "raw/")
             s3_stream = stream_rate("s3://bench/shards")
             urls = [f"s3://bench/raw/{p.relative_to(tmp / 'raw')}" for p in paths]
             s3_folder = folder_rate(S3Objects(urls, TwoViews(views)))
+            cold, warm = cached_epochs(endpoint, "s3://bench/shards", tmp / "cache", views, a)
         rows += [("distssl stream, s3:// shards", f"{s3_stream:.0f}", f"{s3_stream / limit:.2f}",
                   f"{s3_stream / s3_folder:.2f} (vs S3 objects)"),
                  ("one GET per image, s3://", f"{s3_folder:.0f}", f"{s3_folder / limit:.2f}", "1.00")]
+        rows += [(f"s3:// + {a.latency_ms:g} ms/request, data.cache_dir: epoch 1 (fetching)", f"{cold:.0f}",
+                  f"{cold / limit:.2f}", ""),
+                 (f"s3:// + {a.latency_ms:g} ms/request, data.cache_dir: epoch 2 (cached)", f"{warm:.0f}",
+                  f"{warm / limit:.2f}", f"{warm / cold:.2f} (vs epoch 1)")]
         extra = {"s3_stream_img_s": s3_stream, "s3_imagefolder_img_s": s3_folder,
-                 "s3_stream_vs_imagefolder": s3_stream / s3_folder}
+                 "s3_stream_vs_imagefolder": s3_stream / s3_folder, "cache_epoch1_img_s": cold,
+                 "cache_epoch2_img_s": warm, "cache_epoch2_vs_epoch1": warm / cold}
     print(f"machine: {machine()}; {count} JPEGs {a.size}px -> {a.image_size}px, weak + strong views, "
           f"batch {a.batch}, {a.workers} loader workers")
     table(rows, ("what", "img/s", "vs limit", "vs ImageFolder"))
