@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -73,38 +72,6 @@ def upload_folder(local: str | Path, url: str) -> int:
 
 
 @contextmanager
-def local_s3(secret: str = "testing-secret") -> Iterator[str]:
-    """Start ``moto_server`` on a free localhost port and point the AWS_* variables (which boto3 and
-    s3fs follow) at it; restore them and stop the server on exit. Yields the endpoint URL."""
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    url = f"http://127.0.0.1:{free_port()}"
-    proc = subprocess.Popen([exe, "-p", url.rsplit(":", 1)[1]], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": secret,
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url, timeout=1)
-                break
-            except Exception:
-                time.sleep(0.1)
-        else:
-            raise RuntimeError(f"moto_server did not start on {url} (is moto[server] installed?)")
-        os.environ.update(env)
-        yield url
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-@contextmanager
 def _env(values: dict[str, str]) -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
@@ -118,37 +85,60 @@ def _env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode} before it listened on port {port}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s")
+@contextmanager
+def _serving(cmd: list[str], port: int, what: str, env: dict[str, str], timeout: float = 30.0) -> Iterator[None]:
+    """Run a local server until it listens on ``port``; set ``env`` while it runs; stop it on exit."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with code {proc.returncode} before it listened on port {port}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.time() > deadline:
+                raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s")
+            time.sleep(0.1)
+        with _env(env):
+            yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _installed(name: str, hint: str) -> str:
+    exe = shutil.which(name) or str(Path(sys.executable).parent / name)
+    if not Path(exe).exists():
+        raise RuntimeError(f"{name} is not installed: {hint}")
+    return exe
+
+
+@contextmanager
+def local_s3(secret: str = "testing-secret") -> Iterator[str]:
+    """Start ``moto_server`` on a free localhost port and point the AWS_* variables (which boto3 and
+    s3fs follow) at it; restore them and stop the server on exit. Yields the endpoint URL."""
+    exe = _installed("moto_server", 'pip install "moto[server]"')
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": secret,
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    with _serving([exe, "-p", str(port)], port, "moto_server", env):
+        yield url
 
 
 @contextmanager
 def local_gcs(port: int | None = None) -> Iterator[str]:
     """Start ``gcp-storage-emulator`` (PyPI) in memory on a free localhost port and point
     STORAGE_EMULATOR_HOST (which gcsfs follows) at it. Yields the endpoint URL."""
-    exe = shutil.which("gcp-storage-emulator") or str(Path(sys.executable).parent / "gcp-storage-emulator")
-    if not Path(exe).exists():
-        raise RuntimeError("gcp-storage-emulator is not installed: pip install gcp-storage-emulator")
+    exe = _installed("gcp-storage-emulator", "pip install gcp-storage-emulator")
     port = port or free_port()
-    proc = subprocess.Popen([exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for_port(port, proc, "gcp-storage-emulator")
-        url = f"http://127.0.0.1:{port}"
-        # gcsfs's gRPC bucket-type probe, which no emulator answers, off (distssl.data.store does the same)
-        with _env({"STORAGE_EMULATOR_HOST": url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}):
-            yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    url = f"http://127.0.0.1:{port}"
+    # gcsfs's gRPC bucket-type probe, which no emulator answers, off (distssl.data.store does the same)
+    env = {"STORAGE_EMULATOR_HOST": url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    with _serving([exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"], port,
+                  "gcp-storage-emulator", env):
+        yield url
 
 
 AZURITE_ACCOUNT = "devstoreaccount1"  # Azurite's documented development account and key
@@ -183,17 +173,11 @@ def local_azurite(workdir: str | Path, port: int | None = None) -> Iterator[str]
     Yields the connection string."""
     exe = azurite_executable()
     port = port or free_port()
-    proc = subprocess.Popen([exe, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(workdir),
-                             "--silent", "--skipApiVersionCheck"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for_port(port, proc, "azurite-blob")
-        conn = (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
-                f"BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};")
-        with _env({"AZURE_STORAGE_CONNECTION_STRING": conn}):
-            yield conn
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    conn = (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};")
+    with _serving([exe, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(workdir), "--silent",
+                   "--skipApiVersionCheck"], port, "azurite-blob", {"AZURE_STORAGE_CONNECTION_STRING": conn}):
+        yield conn
 
 
 class TcpProxy:

@@ -18,6 +18,35 @@ def export_digits(dst: Path, n_train: int, n_eval: int, seed: int = 0) -> None:
     export_mnist5k(dst, seed=seed, eval_count=n_eval, total=n_train + n_eval)
 
 
+def export_digits_with_bad_files(dst: Path, n_train: int, n_eval: int, seed: int) -> Path:
+    """export_digits plus three inputs a build must skip and count: truncated, empty, not an image."""
+    export_digits(dst, n_train=n_train, n_eval=n_eval, seed=seed)
+    one = next((dst / "train/4").iterdir())
+    (dst / "train/4/bad_truncated.png").write_bytes(one.read_bytes()[:50])
+    (dst / "train/4/bad_empty.png").write_bytes(b"")
+    (dst / "train/9/bad_text.png").write_bytes(b"<html>not an image</html>")
+    return dst
+
+
+def stream_batches(url: str, n: int, outage=None) -> list[tuple]:
+    """The first ``n`` batches of a 28-px two-view stream over the shard set at ``url``, each as (cursor,
+    weak sum, strong sum, labels); ``outage()`` is called after the 4th."""
+    from distssl.data.index import resolve
+    from distssl.data.samples import unlabeled_item
+    from distssl.data.streams import TrainStream
+    from distssl.data.transforms import Views
+
+    stream = TrainStream(resolve(url), rank=0, world_size=1, batch_size=20, seed=0, shuffle_buffer=8,
+                         make_item=unlabeled_item(Views(28, False, 0.125, 2, 0.5)))
+    out = []
+    for i, b in enumerate(stream):
+        out.append((b["cursor"], int(b["weak"].sum()), int(b["strong"].sum()), b["y_true"].tolist()))
+        if outage is not None and i == 3:
+            outage()
+        if len(out) == n:
+            return out
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict:
     """600 train digits (2 labels per class) and 97 eval digits (a prime), in shards of 50."""

@@ -16,7 +16,7 @@ import warnings
 import fsspec
 import pytest
 
-from conftest import ROOT, export_digits, run_train, tiny_overrides
+from conftest import ROOT, export_digits_with_bad_files, run_train, stream_batches, tiny_overrides
 from distssl.testing import TcpProxy, local_azurite, local_gcs, upload_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.clouds]
@@ -48,13 +48,7 @@ def azure(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory):
-    local = tmp_path_factory.mktemp("raw")
-    export_digits(local, n_train=200, n_eval=40, seed=3)
-    one = next((local / "train/4").iterdir())
-    (local / "train/4/bad_truncated.png").write_bytes(one.read_bytes()[:50])
-    (local / "train/4/bad_empty.png").write_bytes(b"")
-    (local / "train/9/bad_text.png").write_bytes(b"<html>not an image</html>")
-    return local
+    return export_digits_with_bad_files(tmp_path_factory.mktemp("raw"), n_train=200, n_eval=40, seed=3)
 
 
 def _fs(url: str):
@@ -108,26 +102,9 @@ def test_bucket_to_shards_rerun_unchanged_and_a_two_rank_run_streams_it_through_
     assert not list(cache.glob("*.tmp-*"))
 
 
-def _batches(url: str, n: int, outage=None):
-    from distssl.data.index import resolve
-    from distssl.data.samples import unlabeled_item
-    from distssl.data.streams import TrainStream
-    from distssl.data.transforms import Views
-
-    stream = TrainStream(resolve(url), rank=0, world_size=1, batch_size=20, seed=0, shuffle_buffer=8,
-                         make_item=unlabeled_item(Views(28, False, 0.125, 2, 0.5)))
-    out = []
-    for i, b in enumerate(stream):
-        out.append((b["cursor"], int(b["weak"].sum()), int(b["strong"].sum()), b["y_true"].tolist()))
-        if outage is not None and i == 3:
-            outage()
-        if len(out) == n:
-            return out
-
-
 def test_gcs_streaming_survives_an_outage_and_yields_the_same_batches(gcs, tiny_data, monkeypatch, caplog):
     upload_folder(tiny_data["unlabeled"], "gs://outage/unlabeled")
-    reference = _batches("gs://outage/unlabeled", 40)
+    reference = stream_batches("gs://outage/unlabeled", 40)
     proxy = TcpProxy(int(gcs.rsplit(":", 1)[1]))
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
     import gcsfs
@@ -140,7 +117,7 @@ def test_gcs_streaming_survives_an_outage_and_yields_the_same_batches(gcs, tiny_
     t0 = time.time()
     try:
         with caplog.at_level(logging.WARNING):
-            interrupted = _batches("gs://outage/unlabeled", 40, outage=outage)
+            interrupted = stream_batches("gs://outage/unlabeled", 40, outage=outage)
     finally:
         proxy.down()
         gcsfs.GCSFileSystem.clear_instance_cache()

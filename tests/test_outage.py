@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, s3fs_fresh
+from conftest import ROOT, s3fs_fresh, stream_batches
 from distssl.testing import TcpProxy, upload_folder
 
 
@@ -28,30 +28,13 @@ def proxy(s3_server, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def _batches(n, caplog=None, outage=None):
-    from distssl.data.index import resolve
-    from distssl.data.samples import unlabeled_item
-    from distssl.data.streams import TrainStream
-    from distssl.data.transforms import Views
-
-    views = Views(28, False, 0.125, 2, 0.5)
-    stream = TrainStream(resolve("s3://outage/unlabeled"), rank=0, world_size=1, batch_size=20, seed=0,
-                         shuffle_buffer=8, make_item=unlabeled_item(views))
-    out = []
-    for i, b in enumerate(stream):
-        out.append((b["cursor"], int(b["weak"].sum()), int(b["strong"].sum()), b["y_true"].tolist()))
-        if outage is not None and i == 3:
-            outage()
-        if len(out) == n:
-            return out
-
-
 @pytest.mark.slow
 @pytest.mark.s3
 def test_streaming_survives_an_outage_and_yields_the_same_batches(tiny_data, s3_server, proxy, caplog):
     upload_folder(tiny_data["unlabeled"], "s3://outage/unlabeled")
     t0 = time.time()
-    reference = _batches(60)  # 1,200 samples: every one of the 12 shards opened, then a second epoch
+    # 1,200 samples: every one of the 12 shards opened, then a second epoch
+    reference = stream_batches("s3://outage/unlabeled", 60)
     undisturbed = time.time() - t0
 
     def outage():  # 6 s of refused connections: longer than s3fs's own retries, so ours must act
@@ -60,7 +43,7 @@ def test_streaming_survives_an_outage_and_yields_the_same_batches(tiny_data, s3_
 
     t0 = time.time()
     with caplog.at_level(logging.WARNING):
-        interrupted = _batches(60, outage=outage)
+        interrupted = stream_batches("s3://outage/unlabeled", 60, outage=outage)
     took = time.time() - t0
     assert interrupted == reference  # nothing lost, nothing repeated, same order and augmentations
     # the outage was met and waited out (by s3fs's retries or ours: "retrying" in the log), not skipped

@@ -7,19 +7,14 @@ from collections import Counter
 
 import pytest
 
-from conftest import ROOT, export_digits, run_train, s3fs_fresh, tiny_overrides
+from conftest import ROOT, export_digits_with_bad_files, run_train, s3fs_fresh, tiny_overrides
 from distssl.testing import upload_folder
 
 
 @pytest.fixture(scope="module")
 def raw_bucket(s3_server, tmp_path_factory):
 
-    local = tmp_path_factory.mktemp("raw")
-    export_digits(local, n_train=300, n_eval=60, seed=1)
-    one = next((local / "train/4").iterdir())
-    (local / "train/4/bad_truncated.png").write_bytes(one.read_bytes()[:50])
-    (local / "train/4/bad_empty.png").write_bytes(b"")
-    (local / "train/9/bad_text.png").write_bytes(b"<html>not an image</html>")
+    local = export_digits_with_bad_files(tmp_path_factory.mktemp("raw"), n_train=300, n_eval=60, seed=1)
     upload_folder(local, "s3://raw")
     return local
 
