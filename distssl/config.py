@@ -128,7 +128,7 @@ PER_TENSOR_OPTIMIZERS = ("lamb", "lars", "larc", "novograd", "adafactor", "kron"
 class DeepSpeedConfig:
     zero_stage: int = 2
     template: Optional[str] = None  # JSON template; null or empty = configs/deepspeed/zero{zero_stage}.json
-    timeout_minutes: int = 10  # collective timeout: a dead peer fails the run this fast
+    timeout_minutes: float = 10  # collective timeout: a dead peer fails the run this fast (0.5 = 30 s)
 
 
 class DataSpec:
@@ -389,7 +389,8 @@ def validate(cfg: Config) -> None:
                           "steps the optimizer on flat partitions that mix tensors (measured: tests/"
                           "test_optimizers.py). Use deepspeed.zero_stage=0, or an element-wise optimizer "
                           "(sgd, adamw, lion, ...)")
-    _check(cfg.deepspeed.timeout_minutes >= 1, "deepspeed.timeout_minutes", cfg.deepspeed.timeout_minutes, ">= 1")
+    _check(cfg.deepspeed.timeout_minutes > 0, "deepspeed.timeout_minutes", cfg.deepspeed.timeout_minutes,
+           "> 0 (minutes; fractions allowed)")
     _check(t.steps >= 1, "train.steps", t.steps, ">= 1")
     _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
     _check(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, ">= 1")

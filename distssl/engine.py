@@ -1,7 +1,7 @@
 """The training loop: DeepSpeed ZeRO around a timm backbone; each step forwards the views and hands
 the logits to the SSL algorithm (distssl.ssl), then backward/step; eval, save/resume. The process
 group and peer watch (distssl.peers), the optimizer and DeepSpeed config (distssl.optim), data checks
-(distssl.preflight) and the world-size-independent state (distssl.elastic) live in their own modules.
+(distssl.preflight), checkpoints and resuming (distssl.run_state, distssl.elastic) live in their own modules.
 
 One step = one labeled batch of B (global) and an unlabeled batch of mu*B, each split evenly across
 ranks. By default (ssl.weak_forward=shared_bn) labeled + strong go through one forward with
@@ -28,8 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distssl import checkpoint as ckpt
-from distssl import elastic, preflight
 from distssl import export as outputs
+from distssl import preflight, run_state
 from distssl import ssl as algorithms
 from distssl.config import Config, ConfigError, dump_yaml, resume_conflicts, to_dict
 from distssl.data import device_augment
@@ -297,92 +297,12 @@ class Trainer:
             return None
         return {k: summary[k] for k in ("top1", "top5", "eval_images", "eval_skipped") if k in summary}
 
-    # -- checkpoints --
-    def rank_state(self) -> dict:
-        return {"step": self.step, "ema": self.ema.state_dict(), "da": self.da.state_dict(),
-                "algorithm": self.algorithm.state_dict(),
-                "cursors": {k: {str(w): c for w, c in v.items()} for k, v in self.cursors.items()},
-                "plans": {k: p.to_json() for k, p in self.plans.items()}, "readers": self.readers,
-                "torch_rng": torch.get_rng_state(),
-                "skipped_total": self.skipped_total, "world_size": self.world}
-
+    # -- checkpoints (distssl.run_state) --
     def save(self) -> None:
-        tmp_tag = f"tmp_{ckpt.tag_for(self.step)}"
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tmp_tag, save_latest=False)
-        ckpt.save_rank_state(ckpt.rank_state_path(self.ckpt_dir, tmp_tag, self.rank), self.rank_state())
-        # the same state gathered whole, for a resume on another number of ranks (distssl/elastic.py)
-        elastic.save(self.ckpt_dir / tmp_tag / elastic.ELASTIC_NAME,
-                     elastic.gather(self.engine, self.ema, self.scheduler, self.step))
-        dist.barrier()
-        if self.rank == 0:
-            ckpt.finalize(self.ckpt_dir, tmp_tag, self.step,
-                          {"world_size": self.world, "readers": self.readers,
-                           "zero_stage": self.cfg.deepspeed.zero_stage},
-                          self.cfg.train.keep_checkpoints)
-        dist.barrier()
+        run_state.save(self)
 
     def resume(self) -> Optional[int]:
-        found = ckpt.latest(self.ckpt_dir)
-        if found is None:
-            return None
-        step, tag, info = found
-        old_world = int(info.get("world_size", self.world))
-        old_readers = int(info.get("readers", old_world * max(1, self.cfg.train.num_workers)))
-        if old_world != self.world or old_readers != self.readers:
-            return self._resume_elastic(tag, old_world, old_readers)
-        self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_optimizer_states=True,
-                                    load_lr_scheduler_states=True)
-        state = ckpt.load_rank_state(ckpt.rank_state_path(self.ckpt_dir, tag, self.rank))
-        self.step = int(state["step"])
-        self.ema.load_state_dict(state["ema"])
-        self._load_algorithm(state)
-        self.cursors = {k: {int(w): int(c) for w, c in v.items()} for k, v in state["cursors"].items()}
-        self.plans = {k: StreamPlan.from_json(state.get("plans", {}).get(k)) for k in self.plans}
-        torch.set_rng_state(state["torch_rng"])
-        self.skipped_total = int(state.get("skipped_total", 0))
-        return step
-
-    def _load_algorithm(self, state: dict) -> None:
-        self.da.load_state_dict(state["da"])
-        if "algorithm" in state:  # checkpoints before the algorithm seam hold DA alone
-            try:
-                self.algorithm.load_state_dict(state["algorithm"])
-            except ValueError as e:
-                raise ConfigError(f"ssl.algorithm: {e}: resume with the same algorithm") from None
-
-    def _resume_elastic(self, tag: str, old_world: int, old_readers: int) -> int:
-        """Resume what ``old_world`` ranks (``old_readers`` loader readers per stream) saved on this
-        launch's: weights, momentum, EMA, DA and the lr schedule exactly (elastic.pt), and each
-        stream's position as a plan that reads the rest of the interrupted epoch once."""
-        where = self.ckpt_dir / tag
-        if not (where / elastic.ELASTIC_NAME).exists():
-            raise ConfigError(f"{where} was saved by {old_world} ranks x {old_readers // old_world} loader readers "
-                              f"without the world-size-independent state ({elastic.ELASTIC_NAME}) that newer "
-                              f"checkpoints hold: resume it with the same ranks and train.num_workers")
-        state = elastic.load(where / elastic.ELASTIC_NAME)
-        elastic.restore(self.engine, self.ema, self.scheduler, state)
-        old = [ckpt.load_rank_state(ckpt.rank_state_path(self.ckpt_dir, tag, r)) for r in range(old_world)]
-        self.step = int(state["step"])
-        self._load_algorithm(old[0])
-        self.skipped_total = int(old[0].get("skipped_total", 0))
-        for which, shards in (("labeled", self.labeled), ("unlabeled", self.unlabeled)):
-            cursors = {int(w): int(c) for st in old for w, c in st["cursors"].get(which, {}).items()}
-            plan = StreamPlan.from_json(old[0].get("plans", {}).get(which))
-            try:
-                self.plans[which] = self._stream(which, shards, 1, None, plan).replan(cursors, old_readers)
-            except ValueError as e:
-                raise ConfigError(f"data.{which}: {e}") from None
-        self.cursors = {"labeled": {}, "unlabeled": {}}
-        self.engine.global_steps = self.step
-        self.engine.global_samples = self.step * self.cfg.train.batch_size
-        # dropout / drop-path masks after this point differ from an uninterrupted run; views do not
-        torch.manual_seed(self.cfg.run.seed * 1_000_003 + self.step * 131 + self.rank)
-        if self.rank == 0:
-            log.warning("resumed %s on %d ranks x %d loader readers (saved by %d x %d): weights, momentum, EMA, "
-                        "DA and the lr schedule exactly; the data from where every reader stopped, the rest of the "
-                        "interrupted epoch read once", where, self.world, self.readers // self.world, old_world,
-                        old_readers // old_world)
-        return self.step
+        return run_state.resume(self)
 
     # -- the loop --
     def fit(self) -> dict:

@@ -30,7 +30,7 @@ def use_cuda() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
 
 
-def init_distributed(timeout_minutes: int) -> tuple[int, int, int]:
+def init_distributed(timeout_minutes: float) -> tuple[int, int, int]:
     """(rank, world size, local rank); a plain ``python launch/train.py`` is a world of one."""
     if "RANK" not in os.environ and not dist.is_initialized():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",

@@ -254,7 +254,7 @@ def _fit(sweep: Sweep, sweep_dir: str, use_gpu: bool) -> dict:
                                      resources_per_worker={"CPU": t.cpus_per_worker,
                                                            **({"GPU": t.gpus_per_worker} if use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
-                                 timeout_s=60 * sweep.base.deepspeed.timeout_minutes),
+                                 timeout_s=int(60 * sweep.base.deepspeed.timeout_minutes)),
     )
     # The base config goes by object reference: Ray prints every trial's whole config when it starts
     # and copies it into each trial's params, so by value the console showed ~60 base keys beside the

@@ -92,9 +92,22 @@ def s3fs_fresh():
 
 @pytest.fixture(autouse=True)
 def _fast_tier_starts_no_process(request, monkeypatch):
-    """The fast tier (-m "not slow") stays fast: a test that starts a process must be marked slow."""
-    if request.node.get_closest_marker("slow") is None:
-        def refuse(*args, **kwargs):
+    """The fast tier (-m "not slow") stays fast: a test that starts a process (itself, or through
+    distssl) must be marked slow. A library's own calls (a version probe at import) pass through."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    real_popen_init = subprocess.Popen.__init__
+
+    def guarded(self, *args, **kwargs):
+        import sys as _sys
+
+        frame = _sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename == subprocess.__file__:
+            frame = frame.f_back  # past subprocess.run / check_output to whoever asked
+        where = frame.f_code.co_filename if frame is not None else ""
+        if where.startswith(str(ROOT)) and f"{os.sep}.venv{os.sep}" not in where:
             raise AssertionError(f"{request.node.nodeid} starts a process ({args[0] if args else ''}): "
                                  "mark it @pytest.mark.slow")
-        monkeypatch.setattr(subprocess, "Popen", refuse)
+        real_popen_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)

@@ -27,10 +27,11 @@ def _train_steps(out: Path) -> list[int]:
 # and both kinds of optimizer state: SGD's momentum, AdamW's two moments and its step count
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("zero,before,after,optimizer,state_keys", [
-    (2, 2, 1, "sgd", {"momentum_buffer"}), (3, 1, 2, "adamw", {"exp_avg", "exp_avg_sq"})])
+# (training on after the resume is shown once: it costs ~15 s a case)
+@pytest.mark.parametrize("zero,before,after,optimizer,state_keys,train_on", [
+    (2, 2, 1, "sgd", {"momentum_buffer"}, True), (3, 1, 2, "adamw", {"exp_avg", "exp_avg_sq"}, False)])
 def test_a_run_saved_on_n_ranks_resumes_on_m_with_its_state_exact(tiny_data, tmp_path, zero, before, after,
-                                                                  optimizer, state_keys):
+                                                                  optimizer, state_keys, train_on):
     out = tmp_path / "run"
     args = tiny_overrides(tiny_data, out, **{"train.steps": 6, "train.ckpt_every": 6, "train.eval_every": 6,
                                              "deepspeed.zero_stage": zero, "train.num_workers": 1,
@@ -40,6 +41,8 @@ def test_a_run_saved_on_n_ranks_resumes_on_m_with_its_state_exact(tiny_data, tmp
     state = _check(args, after, tmp_path / "check.json")
     assert state["exact"] and state["step"] == 6, state
     assert set(state["optimizer_state"]) == state_keys and min(state["optimizer_state"].values()) > 0, state
+    if not train_on:
+        return
     # and the run goes on from there on the new number of ranks, no step repeated
     r = run_train(args + ["train.steps=10", "train.num_workers=2"], nproc=after, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

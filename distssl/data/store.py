@@ -49,13 +49,15 @@ def check_bucket(url: str) -> None:
         return
     scheme, bucket = str(url).split("://", 1)[0], path.split("/", 1)[0]
     try:
-        found = fs.exists(bucket)
-    except Exception:  # no permission to look: let the write itself say what is wrong
+        fs.info(bucket)  # not exists(): s3fs answers False for an unreachable store too
         return
-    if not found:
-        how = _MAKE_BUCKET.get(scheme, "create it with your store's tools").format(b=bucket)
-        raise ValueError(f"{redact(url)}: the bucket {scheme}://{bucket} does not exist (or these credentials "
-                         f"cannot see it): create it first ({how}), or check the endpoint/credential variables")
+    except FileNotFoundError:
+        pass
+    except Exception:  # unreachable, or no permission to look: the build's own reads say what is wrong
+        return
+    how = _MAKE_BUCKET.get(scheme, "create it with your store's tools").format(b=bucket)
+    raise ValueError(f"{redact(url)}: the bucket {scheme}://{bucket} does not exist (or these credentials "
+                     f"cannot see it): create it first ({how}), or check the endpoint/credential variables")
 
 
 def join(base: str, *parts: str) -> str:
