@@ -61,7 +61,8 @@ def test_a_build_that_loses_the_store_fails_cleanly_and_the_rerun_completes(tiny
     boto3.client("s3").create_bucket(Bucket="outage-shards")
     cmd = [sys.executable, str(ROOT / "tools/make_shards.py"), "s3://outage-raw/train", "s3://outage-shards/set",
            "--unlabeled", "--max-count", "25", "--workers", "1", "--quiet"]
-    env = {**os.environ, "AWS_ENDPOINT_URL": proxy.url, "DISTSSL_IO_ATTEMPTS": "3"}  # give up sooner
+    # give up sooner: our retries and botocore's own (each of s3fs's calls would otherwise retry 5 times)
+    env = {**os.environ, "AWS_ENDPOINT_URL": proxy.url, "DISTSSL_IO_ATTEMPTS": "3", "AWS_MAX_ATTEMPTS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     fs = s3fs_fresh()
     deadline = time.time() + 120
@@ -105,7 +106,7 @@ def test_a_build_that_cannot_reach_the_store_at_all_says_to_rerun(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "x",
-           "AWS_SECRET_ACCESS_KEY": "x", "DISTSSL_IO_ATTEMPTS": "1"}
+           "AWS_SECRET_ACCESS_KEY": "x", "DISTSSL_IO_ATTEMPTS": "1", "AWS_MAX_ATTEMPTS": "1"}
     r = subprocess.run([sys.executable, str(ROOT / "tools/make_shards.py"), str(tmp_path / "raw"), "s3://nowhere/set",
                         "--unlabeled", "--quiet"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 1, r.stderr[-2000:]
