@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem the user can fix: the message names the key and what is allowed."""
+from distssl.typed_tree import ConfigError, build, flatten, parse_override, set_path
 
 
 @dataclass
@@ -137,6 +133,11 @@ class DataSpec:
     ``{s3://a/unlabeled: 3, s3://b/unlabeled: 1}`` or ``[{path: ..., weight: 3}, ...]`` (each set's
     share of the samples drawn). Stored as the string for one unweighted set, else as a list of
     ``{path, weight}``."""
+    type_name = "shard set(s)"
+
+    @staticmethod
+    def coerce_value(key: str, value: Any) -> Any:
+        return _coerce_sources(key, value)
 
 
 def data_sources(spec: Any) -> list[tuple[str, Optional[float]]]:
@@ -240,111 +241,6 @@ RESUMABLE_CHANGES = {
 }
 
 
-def _type_name(tp: Any) -> str:
-    if tp is DataSpec:
-        return "shard set(s)"
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if _optional_inner(tp) is not None:
-        return f"{_type_name(_optional_inner(tp))} or null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _optional_inner(tp: Any) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
-            return args[0]
-    return None
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
-    if tp is DataSpec:
-        return _coerce_sources(key, value)
-    inner = _optional_inner(tp)
-    if inner is not None:
-        return None if value is None else _coerce(key, value, inner)
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}")
-        return value
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in this file
-
-
-def _build(cls: type, data: dict, prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        where = f"section '{prefix}'" if prefix else "the top level"
-        raise ConfigError(f"unknown key '{_join(prefix, unknown[0])}': {where} allows {', '.join(names)}")
-    kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
-        tp, key = hints[name], _join(prefix, name)
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name] or {}, key)
-        else:
-            kwargs[name] = _coerce(key, data[name], tp)
-    return cls(**kwargs)
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``a.b=value`` -> ("a.b", value) with the value read as YAML (numbers, bools, lists, null)."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' is not key=value (for example ssl.tau=0.9)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def _set_path(tree: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override '{key}': '{part}' is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """YAML file (optional) + overrides -> validated :class:`Config`."""
     tree: dict = {}
@@ -358,8 +254,8 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
             raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     for text in overrides:
         key, value = parse_override(text)
-        _set_path(tree, key, value)
-    cfg = _build(Config, tree, "")
+        set_path(tree, key, value)
+    cfg = build(Config, tree, "")
     validate(cfg)
     return cfg
 
@@ -459,15 +355,9 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = _join(prefix, k)
-        if isinstance(v, dict):
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
-    return out
+def redacted_dict(cfg: Config) -> dict:
+    """The config as a tree for files and trackers: credentials in URLs replaced."""
+    return _redacted(to_dict(cfg))
 
 
 def dump_yaml(cfg: Config, path: str | Path) -> None:
@@ -475,7 +365,7 @@ def dump_yaml(cfg: Config, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(_redacted(to_dict(cfg)), sort_keys=False))
+    tmp.write_text(yaml.safe_dump(redacted_dict(cfg), sort_keys=False))
     os.replace(tmp, path)
 
 
@@ -492,7 +382,7 @@ def _redacted(tree: Any) -> Any:
 
 def resume_conflicts(saved: dict, cfg: Config) -> list[str]:
     """Keys whose values differ from the saved run in a way that breaks resuming it."""
-    old, new = flatten(saved), flatten(_redacted(to_dict(cfg)))
+    old, new = flatten(saved), flatten(redacted_dict(cfg))
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
             if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]

@@ -31,7 +31,7 @@ from distssl import checkpoint as ckpt
 from distssl import export as outputs
 from distssl import preflight, run_state
 from distssl import ssl as algorithms
-from distssl.config import Config, ConfigError, dump_yaml, resume_conflicts, to_dict
+from distssl.config import Config, ConfigError, dump_yaml, redacted_dict, resume_conflicts
 from distssl.data import device_augment
 from distssl.data.cache import cache_for
 from distssl.data.index import ShardSet, resolve
@@ -309,7 +309,8 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         resumed = self.resume()
         is_main = self.rank == 0
-        metrics = MetricsWriter(str(self.out), is_main, self.step, t.steps, tuple(cfg.run.loggers), to_dict(cfg))
+        metrics = MetricsWriter(str(self.out), is_main, self.step, t.steps, tuple(cfg.run.loggers),
+                                redacted_dict(cfg))  # credentials in URLs never reach a tracker
         best_top1 = self._best_top1()
         if resumed is not None:
             metrics.message(f"resumed from {self.ckpt_dir / ckpt.tag_for(resumed)} at step {resumed}")

@@ -2,33 +2,26 @@
 out_dir/tb, MLflow (``MLFLOW_TRACKING_URI``; ``pip install "distssl[mlflow]"``) and Weights & Biases
 (``WANDB_MODE``, ``WANDB_PROJECT``...; ``pip install "distssl[wandb]"``).
 
-Each gets the resolved config as parameters, every metric line (``train/loss``, ``eval/top1``, ...) at
-its step, and at the end the files a run produces (curves, summary, the exported and best models). A
-resumed run continues the same tracker run: its id is kept in out_dir.
+Each gets the resolved config as parameters (credentials in URLs replaced, as in config.yaml), every
+metric line (``train/loss``, ``eval/top1``, ...) at its step, and at the end the files a run produces
+(curves, summary, the exported and best models). A resumed run continues the same tracker run: its id
+is kept in out_dir.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+import sys
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
+
+from distssl.typed_tree import flatten
 
 log = logging.getLogger("distssl")
 
 LOGGERS = ("tensorboard", "mlflow", "wandb")
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"optim": {"lr": 0.03}} -> {"optim.lr": 0.03}: the config as trackers show parameters."""
-    flat: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            flat.update(flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
 
 
 def numbers(kind: str, values: dict) -> dict[str, float]:
@@ -111,6 +104,10 @@ class WandB:
     def __init__(self, out: Path, start_step: int, params: dict):
         import wandb
 
+        from distssl.data.store import redact
+
+        # W&B records the command line with the run: never the credentials a URL on it may hold
+        sys.argv[:] = [redact(a) for a in sys.argv]
         run_id = _resumable_id(out, self.ID_FILE) or uuid.uuid4().hex[:8]
         (out / self.ID_FILE).write_text(run_id)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "distssl"), name=out.name, id=run_id,

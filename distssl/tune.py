@@ -24,18 +24,8 @@ from typing import Any, Literal
 
 import yaml
 
-from distssl.config import (
-    Config,
-    ConfigError,
-    _build,
-    _set_path,
-    dump_yaml,
-    flatten,
-    load_config,
-    parse_override,
-    to_dict,
-    validate,
-)
+from distssl.config import Config, dump_yaml, load_config, to_dict, validate
+from distssl.typed_tree import ConfigError, build, flatten, parse_override, set_path
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 
@@ -87,10 +77,10 @@ def load_sweep(path: str, overrides: list[str] = ()) -> Sweep:
     for text in overrides:
         key, value = parse_override(text)
         if key.startswith("tune."):
-            _set_path(tune_tree, key[len("tune."):], value)
+            set_path(tune_tree, key[len("tune."):], value)
         else:
             base_overrides.append(text)
-    settings = _build(TuneSettings, tune_tree, "tune")
+    settings = build(TuneSettings, tune_tree, "tune")
     for key in ("num_samples", "grace_period", "reduction_factor", "workers_per_trial"):
         if getattr(settings, key) < 1:
             raise ConfigError(f"tune.{key}={getattr(settings, key)} is out of range: allowed >= 1")
@@ -146,9 +136,9 @@ def check_space(space: dict, base: Config) -> None:
 def apply(base: Config, values: dict[str, Any], out_dir: str) -> Config:
     tree = to_dict(base)
     for k, v in values.items():
-        _set_path(tree, k, v)
+        set_path(tree, k, v)
     tree["run"]["out_dir"] = out_dir
-    cfg = _build(Config, tree, "")
+    cfg = build(Config, tree, "")
     validate(cfg)
     return cfg
 
@@ -174,7 +164,7 @@ def train_loop(loop_config: dict) -> None:
     base_tree = loop_config["base"]
     if isinstance(base_tree, ray.ObjectRef):  # see run_sweep: the base config travels by reference
         base_tree = ray.get(base_tree)
-    base = _build(Config, base_tree, "")
+    base = build(Config, base_tree, "")
     values = {k: loop_config["space"][k] for k in loop_config["space"]}
     with _known_ray_deprecations():  # the trial name is what names the trial's folder
         trial_name = ctx.get_trial_name()

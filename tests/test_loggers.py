@@ -19,7 +19,9 @@ def test_a_run_reports_to_mlflow_and_wandb_and_keeps_its_best_eval(tiny_data, tm
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "run"
     args = tiny_overrides(tiny_data, out, **{"train.steps": 4, "train.eval_every": 1, "train.ckpt_every": 2,
-                                             "run.loggers": "[tensorboard,mlflow,wandb]"})
+                                             "run.loggers": "[tensorboard,mlflow,wandb]",
+                                             # a URL with credentials in it (unused here): never logged
+                                             "data.demo_root": "s3://AKIDEXAMPLE:s3cr3tKey@bucket/demo"})
     r = run_train(args)
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_train(args + ["train.steps=6"])  # resumed: the same MLflow and W&B runs go on
@@ -41,6 +43,7 @@ def test_a_run_reports_to_mlflow_and_wandb_and_keeps_its_best_eval(tiny_data, tm
     assert len(runs) == 1  # one run, continued by the resume
     run = runs[0]
     assert run.data.params["optim.lr"] == "0.03" and run.data.params["model.name"] == "test_resnet"
+    assert "s3cr3tKey" not in str(run.data.params) and "bucket/demo" in run.data.params["data.demo_root"]
     top1 = client.get_metric_history(run.info.run_id, "eval/top1")
     assert sorted(m.step for m in top1) == [1, 2, 3, 4, 5, 6]
     assert [m.value for m in sorted(top1, key=lambda m: m.step)] == [d["top1"] for d in evals]
@@ -53,4 +56,5 @@ def test_a_run_reports_to_mlflow_and_wandb_and_keeps_its_best_eval(tiny_data, tm
     assert runs_wb and len({p.name for p in runs_wb}) == 1  # one W&B run id across the resume
     logged = b"".join(p.read_bytes() for p in runs_wb)
     assert b"eval/top1" in logged and b"model_best.safetensors" in logged and b"optim" in logged
+    assert b"s3cr3tKey" not in logged
     del mlflow
