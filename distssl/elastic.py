@@ -164,12 +164,14 @@ def _materialise_state(optimizer, keys: list[str], scalars: dict, group_steps: l
     """Optimizers create their state lazily at the first step: create it (zeros, the saved scalars) so
     that it can be set, and let ZeRO 1/2 link the new state into each parameter's fragment map."""
     inner, stepped = _stepped(optimizer)
+    # torch keeps Adam's step count on the CPU unless the optimizer is capturable or fused
+    on_device = any(g.get("capturable") or g.get("fused") for g in inner.param_groups)
     for t in stepped:
         st = inner.state[t]
         for k in keys:
             st.setdefault(k, torch.zeros_like(t))
         for k, v in scalars.items():
-            st[k] = v.clone().to(t.device) if torch.is_tensor(v) else v
+            st[k] = v.clone().to(t.device if on_device else "cpu") if torch.is_tensor(v) else v
     if len(group_steps) == len(inner.param_groups):
         for g, n in zip(inner.param_groups, group_steps):
             if n is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -119,7 +120,7 @@ class WandB:
     def artifacts(self, paths: list[Path]) -> None:
         import wandb
 
-        artifact = wandb.Artifact(f"{self.run.name}-outputs", type="model")
+        artifact = wandb.Artifact(re.sub(r"[^A-Za-z0-9._-]", "-", f"{self.run.name}-outputs"), type="model")
         for p in paths:
             artifact.add_file(str(p))
         self.run.log_artifact(artifact)

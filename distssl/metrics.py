@@ -61,16 +61,23 @@ class MetricsWriter:
         rec = {"kind": kind, "step": step, **{k: _clean(v) for k, v in values.items()}}
         self.jsonl.write(json.dumps(rec) + "\n")
         self.jsonl.flush()
-        scalars = numbers(kind, values)
-        for tracker in self.trackers:
-            tracker.metrics(step, scalars)
+        self._each("metrics", step, numbers(kind, values))
+
+    def _each(self, method: str, *args) -> None:
+        """Call every tracker; one that fails (its server gone, a full disk) is dropped with a warning,
+        and training goes on: metrics.jsonl keeps everything."""
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as e:
+                self.trackers.remove(tracker)
+                self.message(f"warning: {type(tracker).__name__} failed ({type(e).__name__}: {e}); it gets no more "
+                             f"of this run, {self.jsonl_path} has every metric line")
 
     def artifacts(self, paths: list[Path]) -> None:
         """The run's output files, to every tracker that keeps files (MLflow, W&B)."""
         if self.enabled:
-            present = [p for p in paths if p.exists()]
-            for tracker in self.trackers:
-                tracker.artifacts(present)
+            self._each("artifacts", [p for p in paths if p.exists()])
 
     def progress(self, step: int, postfix: Optional[dict] = None) -> None:
         if self.bar is not None:
@@ -90,8 +97,7 @@ class MetricsWriter:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        for tracker in self.trackers:
-            tracker.close()
+        self._each("close")
         self.trackers = []
         self.jsonl.close()
         self.enabled = False

@@ -58,3 +58,24 @@ def test_a_run_reports_to_mlflow_and_wandb_and_keeps_its_best_eval(tiny_data, tm
     assert b"eval/top1" in logged and b"model_best.safetensors" in logged and b"optim" in logged
     assert b"s3cr3tKey" not in logged
     del mlflow
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    """MLflow's store vanishes mid-run: one warning, that tracker gets nothing more, metrics.jsonl
+    keeps every line and the run is not stopped."""
+    pytest.importorskip("mlflow")
+    import shutil
+
+    from distssl.metrics import MetricsWriter
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    metrics = MetricsWriter(str(tmp_path), True, 0, 10, ("mlflow",), {"optim": {"lr": 0.03}})
+    metrics.log("train", 1, {"loss": 1.0})
+    shutil.rmtree(tmp_path / "mlruns")  # the tracking store is gone
+    metrics.log("train", 2, {"loss": 0.5})
+    metrics.log("train", 3, {"loss": 0.25})
+    metrics.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in lines] == [1, 2, 3]
+    out = capsys.readouterr()
+    assert (out.out + out.err).count("MLflow failed") == 1
