@@ -6,7 +6,7 @@ Every run is the demo recipe (configs/demo.yaml: 40 labels, 1,000 steps, ZeRO-2)
 plus the supervised baseline of the same steps. A finished run (summary.json present) is not rerun,
 so the benchmark resumes where it stopped.
 
-  python tools/bench/algorithms.py [--seeds 0,1] [--steps 1000] [--nproc 2] [--out runs/bench-algorithms]
+  python tools/bench/algorithms.py [--quick] [--seeds 0,1] [--steps 1000] [--nproc 2] [--out runs/bench-algorithms]
 
 Prints, per algorithm: eval top-1 (mean, min-max over seeds), and the unlabeled mask rate and
 pseudo-label accuracy (of the masked samples) early and at the end, from metrics.jsonl.
@@ -52,7 +52,14 @@ def main(argv=None) -> int:
     p.add_argument("--nproc", type=int, default=2, help="ranks per run (default 2)")
     p.add_argument("--algorithms", default=",".join(ALGORITHMS))
     p.add_argument("--out", default=str(ROOT / "runs/bench-algorithms"))
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run (about a minute): one seed, 60 steps, fixmatch and flexmatch, into a temp folder")
     a = p.parse_args(argv)
+    if a.quick:
+        import tempfile
+
+        a.seeds, a.steps, a.algorithms = "0", 60, "fixmatch,flexmatch"
+        a.out = tempfile.mkdtemp(prefix="bench-algorithms-")
     seeds = [int(s) for s in a.seeds.split(",")]
     names = a.algorithms.split(",")
     early = max(1, a.steps // 10)
