@@ -297,8 +297,10 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= t.max_bad_fraction <= 1.0, "train.max_bad_fraction", t.max_bad_fraction, "0..1")
     _check(cfg.run.log_every >= 1, "run.log_every", cfg.run.log_every, ">= 1")
     _check(d.cache_limit_gb > 0, "data.cache_limit_gb", d.cache_limit_gb, "> 0 (GB of local disk for cached shards)")
+    from distssl.loggers import LOGGERS
+
     for name in cfg.run.loggers:
-        _check(name in ("tensorboard", "mlflow", "wandb"), "run.loggers", name, "tensorboard, mlflow or wandb")
+        _check(name in LOGGERS, "run.loggers", name, ", ".join(LOGGERS))
     for name in cfg.run.preempt_signals:
         _check(name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT"), "run.preempt_signals", name,
                "SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP or SIGCONT")

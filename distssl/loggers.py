@@ -22,7 +22,7 @@ from distssl.typed_tree import flatten
 
 log = logging.getLogger("distssl")
 
-LOGGERS = ("tensorboard", "mlflow", "wandb")
+LOGGERS = ("tensorboard", "mlflow", "wandb")  # the values run.loggers accepts
 
 
 def numbers(kind: str, values: dict) -> dict[str, float]:
