@@ -112,3 +112,28 @@ def test_a_build_that_cannot_reach_the_store_at_all_says_to_rerun(tmp_path):
     assert r.returncode == 1, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and "Rerun the same command" in r.stderr, r.stderr[-2000:]
     assert "s3://nowhere/set/build.json" in r.stderr  # names what it could not read
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_an_upload_cut_by_an_outage_is_an_oserror_naming_the_object_and_publishes_nothing(s3_server, proxy):
+    """The store goes away while a shard is being uploaded: one error type (OSError) with the object's
+    URL, whatever the client library raised, and no half object appears."""
+    import s3fs
+
+    from distssl.data import store
+
+    upload_folder_target = "s3://upload-cut/set/shard-000000.tar"
+    s3fs_fresh().mkdir("upload-cut")
+    s3fs.S3FileSystem.clear_instance_cache()
+    os.environ["AWS_MAX_ATTEMPTS"] = "1"
+    try:
+        with pytest.raises(OSError, match="upload-cut/set/shard-000000.tar"):
+            with store.atomic_write(upload_folder_target) as f:
+                f.write(b"x" * 1000)
+                proxy.down()  # the upload happens at close, against a store that is gone
+    finally:
+        os.environ.pop("AWS_MAX_ATTEMPTS", None)
+        proxy.up()
+    fs = s3fs_fresh()
+    assert not fs.exists("upload-cut/set/shard-000000.tar")

@@ -89,15 +89,24 @@ def atomic_write(url: str) -> Iterator[IO[bytes]]:
         f = fs.open(path, "wb")
         try:
             yield f
-        except BaseException:
+        except BaseException as e:
             # closing would publish what was written so far: abort the upload instead
             discard = getattr(f, "discard", None)
             if callable(discard):
                 with contextlib.suppress(Exception):
                     discard()
             f.closed = True  # or its finaliser would try to publish it again
-            raise
-        f.close()
+            err = as_store_error(e, url)
+            if err is e:
+                raise
+            raise err from e
+        try:
+            f.close()  # the upload completes (or its last part goes) here
+        except Exception as e:
+            err = as_store_error(e, url)
+            if err is e:
+                raise
+            raise err from e
         return
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, exist_ok=True)
@@ -110,6 +119,20 @@ def atomic_write(url: str) -> Iterator[IO[bytes]]:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+_CLIENT_LIBRARIES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "adlfs", "azure", "fsspec",
+                     "requests", "urllib3")
+
+
+def as_store_error(e: BaseException, url: str) -> BaseException:
+    """A client library's own error (botocore's EndpointConnectionError, aiohttp's, Azure's...) while
+    writing ``url`` as an OSError naming it, the one type callers handle; anything else as it is."""
+    if isinstance(e, OSError) or not isinstance(e, Exception):
+        return e
+    if type(e).__module__.split(".")[0] not in _CLIENT_LIBRARIES:
+        return e
+    return OSError(f"{redact(url)}: the store failed while writing ({type(e).__name__}: {e})")
 
 
 def retry(fn, *args, attempts: Optional[int] = None, base_delay: float = 0.5, what: str = "", **kwargs):
