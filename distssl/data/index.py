@@ -44,15 +44,19 @@ class ShardSet:
         """Shard ``shard`` for sequential reading: through the local cache when there is one and the
         shard is remote, else from its store."""
         url = self.urls[shard]
-        if self.cache is not None and not store.is_local(store.filesystem(url)[0]):
+        if self._cached(url):
             return self.cache.open(url, self.sizes[shard] if self.sizes is not None else None)
         return store.open_stream(url)
+
+    def _cached(self, url: str) -> bool:
+        """Whether ``url`` is read through the local cache: there is one and the shard is remote."""
+        return self.cache is not None and not store.is_local(store.filesystem(url)[0])
 
     def drop_copy(self, shard: int) -> bool:
         """A damaged read of shard ``shard``: when it came from the local cache, drop the copy (this process
         then reads the store) and say so; False when the store itself served it."""
         url = self.urls[shard]
-        if self.cache is None or store.is_local(store.filesystem(url)[0]) or url in self.cache.bypassed:
+        if not self._cached(url) or url in self.cache.bypassed:
             return False
         self.cache.bypass(url)
         return True
