@@ -1,2 +1,3 @@
-"""distssl: FixMatch + distribution alignment on DeepSpeed ZeRO, trained from WebDataset shards."""
+"""distssl: semi-supervised training (FixMatch, FlexMatch, FreeMatch, SoftMatch; distribution alignment)
+on DeepSpeed ZeRO from WebDataset shards."""
 __version__ = "0.1.0"

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from distssl import atomic
+
 log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step_(\d{8})$")
 MARKER = "COMPLETE"
@@ -61,9 +63,8 @@ def rank_state_path(ckpt_dir: Path, tag: str, rank: int) -> Path:
 
 
 def save_rank_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_rank_state(path: Path) -> dict:
@@ -78,9 +79,7 @@ def finalize(ckpt_dir: Path, tmp_tag: str, step: int, info: dict, keep: int) -> 
     if final.exists():
         shutil.rmtree(final)
     os.replace(ckpt_dir / tmp_tag, final)
-    marker_tmp = final / (MARKER + ".tmp")
-    marker_tmp.write_text(json.dumps({"step": step, **info}))
-    os.replace(marker_tmp, final / MARKER)
+    atomic.write_text(final / MARKER, json.dumps({"step": step, **info}))
     for d in incomplete_dirs(ckpt_dir):
         shutil.rmtree(d, ignore_errors=True)
     for _, tag in complete_tags(ckpt_dir)[:-keep]:

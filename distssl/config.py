@@ -13,14 +13,15 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from distssl import atomic
 from distssl.typed_tree import ConfigError, build, flatten, parse_override, set_path
 
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs/default"
-    seed: int = 0
-    log_every: int = 10
+    out_dir: str = "runs/default"  # config.yaml, metrics, checkpoints/, the exports; rerun = resume
+    seed: int = 0  # initial weights, data order and every augmentation choice
+    log_every: int = 10  # steps between metrics.jsonl lines (and heartbeats)
     trace_shards: bool = False  # debugging: log which shards each rank/worker reads, per epoch (out_dir/trace/)
     # a scheduler's preemption signals: on any of them every rank saves a complete checkpoint at the
     # next step boundary and the run exits 75 ("rerun to resume"); [] = die on them as before
@@ -32,14 +33,14 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 1000  # optimizer steps; a larger value on a finished run continues it
     batch_size: int = 16  # global labeled batch; each rank gets batch_size / world_size
-    eval_every: int = 250
-    ckpt_every: int = 250
-    keep_checkpoints: int = 2
+    eval_every: int = 250  # steps between evals of the EMA weights (0 = only at the end)
+    ckpt_every: int = 250  # steps between checkpoints (0 = only at the end, on preemption and Ctrl-C)
+    keep_checkpoints: int = 2  # newest complete checkpoints kept
     num_workers: int = 1  # loader processes per stream per rank; 0 loads in the training process
     eval_batch_size: int = 256  # global
-    max_bad_fraction: float = 0.01
+    max_bad_fraction: float = 0.01  # unusable samples (skipped and counted) above this fraction stop the run
     micro_batch_size: int = 0  # per-rank labeled micro-batch; 0 = the whole per-rank batch (no accumulation)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16 override the DeepSpeed template
     channels_last: bool = True  # NHWC on GPU (faster convolutions with tensor cores); ignored on CPU
@@ -61,7 +62,7 @@ class FreeMatchConfig:
 @dataclass
 class SoftMatchConfig:
     """Chen et al. 2023: truncated-Gaussian weights from the EMA mean/variance of the confidence."""
-    momentum: float = 0.999
+    momentum: float = 0.999  # EMA of the confidence mean and variance
     n_sigma: float = 2.0  # the Gaussian's width in standard deviations (the paper's default)
 
 
@@ -73,14 +74,14 @@ class SSLConfig:
     flexmatch: FlexMatchConfig = field(default_factory=FlexMatchConfig)
     freematch: FreeMatchConfig = field(default_factory=FreeMatchConfig)
     softmatch: SoftMatchConfig = field(default_factory=SoftMatchConfig)
-    tau: float = 0.95
-    lambda_u: float = 1.0
-    mu: int = 7
-    dist_align: bool = True
-    dist_align_target: Literal["uniform", "labeled"] = "uniform"
+    tau: float = 0.95  # confidence threshold of a pseudo-label (FixMatch's tau)
+    lambda_u: float = 1.0  # weight of the unlabeled loss (0 = the supervised baseline of the recipe)
+    mu: int = 7  # unlabeled batch = mu x labeled batch
+    dist_align: bool = True  # distribution alignment (ReMixMatch): weak probabilities x p_target / p_model
+    dist_align_target: Literal["uniform", "labeled"] = "uniform"  # p_target: uniform, or the labeled set's classes
     dist_align_momentum: float = 0.99  # ~100-batch memory, like ReMixMatch's 128-batch window
-    ema_decay: float = 0.999
-    ema_warmup: bool = True
+    ema_decay: float = 0.999  # EMA of the weights, evaluated and exported
+    ema_warmup: bool = True  # decay min(ema_decay, 1 - (1 + step) ** -0.75) (timm): early EMA follows the model
     # "shared_bn": labeled + strong forwarded with gradients, the weak view without (it only makes
     # pseudo-labels), normalised with the BatchNorm statistics of that forward: it skips the weak
     # view's backward, which "concat" (FixMatch's reference cat(labeled, weak, strong) forward with
@@ -90,10 +91,11 @@ class SSLConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet10t"
+    name: str = "resnet10t"  # any timm model name (timm.list_models()), or wrn28_2
     num_classes: int = 10
+    # weights to start from: a safetensors / torch state dict file or URL, or a run folder of ours
     pretrained: Optional[str] = None
-    drop_path_rate: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth, for the models that have it (ViT, ConvNeXt, ...)
     freeze_backbone_steps: int = 0  # fine-tuning: only the classifier learns for the first N steps
     grad_checkpointing: bool = False  # activation checkpointing (timm set_grad_checkpointing), for big backbones
 
@@ -102,13 +104,13 @@ class ModelConfig:
 class OptimConfig:
     # any name of timm's optimizer factory (timm.optim.list_optimizers()): sgd, adamw, lamb, lion, ...
     name: str = "sgd"
-    lr: float = 0.03
+    lr: float = 0.03  # peak learning rate, then the cosine decay
     momentum: float = 0.9  # sgd only
     nesterov: bool = True  # sgd only
     betas: Optional[list[float]] = None  # Adam-family (b1, b2); null = the optimizer's default
     eps: Optional[float] = None  # Adam-family; null = the optimizer's default
     weight_decay: float = 5e-4  # decoupled for adamw/lamb; never on biases, norms or no_weight_decay()
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear lr warm-up from 0
     cosine_fraction: float = 7 / 16  # lr = lr0 * cos(pi * cosine_fraction * k / K), FixMatch's 7/16
     backbone_lr_scale: float = 1.0  # fine-tuning: backbone lr = lr * this (the classifier keeps lr)
     layer_decay: float = 1.0  # fine-tuning: < 1 scales each layer's lr by layer_decay ** (depth from the top)
@@ -122,7 +124,7 @@ PER_TENSOR_OPTIMIZERS = ("lamb", "lars", "larc", "novograd", "adafactor", "kron"
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 2
+    zero_stage: int = 2  # DeepSpeed ZeRO: 0 plain data parallel, 1 optimizer, 2 + gradients, 3 + parameters
     template: Optional[str] = None  # JSON template; null or empty = configs/deepspeed/zero{zero_stage}.json
     timeout_minutes: float = 10  # collective timeout: a dead peer fails the run this fast (0.5 = 30 s)
 
@@ -181,15 +183,15 @@ def _coerce_sources(key: str, value: Any) -> Any:
 class DataConfig:
     # one shard set (folder/URL with index.json, or a brace pattern), or several with weights (DataSpec)
     labeled: DataSpec = ""
-    unlabeled: DataSpec = ""
-    eval: str = ""
+    unlabeled: DataSpec = ""  # the unlabeled images (a labeled set's images may be among them)
+    eval: str = ""  # the held-out shard set the EMA weights are scored on
     # when set, the bundled MNIST-5k demo shards are built here if missing, and only when data.labeled /
     # unlabeled / eval are the demo's sets under it
     demo_root: Optional[str] = None
     # remote shards (s3://, gs://, az://...) read once are kept here, on each node's local disk, shared by its
     # ranks and loader workers, least recently used ones deleted past cache_limit_gb; null = no cache
     cache_dir: Optional[str] = None
-    cache_limit_gb: float = 100.0
+    cache_limit_gb: float = 100.0  # per node
     # when the sets name their classes differently: "strict" refuses, "by_name" accepts the same names
     # in another order (labels remapped to the labeled set's order), "by_index" trusts the label numbers
     class_match: Literal["strict", "by_name", "by_index"] = "strict"
@@ -201,7 +203,7 @@ class DataConfig:
     crop: Literal["pad", "random_resized"] = "pad"
     pad_fraction: float = 0.125  # crop=pad only
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # crop=random_resized only
-    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])  # crop=random_resized only
     interpolation: Optional[Literal["bilinear", "bicubic"]] = None  # null = the model's pretrained config
     # eval: centre crop of this fraction of the shorter side (timm's crop_pct); null = 1.0 with crop=pad
     # (the full image, as training saw it), else the model's pretrained config (0.875 for ResNet-50)
@@ -213,11 +215,11 @@ class DataConfig:
     # decode and crop; flip, pad crop, RandAugment and Cutout run batched on the training device, with
     # every random choice still drawn from the sample's seed, so resume stays exact)
     augment_on: Literal["loader", "device"] = "loader"
-    randaugment_ops: int = 2
-    cutout_fraction: float = 0.5
+    randaugment_ops: int = 2  # RandAugment operations per strong view
+    cutout_fraction: float = 0.5  # Cutout square side, as a fraction of the image side (at most)
     mean: Optional[list[float]] = None  # null = from the model's pretrained config, like image_size
     std: Optional[list[float]] = None
-    shuffle_buffer: int = 500
+    shuffle_buffer: int = 500  # samples each loader reader shuffles among (on top of the shard order)
 
 
 @dataclass
@@ -364,11 +366,7 @@ def redacted_dict(cfg: Config) -> dict:
 
 def dump_yaml(cfg: Config, path: str | Path) -> None:
     """Write the resolved config atomically (tmp + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(redacted_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    atomic.write_text(path, yaml.safe_dump(redacted_dict(cfg), sort_keys=False))
 
 
 def _redacted(tree: Any) -> Any:

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from distssl.config import data_sources
+from distssl.errors import ConfigError
+
 EVAL_COUNT = 1000
 LABELS_PER_CLASS = 4  # 40 labels: the CIFAR-10@40 setting of the FixMatch paper
 # every set (the 40 labeled images too) in 16 shards: a shard per reader for up to 8 ranks x 2 loader workers
@@ -42,15 +45,47 @@ def demo_paths(root: str | Path) -> dict[str, str]:
             "unlabeled": str(root / "shards/train/unlabeled"), "eval": str(root / "shards/eval")}
 
 
+SET_KEYS = ("labeled", "unlabeled", "eval")
+
+
+def demo_sets(data_cfg) -> list[str]:
+    """The keys of data.labeled / unlabeled / eval that name one of the demo's sets under data.demo_root."""
+    if not data_cfg.demo_root:
+        return []
+    paths = {os.path.normpath(p) for p in demo_paths(data_cfg.demo_root).values()}
+    return [k for k in SET_KEYS
+            if any(os.path.normpath(path) in paths for path, _ in data_sources(getattr(data_cfg, k)))]
+
+
 def uses_demo_data(data_cfg) -> bool:
     """data.demo_root is set and at least one of data.labeled / unlabeled / eval is the demo's set under
     it: only then is the demo built (a config based on the demo's with the user's own sets builds nothing)."""
-    if not data_cfg.demo_root:
-        return False
-    paths = demo_paths(data_cfg.demo_root)
-    return any(isinstance(getattr(data_cfg, k), str)
-               and os.path.normpath(getattr(data_cfg, k) or "") == os.path.normpath(paths[k])
-               for k in ("labeled", "unlabeled", "eval"))
+    return bool(demo_sets(data_cfg))
+
+
+def check_not_mixed(data_cfg) -> None:
+    """A run on the user's own sets that still names one of the demo's (a key left at configs/demo.yaml's
+    value) is refused: a forgotten data.eval would score the user's model on MNIST digits, exit 0."""
+    demo = demo_sets(data_cfg)
+    own = [k for k in SET_KEYS if k not in demo]
+    if demo and own:
+        def keys(ks):
+            return " and ".join(f"data.{k}" for k in ks)
+
+        raise ConfigError(
+            f"{keys(demo)} {'is' if len(demo) == 1 else 'are'} still the demo's "
+            f"({', '.join(str(getattr(data_cfg, k)) for k in demo)}) while {keys(own)} "
+            f"{'is' if len(own) == 1 else 'are'} your own: the run would mix MNIST digits into it. Give "
+            + " ".join(f"data.{k}=YOUR_{k.upper()}_SHARDS" for k in demo)
+            + ", or start from a recipe without the demo's paths (README, 'Your own data'); to mix them on "
+              "purpose, set data.demo_root=null")
+
+
+def prepare(data_cfg, progress: bool = False) -> None:
+    """Before a run: refuse a mix of demo and own sets, and build the demo's sets when it uses them."""
+    check_not_mixed(data_cfg)
+    if uses_demo_data(data_cfg):
+        ensure_demo_data(data_cfg.demo_root, progress=progress)
 
 
 def ensure_demo_data(root: str | Path, progress: bool = False) -> dict[str, str]:

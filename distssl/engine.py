@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from distssl import atomic, preflight, run_state
 from distssl import checkpoint as ckpt
 from distssl import export as outputs
-from distssl import preflight, run_state
 from distssl import ssl as algorithms
 from distssl.config import Config, ConfigError, dump_yaml, redacted_dict, resume_conflicts
 from distssl.data import device_augment
@@ -394,7 +394,7 @@ class Trainer:
         if is_main:
             plot(self.out / "metrics.jsonl", self.out / "curves.png")
             summary = {"step": self.step, **last_eval, "best_top1": best_top1, "out_dir": str(self.out)}
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            atomic.write_text(self.out / "summary.json", json.dumps(summary, indent=1))
             metrics.artifacts([self.out / n for n in ("config.yaml", "summary.json", "curves.png", outputs.WEIGHTS_NAME,
                                                       outputs.META_NAME, outputs.BEST_NAME, outputs.BEST_META_NAME)])
         metrics.close()

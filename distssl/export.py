@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from distssl import atomic
 from distssl import checkpoint as ckpt
 
 WEIGHTS_NAME = "model.safetensors"
@@ -84,21 +85,16 @@ def model_meta(model_name: str, num_classes: int, image_size: int, mean, std, cl
 def write_export(state: dict[str, torch.Tensor], meta: dict, out: str | Path) -> Path:
     """Write ``out`` (a .safetensors path, or a folder that gets model.safetensors) and its JSON; the
     weights are written under a temporary name and renamed, the JSON last."""
-    import os
 
     from safetensors.torch import save_file
 
     out = Path(out)
     weights = out if out.suffix == ".safetensors" else out / WEIGHTS_NAME
     weights.parent.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
-              metadata={"format": "pt", "architecture": meta["architecture"]})
-    os.replace(tmp, weights)
-    meta_path = weights.with_suffix(".json")
-    tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp_meta, meta_path)
+    with atomic.atomic_path(weights) as tmp:  # safetensors creates it 0600: atomic gives it the umask's mode
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+                  metadata={"format": "pt", "architecture": meta["architecture"]})
+    atomic.write_text(weights.with_suffix(".json"), json.dumps(meta, indent=1))
     return weights
 
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Optional
+
+from distssl import atomic
 
 
 def truncate_after(path: Path, step: int) -> None:
@@ -20,9 +21,7 @@ def truncate_after(path: Path, step: int) -> None:
             continue  # a line cut by a kill
         if rec.get("step", 0) <= step:
             keep.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(l + "\n" for l in keep))
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(l + "\n" for l in keep))
 
 
 def _clean(v):
@@ -104,7 +103,8 @@ class MetricsWriter:
 
 
 def plot(metrics_path: str | Path, out_png: str | Path) -> bool:
-    """top-1 and mask rate against step; returns False when there is nothing to plot."""
+    """Two panels against step: the losses (total, labeled, unlabeled; log scale) and the rates (eval
+    top-1 of the EMA weights, mask rate, pseudo-label accuracy). False when there is nothing to plot."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -118,23 +118,35 @@ def plot(metrics_path: str | Path, out_png: str | Path) -> bool:
         (evals if rec.get("kind") == "eval" else train).append(rec)
     if not train and not evals:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4))
+
+    def series(recs, key):
+        return [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
+
+    fig, (ax_loss, ax) = plt.subplots(1, 2, figsize=(12, 4))
+    for key, label in (("loss", "loss"), ("loss_x", "labeled CE"), ("loss_u", "unlabeled (masked)")):
+        pts = series(train, key)
+        if pts:
+            ax_loss.plot(*zip(*pts), alpha=0.8, label=label)
+    if ax_loss.lines:
+        if all(y > 0 for line in ax_loss.lines for y in line.get_ydata()):
+            ax_loss.set_yscale("log")
+        ax_loss.legend(loc="upper right")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_title("training loss")
+    ax_loss.grid(alpha=0.3)
     if evals:
         ax.plot([r["step"] for r in evals], [r["top1"] for r in evals], "o-", label="eval top-1 (EMA)")
-    pts = [(r["step"], r["mask_rate"]) for r in train if r.get("mask_rate") is not None]
-    if pts:
-        ax.plot(*zip(*pts), alpha=0.7, label="mask rate")
-    pts = [(r["step"], r["pseudo_acc"]) for r in train if r.get("pseudo_acc") is not None]
-    if pts:
-        ax.plot(*zip(*pts), alpha=0.5, label="pseudo-label acc. (masked)")
+    for key, label, alpha in (("mask_rate", "mask rate", 0.7), ("pseudo_acc", "pseudo-label acc. (masked)", 0.5)):
+        pts = series(train, key)
+        if pts:
+            ax.plot(*zip(*pts), alpha=alpha, label=label)
     ax.set_xlabel("step")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     ax.set_title(Path(metrics_path).parent.name)
     fig.tight_layout()
-    tmp = Path(str(out_png) + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic.atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out_png)
     return True

@@ -2,7 +2,6 @@
 optimizer's parameter groups for fine-tuning (head vs backbone lr, layer-wise lr decay)."""
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
 from typing import Optional
@@ -53,9 +52,12 @@ def pretrained_meta(path: Optional[str]) -> dict:
     from distssl.data import store
 
     try:
-        return json.loads(store.read_bytes(posixpath.splitext(path)[0] + ".json"))
-    except (OSError, ValueError):  # no JSON beside it (FileNotFoundError is an OSError), or not ours
+        meta = store.read_json(posixpath.splitext(path)[0] + ".json",
+                               "export the model again (distssl-export RUN_DIR OUT), or remove the file to take "
+                               "the input size and mean/std from the timm model's pretrained config")
+    except OSError:  # no JSON beside it (FileNotFoundError is an OSError)
         return {}
+    return meta if isinstance(meta, dict) else {}  # valid JSON, but not ours
 
 
 def default_input_config(name: str, pretrained: Optional[str]) -> dict:

@@ -6,6 +6,7 @@ Kept out of the training loop (distssl/engine.py), which only calls :func:`init_
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -17,6 +18,13 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from distssl import atomic
+from distssl.errors import PortInUse
+
+# a heartbeat older than this process is an earlier run's: its ranks are not this run's peers (every
+# rank of a run starts before the rendezvous, and writes its first heartbeat after it)
+PROCESS_START = time.time()
 
 # --- process group ------------------------------------------------------------------------------
 
@@ -30,11 +38,53 @@ def use_cuda() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
 
 
+def _port_in_use(port: int) -> PortInUse:
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    return PortInUse(f"the rendezvous port {port} (MASTER_PORT, on MASTER_ADDR {addr}) is in use by another "
+                     f"process, so the ranks cannot meet; rerunning the same command fails the same way. Pick a "
+                     f"free port: deepspeed --master_port N ..., torchrun --master-port N ..., or MASTER_PORT=N "
+                     f"(`ss -ltnp 'sport = :{port}'` shows who holds it)")
+
+
+def check_rendezvous_port() -> None:
+    """Rank 0 hosts the rendezvous (torch's TCPStore on MASTER_PORT, every interface) unless torchrun's
+    agent already does: a port another process listens on is named here, before the ranks wait on it."""
+    port = os.environ.get("MASTER_PORT", "")
+    if os.environ.get("RANK") != "0" or not port.isdigit() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as TCPStore binds: TIME_WAIT is no conflict
+        try:
+            s.bind(("", int(port)))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise _port_in_use(int(port)) from None
+            raise
+
+
+def _is_address_in_use(e: BaseException) -> bool:
+    """torch's TCPStore reports a taken port only in its message (DistNetworkError, 'EADDRINUSE')."""
+    return isinstance(e, getattr(dist, "DistNetworkError", ())) and "EADDRINUSE" in str(e)
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """A collective that failed because another rank is gone (gloo/nccl errors, timeouts); not a mistake
+    of the user's (a taken port is a PortInUse, raised before any collective)."""
+    if isinstance(e, PortInUse) or _is_address_in_use(e):
+        return False
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        k in text for k in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out",
+                            "NCCL", "gloo", "ProcessGroup"))
+
+
 def init_distributed(timeout_minutes: float) -> tuple[int, int, int]:
-    """(rank, world size, local rank); a plain ``python launch/train.py`` is a world of one."""
+    """(rank, world size, local rank); a plain ``python launch/train.py`` is a world of one (on a free port)."""
     if "RANK" not in os.environ and not dist.is_initialized():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+    if not dist.is_initialized():
+        check_rendezvous_port()
     if not use_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -51,7 +101,12 @@ def init_distributed(timeout_minutes: float) -> tuple[int, int, int]:
     import torch.distributed.distributed_c10d as c10d
     c10d.default_pg_timeout = timeout
     c10d.default_pg_nccl_timeout = timeout
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda() else "gloo", timeout=timeout)
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda() else "gloo", timeout=timeout)
+    except RuntimeError as e:  # taken between the check above and the bind
+        if _is_address_in_use(e):
+            raise _port_in_use(int(os.environ.get("MASTER_PORT", 0))) from None
+        raise
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda():
@@ -79,10 +134,8 @@ def write_heartbeat(out: Path, rank: int, step: int) -> None:
     """out_dir/ranks/rankNNNNN.json: host, pid, step and time, so a survivor can say who died."""
     d = out / "ranks"
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".rank{rank:05d}.json.tmp"
-    tmp.write_text(json.dumps({"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "step": step,
-                               "time": time.time()}))
-    os.replace(tmp, d / f"rank{rank:05d}.json")
+    atomic.write_text(d / f"rank{rank:05d}.json", json.dumps(
+        {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "step": step, "time": time.time()}))
 
 
 def _process_state(pid: int) -> Optional[str]:
@@ -117,7 +170,7 @@ def watch_local_peers(out: Path, my_rank: int, local_peers: int, interval: float
                         hb = json.loads(f.read_text())
                     except (OSError, ValueError):
                         continue
-                    if hb.get("host") == here and hb.get("rank") != my_rank:
+                    if hb.get("host") == here and hb.get("rank") != my_rank and hb.get("time", 0) >= PROCESS_START:
                         local[int(hb["rank"])] = int(hb["pid"])
             # Only a peer that is gone counts: a stopped one (job control, a debugger) may resume,
             # and if it never does the collective timeout names it.
@@ -131,6 +184,16 @@ def watch_local_peers(out: Path, my_rank: int, local_peers: int, interval: float
     threading.Thread(target=watch, name="distssl-peer-watch", daemon=True).start()
 
 
+def exit_if_a_peer_died(out_dir: str, rank: int, signum: int) -> None:
+    """On one node DeepSpeed's launcher SIGTERMs the survivors as soon as a rank dies, and its own message
+    shows the last rank's command whoever failed: a rank so terminated names the dead rank(s) and leaves."""
+    dead = describe_dead_peers(out_dir, rank)
+    if dead:
+        print(f"rank {rank}: terminated by the launcher because a peer died: {dead}. Rerun the same command to "
+              f"resume from the newest complete checkpoint in {out_dir}/checkpoints", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+
 def describe_dead_peers(out_dir: str, my_rank: int) -> str:
     """'rank 1 (pid 123 on host h): gone; ...' from the heartbeats, or '' when nothing is known."""
     here = socket.gethostname()
@@ -140,7 +203,7 @@ def describe_dead_peers(out_dir: str, my_rank: int) -> str:
             hb = json.loads(f.read_text())
         except (OSError, ValueError):
             continue
-        if hb.get("rank") == my_rank:
+        if hb.get("rank") == my_rank or hb.get("time", 0) < PROCESS_START:
             continue
         where = f"rank {hb['rank']} (pid {hb['pid']} on {hb['host']})"
         if hb.get("host") == here:

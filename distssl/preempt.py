@@ -12,6 +12,10 @@ worker would take its rank down before it saved. They exit with their rank.
 
 A SIGTERM that comes because a peer rank died (DeepSpeed's launcher stops the survivors that way) is
 not a preemption: the handler names the dead peer and exits at once, as before.
+
+Ctrl-C (SIGINT, whatever run.preempt_signals says) is handled the same way: the first one saves at the
+next step boundary and the run exits :data:`INTERRUPTED_EXIT` with one line; a second one leaves at once
+(the newest complete checkpoint is still there: checkpoints appear only complete).
 """
 from __future__ import annotations
 
@@ -24,17 +28,25 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+from distssl.peers import exit_if_a_peer_died
+
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT = 75  # sysexits' EX_TEMPFAIL: a temporary failure, the same command may be retried
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a job stopped by Ctrl-C
 
 
 class Preempted(Exception):
     """Raised after the preemption checkpoint is complete."""
 
     def __init__(self, step: int, checkpoint: Path, signame: str):
-        super().__init__(f"preempted by {signame} at step {step}: saved {checkpoint}. Rerun the same command to "
+        what = "interrupted (Ctrl-C)" if signame == "SIGINT" else f"preempted by {signame}"
+        super().__init__(f"{what} at step {step}: saved {checkpoint}. Rerun the same command to "
                          f"resume from it (any number of ranks)")
         self.step, self.checkpoint, self.signame = step, checkpoint, signame
+
+    @property
+    def exit_code(self) -> int:
+        return INTERRUPTED_EXIT if self.signame == "SIGINT" else PREEMPTED_EXIT
 
 
 def signal_numbers(names: list[str]) -> list[int]:
@@ -76,11 +88,11 @@ class PreemptWatch:
         self.numbers = signal_numbers(names)
         if threading.current_thread() is not threading.main_thread():
             return  # e.g. a Ray Tune trial's training thread: Ray owns the signals there
-        _ignored = tuple(self.numbers)
-        for s in self.numbers:
+        handled = [*self.numbers, *([signal.SIGINT] if signal.SIGINT not in self.numbers else [])]
+        _ignored = tuple(handled)
+        for s in handled:
             signal.signal(s, self._handler)
-        if self.numbers:
-            atexit.register(_reap_loader_workers)
+        atexit.register(_reap_loader_workers)
 
     @property
     def requested(self) -> bool:
@@ -92,17 +104,18 @@ class PreemptWatch:
 
     def _handler(self, signum, frame) -> None:
         if self.saved:  # the checkpoint is written: the rest is exiting
-            os._exit(PREEMPTED_EXIT)
-        if signum == signal.SIGTERM:
-            from distssl.peers import describe_dead_peers  # a peer died: the launcher is stopping us
-
-            dead = describe_dead_peers(self.out_dir, self.rank)
-            if dead:
-                print(f"rank {self.rank}: terminated by the launcher because a peer died: {dead}. Rerun the same "
-                      f"command to resume from the newest complete checkpoint in {self.out_dir}/checkpoints",
-                      file=sys.stderr, flush=True)
-                os._exit(128 + signum)
+            os._exit(INTERRUPTED_EXIT if signum == signal.SIGINT else PREEMPTED_EXIT)
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:  # Ctrl-C twice: leave now
+            print(f"rank {self.rank}: interrupted again: leaving without saving (the newest complete checkpoint "
+                  f"in {self.out_dir}/checkpoints is kept)", file=sys.stderr, flush=True)
+            os._exit(INTERRUPTED_EXIT)
+        if signum == signal.SIGTERM:  # from the launcher because a peer died? then not a preemption
+            exit_if_a_peer_died(self.out_dir, self.rank, signum)
         if self.signum is None:
-            print(f"rank {self.rank}: {signal.Signals(signum).name} received: saving a checkpoint at the next step "
-                  f"boundary, then exiting ({PREEMPTED_EXIT})", file=sys.stderr, flush=True)
-        self.signum = signum
+            if signum == signal.SIGINT:
+                print(f"rank {self.rank}: Ctrl-C: saving a checkpoint at the next step boundary, then exiting "
+                      f"(Ctrl-C again to leave now)", file=sys.stderr, flush=True)
+            else:
+                print(f"rank {self.rank}: {signal.Signals(signum).name} received: saving a checkpoint at the next "
+                      f"step boundary, then exiting ({PREEMPTED_EXIT})", file=sys.stderr, flush=True)
+            self.signum = signum

@@ -13,6 +13,7 @@ import logging
 from typing import Optional
 
 from distssl.config import Config, ConfigError
+from distssl.demo import check_not_mixed
 
 log = logging.getLogger(__name__)
 MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"RIFF": "a RIFF file "
@@ -20,6 +21,7 @@ MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a
 
 
 def check(cfg: Config) -> None:
+    check_not_mixed(cfg.data)
     check_model_name(cfg.model.name)
     check_optimizer_name(cfg.optim.name)
     if cfg.model.pretrained:

@@ -24,7 +24,9 @@ from typing import Any, Literal
 
 import yaml
 
+from distssl import atomic
 from distssl.config import Config, dump_yaml, load_config, to_dict, validate
+from distssl.errors import UserError
 from distssl.typed_tree import ConfigError, build, flatten, parse_override, set_path
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -57,6 +59,9 @@ class Sweep:
     tune: TuneSettings
     space: dict[str, dict[str, list]] = field(default_factory=dict)
     out_dir: str = ""
+    # the base config with the user's command-line overrides only, without the tune file's own
+    # ``overrides:`` (shorter trials, no periodic checkpoints, ...): what best_config.yaml starts from
+    user_base: Config | None = None
 
 
 def load_sweep(path: str, overrides: list[str] = ()) -> Sweep:
@@ -73,22 +78,25 @@ def load_sweep(path: str, overrides: list[str] = ()) -> Sweep:
         raise ConfigError(f"{path}: 'base' (the training config the trials start from) is missing")
     base_path = str((Path(path).parent / tree["base"]).resolve())
     tune_tree = dict(tree.get("tune") or {})
-    base_overrides = [f"{k}={json.dumps(v)}" for k, v in flatten(tree.get("overrides") or {}).items()]
+    sweep_overrides = [f"{k}={json.dumps(v)}" for k, v in flatten(tree.get("overrides") or {}).items()]
+    user_overrides = []
     for text in overrides:
         key, value = parse_override(text)
         if key.startswith("tune."):
             set_path(tune_tree, key[len("tune."):], value)
         else:
-            base_overrides.append(text)
+            user_overrides.append(text)
     settings = build(TuneSettings, tune_tree, "tune")
     for key in ("num_samples", "grace_period", "reduction_factor", "workers_per_trial"):
         if getattr(settings, key) < 1:
             raise ConfigError(f"tune.{key}={getattr(settings, key)} is out of range: allowed >= 1")
-    base = load_config(base_path, base_overrides)
+    base = load_config(base_path, sweep_overrides + user_overrides)
     _absolute_paths(base)  # trials run in their own working folders
+    user_base = load_config(base_path, user_overrides)
+    _absolute_paths(user_base)
     space = tree.get("space") or {}
     check_space(space, base)
-    return Sweep(base=base, tune=settings, space=space, out_dir=base.run.out_dir)
+    return Sweep(base=base, tune=settings, space=space, out_dir=base.run.out_dir, user_base=user_base)
 
 
 def _absolute_paths(cfg: Config) -> None:
@@ -186,7 +194,7 @@ def train_loop(loop_config: dict) -> None:
     silence_known_notices()  # in the trial's worker process, as launch/train.py does in each rank
     try:
         engine.run(cfg, on_eval=report)
-    except ConfigError as e:
+    except UserError as e:
         # a mistake in the trial's config is not bad luck: a retry fails the same way. End the trial
         # with the message as its result (results.csv shows it), instead of raising into Ray's retries.
         ray.train.report({"config_error": str(e), "step": 0})
@@ -212,6 +220,7 @@ def run_sweep(sweep: Sweep) -> dict:
     sweep_dir = str(Path(sweep.out_dir).resolve())
     check_resumable(sweep, sweep_dir)  # a rerun with other settings must not replay the old sweep
     Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    rounds = sweep_rounds(sweep_dir, t.num_samples)
     _write_settings(sweep, sweep_dir)
     if not ray.is_initialized():
         if t.address:
@@ -226,10 +235,10 @@ def run_sweep(sweep: Sweep) -> dict:
     dump_yaml(sweep.base, Path(sweep_dir) / "base_config.yaml")
     use_gpu = t.gpus_per_worker > 0
     with _known_ray_deprecations():
-        return _fit(sweep, sweep_dir, use_gpu)
+        return _fit(sweep, sweep_dir, use_gpu, rounds)
 
 
-def _fit(sweep: Sweep, sweep_dir: str, use_gpu: bool) -> dict:
+def _fit(sweep: Sweep, sweep_dir: str, use_gpu: bool, rounds: list[tuple[str, int]]) -> dict:
     import ray
     from ray import tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -258,21 +267,49 @@ def _fit(sweep: Sweep, sweep_dir: str, use_gpu: bool) -> dict:
                                reduction_factor=t.reduction_factor)
                  if t.scheduler == "asha" else FIFOScheduler())
     storage, filesystem = _storage(t.storage_path, sweep_dir)
-    name = "sweep"
-    path = os.path.join(storage, name)
-    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):  # a killed sweep: finished trials kept
-        tuner = tune.Tuner.restore(path, trainable=trainer, param_space=param_space, resume_unfinished=True,
-                                   resume_errored=True, storage_filesystem=filesystem)
-    else:
-        tuner = tune.Tuner(
-            trainer, param_space=param_space,
-            tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, scheduler=scheduler, num_samples=t.num_samples,
-                                        max_concurrent_trials=t.max_concurrent_trials or None),
-            run_config=RunConfig(name=name, storage_path=storage, storage_filesystem=filesystem, verbose=1,
-                                 failure_config=FailureConfig(max_failures=t.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
-    results = tuner.fit()
+    results = []
+    for name, num_samples in rounds:
+        path = os.path.join(storage, name)
+        if tune.Tuner.can_restore(path, storage_filesystem=filesystem):  # a killed sweep: finished trials kept
+            tuner = tune.Tuner.restore(path, trainable=trainer, param_space=param_space, resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=filesystem)
+        else:
+            tuner = tune.Tuner(
+                trainer, param_space=param_space,
+                tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, scheduler=scheduler,
+                                            num_samples=num_samples,
+                                            max_concurrent_trials=t.max_concurrent_trials or None),
+                run_config=RunConfig(name=name, storage_path=storage, storage_filesystem=filesystem, verbose=1,
+                                     failure_config=FailureConfig(max_failures=t.max_failures),
+                                     checkpoint_config=CheckpointConfig(num_to_keep=2)))
+        results.extend(tuner.fit())
     return write_outputs(sweep, results, sweep_dir)
+
+
+ROUNDS_NAME = "rounds.json"
+
+
+def sweep_rounds(sweep_dir: str, num_samples: int) -> list[tuple[str, int]]:
+    """The Tune experiments of a sweep, (name, trials): the first is the sweep as it was started
+    (sweep.yaml records its num_samples); a rerun with a larger tune.num_samples adds one experiment
+    of the missing trials (rounds.json), so a finished sweep grows without any trial running again.
+    Fewer trials than the sweep has is refused: its results would silently drop some."""
+    settings = Path(sweep_dir) / SETTINGS_NAME
+    first = num_samples
+    if settings.exists():
+        first = int((yaml.safe_load(settings.read_text()) or {}).get("tune", {}).get("num_samples", num_samples))
+    path = Path(sweep_dir) / ROUNDS_NAME
+    extra = [tuple(r) for r in json.loads(path.read_text())] if path.exists() else []
+    rounds = [("sweep", first), *extra]
+    have = sum(n for _, n in rounds)
+    if num_samples < have:
+        raise ConfigError(f"tune.num_samples={num_samples}, but the sweep in {sweep_dir} already has {have} trials: "
+                          f"a sweep grows and never shrinks. Give tune.num_samples={have} (or more, to add "
+                          f"trials), or another run.out_dir")
+    if num_samples > have:
+        rounds.append((f"sweep-add{len(rounds)}", num_samples - have))
+        atomic.write_text(path, json.dumps([list(r) for r in rounds[1:]]))
+    return rounds
 
 
 def _storage(url: str, sweep_dir: str):
@@ -302,7 +339,9 @@ def _known_ray_deprecations():
 
 SETTINGS_NAME = "sweep.yaml"
 # may differ when a killed sweep is resumed: where and how wide it runs, not what it searches
-RESUMABLE_SWEEP_KEYS = {"tune.address", "tune.num_cpus", "tune.max_concurrent_trials", "tune.max_failures"}
+# (tune.num_samples may grow: sweep_rounds adds the trials)
+RESUMABLE_SWEEP_KEYS = {"tune.address", "tune.num_cpus", "tune.max_concurrent_trials", "tune.max_failures",
+                        "tune.num_samples"}
 
 
 def sweep_settings(sweep: Sweep) -> dict:
@@ -332,9 +371,7 @@ def check_resumable(sweep: Sweep, sweep_dir: str) -> None:
 def _write_settings(sweep: Sweep, sweep_dir: str) -> None:
     path = Path(sweep_dir) / SETTINGS_NAME
     if not path.exists():
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(sweep_settings(sweep), sort_keys=False))
-        os.replace(tmp, path)
+        atomic.write_text(path, yaml.safe_dump(sweep_settings(sweep), sort_keys=False))
 
 
 def write_outputs(sweep: Sweep, results, sweep_dir: str) -> dict:
@@ -353,7 +390,7 @@ def write_outputs(sweep: Sweep, results, sweep_dir: str) -> dict:
     sign = -1 if mode == "max" else 1
     rows.sort(key=lambda row: (row[f"best_{metric}"] is None, sign * (row[f"best_{metric}"] or 0)))
     keys = list(sweep.space)
-    with open(Path(sweep_dir) / "results.csv", "w", newline="") as f:
+    with atomic.atomic_path(Path(sweep_dir) / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["trial", *keys, f"best_{metric}", f"last_{metric}", "steps", "status",
                                           "error"])
         w.writeheader()
@@ -365,7 +402,8 @@ def write_outputs(sweep: Sweep, results, sweep_dir: str) -> dict:
     good = [row for row in rows if row[f"best_{metric}"] is not None]
     if good:
         best = good[0]
-        cfg = apply(sweep.base, {k: best[k] for k in keys}, str(Path(sweep_dir) / "best"))
+        # the user's base and the best values; not the tune file's overrides, made for short trials
+        cfg = apply(sweep.user_base or sweep.base, {k: best[k] for k in keys}, str(Path(sweep_dir) / "best"))
         dump_yaml(cfg, Path(sweep_dir) / "best_config.yaml")
         summary.update(best={k: best[k] for k in keys}, best_metric=best[f"best_{metric}"],
                        best_config=str(Path(sweep_dir) / "best_config.yaml"))
@@ -412,5 +450,6 @@ def _plot(rows: list[dict], keys: list[str], metric: str, out: Path) -> None:
         ax.set_ylabel(f"best {metric}")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
+    with atomic.atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)

@@ -11,9 +11,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem the user can fix: the message names the key and what is allowed."""
+from distssl.errors import ConfigError  # noqa: F401 - raised here, and imported from here by callers
 
 
 def _type_name(tp: Any) -> str:
@@ -130,3 +128,57 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in the class's source: the one ending its line, else the comment lines just
+    above it (the schema documents itself where it is defined; ``--keys`` prints these)."""
+    import inspect
+    import io
+    import tokenize
+
+    try:
+        source, first = inspect.getsourcelines(cls)
+    except (OSError, TypeError):  # no source (a frozen build): the keys without meanings
+        return {}
+    comments: dict[int, str] = {}
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO("".join(source)).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    except (tokenize.TokenError, IndentationError):
+        return {}
+    out = {}
+    for i, line in enumerate(source, start=1):
+        stripped = line.strip()
+        name = stripped.split(":", 1)[0].strip()
+        if not stripped or stripped.startswith("#") or ":" not in stripped or not name.isidentifier():
+            continue
+        if i in comments and not stripped.startswith("#"):
+            out[name] = comments[i]
+            continue
+        above, j = [], i - 1
+        while j in comments and source[j - 1].strip().startswith("#"):
+            above.insert(0, comments[j])
+            j -= 1
+        if above:
+            out[name] = " ".join(above)
+    return out
+
+
+def describe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, meaning) for every value of the tree, in schema order."""
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    rows = []
+    default_tree = cls()
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], _join(prefix, f.name)
+        if dataclasses.is_dataclass(tp):
+            doc = (tp.__doc__ or "").strip()
+            if doc and not doc.startswith(f"{tp.__name__}("):  # dataclasses' own generated signature
+                rows.append((key, "section", None, doc.splitlines()[0]))
+            rows.extend(describe_keys(tp, key))
+        else:
+            rows.append((key, _type_name(tp), getattr(default_tree, f.name), comments.get(f.name, "")))
+    return rows

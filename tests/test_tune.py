@@ -46,7 +46,7 @@ def test_a_bad_search_key_is_named_before_any_trial_starts(tmp_path):
 @pytest.mark.ray
 def test_sweep_with_asha_writes_results_and_a_best_config_that_trains(tiny_data, tmp_path):
     sweep = tmp_path / "sweep"
-    args = tiny_overrides(tiny_data, sweep, **{"train.steps": 6, "train.eval_every": 2, "train.ckpt_every": 0})
+    args = tiny_overrides(tiny_data, sweep, **{"train.steps": 6, "train.eval_every": 2})
     r = _tune([*args, "tune.num_samples=3", "tune.num_cpus=2"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     console = r.stdout + r.stderr
@@ -63,6 +63,11 @@ def test_sweep_with_asha_writes_results_and_a_best_config_that_trains(tiny_data,
     assert (sweep / "sweep.png").stat().st_size > 2000
     best = yaml.safe_load((sweep / "best_config.yaml").read_text())
     assert best["ssl"]["tau"] == float(rows[0]["ssl.tau"]) and best["ssl"]["mu"] == int(rows[0]["ssl.mu"])
+    # the user's settings (demo.yaml's and the command line's), not what the tune file imposed on its
+    # trials (configs/tune/demo.yaml: train.ckpt_every 0): a run from it makes periodic checkpoints
+    trials = yaml.safe_load(next((sweep / "trials").glob("*/config.yaml")).read_text())
+    assert trials["train"]["ckpt_every"] == 0 and best["train"]["ckpt_every"] == 100
+    assert best["train"]["steps"] == 6 and best["data"]["labeled"] == tiny_data["labeled"]
     out = tmp_path / "from_best"
     r = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--config", str(sweep / "best_config.yaml"),
                         f"run.out_dir={out}", "train.steps=2", "train.eval_every=2"],
@@ -98,6 +103,17 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data, tmp
     assert len(rows) == 2 and all(row["status"] == "TERMINATED" for row in rows)
     for name, mtime in finished.items():  # finished trials were not run again
         assert (sweep / "trials" / name / "summary.json").stat().st_mtime == mtime
+    # a finished sweep grows: one more trial runs, the two before it are kept as they are
+    done = {p.parent.name: p.stat().st_mtime for p in (sweep / "trials").glob("*/summary.json")}
+    r = _tune([*args[:-4], "tune.num_samples=3", "tune.max_concurrent_trials=1", "tune.num_cpus=2",
+               "tune.scheduler=fifo"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = _rows(sweep)
+    assert len(rows) == 3 and all(row["status"] == "TERMINATED" for row in rows)
+    assert {p.parent.name: p.stat().st_mtime for p in (sweep / "trials").glob("*/summary.json")
+            if p.parent.name in done} == done
+    r = _tune([*args[:-4], "tune.num_samples=2", "tune.num_cpus=2", "tune.scheduler=fifo"])
+    assert r.returncode == 2 and "already has 3 trials: a sweep grows and never shrinks" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.slow

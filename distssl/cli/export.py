@@ -23,11 +23,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from distssl.data.index import resolve
+    from distssl.errors import UserError
     from distssl.export import ema_weights_from_run, model_meta, write_export
 
     try:
         state, info = ema_weights_from_run(args.run)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, UserError) as e:
         print(f"export_model: {e}", file=sys.stderr)
         return 2
     cfg = info["config"]

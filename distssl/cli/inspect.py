@@ -22,11 +22,12 @@ def main(argv=None) -> int:
 
     from distssl.data import store
     from distssl.data.index import read_index
+    from distssl.errors import UserError
     from distssl.shardinfo import draw_grid, summarize, verify
 
     try:
         index = read_index(a.url)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, UserError) as e:  # no index.json, or a damaged one (named, with the fix)
         print(f"inspect_shards: error: {e}", file=sys.stderr)
         return 2
     summary = summarize(index)

@@ -1,12 +1,18 @@
 #!/usr/bin/env python
-"""Train a timm backbone with FixMatch + distribution alignment on DeepSpeed ZeRO.
+"""Train a timm backbone semi-supervised (FixMatch, FlexMatch, FreeMatch or SoftMatch, with distribution
+alignment) on DeepSpeed ZeRO, from shard sets.
 
   deepspeed --num_gpus N launch/train.py --config configs/demo.yaml [key=value ...]
   python launch/train.py --config configs/demo.yaml [key=value ...]      # one process
 
 Overrides use dotted keys of the config tree, e.g. ssl.tau=0.9 train.steps=500
-deepspeed.zero_stage=3 data.unlabeled=s3://bucket/shards/unlabeled. Rerunning with the same
-run.out_dir resumes from its latest complete checkpoint; a larger train.steps continues it.
+deepspeed.zero_stage=3 data.unlabeled=s3://bucket/shards/unlabeled. `--keys` lists every key with its
+default and meaning; `--print-config` prints the resolved config and exits.
+
+Rerunning with the same run.out_dir resumes from its latest complete checkpoint; a larger train.steps
+continues it. Ctrl-C (or a scheduler's SIGTERM/SIGUSR1) saves a checkpoint at the next step boundary
+and exits (130 for Ctrl-C, 75 for a preemption); a second Ctrl-C leaves at once. Exit 2: a mistake in
+the config or the data named in one line; 3: too many unusable samples; 4: a peer rank died.
 """
 import argparse
 import logging
@@ -14,56 +20,71 @@ import os
 import sys
 
 
-def _is_peer_failure(e: BaseException) -> bool:
-    """A collective that failed because another rank is gone (gloo/nccl errors, timeouts)."""
-    import torch.distributed as dist
+def print_keys(prefix: str = "") -> None:
+    """Every config key with its type, default and meaning (from the schema's own comments)."""
+    import json
 
-    text = str(e)
-    return isinstance(e, getattr(dist, "DistError", ())) or any(
-        k in text for k in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out",
-                            "NCCL", "gloo", "ProcessGroup"))
+    from distssl.config import Config
+    from distssl.typed_tree import describe_keys
 
-
-def _report_dead_peers_on_sigterm(out_dir: str) -> None:
-    """On one node DeepSpeed's launcher SIGTERMs the survivors as soon as a rank dies, and its own
-    message shows the last rank's command whoever failed: name the dead rank(s) here instead."""
-    import signal
-
-    def handler(signum, frame):
-        from distssl.peers import describe_dead_peers
-
-        rank = os.environ.get("RANK", "?")
-        dead = describe_dead_peers(out_dir, int(rank) if rank.isdigit() else -1)
-        if dead:
-            print(f"rank {rank}: terminated by the launcher because a peer died: {dead}. Rerun the same command "
-                  f"to resume from the newest complete checkpoint in {out_dir}/checkpoints", file=sys.stderr,
-                  flush=True)
-        os._exit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
+    rows = [r for r in describe_keys(Config) if r[0].startswith(prefix)]
+    if not rows:
+        print(f"no key starts with {prefix!r}; sections: run, train, ssl, model, optim, deepspeed, data",
+              file=sys.stderr)
+        return
+    for key, type_name, default, meaning in rows:
+        if type_name == "section":
+            print(f"\n{key}: {meaning}")
+            continue
+        print(f"{key} = {json.dumps(default)}  ({type_name})" + (f"\n    {meaning}" if meaning else ""))
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (configs/demo.yaml, configs/cifar10.yaml, ...)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (recipe + overrides + defaults) as YAML and exit")
+    p.add_argument("--keys", nargs="?", const="", metavar="PREFIX",
+                   help="list every config key (or those starting with PREFIX, e.g. ssl.) with its default and "
+                        "meaning, and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. ssl.tau=0.9")
     args = p.parse_args(argv)
+    if args.keys is not None:
+        print_keys(args.keys)
+        return 0
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        return _train(args)
+    except KeyboardInterrupt:  # before the step loop's handler is installed (start-up, shard build, teardown)
+        print("interrupted before training began its steps: nothing to save; rerun the same command to start "
+              "again (a demo build that was cut short is finished, not redone)", file=sys.stderr, flush=True)
+        return 130
 
-    from distssl.config import ConfigError, check_paths, load_config
+
+def _train(args) -> int:
+    from distssl.config import load_config
+    from distssl.errors import UserError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("distssl").setLevel(logging.INFO)  # ours: what was loaded, from where
     try:
         cfg = load_config(args.config, args.overrides)
-        from distssl.demo import ensure_demo_data, uses_demo_data
-        if uses_demo_data(cfg.data):
-            ensure_demo_data(cfg.data.demo_root, progress=os.environ.get("RANK", "0") == "0")
+        if args.print_config:
+            import yaml
+
+            from distssl.config import redacted_dict
+
+            print(yaml.safe_dump(redacted_dict(cfg), sort_keys=False), end="")
+            return 0
+        from distssl import demo
+        from distssl.config import check_paths
+
+        demo.prepare(cfg.data, progress=os.environ.get("RANK", "0") == "0")
         check_paths(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except UserError as e:
+        print(f"{e.label}: {e}", file=sys.stderr)
         return 2
 
     from distssl.notices import silence_known_notices
@@ -71,18 +92,21 @@ def main(argv=None) -> int:
     silence_known_notices()
     _report_dead_peers_on_sigterm(cfg.run.out_dir)
     from distssl.engine import DataError, run
-    from distssl.preempt import PREEMPTED_EXIT, Preempted
+    from distssl.peers import describe_dead_peers, is_peer_failure
+    from distssl.preempt import Preempted
+
+    rank = os.environ.get("RANK", "0")
     try:
         result = run(cfg)
     except Preempted as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"preempted: {e}", file=sys.stderr, flush=True)
+        if rank == "0":
+            print(str(e), file=sys.stderr, flush=True)
         # the checkpoint is complete on every rank: leave now, inside the grace period, without
         # waiting on loader workers or the process group's teardown
         sys.stdout.flush()
-        os._exit(PREEMPTED_EXIT)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        os._exit(e.exit_code)
+    except UserError as e:
+        print(f"{e.label}: {e}", file=sys.stderr)
         return 2
     except DataError as e:
         msg = str(e).strip()
@@ -91,11 +115,8 @@ def main(argv=None) -> int:
         print(f"data error: {msg}", file=sys.stderr)
         return 3
     except RuntimeError as e:
-        if not _is_peer_failure(e):
+        if not is_peer_failure(e):
             raise
-        from distssl.peers import describe_dead_peers
-
-        rank = os.environ.get("RANK", "?")
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         dead = describe_dead_peers(cfg.run.out_dir, int(rank) if rank.isdigit() else -1)
         print(f"rank {rank}: a collective failed, so a peer rank died or stopped answering "
@@ -104,10 +125,25 @@ def main(argv=None) -> int:
               f"Rerun the same command to resume from the newest complete checkpoint in "
               f"{cfg.run.out_dir}/checkpoints ({first[:200]})", file=sys.stderr)
         return 4
-    if os.environ.get("RANK", "0") == "0":
+    if rank == "0":
         print(f"done: step {cfg.train.steps}, eval top-1 {100 * result['top1']:.2f}% "
               f"(EMA weights), outputs in {cfg.run.out_dir}")
     return 0
+
+
+def _report_dead_peers_on_sigterm(out_dir: str) -> None:
+    """Until the step loop installs its own handler (distssl.preempt), a SIGTERM from the launcher because
+    a peer died names that peer; any other SIGTERM ends the process as by default."""
+    import signal
+
+    from distssl.peers import exit_if_a_peer_died
+
+    def handler(signum, frame):
+        rank = os.environ.get("RANK", "?")
+        exit_if_a_peer_died(out_dir, int(rank) if rank.isdigit() else -1, signum)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -24,24 +24,24 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from distssl.config import ConfigError, check_paths
+    from distssl.config import check_paths
+    from distssl.errors import UserError
     from distssl.tune import load_sweep, run_sweep
 
     try:
         sweep = load_sweep(a.config, a.overrides)
-        from distssl.demo import ensure_demo_data, uses_demo_data
-        if uses_demo_data(sweep.base.data):
-            ensure_demo_data(sweep.base.data.demo_root, progress=True)
+        from distssl import demo
+        demo.prepare(sweep.base.data, progress=True)
         check_paths(sweep.base)
         from distssl import preflight
         preflight.check(sweep.base)  # the base config's mistakes, before Ray starts
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except UserError as e:
+        print(f"{e.label}: {e}", file=sys.stderr)
         return 2
     try:
         summary = run_sweep(sweep)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except UserError as e:
+        print(f"{e.label}: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1, default=str))
     return 0 if "best_config" in summary else 1

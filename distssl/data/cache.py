@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Optional
 
+from distssl import atomic
 from distssl.data import store
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class ShardCache:
                         raise OSError(f"{store.redact(url)}: read {got} bytes where index.json says {size}")
                     self._evict(room_for=got, keep=path)
                     path.with_name(path.name + ".sha256").write_text(digest.hexdigest())
-                    os.replace(tmp, path)
+                    atomic.publish(tmp, path)
                 finally:
                     with contextlib.suppress(FileNotFoundError):
                         tmp.unlink()

@@ -11,6 +11,7 @@ of a source is read equally often and an epoch's shard list is a pure function o
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -18,8 +19,11 @@ import braceexpand
 import numpy as np
 
 from distssl.data import store
+from distssl.errors import DamagedFile
 
 INDEX_NAME = "index.json"
+# what raw image folders hold (the shard builder's inputs): given where shards belong, they are named as such
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".jfif"}
 FORMAT = "distssl.shardset/1"
 
 
@@ -123,16 +127,65 @@ def describe_missing(spec: str) -> Optional[str]:
     if not store.exists(spec):
         return f"{spec} does not exist (build it with tools/make_shards.py SRC {spec})"
     if not store.exists(store.join(spec, INDEX_NAME)):
+        images = describe_raw_images(spec)
+        if images:
+            return (f"{spec} holds {images}, not shards: build a shard set from it first, e.g. "
+                    f"`distssl-shards {spec} SHARDS` (add --labels-per-class N for a training split: it writes "
+                    f"SHARDS/labeled and SHARDS/unlabeled), then give the shard set here")
+        if not any(name.endswith(".tar") for name in _names(spec)):
+            return (f"{spec} has no {INDEX_NAME} and no .tar shards: give a shard-set folder built by "
+                    f"distssl-shards (it holds {INDEX_NAME}), or a brace pattern of .tar files")
         return (f"{spec} has no {INDEX_NAME}: it is not a complete shard set "
                 f"(rerun tools/make_shards.py to finish it, or give a brace pattern of .tar files)")
     return None
 
 
+def _names(folder: str) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
+def describe_raw_images(folder: str, limit: int = 10_000) -> str:
+    """'123 images in 10 class folders (0, 1, ...)' or '12 images' for a local folder of raw images
+    (at its top or one folder down), '' when it holds none. Stops counting at ``limit``."""
+    def is_image(name: str) -> bool:
+        return os.path.splitext(name)[1].lower() in IMAGE_EXTS
+
+    top = _names(folder)
+    count = sum(is_image(n) for n in top)
+    classes = []
+    for name in sorted(top):
+        sub = os.path.join(folder, name)
+        if count >= limit or not os.path.isdir(sub):
+            continue
+        inside = sum(is_image(n) for n in _names(sub))
+        if inside:
+            classes.append(name)
+            count += inside
+    if not count:
+        return ""
+    more = "+" if count >= limit else ""
+    if classes:
+        shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+        return f"{count}{more} images in {len(classes)} class folders ({shown})"
+    return f"{count}{more} images"
+
+
+REBUILD_INDEX = ("rerun the build that made this set (distssl-shards SRC DST with the same arguments rewrites "
+                 "the index from the shards' own stats), or copy the set again from where it came from")
+
+
 def read_index(spec: str) -> dict:
     try:
-        return json.loads(store.read_bytes(store.join(spec, INDEX_NAME)))
+        index = store.read_json(store.join(spec, INDEX_NAME), REBUILD_INDEX)
     except FileNotFoundError:
         raise FileNotFoundError(f"{store.redact(spec)}: no {INDEX_NAME} (not a complete shard set)") from None
+    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+        raise DamagedFile(f"{store.redact(store.join(spec, INDEX_NAME))} is not a shard-set index (no 'shards' "
+                          f"list): {REBUILD_INDEX}")
+    return index
 
 
 def resolve(spec: Any) -> ShardSet:

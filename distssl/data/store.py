@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -11,6 +12,9 @@ from typing import IO, Iterator, Optional
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from distssl import atomic
+from distssl.errors import DamagedFile
 
 log = logging.getLogger(__name__)
 _SECRET_IN_URL = re.compile(r"(://)([^/@:]+):([^/@]+)@")
@@ -75,6 +79,21 @@ def read_bytes(url: str) -> bytes:
     return retry(fs.cat_file, path, what=url)
 
 
+def read_json(url: str, fix: str, gzipped: bool = False):
+    """A JSON file we (or a tool before us) wrote: one that does not parse (cut short by a kill, copied in
+    part) is a :class:`DamagedFile` naming it and ``fix``, not a JSONDecodeError from deep inside."""
+    data = read_bytes(url)
+    try:
+        if gzipped:
+            import gzip
+
+            data = gzip.decompress(data)
+        return json.loads(data)
+    except (ValueError, EOFError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DamagedFile(f"{redact(url)} is damaged ({len(data)} bytes that do not parse as "
+                          f"{'gzipped ' if gzipped else ''}JSON: {e}): {fix}") from None
+
+
 def is_local(fs) -> bool:
     return fs.__class__.__name__ == "LocalFileSystem"
 
@@ -114,7 +133,7 @@ def atomic_write(url: str) -> Iterator[IO[bytes]]:
     try:
         with open(tmp, "wb") as f:
             yield f
-        os.replace(tmp, path)
+        atomic.publish(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -171,4 +190,4 @@ def open_stream(url: str) -> IO[bytes]:
 
 
 __all__ = ["redact", "filesystem", "check_bucket", "join", "exists", "read_bytes", "atomic_write", "write_bytes",
-           "open_stream", "retry", "is_local", "fsspec"]
+           "open_stream", "read_json", "retry", "is_local", "fsspec"]

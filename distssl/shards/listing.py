@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from distssl.data import store
+from distssl.data.index import IMAGE_EXTS
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".jfif"}
 MANIFEST_EXTS = (".csv", ".jsonl", ".ndjson")
 
 

@@ -92,14 +92,18 @@ def _gen_name(g: int) -> str:
     return f"build-g{g:03d}.json.gz"
 
 
+_DAMAGED_RECORD = ("the build's plan cannot be read, so nothing was written: restore the file from a copy, or "
+                   "build into a new destination (the shard sets already there still train as they are)")
+
+
 def read_record(dst: str) -> Optional[Record]:
     try:
-        head = json.loads(store.read_bytes(store.join(dst, RECORD_NAME)))
+        head = store.read_json(store.join(dst, RECORD_NAME), _DAMAGED_RECORD)
     except FileNotFoundError:
         return None
     if head.get("format") != FORMAT:
         raise ValueError(f"{store.redact(dst)}/{RECORD_NAME}: unknown build record format {head.get('format')!r}")
-    gens = [Generation.from_json(json.loads(gzip.decompress(store.read_bytes(store.join(dst, _gen_name(g))))))
+    gens = [Generation.from_json(store.read_json(store.join(dst, _gen_name(g)), _DAMAGED_RECORD, gzipped=True))
             for g in range(len(head["generations"]))]
     return Record(head["source"], head["options"], list(head["class_names"]), gens)
 

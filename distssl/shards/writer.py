@@ -48,7 +48,8 @@ def _tar_writer(f):
 
 def read_stats(set_url: str, stats_name: str) -> dict | None:
     try:
-        return json.loads(store.read_bytes(store.join(set_url, stats_name)))
+        return store.read_json(store.join(set_url, stats_name),
+                               "remove it and rerun the same build: the shard beside it is written again")
     except FileNotFoundError:
         return None
 

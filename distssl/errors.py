@@ -1,0 +1,32 @@
+"""The kinds of failure a user can fix, told apart by type (never by the text of a library's message).
+
+Every command line catches :class:`UserError`, prints its one line and exits 2: the message names the
+input (a key, a file, a port) and what to do. Failures of the run itself (a dead peer, a preemption,
+broken data past the allowed fraction) have their own types where they are raised.
+"""
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Something the user gave is wrong; the message names it and says what to do (exit 2)."""
+
+    label = "error"
+
+
+class ConfigError(UserError):
+    """A config problem the user can fix: the message names the key and what is allowed."""
+
+    label = "config error"
+
+
+class DamagedFile(UserError):
+    """A file we read (an index.json, a build record, a model.json) is not what was written: truncated,
+    cut by a kill or copied in part."""
+
+    label = "damaged file"
+
+
+class PortInUse(UserError):
+    """The rendezvous port is held by another process: rerunning the same command fails the same way."""
+
+    label = "port in use"
