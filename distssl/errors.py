@@ -26,6 +26,13 @@ class DamagedFile(UserError):
     label = "damaged file"
 
 
+class MissingShardSet(UserError, FileNotFoundError):
+    """A data key names no shard set (no index.json there); still a FileNotFoundError for callers that
+    treat a missing set as "not built yet"."""
+
+    label = "data error"
+
+
 class PortInUse(UserError):
     """The rendezvous port is held by another process: rerunning the same command fails the same way."""
 

@@ -213,6 +213,23 @@ def test_raw_images_given_as_a_shard_set_are_named_as_images_with_the_build_comm
     assert "holds 1 images" not in (describe_missing(str(next((tiny_data["raw"] / "eval").iterdir()))) or "")
 
 
+def test_raw_images_under_a_store_prefix_are_named_as_images_too(tiny_data):
+    import fsspec
+
+    from distssl.data.index import resolve
+    from distssl.errors import MissingShardSet
+
+    fs = fsspec.filesystem("memory")
+    for digit in ("3", "7"):
+        for f in sorted((tiny_data["raw"] / "eval" / digit).iterdir())[:4]:
+            fs.pipe(f"/raw-bucket/eval/{digit}/{f.name}", f.read_bytes())
+    with pytest.raises(MissingShardSet, match=r"memory://raw-bucket/eval holds 8 images in 2 class folders "
+                                              r"\(3, 7\), not shards: build a shard set from it first"):
+        resolve("memory://raw-bucket/eval")
+    with pytest.raises(FileNotFoundError, match="has no index.json: it is not a complete shard set"):
+        resolve("memory://raw-bucket/nothing-here")  # still a FileNotFoundError for "not built yet" callers
+
+
 @pytest.mark.slow
 def test_training_on_raw_images_exits_2_saying_they_are_images(tiny_data, tmp_path):
     r = run_train(tiny_overrides({**tiny_data, "eval": str(tiny_data["raw"] / "eval")}, tmp_path / "run"))

@@ -35,6 +35,15 @@ import sys
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # shards appear only complete: what was written is kept
+        print("make_shards: interrupted: the shards already written are complete and kept; rerun the same command "
+              "to build the rest", file=sys.stderr)
+        return 130
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="folder, bucket prefix or manifest (.csv/.jsonl) of raw images")
     p.add_argument("dst", help="output shard-set folder or URL")

@@ -18,6 +18,15 @@ import sys
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("tune: interrupted: rerun the same command to resume the sweep (finished trials are kept, the others "
+              "restart from their last checkpoint)", file=sys.stderr)
+        return 130
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="tune YAML (configs/tune/demo.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value")

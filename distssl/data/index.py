@@ -19,7 +19,7 @@ import braceexpand
 import numpy as np
 
 from distssl.data import store
-from distssl.errors import DamagedFile
+from distssl.errors import DamagedFile, MissingShardSet
 
 INDEX_NAME = "index.json"
 # what raw image folders hold (the shard builder's inputs): given where shards belong, they are named as such
@@ -141,15 +141,20 @@ def describe_missing(spec: str) -> Optional[str]:
 
 
 def _names(folder: str) -> list[str]:
+    """The names in a local folder or under a store prefix (one listing call); [] when there is none."""
     try:
-        return os.listdir(folder)
-    except OSError:
+        if "://" not in folder or folder.startswith("file://"):
+            return os.listdir(folder.removeprefix("file://"))
+        fs, path = store.filesystem(folder)
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except (OSError, ValueError):
         return []
 
 
 def describe_raw_images(folder: str, limit: int = 10_000) -> str:
-    """'123 images in 10 class folders (0, 1, ...)' or '12 images' for a local folder of raw images
-    (at its top or one folder down), '' when it holds none. Stops counting at ``limit``."""
+    """'123 images in 10 class folders (0, 1, ...)' or '12 images' for a folder or store prefix of raw
+    images (at its top or one folder down), '' when it holds none. Stops counting at ``limit``: this
+    runs on an error path, and a bucket of class folders must not be listed whole to say so."""
     def is_image(name: str) -> bool:
         return os.path.splitext(name)[1].lower() in IMAGE_EXTS
 
@@ -157,19 +162,19 @@ def describe_raw_images(folder: str, limit: int = 10_000) -> str:
     count = sum(is_image(n) for n in top)
     classes = []
     for name in sorted(top):
-        sub = os.path.join(folder, name)
-        if count >= limit or not os.path.isdir(sub):
-            continue
+        if count >= limit or os.path.splitext(name)[1]:
+            continue  # class folders have no extension (and a store lists them without one)
+        sub = store.join(folder, name)
         inside = sum(is_image(n) for n in _names(sub))
         if inside:
             classes.append(name)
             count += inside
     if not count:
         return ""
-    more = "+" if count >= limit else ""
+    more = "+" if count >= limit else ""  # counting stopped: not every class folder was looked into
     if classes:
         shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
-        return f"{count}{more} images in {len(classes)} class folders ({shown})"
+        return f"{count}{more} images in {len(classes)}{more} class folders ({shown})"
     return f"{count}{more} images"
 
 
@@ -181,7 +186,11 @@ def read_index(spec: str) -> dict:
     try:
         index = store.read_json(store.join(spec, INDEX_NAME), REBUILD_INDEX)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{store.redact(spec)}: no {INDEX_NAME} (not a complete shard set)") from None
+        images = describe_raw_images(spec)
+        what = (f"holds {images}, not shards: build a shard set from it first (distssl-shards {store.redact(spec)} "
+                f"SHARDS)" if images else f"has no {INDEX_NAME}: it is not a complete shard set (build it with "
+                f"distssl-shards SRC {store.redact(spec)}, or rerun that build to finish it)")
+        raise MissingShardSet(f"{store.redact(spec)} {what}") from None
     if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
         raise DamagedFile(f"{store.redact(store.join(spec, INDEX_NAME))} is not a shard-set index (no 'shards' "
                           f"list): {REBUILD_INDEX}")
