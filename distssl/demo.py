@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distssl.config import data_sources
+from distssl.data.spec import data_sources
 from distssl.errors import ConfigError
 
 EVAL_COUNT = 1000

@@ -12,9 +12,8 @@ import torch
 
 from distssl.config import Config, ConfigError
 from distssl.models import param_groups
+from distssl.recipes import template_path
 from distssl.schedule import lr_factor
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config):
@@ -59,10 +58,7 @@ def accumulation(cfg: Config, world: int) -> tuple[int, int]:
 
 
 def deepspeed_config(cfg: Config, micro_batch: int, world: int, grad_accum: int = 1) -> dict:
-    default = REPO_ROOT / "configs" / "deepspeed" / f"zero{cfg.deepspeed.zero_stage}.json"
-    template = cfg.deepspeed.template or str(default)
-    if not Path(template).is_absolute() and not Path(template).exists() and (REPO_ROOT / template).exists():
-        template = str(REPO_ROOT / template)  # configs/deepspeed/... from any working directory
+    template = template_path(cfg.deepspeed.template, cfg.deepspeed.zero_stage)  # shipped in the package
     try:
         ds = json.loads(Path(template).read_text())
     except FileNotFoundError:

@@ -93,8 +93,8 @@ def check_classes(cfg: Config) -> Optional[dict[str, dict[int, list[int]]]]:
     ``data.class_match=by_name`` accepts the same names in another order (returns the label maps,
     by key and source, that put them in the labeled set's order); ``by_index`` accepts any names,
     trusting the label numbers."""
-    from distssl.config import data_sources
     from distssl.data.index import resolve_one
+    from distssl.data.spec import data_sources
 
     sets = []  # (key, source, how the user named it, its shard set)
     for key in ("labeled", "unlabeled", "eval"):

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from distssl.recipes import RECIPES
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -39,7 +41,7 @@ def train_command(args: list[str] = (), nproc: int = 1, config: str | Path | Non
     """launch/train.py with the demo config (or ``config``) as a user runs it: plain python for one
     process, else under the deepspeed launcher (``launch`` as for :func:`deepspeed_command`)."""
     script = REPO_ROOT / "launch/train.py"
-    full = ["--config", str(config or REPO_ROOT / "configs/demo.yaml"), *map(str, args)]
+    full = ["--config", str(config or RECIPES / "demo.yaml"), *map(str, args)]
     if nproc == 1 and not launch:
         return [sys.executable, str(script), *full]
     return deepspeed_command(script, full, nproc=nproc, **launch)

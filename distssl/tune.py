@@ -24,9 +24,10 @@ from typing import Any, Literal
 
 import yaml
 
-from distssl import atomic
+from distssl import atomic, checkpoint
 from distssl.config import Config, dump_yaml, load_config, to_dict, validate
 from distssl.errors import UserError
+from distssl.recipes import resolve_config
 from distssl.typed_tree import ConfigError, build, flatten, parse_override, set_path
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -67,8 +68,7 @@ class Sweep:
 def load_sweep(path: str, overrides: list[str] = ()) -> Sweep:
     """Tune YAML (``base``, ``tune``, ``space``, ``overrides``) + CLI overrides -> validated :class:`Sweep`.
     CLI ``tune.*`` keys set the sweep; every other key overrides the base training config."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config {path}: no such file")
+    path = resolve_config(path, kind="tune")  # a file, or a shipped sweep by name (demo)
     tree = yaml.safe_load(Path(path).read_text()) or {}
     unknown = set(tree) - {"base", "tune", "space", "overrides"}
     if unknown:
@@ -201,8 +201,8 @@ def train_loop(loop_config: dict) -> None:
 
 
 def _tag_in(d: str) -> str:
-    marker = Path(d) / "COMPLETE"
-    return f"step_{int(json.loads(marker.read_text())['step']):08d}"
+    marker = Path(d) / checkpoint.MARKER
+    return checkpoint.tag_for(int(json.loads(marker.read_text())["step"]))
 
 
 # --- the driver ----------------------------------------------------------------------------------

@@ -41,7 +41,8 @@ def print_keys(prefix: str = "") -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config (configs/demo.yaml, configs/cifar10.yaml, ...)")
+    p.add_argument("--config", help="a YAML path, or a recipe shipped in the package by name: demo, starter, cifar10, "
+                                    "imagenet, vit_finetune (configs/NAME.yaml in a checkout)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (recipe + overrides + defaults) as YAML and exit")
     p.add_argument("--keys", nargs="?", const="", metavar="PREFIX",

@@ -28,7 +28,8 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="tune YAML (configs/tune/demo.yaml)")
+    p.add_argument("--config", required=True, help="tune YAML, or a shipped sweep by name (demo = "
+                                                   "configs/tune/demo.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

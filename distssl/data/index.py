@@ -19,6 +19,7 @@ import braceexpand
 import numpy as np
 
 from distssl.data import store
+from distssl.data.spec import data_sources
 from distssl.errors import DamagedFile, MissingShardSet
 
 INDEX_NAME = "index.json"
@@ -199,8 +200,6 @@ def read_index(spec: str) -> dict:
 
 def resolve(spec: Any) -> ShardSet:
     """Turn a data spec (one set, or several with weights: config.DataSpec) into one ShardSet."""
-    from distssl.config import data_sources
-
     sources = data_sources(spec)
     if len(sources) == 1 and sources[0][1] is None:
         return resolve_one(sources[0][0])
