@@ -128,17 +128,25 @@ def describe_missing(spec: str) -> Optional[str]:
     if not store.exists(spec):
         return f"{spec} does not exist (build it with tools/make_shards.py SRC {spec})"
     if not store.exists(store.join(spec, INDEX_NAME)):
-        images = describe_raw_images(spec)
-        if images:
-            return (f"{spec} holds {images}, not shards: build a shard set from it first, e.g. "
-                    f"`distssl-shards {spec} SHARDS` (add --labels-per-class N for a training split: it writes "
-                    f"SHARDS/labeled and SHARDS/unlabeled), then give the shard set here")
-        if not any(name.endswith(".tar") for name in _names(spec)):
-            return (f"{spec} has no {INDEX_NAME} and no .tar shards: give a shard-set folder built by "
-                    f"distssl-shards (it holds {INDEX_NAME}), or a brace pattern of .tar files")
-        return (f"{spec} has no {INDEX_NAME}: it is not a complete shard set "
-                f"(rerun tools/make_shards.py to finish it, or give a brace pattern of .tar files)")
+        return why_not_a_shard_set(spec)
     return None
+
+
+def why_not_a_shard_set(spec: str) -> str:
+    """What a folder or prefix without index.json holds instead (raw images, unfinished shards, nothing
+    of ours) and what to do: one sentence for check_paths and for read_index alike."""
+    where = store.redact(spec)
+    names = _names(spec)
+    images = describe_raw_images(spec, names)
+    if images:
+        return (f"{where} holds {images}, not shards: build a shard set from it first, e.g. "
+                f"`distssl-shards {where} SHARDS` (add --labels-per-class N for a training split: it writes "
+                f"SHARDS/labeled and SHARDS/unlabeled), then give the shard set here")
+    if not any(name.endswith(".tar") for name in names):
+        return (f"{where} has no {INDEX_NAME}: it is not a complete shard set, and holds no .tar shards: give a "
+                f"shard-set folder built by distssl-shards (it holds {INDEX_NAME}), or a brace pattern of .tar files")
+    return (f"{where} has no {INDEX_NAME}: it is not a complete shard set "
+            f"(rerun tools/make_shards.py to finish it, or give a brace pattern of .tar files)")
 
 
 def _names(folder: str) -> list[str]:
@@ -152,14 +160,15 @@ def _names(folder: str) -> list[str]:
         return []
 
 
-def describe_raw_images(folder: str, limit: int = 10_000) -> str:
+def describe_raw_images(folder: str, top: Optional[list[str]] = None, limit: int = 10_000) -> str:
     """'123 images in 10 class folders (0, 1, ...)' or '12 images' for a folder or store prefix of raw
     images (at its top or one folder down), '' when it holds none. Stops counting at ``limit``: this
-    runs on an error path, and a bucket of class folders must not be listed whole to say so."""
+    runs on an error path, and a bucket of class folders must not be listed whole to say so. ``top``: the
+    folder's names, when the caller has listed them already."""
     def is_image(name: str) -> bool:
         return os.path.splitext(name)[1].lower() in IMAGE_EXTS
 
-    top = _names(folder)
+    top = _names(folder) if top is None else top
     count = sum(is_image(n) for n in top)
     classes = []
     for name in sorted(top):
@@ -187,11 +196,7 @@ def read_index(spec: str) -> dict:
     try:
         index = store.read_json(store.join(spec, INDEX_NAME), REBUILD_INDEX)
     except FileNotFoundError:
-        images = describe_raw_images(spec)
-        what = (f"holds {images}, not shards: build a shard set from it first (distssl-shards {store.redact(spec)} "
-                f"SHARDS)" if images else f"has no {INDEX_NAME}: it is not a complete shard set (build it with "
-                f"distssl-shards SRC {store.redact(spec)}, or rerun that build to finish it)")
-        raise MissingShardSet(f"{store.redact(spec)} {what}") from None
+        raise MissingShardSet(why_not_a_shard_set(spec)) from None
     if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
         raise DamagedFile(f"{store.redact(store.join(spec, INDEX_NAME))} is not a shard-set index (no 'shards' "
                           f"list): {REBUILD_INDEX}")
