@@ -69,15 +69,71 @@ class SoftMatchConfig:
 
 
 @dataclass
+class UDAConfig:
+    """Xie et al. 2020: sharpened soft targets from the weak view, a confidence mask, TSA."""
+    temperature: float = 0.4  # sharpening of the weak view's prediction (USB's UDA setting)
+    threshold: float = 0.8  # confidence a weak prediction needs to be a target (USB's UDA setting; not ssl.tau)
+    # training-signal annealing of the labeled loss: none, or the paper's linear / log / exp schedules
+    tsa: Literal["none", "linear", "log", "exp"] = "none"
+
+
+@dataclass
+class PiModelConfig:
+    """Laine & Aila 2017: two weak views, both with gradient, MSE between their softmax outputs."""
+    weight: float = 10.0  # consistency weight w_max (USB's Pi-Model; the paper's 100 x its labeled fraction = 8)
+    rampup: float = 0.4  # fraction of train.steps over which the weight ramps up as exp(-5 (1 - T)^2)
+
+
+@dataclass
+class TemporalEnsemblingConfig:
+    """Laine & Aila 2017: each sample's target is the bias-corrected EMA of its past predictions."""
+    momentum: float = 0.6  # the ensemble's alpha (the paper's)
+    weight: float = 3.0  # consistency weight w_max (the paper's 30 x its labeled fraction 4000/50000)
+    rampup: float = 0.4  # fraction of train.steps over which the weight ramps up as exp(-5 (1 - T)^2)
+    # classes kept per sample (4 * top_k + 4 bytes a sample, on every rank); <= 0 or >= classes: exact
+    top_k: int = 32
+
+
+@dataclass
+class MeanTeacherConfig:
+    """Tarvainen & Valpola 2017: the EMA weights' prediction of one weak view is the target of another."""
+    weight: float = 50.0  # consistency weight (USB's Mean Teacher); the teacher's decay is ssl.ema_decay
+    rampup: float = 0.4  # fraction of train.steps over which the weight ramps up as exp(-5 (1 - T)^2)
+
+
+@dataclass
+class VATConfig:
+    """Miyato et al. 2018: KL consistency at the adversarial direction found by power iteration."""
+    eps: float = 6.0  # L2 norm of the adversarial perturbation, on the normalised image (the paper's CIFAR-10)
+    xi: float = 1e-6  # finite-difference step of the power iteration (the paper's); ~1e-2 under bf16/fp16
+    power_iterations: int = 1  # the paper's
+    weight: float = 0.3  # consistency weight (USB's VAT)
+    entropy_weight: float = 0.06  # entropy minimisation of the unlabeled predictions (USB's; 0 = plain VAT)
+    rampup: float = 0.4  # fraction of train.steps over which the weight ramps up as exp(-5 (1 - T)^2)
+
+
+ALGORITHM_NAMES = ("fixmatch", "flexmatch", "freematch", "softmatch", "uda",
+                   "pimodel", "temporal_ensembling", "meanteacher", "vat")
+
+
+@dataclass
 class SSLConfig:
-    # which rule weighs the unlabeled loss: fixmatch (fixed tau), flexmatch, freematch (adaptive
-    # thresholds) or softmatch (soft weights); distribution alignment (dist_align) works with all
-    algorithm: Literal["fixmatch", "flexmatch", "freematch", "softmatch"] = "fixmatch"
+    # the method: a pseudo-label rule, fixmatch (fixed tau), flexmatch, freematch (adaptive thresholds),
+    # softmatch (soft weights), uda (sharpened soft targets), on which distribution alignment
+    # (dist_align) works; or a consistency method: pimodel, temporal_ensembling, meanteacher, vat
+    algorithm: Literal[ALGORITHM_NAMES] = "fixmatch"  # type: ignore[valid-type]
     flexmatch: FlexMatchConfig = field(default_factory=FlexMatchConfig)
     freematch: FreeMatchConfig = field(default_factory=FreeMatchConfig)
     softmatch: SoftMatchConfig = field(default_factory=SoftMatchConfig)
-    tau: float = 0.95  # confidence threshold of a pseudo-label (FixMatch's tau)
-    lambda_u: float = 1.0  # weight of the unlabeled loss (0 = the supervised baseline of the recipe)
+    uda: UDAConfig = field(default_factory=UDAConfig)
+    pimodel: PiModelConfig = field(default_factory=PiModelConfig)
+    temporal_ensembling: TemporalEnsemblingConfig = field(default_factory=TemporalEnsemblingConfig)
+    meanteacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
+    vat: VATConfig = field(default_factory=VATConfig)
+    tau: float = 0.95  # confidence threshold of a pseudo-label (FixMatch's tau; the threshold rules' base)
+    # weight of the unlabeled loss; the consistency methods multiply their own weight by it
+    # (1 = the method's default); 0 = the supervised baseline of the recipe
+    lambda_u: float = 1.0
     mu: int = 7  # unlabeled batch = mu x labeled batch
     dist_align: bool = True  # distribution alignment (ReMixMatch): weak probabilities x p_target / p_model
     dist_align_target: Literal["uniform", "labeled"] = "uniform"  # p_target: uniform, or the labeled set's classes
@@ -231,6 +287,18 @@ def validate(cfg: Config) -> None:
     _check(s.freematch.fairness_weight >= 0, "ssl.freematch.fairness_weight", s.freematch.fairness_weight, ">= 0")
     _check(0.0 <= s.softmatch.momentum < 1.0, "ssl.softmatch.momentum", s.softmatch.momentum, "0 <= m < 1")
     _check(s.softmatch.n_sigma > 0, "ssl.softmatch.n_sigma", s.softmatch.n_sigma, "> 0")
+    _check(s.uda.temperature > 0, "ssl.uda.temperature", s.uda.temperature, "> 0")
+    _check(0.0 <= s.uda.threshold <= 1.0, "ssl.uda.threshold", s.uda.threshold, "0 <= threshold <= 1")
+    _check(0.0 <= s.temporal_ensembling.momentum < 1.0, "ssl.temporal_ensembling.momentum",
+           s.temporal_ensembling.momentum, "0 <= m < 1")
+    for name in ("pimodel", "temporal_ensembling", "meanteacher", "vat"):
+        own = getattr(s, name)
+        _check(own.weight >= 0, f"ssl.{name}.weight", own.weight, ">= 0")
+        _check(0.0 <= own.rampup <= 1.0, f"ssl.{name}.rampup", own.rampup, "a fraction of train.steps, 0..1")
+    _check(s.vat.eps > 0, "ssl.vat.eps", s.vat.eps, "> 0")
+    _check(s.vat.xi > 0, "ssl.vat.xi", s.vat.xi, "> 0")
+    _check(s.vat.power_iterations >= 1, "ssl.vat.power_iterations", s.vat.power_iterations, ">= 1")
+    _check(s.vat.entropy_weight >= 0, "ssl.vat.entropy_weight", s.vat.entropy_weight, ">= 0")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", cfg.deepspeed.zero_stage, "0, 1, 2 or 3")
     per_tensor = [k for k in PER_TENSOR_OPTIMIZERS if k in o.name.lower()]
     if per_tensor and cfg.deepspeed.zero_stage > 0:

@@ -39,6 +39,7 @@ from distssl.data.samples import eval_item, labeled_item, unlabeled_item, unlabe
 from distssl.data.streams import DataError, EvalStream, StreamPlan, TrainStream, loader
 from distssl.data.transforms import Views, normalize
 from distssl.export import gather_ema_state, model_meta, write_export
+from distssl.forward import forward_views
 from distssl.metrics import MetricsWriter, plot
 from distssl.models import create_model, fill_input_defaults
 from distssl.optim import accumulation, build_optimizer, deepspeed_config
@@ -146,14 +147,15 @@ class Trainer:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def views_on_device(self, ub: dict) -> dict:
-        """data.augment_on=device: the weak and strong views made here from the loader's base crops
-        and the random choices it drew for them."""
+        """data.augment_on=device: the unlabeled views made here from the loader's base crops and the
+        random choices it drew for them."""
         v = self.views
         base = ub.pop("base").to(self.device, non_blocking=True)
         pad = device_augment.pad_pixels(v)
-        ub["weak"] = device_augment.apply_weak(base, ub.pop("plan_weak"), pad)
-        ub["strong"] = device_augment.apply_strong(base, ub.pop("plan_strong"), pad, v.randaugment_ops,
-                                                   v.cutout_fraction)
+        for name in [k[len("plan_"):] for k in list(ub) if k.startswith("plan_")]:
+            plan = ub.pop(f"plan_{name}")
+            ub[name] = (device_augment.apply_strong(base, plan, pad, v.randaugment_ops, v.cutout_fraction)
+                        if name == "strong" else device_augment.apply_weak(base, plan, pad))
         return ub
 
     def train_step(self, lb: dict, ub: Optional[dict]) -> dict:
@@ -175,27 +177,16 @@ class Trainer:
             # start and updates them once per step from the whole global batch (end_step), so they
             # depend on the global batch only, not on the world size or the accumulation
             per_micro = []
+            needs = self.algorithm.needs
+            views = {v: ub[v].chunk(n) for v in needs.views}
             ids = ub["idx"].chunk(n) if "idx" in ub else [None] * n
-            for x, y, x_ulb_w, x_ulb_s, y_true, idx in zip(xs, ys, ub["weak"].chunk(n), ub["strong"].chunk(n),
-                                                           ub["y_true"].chunk(n), ids):
-                x_lb, b = self._to(x), x.shape[0]
-                if self.cfg.ssl.weak_forward == "concat":
-                    # FixMatch's reference step: one forward of cat(labeled, weak, strong) with gradients;
-                    # the weak logits are detached for the pseudo-labels but still pay for the backward
-                    logits = engine(torch.cat([x_lb, self._to(x_ulb_w), self._to(x_ulb_s)])).float()
-                    u = x_ulb_w.shape[0]
-                    probs_ulb_w = torch.softmax(logits[b:b + u].detach(), dim=1)
-                    logits_ulb_s = logits[b + u:]
-                else:
-                    # shared_bn: cat(labeled, strong) with gradients, then the weak view without, through
-                    # the same function: BatchNorm normalises it with the statistics of that forward
-                    with self.bn_sharing.record():
-                        logits = engine(torch.cat([x_lb, self._to(x_ulb_s)])).float()
-                    with torch.no_grad(), self.bn_sharing.replay():
-                        probs_ulb_w = torch.softmax(engine(self._to(x_ulb_w)).float(), dim=1)
-                    logits_ulb_s = logits[b:]
-                loss, stats = self.algorithm.loss(logits[:b], y.to(self.device), logits_ulb_s, probs_ulb_w,
-                                                  ids=idx, true_u=y_true.to(self.device))
+            for i, (x, y, y_true, idx) in enumerate(zip(xs, ys, ub["y_true"].chunk(n), ids)):
+                fw = forward_views(engine, needs, self._to(x), {v: self._to(views[v][i]) for v in needs.views},
+                                   weak_forward=self.cfg.ssl.weak_forward, bn_sharing=self.bn_sharing, ema=self.ema,
+                                   module=engine.module)
+                fw.targets_x, fw.ids, fw.true_u = y.to(self.device), idx, y_true.to(self.device)
+                fw.step, fw.total_steps, fw.seed = self.step, self.cfg.train.steps, self.cfg.run.seed
+                loss, stats = self.algorithm.loss(fw)
                 engine.backward(loss)
                 engine.step()
                 per_micro.append(stats)
@@ -319,9 +310,11 @@ class Trainer:
         make_unlabeled = unlabeled_plan_item if cfg.data.augment_on == "device" else unlabeled_item
         unlabeled = (self._train_batches("unlabeled", self.unlabeled, self.B * cfg.ssl.mu,
                                          make_unlabeled(self.views, self.label_maps.get("unlabeled"),
-                                                        self.unlabeled.sample_offsets()))
+                                                        self.unlabeled.sample_offsets(),
+                                                        self.algorithm.needs.views))
                      if self.uses_unlabeled else None)
-        imgs_per_step = t.batch_size * (1 + (2 * cfg.ssl.mu if self.uses_unlabeled else 0))
+        views_per_image = len(self.algorithm.needs.views)  # images the loader makes of each unlabeled one
+        imgs_per_step = t.batch_size * (1 + (views_per_image * cfg.ssl.mu if self.uses_unlabeled else 0))
         samples_per_step = t.batch_size * (1 + (cfg.ssl.mu if self.uses_unlabeled else 0))
         acc: dict[str, list[float]] = {}
         last_eval: dict = {}
@@ -343,8 +336,10 @@ class Trainer:
             for k, v in stats.items():
                 acc.setdefault(k, []).append(v)
             img_s = imgs_per_step * (self.step - steps0) / max(1e-9, time.time() - t0)
-            metrics.progress(self.step, {"loss": stats["loss"], "mask": stats.get("mask_rate", float("nan")),
-                                         "img/s": round(img_s)})
+            # the pseudo-label rules' mask rate, or the consistency methods' ramped weight
+            shown = ({"mask": stats["mask_rate"]} if "mask_rate" in stats else
+                     {"weight": stats["consistency_weight"]} if "consistency_weight" in stats else {})
+            metrics.progress(self.step, {"loss": stats["loss"], **shown, "img/s": round(img_s)})
             if self.step % cfg.run.log_every == 0 or self.step == t.steps:
                 write_heartbeat(self.out, self.rank, self.step)
                 rec = _nanmean_by_key(acc)

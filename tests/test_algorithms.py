@@ -23,7 +23,7 @@ def test_fixmatch_masks_at_the_fixed_threshold_and_matches_the_pure_loss():
     g = torch.Generator().manual_seed(0)
     lx, ls = torch.randn(4, 3, generator=g), torch.randn(3, 3, generator=g)
     y = torch.tensor([0, 1, 2, 0])
-    loss, stats = algo.loss(lx, y, ls, probs)
+    loss, stats = algo.rule_loss(lx, y, ls, probs)
     ref, ref_stats = fixmatch_loss(lx, y, ls, probs, tau=0.95, lambda_u=1.0)
     assert torch.allclose(loss, ref) and stats["mask_rate"] == ref_stats["mask_rate"] == pytest.approx(2 / 3)
 
@@ -43,7 +43,7 @@ def test_flexmatch_thresholds_follow_each_classes_learning_status():
 def test_flexmatch_updates_status_only_for_confident_samples_and_masks_per_class():
     algo = FlexMatch(3, tau=0.9, lambda_u=1.0, num_unlabeled=6)
     probs = P([0.95, 0.03, 0.02], [0.2, 0.7, 0.1], [0.05, 0.92, 0.03])
-    algo.loss(torch.zeros(1, 3), torch.tensor([0]), torch.zeros(3, 3), probs, ids=torch.tensor([4, 1, 2]))
+    algo.rule_loss(torch.zeros(1, 3), torch.tensor([0]), torch.zeros(3, 3), probs, ids=torch.tensor([4, 1, 2]))
     algo.end_step()
     assert algo.status.tolist() == [-1, -1, 1, -1, 0, -1]  # sample 1 (0.7) is not confident: no status
     # sigma = [1, 1, 0], unused 4: beta = [0.25, 0.25, 0]; thresholds 0.9 * 0.25 / 1.75
@@ -99,7 +99,7 @@ def test_state_from_one_rank_equals_state_from_two_and_survives_a_checkpoint(mak
 
     def run(algo, rank_batches):
         for probs, ids in rank_batches:
-            algo.loss(torch.zeros(1, 4), torch.tensor([0]), torch.zeros(len(probs), 4), probs, ids=ids)
+            algo.rule_loss(torch.zeros(1, 4), torch.tensor([0]), torch.zeros(len(probs), 4), probs, ids=ids)
             algo.end_step()
 
     run(one, steps)
@@ -113,7 +113,7 @@ def test_state_from_one_rank_equals_state_from_two_and_survives_a_checkpoint(mak
         contributions = iter(_contributions(r0, second, aligned, ids[4:]))
         r0.reduce = r0.da.reduce = lambda t: t + next(contributions)
         r0.gather = lambda t: torch.cat([t, next(contributions)])
-        r0.loss(torch.zeros(1, 4), torch.tensor([0]), torch.zeros(4, 4), probs[:4], ids=ids[:4])
+        r0.rule_loss(torch.zeros(1, 4), torch.tensor([0]), torch.zeros(4, 4), probs[:4], ids=ids[:4])
         r0.end_step()
     a, b = one.state_dict(), r0.state_dict()
     for k in a:

@@ -13,6 +13,7 @@ import torch
 
 from distssl.data.streams import IMAGE_KEYS, Raw
 from distssl.data.transforms import Views
+from distssl.ssl.algorithm import VIEW_KINDS
 
 
 def _image_bytes(raw: Raw) -> Optional[bytes]:
@@ -75,30 +76,46 @@ def sample_id(raw: Raw, offsets: Optional[list[int]]) -> int:
     return number + (offsets[raw.source] if offsets else 0)
 
 
-def unlabeled_item(views: Views, label_maps: LabelMaps = None, offsets: Optional[list[int]] = None) -> Callable:
-    """Both views come from one decode (and, with data.crop=random_resized, one crop) of the image."""
+def _in_draw_order(wanted: tuple[str, ...]) -> list[str]:
+    """The views in the order their random choices are drawn from the sample's rng, whichever an
+    algorithm asks for: weak, strong, then a second weak view (Pi-Model, Mean Teacher)."""
+    unknown = set(wanted) - set(VIEW_KINDS)
+    if unknown:
+        raise ValueError(f"unknown unlabeled views {sorted(unknown)}; the loader makes {list(VIEW_KINDS)}")
+    return [v for v in VIEW_KINDS if v in wanted]
+
+
+def unlabeled_item(views: Views, label_maps: LabelMaps = None, offsets: Optional[list[int]] = None,
+                   wanted: tuple[str, ...] = ("weak", "strong")) -> Callable:
+    """The ``wanted`` views come from one decode (and, with data.crop=random_resized, one crop) of the image."""
+    order = _in_draw_order(wanted)
+
     def make(raw: Raw, rng: random.Random) -> Optional[dict]:
         img = _decode_or_none(raw, lambda data: views.base(data, rng))
         if img is None:
             return None
-        return {"weak": views.weak(img, rng), "strong": views.strong(img, rng), "y_true": _meta_label(raw, label_maps),
-                "idx": sample_id(raw, offsets)}
+        item = {v: views.strong(img, rng) if v == "strong" else views.weak(img, rng) for v in order}
+        return {**item, "y_true": _meta_label(raw, label_maps), "idx": sample_id(raw, offsets)}
     return make
 
 
-def unlabeled_plan_item(views: Views, label_maps: LabelMaps = None, offsets: Optional[list[int]] = None) -> Callable:
-    """``data.augment_on=device``: the decoded (and cropped) base image and the random choices of both
-    views, drawn from the sample's rng in the loader path's order; the views are made on the device
-    (distssl.data.device_augment)."""
+def unlabeled_plan_item(views: Views, label_maps: LabelMaps = None, offsets: Optional[list[int]] = None,
+                        wanted: tuple[str, ...] = ("weak", "strong")) -> Callable:
+    """``data.augment_on=device``: the decoded (and cropped) base image and the random choices of the
+    ``wanted`` views, drawn from the sample's rng in the loader path's order; the views are made on the
+    device (distssl.data.device_augment)."""
     from distssl.data.device_augment import strong_plan, weak_plan
     from distssl.data.transforms import to_uint8
+
+    order = _in_draw_order(wanted)
 
     def make(raw: Raw, rng: random.Random) -> Optional[dict]:
         img = _decode_or_none(raw, lambda data: views.base(data, rng))
         if img is None:
             return None
-        return {"base": to_uint8(img), "plan_weak": torch.tensor(weak_plan(views, rng)),
-                "plan_strong": torch.tensor(strong_plan(views, rng)), "y_true": _meta_label(raw, label_maps),
+        plans = {f"plan_{v}": torch.tensor(strong_plan(views, rng) if v == "strong" else weak_plan(views, rng))
+                 for v in order}
+        return {"base": to_uint8(img), **plans, "y_true": _meta_label(raw, label_maps),
                 "idx": sample_id(raw, offsets)}
     return make
 

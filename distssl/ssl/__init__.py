@@ -1,6 +1,7 @@
 """SSL algorithms behind one seam (distssl.ssl.algorithm): ``ssl.algorithm`` picks one by name."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 from distssl.ssl.algorithm import Algorithm
@@ -8,19 +9,25 @@ from distssl.ssl.distalign import DistributionAlignment
 from distssl.ssl.fixmatch import FixMatch
 from distssl.ssl.flexmatch import FlexMatch
 from distssl.ssl.freematch import FreeMatch
+from distssl.ssl.meanteacher import MeanTeacher
+from distssl.ssl.pimodel import PiModel
 from distssl.ssl.softmatch import SoftMatch
+from distssl.ssl.temporal_ensembling import TemporalEnsembling
+from distssl.ssl.uda import UDA
+from distssl.ssl.vat import VAT
 
-ALGORITHMS = {a.name: a for a in (FixMatch, FlexMatch, FreeMatch, SoftMatch)}
+ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (
+    FixMatch, FlexMatch, FreeMatch, SoftMatch, UDA,  # pseudo-label rules (ThresholdRule)
+    PiModel, TemporalEnsembling, MeanTeacher, VAT)}  # consistency methods (Consistency)
 
 
 def build(ssl_cfg, num_classes: int, da: Optional[DistributionAlignment], num_unlabeled: Optional[int]) -> Algorithm:
-    """The algorithm ``ssl_cfg.algorithm`` names, with its own keys (ssl.flexmatch.*, ...)."""
+    """The algorithm ``ssl_cfg.algorithm`` names, with its own keys (the ``ssl.<name>`` section)."""
     name = ssl_cfg.algorithm
-    common = dict(tau=ssl_cfg.tau, lambda_u=ssl_cfg.lambda_u, da=da, num_unlabeled=num_unlabeled)
-    own = {"flexmatch": {"warmup": ssl_cfg.flexmatch.warmup},
-           "freematch": {"momentum": ssl_cfg.freematch.momentum, "fairness_weight": ssl_cfg.freematch.fairness_weight},
-           "softmatch": {"momentum": ssl_cfg.softmatch.momentum, "n_sigma": ssl_cfg.softmatch.n_sigma}}.get(name, {})
-    return ALGORITHMS[name](num_classes, **common, **own)
+    own = getattr(ssl_cfg, name, None)
+    own = dataclasses.asdict(own) if dataclasses.is_dataclass(own) else {}
+    return ALGORITHMS[name](num_classes, tau=ssl_cfg.tau, lambda_u=ssl_cfg.lambda_u, da=da,
+                            num_unlabeled=num_unlabeled, **own)
 
 
 __all__ = ["ALGORITHMS", "Algorithm", "build"]

@@ -1,27 +1,65 @@
 """The seam every SSL algorithm implements, and the parts they share.
 
-The engine forwards the views (``shared_bn`` or ``concat``, the same for every algorithm) and hands
-the algorithm, per micro-batch, the labeled logits and labels, the strong-view logits and the
-weak-view probabilities (with each unlabeled sample's stable id); the algorithm returns the loss and
-its stats. Once per optimizer step :meth:`Algorithm.end_step` updates the algorithm's state from the
-whole global batch (all-reduced or all-gathered over ranks), so the state is the same on every rank
-and does not depend on the world size or on gradient accumulation; masks and weights within a step
-use the state as of the step's start (as distribution alignment always has here). The state is
-saved in and restored from the checkpoint through :meth:`state_dict` / :meth:`load_state_dict`.
+An algorithm declares what it needs from a step (:class:`StepNeeds`: which unlabeled views the loader
+makes, which of them are forwarded with gradient, which the EMA teacher forwards, whether it forwards
+perturbed inputs of its own making); the engine forwards exactly that, in one place
+(distssl/forward.py), and hands the algorithm a :class:`Forwarded` per micro-batch: the labeled
+logits and labels, each view's logits, the teacher's, and each unlabeled sample's stable id. The
+algorithm returns the loss and its stats; it contains no forward code. Once per optimizer step
+:meth:`Algorithm.end_step` updates its state from the whole global batch (all-reduced or
+all-gathered over ranks), so the state is the same on every rank and does not depend on the world
+size or on gradient accumulation; within a step the state as of the step's start is used (as
+distribution alignment always has here). The state is saved in and restored from the checkpoint
+through :meth:`state_dict` / :meth:`load_state_dict`.
 
-What differs between algorithms is two small functions: the per-sample weight of the unlabeled loss
-(:meth:`weights`: FixMatch's fixed-threshold mask, FlexMatch's and FreeMatch's adaptive thresholds,
-SoftMatch's truncated Gaussian) and the state update (:meth:`update`). Everything else (pseudo-labels,
-the cross-entropies, distribution alignment as a component, stats, all-reduces) is written once, here.
+Two families share code here. The pseudo-label rules (:class:`ThresholdRule`: FixMatch, FlexMatch,
+FreeMatch, SoftMatch, UDA) differ in two small functions, the per-sample weight of the unlabeled
+loss and the state update. The consistency methods (Pi-Model, Temporal Ensembling, Mean Teacher, VAT)
+weigh their consistency term with the sigmoid ramp-up of Laine & Aila 2017 (:func:`ramp_up`).
+
+An algorithm is one file (its class: ``name``, ``needs``, the maths), registered in
+distssl/ssl/__init__.py; its own keys are the ``ssl.<name>`` section of SSLConfig (distssl/config.py,
+which stays free of torch), handed to its constructor by name.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import math
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 
 from distssl.ssl.distalign import DistributionAlignment, all_reduce_sum
+
+VIEW_KINDS = ("weak", "strong", "weak_2")  # what the loader can make of each unlabeled image, in its draw order
+
+
+@dataclass(frozen=True)
+class StepNeeds:
+    """What an algorithm needs forwarded in a step."""
+    views: tuple[str, ...] = ("weak", "strong")  # unlabeled views the loader makes (VIEW_KINDS)
+    with_grad: tuple[str, ...] = ("strong",)  # the student forwards these with gradient, beside the labeled batch
+    no_grad: tuple[str, ...] = ("weak",)  # and these without (pseudo-labels)
+    teacher: tuple[str, ...] = ()  # the EMA weights forward these (no gradient): Mean Teacher
+    perturbs: bool = False  # forwards inputs it perturbs itself (VAT): gets Forwarded.perturbed
+
+
+@dataclass
+class Forwarded:
+    """One micro-batch as forwarded for the algorithm."""
+    logits_x: torch.Tensor  # labeled, with gradient
+    targets_x: torch.Tensor
+    logits_u: dict[str, torch.Tensor] = field(default_factory=dict)  # the student's, per view; no_grad ones detached
+    teacher_u: dict[str, torch.Tensor] = field(default_factory=dict)  # the EMA weights' logits per view
+    inputs_u: dict[str, torch.Tensor] = field(default_factory=dict)  # the normalised view inputs (perturbs)
+    # the student's forward of other inputs, BatchNorm normalising with this step's batch statistics
+    perturbed: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    ids: Optional[torch.Tensor] = None  # each unlabeled sample's stable id
+    true_u: Optional[torch.Tensor] = None  # labels of unlabeled images (-1 unknown): pseudo-label accuracy only
+    step: int = 0  # optimizer steps before this one
+    total_steps: int = 1  # train.steps
+    seed: int = 0  # run.seed: per-sample random draws (VAT's direction) depend on it, the step and the id
 
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
@@ -35,21 +73,81 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def ramp_up(step: int, total_steps: int, fraction: float) -> float:
+    """exp(-5 (1 - T)^2), T = step / (fraction * total_steps) clipped to [0, 1] (Laine & Aila 2017,
+    their "Gaussian" ramp-up; 1 from the start when fraction = 0)."""
+    if fraction <= 0:
+        return 1.0
+    t = min(1.0, max(0.0, step / (fraction * max(1, total_steps))))
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def softmax_mse(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Mean over samples and classes of (softmax(logits) - target)^2: the consistency of Pi-Model,
+    Temporal Ensembling and Mean Teacher (USB's ``consistency_loss(..., 'mse')``)."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros(())
+    return F.mse_loss(logits.softmax(dim=1), target_probs, reduction="mean")
+
+
 class Algorithm:
-    """FixMatch's loss structure: CE(labeled) + lambda_u * mean_u[ w * CE(strong, argmax weak) ]."""
+    """The seam: what a step needs, the loss from what was forwarded, the state over steps."""
 
     name = "base"
-    needs_ids = False  # per-sample state (FlexMatch): the stream must give each unlabeled sample its id
+    needs: ClassVar[StepNeeds] = StepNeeds()
+    needs_ids = False  # per-sample state (FlexMatch): the unlabeled set needs index.json counts
+    uses_dist_align = False  # whether ssl.dist_align applies (it aligns weak-view pseudo-label probabilities)
 
     def __init__(self, num_classes: int, *, tau: float, lambda_u: float,
                  da: Optional[DistributionAlignment] = None, num_unlabeled: Optional[int] = None,
                  reduce: Callable[[torch.Tensor], torch.Tensor] = all_reduce_sum,
                  gather: Callable[[torch.Tensor], torch.Tensor] = all_gather_cat):
         self.num_classes, self.tau, self.lambda_u = num_classes, tau, lambda_u
-        self.da, self.num_unlabeled, self.reduce, self.gather = da, num_unlabeled, reduce, gather
+        self.da = da if self.uses_dist_align else None
+        self.num_unlabeled, self.reduce, self.gather = num_unlabeled, reduce, gather
+
+    def loss(self, fw: Forwarded) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def end_step(self) -> None:
+        """Once per optimizer step, on every rank, after the micro-batches' losses."""
+
+    def own_state(self) -> dict:
+        return {}
+
+    def load_own_state(self, state: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"algorithm": self.name, "da": self.da.state_dict() if self.da is not None else None,
+                **self.own_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("algorithm", self.name) != self.name:
+            raise ValueError(f"the checkpoint was made by ssl.algorithm={state['algorithm']}, this run is {self.name}")
+        if self.da is not None and state.get("da") is not None:
+            self.da.load_state_dict(state["da"])
+        self.load_own_state(state)
+
+    # -- helpers for the state updates: global sums over all ranks --
+    def global_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.reduce(t.double())
+
+    @staticmethod
+    def supervised_loss(fw: Forwarded) -> torch.Tensor:
+        return F.cross_entropy(fw.logits_x, fw.targets_x)
+
+
+class ThresholdRule(Algorithm):
+    """FixMatch's loss structure: CE(labeled) + lambda_u * mean_u[ w * CE(strong, argmax weak) ]."""
+
+    uses_dist_align = True
+
+    def __init__(self, num_classes: int, **kw):
+        super().__init__(num_classes, **kw)
         self._raw, self._probs, self._ids = [], [], []
 
-    # -- what an algorithm defines --
+    # -- what a rule defines --
     def weights(self, probs: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
         """Per-sample weight of the unlabeled loss (a 0/1 mask for threshold rules), from the state
         as it stands."""
@@ -62,34 +160,41 @@ class Algorithm:
     def extra_loss(self, logits_s: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return logits_s.new_zeros(()), {}
 
-    def own_state(self) -> dict:
-        return {}
+    def labeled_loss(self, logits_x: torch.Tensor, targets_x: torch.Tensor, step: int, total_steps: int
+                     ) -> tuple[torch.Tensor, dict]:
+        return F.cross_entropy(logits_x, targets_x), {}
 
-    def load_own_state(self, state: dict) -> None:
-        pass
+    def unlabeled_loss(self, logits_s: torch.Tensor, probs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Averaged over the whole unlabeled batch, masked or not, as in the papers."""
+        return (F.cross_entropy(logits_s, probs.argmax(dim=1), reduction="none") * w).mean()
 
     # -- the shared part --
-    def loss(self, logits_x: torch.Tensor, targets_x: torch.Tensor, logits_s: torch.Tensor, probs_w: torch.Tensor,
-             ids: Optional[torch.Tensor] = None, true_u: Optional[torch.Tensor] = None
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, fw: Forwarded) -> tuple[torch.Tensor, dict[str, float]]:
+        probs_w = torch.softmax(fw.logits_u["weak"].detach(), dim=1)
+        return self.rule_loss(fw.logits_x, fw.targets_x, fw.logits_u["strong"], probs_w, ids=fw.ids,
+                              true_u=fw.true_u, step=fw.step, total_steps=fw.total_steps)
+
+    def rule_loss(self, logits_x: torch.Tensor, targets_x: torch.Tensor, logits_s: torch.Tensor,
+                  probs_w: torch.Tensor, ids: Optional[torch.Tensor] = None, true_u: Optional[torch.Tensor] = None,
+                  step: int = 0, total_steps: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
         probs_w = probs_w.detach()
         probs = self.da.align_with_current(probs_w) if self.da is not None else probs_w
         self._raw.append(probs_w)
         self._probs.append(probs)
         if ids is not None:
             self._ids.append(ids)
-        loss_x = F.cross_entropy(logits_x, targets_x)
+        loss_x, x_stats = self.labeled_loss(logits_x, targets_x, step, total_steps)
         pseudo = probs.argmax(dim=1)
         w = self.weights(probs, ids) if probs.shape[0] else probs.new_zeros(0)
         if logits_s.shape[0] == 0:  # no unlabeled images: a plain supervised step, not NaN
             loss_u = logits_x.new_zeros(())
-        else:  # averaged over the whole unlabeled batch, masked or not, as in the papers
-            loss_u = (F.cross_entropy(logits_s, pseudo, reduction="none") * w).mean()
+        else:
+            loss_u = self.unlabeled_loss(logits_s, probs, w)
         extra, extra_stats = self.extra_loss(logits_s, w)
         loss = loss_x + self.lambda_u * loss_u + extra
         stats = {"loss": float(loss.detach()), "loss_x": float(loss_x.detach()), "loss_u": float(loss_u.detach()),
                  "mask_rate": float((w > 0).float().mean()) if w.numel() else float("nan"),
-                 "weight_mean": float(w.mean()) if w.numel() else float("nan"), **extra_stats}
+                 "weight_mean": float(w.mean()) if w.numel() else float("nan"), **extra_stats, **x_stats}
         if true_u is not None:
             known = true_u >= 0
             correct = (pseudo == true_u) & known
@@ -111,21 +216,33 @@ class Algorithm:
             self.da.update(raw)
         self.update(probs, ids)
 
-    def state_dict(self) -> dict:
-        return {"algorithm": self.name, "da": self.da.state_dict() if self.da is not None else None,
-                **self.own_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("algorithm", self.name) != self.name:
-            raise ValueError(f"the checkpoint was made by ssl.algorithm={state['algorithm']}, this run is {self.name}")
-        if self.da is not None and state.get("da") is not None:
-            self.da.load_state_dict(state["da"])
-        self.load_own_state(state)
-
-    # -- helpers for the state updates: global means over all ranks --
-    def global_sum(self, t: torch.Tensor) -> torch.Tensor:
-        return self.reduce(t.double())
-
 
 def ema(old: torch.Tensor, new: torch.Tensor, momentum: float) -> torch.Tensor:
     return momentum * old + (1 - momentum) * new
+
+
+class Consistency(Algorithm):
+    """CE(labeled) + lambda_u * weight * ramp_up(step) * consistency + extra: Pi-Model, Temporal
+    Ensembling, Mean Teacher, VAT. ``weight`` is the method's own (its paper's or USB's) and
+    ``ssl.lambda_u`` scales it (1 = the method's default, 0 = the supervised baseline)."""
+
+    def __init__(self, num_classes: int, *, weight: float, rampup: float, **kw):
+        super().__init__(num_classes, **kw)
+        self.weight, self.rampup = weight, rampup
+
+    def consistency(self, fw: Forwarded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """(consistency term, extra loss not ramped, the class each unlabeled sample is taken to be, stats)."""
+        raise NotImplementedError
+
+    def loss(self, fw: Forwarded) -> tuple[torch.Tensor, dict[str, float]]:
+        loss_x = self.supervised_loss(fw)
+        loss_u, extra, guessed, own = self.consistency(fw)
+        w = ramp_up(fw.step, fw.total_steps, self.rampup)
+        loss = loss_x + self.lambda_u * self.weight * w * loss_u + extra
+        stats = {"loss": float(loss.detach()), "loss_x": float(loss_x.detach()), "loss_u": float(loss_u.detach()),
+                 "consistency_weight": self.lambda_u * self.weight * w, **own}
+        if fw.true_u is not None and guessed.numel():
+            known = fw.true_u >= 0
+            stats["pseudo_acc_all"] = (float((guessed == fw.true_u)[known].float().mean()) if known.any()
+                                       else float("nan"))
+        return loss, stats

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from distssl.ssl.algorithm import Algorithm
+from distssl.ssl.algorithm import ThresholdRule
 
 
 def fixmatch_loss(logits_x: torch.Tensor, targets_x: torch.Tensor, logits_strong: torch.Tensor,
@@ -38,7 +38,7 @@ def fixmatch_loss(logits_x: torch.Tensor, targets_x: torch.Tensor, logits_strong
     return loss, stats
 
 
-class FixMatch(Algorithm):
+class FixMatch(ThresholdRule):
     """Sohn et al. 2020, "FixMatch": a fixed confidence threshold tau (0.95 in the paper)."""
 
     name = "fixmatch"

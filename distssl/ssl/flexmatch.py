@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from distssl.ssl.algorithm import Algorithm
+from distssl.ssl.algorithm import ThresholdRule
 
 
 def flex_thresholds(status: torch.Tensor, num_classes: int, tau: float, warmup: bool) -> torch.Tensor:
@@ -26,7 +26,7 @@ def flex_thresholds(status: torch.Tensor, num_classes: int, tau: float, warmup: 
     return tau * beta / (2.0 - beta)
 
 
-class FlexMatch(Algorithm):
+class FlexMatch(ThresholdRule):
     name = "flexmatch"
     needs_ids = True
 

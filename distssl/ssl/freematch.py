@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from distssl.ssl.algorithm import Algorithm, ema
+from distssl.ssl.algorithm import ThresholdRule, ema
 
 
 def freematch_mask(probs: torch.Tensor, time_p: float, p_model: torch.Tensor) -> torch.Tensor:
@@ -39,7 +39,7 @@ def fairness_loss(logits_s: torch.Tensor, mask: torch.Tensor, p_model: torch.Ten
     return -(target * torch.log(mean_s + 1e-12)).sum()
 
 
-class FreeMatch(Algorithm):
+class FreeMatch(ThresholdRule):
     name = "freematch"
 
     def __init__(self, num_classes: int, *, momentum: float = 0.999, fairness_weight: float = 0.01, **kw):

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from distssl.ssl.algorithm import Algorithm, ema
+from distssl.ssl.algorithm import ThresholdRule, ema
 
 
 def soft_weights(max_p: torch.Tensor, mu: float, var: float, n_sigma: float) -> torch.Tensor:
@@ -22,7 +22,7 @@ def soft_weights(max_p: torch.Tensor, mu: float, var: float, n_sigma: float) -> 
     return torch.exp(-(below ** 2) / (2 * var / n_sigma ** 2))
 
 
-class SoftMatch(Algorithm):
+class SoftMatch(ThresholdRule):
     name = "softmatch"
 
     def __init__(self, num_classes: int, *, momentum: float = 0.999, n_sigma: float = 2.0, **kw):

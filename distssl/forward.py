@@ -1,0 +1,74 @@
+"""The one place a training step forwards its inputs: what the algorithm's StepNeeds names, no more.
+
+- The EMA teacher's views (Mean Teacher) go first, through the EMA weights swapped in (distssl.ssl.ema:
+  each rank's own share of them, so ZeRO-3 keeps one copy) and without gradient; swapping after the
+  student's forward would change weights that autograd saved for the backward.
+- ``ssl.weak_forward=shared_bn``: the labeled batch and the views with gradient in one forward whose
+  BatchNorm batch statistics are recorded, then the views without gradient in one no-grad forward
+  normalised with those statistics (distssl.ssl.bnstats), so a pseudo-label and the prediction it
+  trains come from the same function.
+- ``ssl.weak_forward=concat``: FixMatch's reference step, every view in one forward with gradients;
+  the no-grad views' logits are detached (they still pay for the backward).
+- An algorithm that perturbs its inputs (VAT) gets ``perturbed``: the student's forward of other
+  inputs, BatchNorm normalising with the recorded statistics (running statistics are neither
+  changed nor taken from the perturbed batch, as USB freezes BatchNorm for them), through the bare
+  module: DeepSpeed hooks the engine's outputs and reduces gradients after any backward through them.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Optional
+
+import torch
+
+from distssl.ssl.algorithm import Forwarded, StepNeeds
+from distssl.ssl.bnstats import BatchStatsSharing
+from distssl.ssl.ema import EMA
+
+
+def _split(logits: torch.Tensor, names: list[str], sizes: list[int]) -> dict[str, torch.Tensor]:
+    return dict(zip(names, logits.split(sizes))) if names else {}
+
+
+def forward_views(model: Callable[[torch.Tensor], torch.Tensor], needs: StepNeeds, x_lb: torch.Tensor,
+                  views: dict[str, torch.Tensor], *, weak_forward: str, bn_sharing: BatchStatsSharing,
+                  ema: Optional[EMA] = None, module: Optional[torch.nn.Module] = None) -> Forwarded:
+    """Forward the labeled inputs and the unlabeled ``views`` (normalised, on the device) as ``needs``
+    says; the labels, ids and step are the caller's to fill in. ``module`` is the bare model inside a
+    DeepSpeed engine ``model``, for the perturbed forwards: a backward through the engine's own output
+    (VAT's gradient with respect to its input) would run DeepSpeed's gradient reduction."""
+    teacher: dict[str, torch.Tensor] = {}
+    if needs.teacher:
+        if ema is None:
+            raise ValueError("an algorithm with a teacher needs the EMA weights")
+        with torch.no_grad(), ema.swapped_in():
+            out = model(torch.cat([views[v] for v in needs.teacher])).float()
+        teacher = _split(out, list(needs.teacher), [views[v].shape[0] for v in needs.teacher])
+    grad, no_grad = list(needs.with_grad), list(needs.no_grad)
+    b = x_lb.shape[0]
+    # BatchNorm statistics are recorded when a later forward replays them: no-grad views, perturbations
+    record = needs.perturbs or (weak_forward != "concat" and bool(no_grad))
+    # the gradient forward's views, in the loader's order (FixMatch's reference: labeled, weak, strong)
+    in_one = [v for v in needs.views if v in grad or v in no_grad] if weak_forward == "concat" else grad
+    with bn_sharing.record() if record else nullcontext():
+        logits = model(torch.cat([x_lb] + [views[v] for v in in_one])).float()
+    logits_u = _split(logits[b:], in_one, [views[v].shape[0] for v in in_one])
+    for v in no_grad:
+        if v in logits_u:
+            logits_u[v] = logits_u[v].detach()
+    rest = [v for v in no_grad if v not in logits_u]
+    if rest:
+        with torch.no_grad(), bn_sharing.replay():
+            out = model(torch.cat([views[v] for v in rest])).float()
+        logits_u.update(_split(out, rest, [views[v].shape[0] for v in rest]))
+
+    perturbed = None
+    if needs.perturbs:
+        bare = module if module is not None else model
+
+        def perturbed(x: torch.Tensor) -> torch.Tensor:
+            with bn_sharing.replay():
+                return bare(x).float()
+    return Forwarded(logits_x=logits[:b], targets_x=torch.empty(0), logits_u=logits_u, teacher_u=teacher,
+                     inputs_u={v: views[v] for v in needs.views} if needs.perturbs else {}, perturbed=perturbed)
+

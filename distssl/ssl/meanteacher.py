@@ -1,0 +1,27 @@
+"""Mean Teacher (Tarvainen & Valpola 2017, "Mean teachers are better role models").
+
+The target of each unlabeled image is the prediction of the teacher, the exponential moving average
+of the student's weights, on its own view; the student is trained on another view towards it by the
+mean squared difference of the softmax outputs, weighted by weight * exp(-5 (1 - T)^2) over the first
+``rampup`` fraction of train.steps. The teacher is the EMA the engine already keeps for evaluation
+(ssl.ema_decay, with its warm-up; the paper's 0.99 then 0.999 is the same idea), forwarded with each
+rank's own share of it swapped in, so ZeRO-3 holds no second model. Both views are the weak
+augmentation, drawn independently. Defaults: weight 50 and ramp-up over 0.4 of the run (USB's Mean
+Teacher on CIFAR).
+"""
+from __future__ import annotations
+
+from distssl.ssl.algorithm import Consistency, StepNeeds, softmax_mse
+
+
+class MeanTeacher(Consistency):
+    name = "meanteacher"
+    needs = StepNeeds(views=("weak", "weak_2"), with_grad=("weak_2",), no_grad=(), teacher=("weak",))
+
+    def __init__(self, num_classes: int, *, weight: float = 50.0, rampup: float = 0.4, **kw):
+        super().__init__(num_classes, weight=weight, rampup=rampup, **kw)
+
+    def consistency(self, fw):
+        student, teacher = fw.logits_u["weak_2"], fw.teacher_u["weak"]
+        target = teacher.softmax(dim=1)
+        return softmax_mse(student, target), student.new_zeros(()), target.argmax(dim=1), {}

@@ -1,0 +1,30 @@
+"""Pi-Model (Laine & Aila 2017, "Temporal Ensembling for Semi-Supervised Learning", section 2.1).
+
+Two stochastic views of each unlabeled image, both forwarded with gradient (the paper: "both
+branches get gradients"), and the mean squared difference of their softmax outputs as the
+consistency term, weighted by w(t) = weight * exp(-5 (1 - T)^2) over the first ``rampup`` fraction of
+train.steps. Both views are the weak augmentation (flip and translation, the paper's), drawn twice.
+Defaults: weight 10 (USB's Pi-Model on CIFAR; the paper's w_max 100 times its labeled fraction,
+4000 / 50000, is 8), ramp-up over 0.4 of the run (USB's unsup_warm_up; the paper ramps over its
+first 80 of 300 epochs).
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from distssl.ssl.algorithm import Consistency, StepNeeds
+
+
+class PiModel(Consistency):
+    name = "pimodel"
+    needs = StepNeeds(views=("weak", "weak_2"), with_grad=("weak", "weak_2"), no_grad=())
+
+    def __init__(self, num_classes: int, *, weight: float = 10.0, rampup: float = 0.4, **kw):
+        super().__init__(num_classes, weight=weight, rampup=rampup, **kw)
+
+    def consistency(self, fw):
+        a, b = fw.logits_u["weak"], fw.logits_u["weak_2"]
+        if a.shape[0] == 0:
+            return a.new_zeros(()), a.new_zeros(()), a.new_zeros(0, dtype=int), {}
+        loss_u = F.mse_loss(a.softmax(dim=1), b.softmax(dim=1))
+        return loss_u, a.new_zeros(()), a.detach().argmax(dim=1), {}

@@ -1,0 +1,80 @@
+"""Virtual Adversarial Training (Miyato et al. 2018, "Virtual Adversarial Training: A Regularization
+Method for Supervised and Semi-Supervised Learning").
+
+The consistency term is KL(p(x) || p(x + r_adv)), p(x) a constant target, at the direction r_adv in
+which a perturbation of norm ``eps`` changes the prediction most: found by power iteration from a
+random unit direction d, d <- grad_d KL(p(x) || p(x + xi d)) (one extra forward and a backward with
+respect to the input per iteration; the weights' gradients are not touched), then one forward at
+x + eps d / |d|. With ``entropy_weight`` > 0 the entropy of p(x) is minimised too (the paper's
+VAT + EntMin). The random start is drawn per sample from (run.seed, step, sample id), so it does not
+depend on the world size. Perturbed forwards normalise with the clean batch's BatchNorm statistics
+(distssl/forward.py). Inputs are the normalised images, where eps is measured (L2 over the image).
+Defaults: eps 6, xi 1e-6 and one power iteration (the paper's CIFAR-10 setting), weight 0.3,
+entropy_weight 0.06 and ramp-up over 0.4 of the run (USB's VAT on CIFAR). Under bf16 or fp16, xi 1e-6
+is below the inputs' resolution: raise it (1e-2 is still small against eps).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from distssl.ssl.algorithm import Consistency, StepNeeds
+
+
+def kl_with_logits(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(target) || softmax(logits)), averaged over samples."""
+    q = target_logits.softmax(dim=1)
+    return (q * (F.log_softmax(target_logits, dim=1) - F.log_softmax(logits, dim=1))).sum(dim=1).mean()
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    return -(logits.softmax(dim=1) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def unit(d: torch.Tensor) -> torch.Tensor:
+    """Each sample's direction scaled to L2 norm 1."""
+    return d / (d.flatten(1).norm(dim=1).view(-1, *[1] * (d.dim() - 1)) + 1e-16)
+
+
+def random_directions(shape: torch.Size, ids: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+    """One standard normal draw per sample from its own generator, seeded by (seed, step, sample id)."""
+    out = torch.empty(shape)
+    for i, sample in enumerate(ids.tolist()):
+        g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 2_654_435_761 + sample) % (2 ** 63))
+        out[i] = torch.randn(shape[1:], generator=g)
+    return out
+
+
+def adversarial_direction(perturbed, x: torch.Tensor, target_logits: torch.Tensor, d: torch.Tensor,
+                          xi: float, iterations: int) -> torch.Tensor:
+    """Power iteration for the direction of largest KL change; returns it with unit norm."""
+    target_logits = target_logits.detach()
+    x = x.detach()
+    for _ in range(iterations):
+        d = (xi * unit(d)).requires_grad_(True)
+        kl = kl_with_logits(target_logits, perturbed(x + d.to(x.dtype)))
+        d = torch.autograd.grad(kl, d)[0].detach()
+    return unit(d)
+
+
+class VAT(Consistency):
+    name = "vat"
+    needs = StepNeeds(views=("weak",), with_grad=("weak",), no_grad=(), perturbs=True)
+
+    def __init__(self, num_classes: int, *, weight: float = 0.3, rampup: float = 0.4, eps: float = 6.0,
+                 xi: float = 1e-6, power_iterations: int = 1, entropy_weight: float = 0.06, **kw):
+        super().__init__(num_classes, weight=weight, rampup=rampup, **kw)
+        self.eps, self.xi, self.iterations, self.entropy_weight = eps, xi, power_iterations, entropy_weight
+
+    def consistency(self, fw):
+        logits, x = fw.logits_u["weak"], fw.inputs_u["weak"]
+        if logits.shape[0] == 0:
+            return logits.new_zeros(()), logits.new_zeros(()), logits.new_zeros(0, dtype=int), {}
+        ids = fw.ids if fw.ids is not None else torch.arange(x.shape[0])
+        d0 = random_directions(x.shape, ids, fw.seed, fw.step).to(x.device, torch.float32)
+        direction = adversarial_direction(fw.perturbed, x, logits, d0, self.xi, self.iterations)
+        r_adv = (self.eps * direction).to(x.dtype)
+        loss_vat = kl_with_logits(logits.detach(), fw.perturbed(x.detach() + r_adv))
+        ent = entropy(logits)
+        return (loss_vat, self.entropy_weight * ent, logits.detach().argmax(dim=1),
+                {"loss_entropy": float(ent.detach())})
