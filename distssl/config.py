@@ -81,7 +81,9 @@ class UDAConfig:
 class PiModelConfig:
     """Laine & Aila 2017: two weak views, both with gradient, MSE between their softmax outputs."""
     weight: float = 10.0  # consistency weight w_max (USB's Pi-Model; the paper's 100 x its labeled fraction = 8)
-    rampup: float = 0.4  # fraction of train.steps over which the weight ramps up as exp(-5 (1 - T)^2)
+    rampup: float = 0.4  # fraction of the run's steps over which the weight ramps up as exp(-5 (1 - T)^2)
+    # the view trained with gradient: another weak one (the paper's), or the strong one (RandAugment + Cutout)
+    augment: Literal["weak", "strong"] = "weak"
 
 
 @dataclass
@@ -89,16 +91,20 @@ class TemporalEnsemblingConfig:
     """Laine & Aila 2017: each sample's target is the bias-corrected EMA of its past predictions."""
     momentum: float = 0.6  # the ensemble's alpha (the paper's)
     weight: float = 3.0  # consistency weight w_max (the paper's 30 x its labeled fraction 4000/50000)
-    rampup: float = 0.4  # fraction of train.steps over which the weight ramps up as exp(-5 (1 - T)^2)
+    rampup: float = 0.4  # fraction of the run's steps over which the weight ramps up as exp(-5 (1 - T)^2)
     # classes kept per sample (4 * top_k + 4 bytes a sample, on every rank); <= 0 or >= classes: exact
     top_k: int = 32
+    # the view trained with gradient: another weak one (the paper's), or the strong one (RandAugment + Cutout)
+    augment: Literal["weak", "strong"] = "weak"
 
 
 @dataclass
 class MeanTeacherConfig:
     """Tarvainen & Valpola 2017: the EMA weights' prediction of one weak view is the target of another."""
     weight: float = 50.0  # consistency weight (USB's Mean Teacher); the teacher's decay is ssl.ema_decay
-    rampup: float = 0.4  # fraction of train.steps over which the weight ramps up as exp(-5 (1 - T)^2)
+    rampup: float = 0.4  # fraction of the run's steps over which the weight ramps up as exp(-5 (1 - T)^2)
+    # the view trained with gradient: another weak one (the paper's), or the strong one (RandAugment + Cutout)
+    augment: Literal["weak", "strong"] = "weak"
 
 
 @dataclass
@@ -109,7 +115,7 @@ class VATConfig:
     power_iterations: int = 1  # the paper's
     weight: float = 0.3  # consistency weight (USB's VAT)
     entropy_weight: float = 0.06  # entropy minimisation of the unlabeled predictions (USB's; 0 = plain VAT)
-    rampup: float = 0.4  # fraction of train.steps over which the weight ramps up as exp(-5 (1 - T)^2)
+    rampup: float = 0.4  # fraction of the run's steps over which the weight ramps up as exp(-5 (1 - T)^2)
 
 
 ALGORITHM_NAMES = ("fixmatch", "flexmatch", "freematch", "softmatch", "uda",

@@ -11,8 +11,9 @@
   the no-grad views' logits are detached (they still pay for the backward).
 - An algorithm that perturbs its inputs (VAT) gets ``perturbed``: the student's forward of other
   inputs, BatchNorm normalising with the recorded statistics (running statistics are neither
-  changed nor taken from the perturbed batch, as USB freezes BatchNorm for them), through the bare
-  module: DeepSpeed hooks the engine's outputs and reduces gradients after any backward through them.
+  changed nor taken from the perturbed batch, as USB freezes BatchNorm for them), and ``probe``, the
+  same through the bare module, for gradients with respect to the input only: DeepSpeed hooks the
+  engine's outputs and reduces the weights' gradients after any backward through them.
 """
 from __future__ import annotations
 
@@ -35,8 +36,10 @@ def forward_views(model: Callable[[torch.Tensor], torch.Tensor], needs: StepNeed
                   ema: Optional[EMA] = None, module: Optional[torch.nn.Module] = None) -> Forwarded:
     """Forward the labeled inputs and the unlabeled ``views`` (normalised, on the device) as ``needs``
     says; the labels, ids and step are the caller's to fill in. ``module`` is the bare model inside a
-    DeepSpeed engine ``model``, for the perturbed forwards: a backward through the engine's own output
-    (VAT's gradient with respect to its input) would run DeepSpeed's gradient reduction."""
+    DeepSpeed engine ``model``, for the forwards whose gradient is taken with respect to the input only
+    (``probe``): a backward through the engine's own output would run DeepSpeed's gradient reduction.
+    Forwards whose loss trains the weights (``perturbed``) go through the engine, which accounts for
+    every parameter's gradient before it reduces them."""
     teacher: dict[str, torch.Tensor] = {}
     if needs.teacher:
         if ema is None:
@@ -62,13 +65,18 @@ def forward_views(model: Callable[[torch.Tensor], torch.Tensor], needs: StepNeed
             out = model(torch.cat([views[v] for v in rest])).float()
         logits_u.update(_split(out, rest, [views[v].shape[0] for v in rest]))
 
-    perturbed = None
+    perturbed = probe = None
     if needs.perturbs:
         bare = module if module is not None else model
 
         def perturbed(x: torch.Tensor) -> torch.Tensor:
             with bn_sharing.replay():
+                return model(x).float()
+
+        def probe(x: torch.Tensor) -> torch.Tensor:
+            with bn_sharing.replay():
                 return bare(x).float()
     return Forwarded(logits_x=logits[:b], targets_x=torch.empty(0), logits_u=logits_u, teacher_u=teacher,
-                     inputs_u={v: views[v] for v in needs.views} if needs.perturbs else {}, perturbed=perturbed)
+                     inputs_u={v: views[v] for v in needs.views} if needs.perturbs else {}, perturbed=perturbed,
+                     probe=probe)
 

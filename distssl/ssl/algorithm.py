@@ -55,6 +55,8 @@ class Forwarded:
     inputs_u: dict[str, torch.Tensor] = field(default_factory=dict)  # the normalised view inputs (perturbs)
     # the student's forward of other inputs, BatchNorm normalising with this step's batch statistics
     perturbed: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    # the same through the bare module: only for gradients with respect to the input (VAT's power iteration)
+    probe: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     ids: Optional[torch.Tensor] = None  # each unlabeled sample's stable id
     true_u: Optional[torch.Tensor] = None  # labels of unlabeled images (-1 unknown): pseudo-label accuracy only
     step: int = 0  # optimizer steps before this one
@@ -71,6 +73,14 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
+
+
+def second_view(augment: str) -> str:
+    """The loader's view for a consistency method's ``augment`` key: another weak view (the papers'
+    flip-and-translate), or the strong one (RandAugment + Cutout, as UDA and FixMatch train)."""
+    if augment not in ("weak", "strong"):
+        raise ValueError(f"augment={augment!r}: weak or strong")
+    return "weak_2" if augment == "weak" else "strong"
 
 
 def ramp_up(step: int, total_steps: int, fraction: float) -> float:

@@ -11,17 +11,19 @@ Teacher on CIFAR).
 """
 from __future__ import annotations
 
-from distssl.ssl.algorithm import Consistency, StepNeeds, softmax_mse
+from distssl.ssl.algorithm import Consistency, StepNeeds, second_view, softmax_mse
 
 
 class MeanTeacher(Consistency):
     name = "meanteacher"
     needs = StepNeeds(views=("weak", "weak_2"), with_grad=("weak_2",), no_grad=(), teacher=("weak",))
 
-    def __init__(self, num_classes: int, *, weight: float = 50.0, rampup: float = 0.4, **kw):
+    def __init__(self, num_classes: int, *, weight: float = 50.0, rampup: float = 0.4, augment: str = "weak", **kw):
         super().__init__(num_classes, weight=weight, rampup=rampup, **kw)
+        self.student = second_view(augment)
+        self.needs = StepNeeds(views=("weak", self.student), with_grad=(self.student,), no_grad=(), teacher=("weak",))
 
     def consistency(self, fw):
-        student, teacher = fw.logits_u["weak_2"], fw.teacher_u["weak"]
+        student, teacher = fw.logits_u[self.student], fw.teacher_u["weak"]
         target = teacher.softmax(dim=1)
         return softmax_mse(student, target), student.new_zeros(()), target.argmax(dim=1), {}

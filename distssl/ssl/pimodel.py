@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from distssl.ssl.algorithm import Consistency, StepNeeds
+from distssl.ssl.algorithm import Consistency, StepNeeds, second_view
 
 
 class PiModel(Consistency):
     name = "pimodel"
     needs = StepNeeds(views=("weak", "weak_2"), with_grad=("weak", "weak_2"), no_grad=())
 
-    def __init__(self, num_classes: int, *, weight: float = 10.0, rampup: float = 0.4, **kw):
+    def __init__(self, num_classes: int, *, weight: float = 10.0, rampup: float = 0.4, augment: str = "weak", **kw):
         super().__init__(num_classes, weight=weight, rampup=rampup, **kw)
+        self.second = second_view(augment)
+        self.needs = StepNeeds(views=("weak", self.second), with_grad=("weak", self.second), no_grad=())
 
     def consistency(self, fw):
-        a, b = fw.logits_u["weak"], fw.logits_u["weak_2"]
+        a, b = fw.logits_u["weak"], fw.logits_u[self.second]
         if a.shape[0] == 0:
             return a.new_zeros(()), a.new_zeros(()), a.new_zeros(0, dtype=int), {}
         loss_u = F.mse_loss(a.softmax(dim=1), b.softmax(dim=1))

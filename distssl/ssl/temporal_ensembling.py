@@ -10,7 +10,7 @@ prediction yet have no target and add nothing.
 
 The ensemble is per-sample state over the whole unlabeled set, the same on every rank, kept compact
 so it fits at ImageNet scale: per sample, the ``top_k`` largest entries of Z (fp16 values, int16
-class numbers) and t (int32), 4 * top_k + 4 bytes (132 MB for 1.28M images at top_k 32, against 5.1 GB
+class numbers) and t (int32), 4 * top_k + 4 bytes (169 MB for 1.28M images at top_k 32, against 5.1 GB
 for the full fp32 matrix at 1,000 classes). The mass Z leaves outside its top k is known exactly,
 (1 - alpha^t) minus what is kept, and is spread evenly over the other classes; with top_k >= the
 number of classes the ensemble is exact. Each rank computes the new top k of its own samples and the
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from distssl.ssl.algorithm import Consistency, StepNeeds
+from distssl.ssl.algorithm import Consistency, StepNeeds, second_view
 
 
 def dense_ensemble(values: torch.Tensor, classes: torch.Tensor, count: torch.Tensor, alpha: float,
@@ -63,8 +63,10 @@ class TemporalEnsembling(Consistency):
     needs_ids = True
 
     def __init__(self, num_classes: int, *, momentum: float = 0.6, weight: float = 3.0, rampup: float = 0.4,
-                 top_k: int = 32, **kw):
+                 top_k: int = 32, augment: str = "weak", **kw):
         super().__init__(num_classes, weight=weight, rampup=rampup, **kw)
+        self.view = "strong" if second_view(augment) == "strong" else "weak"
+        self.needs = StepNeeds(views=(self.view,), with_grad=(self.view,), no_grad=())
         if not self.num_unlabeled:
             raise ValueError("ssl.algorithm=temporal_ensembling keeps an ensemble per unlabeled sample: "
                              "data.unlabeled needs index.json counts (a shard set, not a brace pattern)")
@@ -81,7 +83,7 @@ class TemporalEnsembling(Consistency):
         return ids.cpu().long() % self.num_unlabeled  # ids past the set's count (gaps in keys) wrap
 
     def consistency(self, fw):
-        logits = fw.logits_u["weak"]
+        logits = fw.logits_u[self.view]
         if logits.shape[0] == 0:
             return logits.new_zeros(()), logits.new_zeros(()), logits.new_zeros(0, dtype=int), {}
         rows = self.rows(fw.ids)

@@ -72,7 +72,7 @@ class VAT(Consistency):
             return logits.new_zeros(()), logits.new_zeros(()), logits.new_zeros(0, dtype=int), {}
         ids = fw.ids if fw.ids is not None else torch.arange(x.shape[0])
         d0 = random_directions(x.shape, ids, fw.seed, fw.step).to(x.device, torch.float32)
-        direction = adversarial_direction(fw.perturbed, x, logits, d0, self.xi, self.iterations)
+        direction = adversarial_direction(fw.probe or fw.perturbed, x, logits, d0, self.xi, self.iterations)
         r_adv = (self.eps * direction).to(x.dtype)
         loss_vat = kl_with_logits(logits.detach(), fw.perturbed(x.detach() + r_adv))
         ent = entropy(logits)

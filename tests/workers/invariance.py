@@ -29,15 +29,20 @@ def main() -> None:
         y = torch.randint(0, cfg.model.num_classes, (B,), generator=g)
         weak = torch.randint(0, 256, (B * mu, 3, size, size), dtype=torch.uint8, generator=g)
         strong = torch.randint(0, 256, (B * mu, 3, size, size), dtype=torch.uint8, generator=g)
+        weak_2 = torch.randint(0, 256, (B * mu, 3, size, size), dtype=torch.uint8, generator=g)
         lb = {"x": x[rank * per:(rank + 1) * per], "y": y[rank * per:(rank + 1) * per]}
-        ids = torch.arange(B * mu) + step * B * mu  # each sample's stable id (FlexMatch's per-sample state)
-        ub = {"weak": weak[rank * uper:(rank + 1) * uper], "strong": strong[rank * uper:(rank + 1) * uper],
-              "y_true": torch.full((uper,), -1), "idx": ids[rank * uper:(rank + 1) * uper]}
+        # each sample's stable id (per-sample state): half of each step's samples were in the step before,
+        # so Temporal Ensembling has targets
+        ids = (torch.arange(B * mu) + step * B * mu // 2) % (B * mu * steps)
+        mine = slice(rank * uper, (rank + 1) * uper)
+        ub = {"weak": weak[mine], "strong": strong[mine], "weak_2": weak_2[mine],
+              "y_true": torch.full((uper,), -1), "idx": ids[mine]}
         stats = trainer.train_step(lb, ub)
         loss = trainer._sum_over_ranks([stats["loss"]])[0].item() / world
         state = {key: v.float().flatten().tolist() for key, v in trainer.algorithm.state_dict().items()
                  if isinstance(v, torch.Tensor)}
-        records.append({"algorithm": name, "loss": loss, "p_model": trainer.da.p_model.tolist(), "state": state})
+        p_model = None if trainer.da.p_model is None else trainer.da.p_model.tolist()  # no DA: consistency methods
+        records.append({"algorithm": name, "loss": loss, "p_model": p_model, "state": state})
     if rank == 0:
         with open(out_json, "w") as f:
             json.dump(records, f)

@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""FixMatch + DA against FlexMatch, FreeMatch and SoftMatch on the demo data, over several seeds.
+"""The whole algorithm family on the demo data, over several seeds: the pseudo-label rules (FixMatch
++ DA, FlexMatch, FreeMatch, SoftMatch, UDA) and the consistency methods (Pi-Model, Temporal
+Ensembling, Mean Teacher, VAT), against the supervised baseline of the same steps.
 
 Every run is the demo recipe (configs/demo.yaml: 40 labels, 1,000 steps, ZeRO-2) with only
 ``ssl.algorithm`` and ``run.seed`` changed, launched as a user would (``deepspeed launch/train.py``),
@@ -8,9 +10,12 @@ so the benchmark resumes where it stopped.
 
   python tools/bench/algorithms.py [--quick] [--seeds 0,1] [--steps 1000] [--nproc 2] [--out runs/bench-algorithms]
 
-Prints, per algorithm: eval top-1 (mean, min-max over seeds), and the unlabeled mask rate and
-pseudo-label accuracy (of the masked samples) early and at the end, from metrics.jsonl.
-Ends with: RESULT <algorithm>_top1=... for each
+Prints, per algorithm: eval top-1 (mean, min-max over seeds), the unlabeled mask rate and
+pseudo-label accuracy (of the masked samples) early and at the end, from metrics.jsonl, and the
+step's cost relative to FixMatch's (seconds per step from the logged throughput, in the same
+runs: VAT's extra forward and input backward, Pi-Model's second view with gradient, Mean Teacher's
+teacher forward).
+Ends with: RESULT <algorithm>_top1=... and <algorithm>_step_cost=... for each
 """
 import argparse
 import json
@@ -20,11 +25,13 @@ import sys
 from pathlib import Path
 
 from common import machine, result, table
+from distssl import ssl as algorithms
+from distssl.config import ALGORITHM_NAMES, load_config
 from distssl.testing import launch_env, train_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
-ALGORITHMS = ("fixmatch", "flexmatch", "freematch", "softmatch")
+ALGORITHMS = ALGORITHM_NAMES
 
 
 def run_one(out: Path, nproc: int, seed: int, steps: int, extra: list[str]) -> dict:
@@ -36,6 +43,15 @@ def run_one(out: Path, nproc: int, seed: int, steps: int, extra: list[str]) -> d
     summary = json.loads((out / "summary.json").read_text())
     train = [d for d in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if d.get("kind") == "train"]
     return {"top1": summary["top1"], "train": train}
+
+
+def seconds_per_step(name: str, train: list[dict]) -> float:
+    """From the last logged img/s (the run's average since it started) and the images one step reads."""
+    demo = load_config(str(ROOT / "configs/demo.yaml"), ["data.demo_root=null"])
+    views = 0 if name == "supervised" else len(algorithms.ALGORITHMS[name].needs.views)
+    images = demo.train.batch_size * (1 + views * demo.ssl.mu)
+    rates = [d["img_s"] for d in train if d.get("img_s")]
+    return images / rates[-1] if rates else float("nan")
 
 
 def at(train: list[dict], step: int, key: str) -> float:
@@ -75,11 +91,16 @@ def main(argv=None) -> int:
             cells += [f"{statistics.mean(at(r['train'], early, key) for r in rs):.2f}",
                       f"{statistics.mean(at(r['train'], a.steps, key) for r in rs):.2f}"]
         cells.append(f"{statistics.mean(at(r['train'], a.steps, 'weight_mean') for r in rs):.2f}")
+        cost = statistics.mean(seconds_per_step(name, r["train"]) for r in rs)
+        base = (statistics.mean(seconds_per_step("fixmatch", r["train"]) for r in runs["fixmatch"])
+                if "fixmatch" in runs else float("nan"))
+        cells.append(f"{cost / base:.2f}")
         rows.append((name, *cells))
         res[f"{name}_top1"] = statistics.mean(tops)
+        res[f"{name}_step_cost"] = cost / base
     print(f"# {machine()}; demo recipe, {a.steps} steps, {a.nproc} ranks, seeds {seeds}")
     table(rows, ("algorithm", "top-1 %", "range", f"mask@{early}", "mask@end", f"pl-acc@{early}", "pl-acc@end",
-                 "weight@end"))
+                 "weight@end", "step cost"))
     result(**res)
     return 0
 
