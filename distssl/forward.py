@@ -10,10 +10,12 @@
 - ``ssl.weak_forward=concat``: FixMatch's reference step, every view in one forward with gradients;
   the no-grad views' logits are detached (they still pay for the backward).
 - An algorithm that perturbs its inputs (VAT) gets ``perturbed``: the student's forward of other
-  inputs, BatchNorm normalising with the recorded statistics (running statistics are neither
-  changed nor taken from the perturbed batch, as USB freezes BatchNorm for them), and ``probe``, the
-  same through the bare module, for gradients with respect to the input only: DeepSpeed hooks the
-  engine's outputs and reduces the weights' gradients after any backward through them.
+  inputs, BatchNorm normalising with the perturbed batch's own statistics and leaving the running
+  ones as they were (USB's ``freeze_bn``); and ``probe``, the same through the bare module, for
+  gradients with respect to the input only: DeepSpeed hooks the engine's outputs and reduces the
+  weights' gradients after any backward through them. Normalising perturbed batches with the clean
+  batch's statistics as constants instead trained VAT to 17-31% top-1 at step 200 of the demo
+  (docs/benchmarks.md): its gradient, blind to the normalisation, grows the features' scale.
 """
 from __future__ import annotations
 
@@ -49,8 +51,8 @@ def forward_views(model: Callable[[torch.Tensor], torch.Tensor], needs: StepNeed
         teacher = _split(out, list(needs.teacher), [views[v].shape[0] for v in needs.teacher])
     grad, no_grad = list(needs.with_grad), list(needs.no_grad)
     b = x_lb.shape[0]
-    # BatchNorm statistics are recorded when a later forward replays them: no-grad views, perturbations
-    record = needs.perturbs or (weak_forward != "concat" and bool(no_grad))
+    # BatchNorm statistics are recorded when a later forward replays them: the no-grad views
+    record = weak_forward != "concat" and bool(no_grad)
     # the gradient forward's views, in the loader's order (FixMatch's reference: labeled, weak, strong)
     in_one = [v for v in needs.views if v in grad or v in no_grad] if weak_forward == "concat" else grad
     with bn_sharing.record() if record else nullcontext():
@@ -70,11 +72,11 @@ def forward_views(model: Callable[[torch.Tensor], torch.Tensor], needs: StepNeed
         bare = module if module is not None else model
 
         def perturbed(x: torch.Tensor) -> torch.Tensor:
-            with bn_sharing.replay():
+            with bn_sharing.frozen():
                 return model(x).float()
 
         def probe(x: torch.Tensor) -> torch.Tensor:
-            with bn_sharing.replay():
+            with bn_sharing.frozen():
                 return bare(x).float()
     return Forwarded(logits_x=logits[:b], targets_x=torch.empty(0), logits_u=logits_u, teacher_u=teacher,
                      inputs_u={v: views[v] for v in needs.views} if needs.perturbs else {}, perturbed=perturbed,

@@ -56,7 +56,7 @@ def test_mean_teacher_trains_the_student_towards_the_teachers_softmax():
     g = torch.Generator().manual_seed(1)
     fw = _fw(g, views=("weak_2",), step=50, total_steps=100)
     fw.teacher_u = {"weak": torch.randn(5, C, generator=g)}
-    loss, _ = MeanTeacher(C, tau=0.95, lambda_u=1.0, weight=50.0, rampup=0.4).loss(fw)
+    loss, _ = MeanTeacher(C, tau=0.95, lambda_u=1.0, weight=50.0, rampup=0.4, augment="weak").loss(fw)
     expected = (F.cross_entropy(fw.logits_x, fw.targets_x)
                 + 50.0 * ((fw.logits_u["weak_2"].softmax(1) - fw.teacher_u["weak"].softmax(1)) ** 2).mean())
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)
@@ -139,7 +139,7 @@ def _te(num_unlabeled=16, top_k=0, classes=C, **kw):
 def _te_step(algo, probs, ids):
     logits = probs.log().requires_grad_(True)
     loss, stats = algo.loss(Forwarded(logits_x=torch.zeros(1, probs.shape[1]), targets_x=torch.tensor([0]),
-                                      logits_u={"weak": logits}, ids=ids, step=1000, total_steps=1000))
+                                      logits_u={algo.view: logits}, ids=ids, step=1000, total_steps=1000))
     algo.end_step()
     return loss, stats
 
@@ -194,7 +194,7 @@ def test_the_ensemble_from_one_rank_equals_the_ensemble_from_two_and_survives_a_
         for rank, algo in ((1, r1), (0, r0)):
             mine = slice(rank * 4, rank * 4 + 4)
             logits = p[mine].log().requires_grad_(True)
-            algo.loss(Forwarded(logits_x=torch.zeros(1, C), targets_x=torch.tensor([0]), logits_u={"weak": logits},
+            algo.loss(Forwarded(logits_x=torch.zeros(1, C), targets_x=torch.tensor([0]), logits_u={algo.view: logits},
                                 ids=ids[mine], step=1000, total_steps=1000))
         sent = []  # what rank 1 puts into the gather: computed from its own copy of the state
         r1.gather = lambda t: sent.append(t) or t
@@ -265,7 +265,8 @@ def test_the_teacher_forwards_its_view_with_the_ema_weights_and_the_student_only
     teacher_model.load_state_dict({**{n: t for n, t in ema.shadow.items()}, **ema.buffers})
     seen = []
     model.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
-    fw = forward_views(model, MeanTeacher.needs, x_lb, views, weak_forward="shared_bn",
+    needs = MeanTeacher(C, tau=0.95, lambda_u=1.0, augment="weak").needs
+    fw = forward_views(model, needs, x_lb, views, weak_forward="shared_bn",
                        bn_sharing=BatchStatsSharing(model), ema=ema)
     assert torch.allclose(fw.teacher_u["weak"], teacher_model(views["weak"]), atol=1e-6)
     assert seen == [5, 3 + 5]  # the teacher's view, then labeled + the student's view: nothing else
@@ -306,3 +307,17 @@ def test_the_ensemble_fits_imagenet_on_every_rank_within_a_fraction_of_a_gigabyt
     _te_step(algo, probs, ids)
     _, stats = _te_step(algo, probs, ids)
     assert stats["target_rate"] == 1.0 and int(algo.count.sum()) == 2 * ids.unique().numel()
+
+
+def test_a_frozen_forward_normalises_with_its_own_batch_and_leaves_the_running_statistics():
+    torch.manual_seed(2)
+    model = _Tiny()
+    x = torch.randn(6, 3, 4, 4)
+    before = (model.bn.running_mean.clone(), model.bn.running_var.clone(), int(model.bn.num_batches_tracked))
+    reference = _Tiny()
+    reference.load_state_dict(model.state_dict())
+    with BatchStatsSharing(model).frozen():
+        out = model(x)
+    assert torch.allclose(out, reference(x), atol=1e-6)  # a train-mode forward: the batch's own statistics
+    assert torch.equal(model.bn.running_mean, before[0]) and torch.equal(model.bn.running_var, before[1])
+    assert int(model.bn.num_batches_tracked) == before[2] and model.bn.momentum == 0.1

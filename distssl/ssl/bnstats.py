@@ -85,3 +85,22 @@ class BatchStatsSharing:
             for m, (mean, var) in zip(self.active, saved):
                 m.running_mean, m.running_var = mean, var
                 m.train()
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Around a forward of inputs that must not move the running statistics (VAT's perturbed
+        batches): BatchNorm still normalises with that batch's own statistics, as a train-mode forward
+        does (so the gradient sees the normalisation), and the running ones are left as they were (USB's
+        ``freeze_bn``)."""
+        layers = [m for m in self.layers if m.training]
+        saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+                 for m in layers]
+        for m in layers:
+            m.momentum = 0.0  # running := (1 - 0) * running + 0 * batch
+        try:
+            yield
+        finally:
+            for m, (momentum, tracked) in zip(layers, saved):
+                m.momentum = momentum
+                if tracked is not None:
+                    m.num_batches_tracked.copy_(tracked)

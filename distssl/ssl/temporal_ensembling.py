@@ -17,7 +17,9 @@ number of classes the ensemble is exact. Each rank computes the new top k of its
 ranks all-gather (id, values, classes), so the update does not depend on the world size and the
 traffic is O(batch * top_k), not O(batch * classes). Defaults: alpha 0.6 (the paper), weight 3 (the
 paper's w_max 30 for Temporal Ensembling times its labeled fraction 4000 / 50000, rounded), ramp-up
-over 0.4 of the run (USB's unsup_warm_up for the ramped methods), top_k 32.
+over 0.4 of the run (USB's unsup_warm_up for the ramped methods), top_k 32, and the strong view
+(RandAugment + Cutout; ``augment=weak`` is the paper's flip and translation, 6 points lower on the
+demo: docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -59,11 +61,11 @@ def targets(values: torch.Tensor, classes: torch.Tensor, count: torch.Tensor, al
 
 class TemporalEnsembling(Consistency):
     name = "temporal_ensembling"
-    needs = StepNeeds(views=("weak",), with_grad=("weak",), no_grad=())
+    needs = StepNeeds(views=("strong",), with_grad=("strong",), no_grad=())  # the default
     needs_ids = True
 
     def __init__(self, num_classes: int, *, momentum: float = 0.6, weight: float = 3.0, rampup: float = 0.4,
-                 top_k: int = 32, augment: str = "weak", **kw):
+                 top_k: int = 32, augment: str = "strong", **kw):
         super().__init__(num_classes, weight=weight, rampup=rampup, **kw)
         self.view = "strong" if second_view(augment) == "strong" else "weak"
         self.needs = StepNeeds(views=(self.view,), with_grad=(self.view,), no_grad=())
