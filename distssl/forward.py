@@ -14,8 +14,9 @@
   ones as they were (USB's ``freeze_bn``); and ``probe``, the same through the bare module, for
   gradients with respect to the input only: DeepSpeed hooks the engine's outputs and reduces the
   weights' gradients after any backward through them. Normalising perturbed batches with the clean
-  batch's statistics as constants instead trained VAT to 17-31% top-1 at step 200 of the demo
-  (docs/benchmarks.md): its gradient, blind to the normalisation, grows the features' scale.
+  batch's statistics as constants instead left VAT's EMA weights at 18-31% top-1 at step 200 of the
+  demo against 68% (docs/benchmarks.md), presumably as a gradient blind to the normalisation moves
+  the features' scale.
 """
 from __future__ import annotations
 

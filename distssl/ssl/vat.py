@@ -7,8 +7,9 @@ random unit direction d, d <- grad_d KL(p(x) || p(x + xi d)) (one extra forward 
 respect to the input per iteration; the weights' gradients are not touched), then one forward at
 x + eps d / |d|. With ``entropy_weight`` > 0 the entropy of p(x) is minimised too (the paper's
 VAT + EntMin). The random start is drawn per sample from (run.seed, step, sample id), so it does not
-depend on the world size. Perturbed forwards normalise with their own batch's BatchNorm statistics
-and leave the running ones alone (distssl/forward.py). Inputs are the normalised images, where eps is measured (L2 over the image).
+depend on the world size. Perturbed forwards normalise with their own batch's BatchNorm
+statistics and leave the running ones alone (distssl/forward.py). Inputs are the normalised images,
+where eps is measured (L2 over the image).
 Defaults: eps 6, xi 1e-6 and one power iteration (the paper's CIFAR-10 setting), weight 0.3,
 entropy_weight 0.06 and ramp-up over 0.4 of the run (USB's VAT on CIFAR). Under bf16 or fp16, xi 1e-6
 is below the inputs' resolution: raise it (1e-2 is still small against eps).
