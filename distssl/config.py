@@ -80,7 +80,7 @@ class UDAConfig:
 @dataclass
 class PiModelConfig:
     """Laine & Aila 2017: two weak views, both with gradient, MSE between their softmax outputs."""
-    weight: float = 100.0  # consistency weight w_max (the paper's; USB's 10 gained nothing on the demo)
+    weight: float = 100.0  # consistency weight w_max (the paper's; USB's is 10)
     rampup: float = 0.4  # fraction of the run's steps over which the weight ramps up as exp(-5 (1 - T)^2)
     # the view trained with gradient: another weak one (the paper's), or the strong one (RandAugment + Cutout)
     augment: Literal["weak", "strong"] = "weak"
