@@ -31,9 +31,10 @@ def main() -> None:
         strong = torch.randint(0, 256, (B * mu, 3, size, size), dtype=torch.uint8, generator=g)
         weak_2 = torch.randint(0, 256, (B * mu, 3, size, size), dtype=torch.uint8, generator=g)
         lb = {"x": x[rank * per:(rank + 1) * per], "y": y[rank * per:(rank + 1) * per]}
-        # each sample's stable id (per-sample state): half of each step's samples were in the step before,
-        # so Temporal Ensembling has targets
-        ids = (torch.arange(B * mu) + step * B * mu // 2) % (B * mu * steps)
+        # each sample's stable id (per-sample state); with INVARIANCE_OVERLAP=1 half of each step's samples
+        # were in the step before, so Temporal Ensembling has targets
+        shift = B * mu // 2 if os.environ.get("INVARIANCE_OVERLAP") == "1" else B * mu
+        ids = (torch.arange(B * mu) + step * shift) % (B * mu * steps)
         mine = slice(rank * uper, (rank + 1) * uper)
         ub = {"weak": weak[mine], "strong": strong[mine], "weak_2": weak_2[mine],
               "y_true": torch.full((uper,), -1), "idx": ids[mine]}
