@@ -105,7 +105,7 @@ class Algorithm:
 
     name = "base"
     needs: ClassVar[StepNeeds] = StepNeeds()
-    needs_ids = False  # per-sample state (FlexMatch): the unlabeled set needs index.json counts
+    needs_ids = False  # per-sample state (FlexMatch, Temporal Ensembling): the unlabeled set needs index.json counts
     uses_dist_align = False  # whether ssl.dist_align applies (it aligns weak-view pseudo-label probabilities)
 
     def __init__(self, num_classes: int, *, tau: float, lambda_u: float,
@@ -115,6 +115,9 @@ class Algorithm:
         self.num_classes, self.tau, self.lambda_u = num_classes, tau, lambda_u
         self.da = da if self.uses_dist_align else None
         self.num_unlabeled, self.reduce, self.gather = num_unlabeled, reduce, gather
+        if self.needs_ids and not num_unlabeled:
+            raise ValueError(f"ssl.algorithm={self.name} keeps state per unlabeled sample: data.unlabeled needs "
+                             f"index.json counts (a shard set, not a brace pattern)")
 
     def loss(self, fw: Forwarded) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
@@ -246,7 +249,11 @@ class Consistency(Algorithm):
 
     def loss(self, fw: Forwarded) -> tuple[torch.Tensor, dict[str, float]]:
         loss_x = self.supervised_loss(fw)
-        loss_u, extra, guessed, own = self.consistency(fw)
+        if all(t.shape[0] == 0 for t in fw.logits_u.values()):  # no unlabeled images: a supervised step
+            zero = loss_x.new_zeros(())
+            loss_u, extra, guessed, own = zero, zero, loss_x.new_zeros(0, dtype=torch.long), {}
+        else:
+            loss_u, extra, guessed, own = self.consistency(fw)
         w = ramp_up(fw.step, fw.total_steps, self.rampup)
         loss = loss_x + self.lambda_u * self.weight * w * loss_u + extra
         stats = {"loss": float(loss.detach()), "loss_x": float(loss_x.detach()), "loss_u": float(loss_u.detach()),

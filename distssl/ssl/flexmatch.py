@@ -32,9 +32,6 @@ class FlexMatch(ThresholdRule):
 
     def __init__(self, num_classes: int, *, warmup: bool = True, **kw):
         super().__init__(num_classes, **kw)
-        if not self.num_unlabeled:
-            raise ValueError("ssl.algorithm=flexmatch keeps a learning status per unlabeled sample: data.unlabeled "
-                             "needs index.json counts (a shard set, not a brace pattern)")
         self.warmup = warmup
         self.status = torch.full((self.num_unlabeled,), -1, dtype=torch.long)
         self.thresholds = flex_thresholds(self.status, num_classes, self.tau, warmup)

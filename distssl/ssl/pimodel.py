@@ -11,9 +11,7 @@ view with RandAugment + Cutout; with both views carrying gradient that lost 9 po
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
-
-from distssl.ssl.algorithm import Consistency, StepNeeds, second_view
+from distssl.ssl.algorithm import Consistency, StepNeeds, second_view, softmax_mse
 
 
 class PiModel(Consistency):
@@ -27,7 +25,4 @@ class PiModel(Consistency):
 
     def consistency(self, fw):
         a, b = fw.logits_u["weak"], fw.logits_u[self.second]
-        if a.shape[0] == 0:
-            return a.new_zeros(()), a.new_zeros(()), a.new_zeros(0, dtype=int), {}
-        loss_u = F.mse_loss(a.softmax(dim=1), b.softmax(dim=1))
-        return loss_u, a.new_zeros(()), a.detach().argmax(dim=1), {}
+        return softmax_mse(a, b.softmax(dim=1)), a.new_zeros(()), a.detach().argmax(dim=1), {}

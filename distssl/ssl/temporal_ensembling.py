@@ -69,9 +69,6 @@ class TemporalEnsembling(Consistency):
         super().__init__(num_classes, weight=weight, rampup=rampup, **kw)
         self.view = "strong" if second_view(augment) == "strong" else "weak"
         self.needs = StepNeeds(views=(self.view,), with_grad=(self.view,), no_grad=())
-        if not self.num_unlabeled:
-            raise ValueError("ssl.algorithm=temporal_ensembling keeps an ensemble per unlabeled sample: "
-                             "data.unlabeled needs index.json counts (a shard set, not a brace pattern)")
         self.alpha = momentum
         self.k = num_classes if top_k <= 0 else min(top_k, num_classes)
         n = self.num_unlabeled
@@ -86,8 +83,6 @@ class TemporalEnsembling(Consistency):
 
     def consistency(self, fw):
         logits = fw.logits_u[self.view]
-        if logits.shape[0] == 0:
-            return logits.new_zeros(()), logits.new_zeros(()), logits.new_zeros(0, dtype=int), {}
         rows = self.rows(fw.ids)
         target, known = targets(self.values[rows], self.classes[rows], self.count[rows], self.alpha,
                                 self.num_classes)

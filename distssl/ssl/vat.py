@@ -69,8 +69,6 @@ class VAT(Consistency):
 
     def consistency(self, fw):
         logits, x = fw.logits_u["weak"], fw.inputs_u["weak"]
-        if logits.shape[0] == 0:
-            return logits.new_zeros(()), logits.new_zeros(()), logits.new_zeros(0, dtype=int), {}
         ids = fw.ids if fw.ids is not None else torch.arange(x.shape[0])
         d0 = random_directions(x.shape, ids, fw.seed, fw.step).to(x.device, torch.float32)
         direction = adversarial_direction(fw.probe or fw.perturbed, x, logits, d0, self.xi, self.iterations)
