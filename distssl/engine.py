@@ -429,6 +429,7 @@ def run(cfg: Config, on_eval: Optional[Callable] = None) -> dict:
         write_config(cfg)
     trainer = Trainer(cfg, rank, world, local_rank, on_eval)
     result = trainer.fit()  # on failure no barrier: a dead peer would make the error wait for a second timeout
+    write_heartbeat(trainer.out, rank, trainer.step, done=True)  # peers still exporting must not mourn it
     if owns_group and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -130,12 +130,21 @@ def cpu_threads(world: int) -> int:
 
 # --- which rank died ----------------------------------------------------------------------------
 
-def write_heartbeat(out: Path, rank: int, step: int) -> None:
-    """out_dir/ranks/rankNNNNN.json: host, pid, step and time, so a survivor can say who died."""
+def write_heartbeat(out: Path, rank: int, step: int, done: bool = False) -> None:
+    """out_dir/ranks/rankNNNNN.json: host, pid, step and time, so a survivor can say who died; ``done``
+    once the rank has finished its run, so that its exit before a slower peer is not taken for a death."""
     d = out / "ranks"
     d.mkdir(parents=True, exist_ok=True)
     atomic.write_text(d / f"rank{rank:05d}.json", json.dumps(
-        {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "step": step, "time": time.time()}))
+        {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "step": step, "time": time.time(),
+         "done": done}))
+
+
+def _finished(out: Path, rank: int) -> bool:
+    try:
+        return bool(json.loads((out / "ranks" / f"rank{rank:05d}.json").read_text()).get("done"))
+    except (OSError, ValueError):
+        return False
 
 
 def _process_state(pid: int) -> Optional[str]:
@@ -162,19 +171,26 @@ def watch_local_peers(out: Path, my_rank: int, local_peers: int, interval: float
         # Heartbeat files are read only until every local peer's pid is known (on a shared file
         # system, N ranks re-reading N files five times a second would load it); then only /proc.
         local: dict[int, int] = {}
+        finished: set[int] = set()
         while True:
             time.sleep(interval)
-            if len(local) < local_peers:
+            if len(local) + len(finished) < local_peers:
                 for f in (out / "ranks").glob("rank*.json"):
                     try:
                         hb = json.loads(f.read_text())
                     except (OSError, ValueError):
                         continue
-                    if hb.get("host") == here and hb.get("rank") != my_rank and hb.get("time", 0) >= PROCESS_START:
+                    if hb.get("host") == here and hb.get("rank") not in (my_rank, *finished) and \
+                            hb.get("time", 0) >= PROCESS_START:
                         local[int(hb["rank"])] = int(hb["pid"])
             # Only a peer that is gone counts: a stopped one (job control, a debugger) may resume,
             # and if it never does the collective timeout names it.
-            if any(_process_state(pid) in ("gone", "exited") for pid in local.values()):
+            ended = [r for r, pid in local.items() if _process_state(pid) in ("gone", "exited")]
+            for r in [r for r in ended if _finished(out, r)]:  # it finished its run first: not a death
+                ended.remove(r)
+                local.pop(r)
+                finished.add(r)
+            if ended:
                 dead = describe_dead_peers(str(out), my_rank)
                 print(f"rank {my_rank}: a peer died: {dead}. The launcher will stop the other ranks; rerun "
                       f"the same command to resume from the newest complete checkpoint in {out / 'checkpoints'}",
@@ -203,7 +219,7 @@ def describe_dead_peers(out_dir: str, my_rank: int) -> str:
             hb = json.loads(f.read_text())
         except (OSError, ValueError):
             continue
-        if hb.get("rank") == my_rank or hb.get("time", 0) < PROCESS_START:
+        if hb.get("rank") == my_rank or hb.get("time", 0) < PROCESS_START or hb.get("done"):
             continue
         where = f"rank {hb['rank']} (pid {hb['pid']} on {hb['host']})"
         if hb.get("host") == here:

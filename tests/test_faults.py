@@ -121,3 +121,24 @@ def test_the_peer_watch_names_a_local_rank_the_moment_it_dies(tmp_path, capfd):
     err = capfd.readouterr().err
     peer.wait()
     assert f"rank 0: a peer died: rank 1 (pid {peer.pid}" in err and "last at step 7" in err, err
+
+
+@pytest.mark.slow
+def test_a_peer_that_finished_its_run_first_is_not_named_dead(tmp_path, capfd):
+    """In a Ray Train trial rank 1 ends while rank 0 still exports and plots: its exit, after its heartbeat
+    said done, is no death (a 'rerun the same command' after a finished trial would mislead)."""
+    from distssl.peers import watch_local_peers, write_heartbeat
+
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = __import__("socket").gethostname()
+    write_heartbeat(tmp_path, 0, 7)
+    (tmp_path / "ranks" / "rank00001.json").write_text(json.dumps(
+        {"rank": 1, "host": host, "pid": peer.pid, "step": 7, "time": time.time()}))
+    watch_local_peers(tmp_path, 0, local_peers=1, interval=0.05)
+    time.sleep(0.3)
+    (tmp_path / "ranks" / "rank00001.json").write_text(json.dumps(
+        {"rank": 1, "host": host, "pid": peer.pid, "step": 7, "time": time.time(), "done": True}))
+    peer.kill()
+    peer.wait()
+    time.sleep(0.5)
+    assert "a peer died" not in capfd.readouterr().err
