@@ -1,5 +1,6 @@
 """Mistakes a user makes are caught before training, each with one line that says what to do (exit 2)."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -162,3 +163,16 @@ def test_cpu_ranks_take_the_threads_they_were_given(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     import os
     assert cpu_threads(world=1) == (os.cpu_count() or 1)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_sweep_with_ray_train_v2_switched_off_says_so(tiny_data, tmp_path):
+    """A cluster image that exports Ray's V1 switch gets one line naming it, before Ray starts."""
+    args = tiny_overrides(tiny_data, tmp_path / "sweep", **{"train.steps": 2})
+    r = subprocess.run([sys.executable, str(ROOT / "launch/tune.py"), "--config", str(ROOT / "configs/tune/demo.yaml"),
+                        *args], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "RAY_TRAIN_V2_ENABLED": "0"})
+    line = _refused(r, "RAY_TRAIN_V2_ENABLED='0' switches Ray Train V2 off", "unset RAY_TRAIN_V2_ENABLED")
+    assert "Traceback" not in r.stderr, line
+    assert not (tmp_path / "sweep/ray").exists()
