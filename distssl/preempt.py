@@ -10,6 +10,12 @@ Loader worker processes ignore these signals (:func:`ignore_in_worker`): SLURM s
 of the step and DeepSpeed's launcher terminates each rank's whole process tree, and a dying loader
 worker would take its rank down before it saved. They exit with their rank.
 
+A signal often reaches only the command the user started (a container's command, SLURM's ``scancel``
+without ``B:``): DeepSpeed's ``deepspeed`` runner then exits at once and passes nothing on, leaving its
+per-node launcher and the ranks orphaned. So each rank also watches its launcher chain
+(:func:`launcher_chain`, :meth:`PreemptWatch.watch_launchers`): when a launcher in it is gone or
+re-parented, the rank takes that as the signal it did not get, and the run saves and exits as above.
+
 A SIGTERM that comes because a peer rank died (DeepSpeed's launcher stops the survivors that way) is
 not a preemption: the handler names the dead peer and exits at once, as before.
 
@@ -22,13 +28,16 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from distssl.peers import exit_if_a_peer_died
+from distssl.procs import PR_SET_PDEATHSIG, parent_of, prctl
 
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT = 75  # sysexits' EX_TEMPFAIL: a temporary failure, the same command may be retried
@@ -72,9 +81,60 @@ def _reap_loader_workers() -> None:
 
 
 def ignore_in_worker(_worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: the preemption signals are the rank's to handle."""
+    """DataLoader ``worker_init_fn``: the preemption signals are the rank's to handle, and the worker
+    dies with its rank however the rank ends (an os._exit skips the reaping at exit; torch's own
+    watchdog notices an orphaned worker only seconds later, while it still holds the rank's sockets,
+    the rendezvous port among them)."""
+    prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
     for s in _ignored:
         signal.signal(s, signal.SIG_IGN)
+
+
+class Launcher(NamedTuple):
+    pid: int
+    name: str
+
+
+# what launches ranks: DeepSpeed's runner (bin/deepspeed, deepspeed.launcher.runner) and per-node
+# launcher (deepspeed.launcher.launch), torchrun (bin/torchrun, torch.distributed.run / .launch)
+_LAUNCHERS = re.compile(r"(^|/)(deepspeed|torchrun)$|^deepspeed\.launcher\.(runner|launch)$|"
+                        r"^torch\.distributed\.(run|launch)$")
+
+
+def _launcher_name(pid: int) -> str:
+    """'deepspeed', 'deepspeed.launcher.launch', 'torchrun', ... when the process is a launcher, else ''."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return ""
+    for i, arg in enumerate(args[:4]):  # the interpreter, maybe -u, then the script or -m module
+        name = args[i + 1] if arg == "-m" and i + 1 < len(args) else arg
+        if _LAUNCHERS.search(name):
+            return name.rsplit("/", 1)[-1]
+    return ""
+
+
+def launcher_chain(pid: int) -> list[Launcher]:
+    """The launchers above a rank, nearest first: its parents while they are launchers (the per-node
+    launcher, then the runner). Empty when the rank was not started by a launcher (one process, a Ray
+    Train worker)."""
+    chain, parent = [], parent_of(pid)
+    while parent and parent > 1:
+        name = _launcher_name(parent)
+        grandparent = parent_of(parent)
+        if not name or grandparent is None:
+            break
+        chain.append(Launcher(parent, name))
+        parent = grandparent
+    return chain
+
+
+def lost_launcher(pid: int, chain: list[Launcher]) -> Optional[Launcher]:
+    """The launcher of ``chain`` that is gone: whose child (the rank, or the launcher below it) has
+    another parent now. The topmost launcher's own parent is not watched: a shell that started
+    ``nohup deepspeed ... &`` and exited re-parents the runner, and the run goes on."""
+    below = [pid, *(c.pid for c in chain[:-1])]
+    return next((c for child, c in zip(below, chain) if parent_of(child) != c.pid), None)
 
 
 class PreemptWatch:
@@ -85,6 +145,7 @@ class PreemptWatch:
         self.out_dir, self.rank = out_dir, rank
         self.signum: Optional[int] = None
         self.saved = False
+        self.launcher_gone = ""  # the launcher whose loss stood for the signal, when one did
         self.numbers = signal_numbers(names)
         if threading.current_thread() is not threading.main_thread():
             return  # e.g. a Ray Tune trial's training thread: Ray owns the signals there
@@ -94,12 +155,36 @@ class PreemptWatch:
             signal.signal(s, self._handler)
         atexit.register(_reap_loader_workers)
 
+        self.watch_launchers()
+
+    def watch_launchers(self, interval: float = 0.25) -> None:
+        """A daemon thread that requests the save when a launcher above this rank goes (see the module)."""
+        chain = launcher_chain(os.getpid())
+        if not chain:
+            return
+
+        def watch() -> None:
+            while self.signum is None:
+                time.sleep(interval)
+                gone = lost_launcher(os.getpid(), chain)
+                if gone is not None and self.signum is None:
+                    print(f"rank {self.rank}: its launcher {gone.name} (pid {gone.pid}) is gone without passing a "
+                          f"signal on: saving a checkpoint at the next step boundary, then exiting "
+                          f"({PREEMPTED_EXIT})", file=sys.stderr, flush=True)
+                    self.signum = int(signal.SIGTERM)
+                    self.launcher_gone = gone.name
+                    return
+
+        threading.Thread(target=watch, name="distssl-launcher-watch", daemon=True).start()
+
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
     @property
     def signame(self) -> str:
+        if self.launcher_gone:
+            return f"the loss of its launcher ({self.launcher_gone})"
         return signal.Signals(self.signum).name if self.signum else ""
 
     def _handler(self, signum, frame) -> None:

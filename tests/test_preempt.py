@@ -2,7 +2,9 @@
 the rerun resumes with no step lost or repeated (real 2-rank DeepSpeed runs)."""
 import json
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 from conftest import ROOT, run_train, tiny_overrides
 from distssl import checkpoint as ckpt
 from distssl.preempt import PREEMPTED_EXIT
-from distssl.testing import launch_env, train_command
+from distssl.testing import free_port, launch_env, train_command
 
 
 def _launch(args, log: Path) -> subprocess.Popen:
@@ -76,3 +78,114 @@ def test_a_preempted_run_saves_at_the_next_step_and_resumes_with_no_step_lost(ti
     steps = _train_steps(out)
     assert len(steps) == len(set(steps)) and max(steps) == step + 6  # no step logged twice, none missing
     assert sorted(steps) == list(range(1, step + 7))
+
+
+def _torchrun(args, port: int) -> list[str]:
+    return [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-port", str(port),
+            str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/demo.yaml"), *args]
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _listening_on(port: int) -> list:
+    return [c for c in psutil.net_connections(kind="tcp") if c.laddr and c.laddr.port == port
+            and c.status == psutil.CONN_LISTEN]
+
+
+def _port_is_free(port: int, wait: float = 30) -> bool:
+    """Nothing listens on the port, and the next job's rendezvous can bind it (as torch's store does,
+    with SO_REUSEADDR) once the closed connections' FIN_WAIT states have passed."""
+    deadline = time.time() + wait
+    while True:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("0.0.0.0", port))
+                s.listen()
+                return True
+            except OSError:
+                if time.time() > deadline:
+                    return False
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("entry", ["deepspeed_runner", "supervised_runner", "torchrun", "two_nodes_no_ssh"])
+def test_a_sigterm_to_the_command_the_user_started_saves_and_leaves_nothing_running(tiny_data, tmp_path, entry):
+    """What a container's stop or scancel does: SIGTERM to the command the user typed, and to nothing else.
+    DeepSpeed's runner dies at once without passing it on (its ranks watch their launchers); torchrun passes
+    it to its ranks; on two nodes only node 0's runner gets it. Every rank saves at the same step, and
+    no process of the run is left holding the rendezvous port."""
+    out = tmp_path / "run"
+    args = tiny_overrides(tiny_data, out, **{"train.steps": 3000, "train.ckpt_every": 1000, "train.eval_every": 1000,
+                                             "train.num_workers": 1})
+    port = free_port()
+    if entry == "deepspeed_runner":
+        cmds = [train_command(args, nproc=2, master_port=port)]
+    elif entry == "supervised_runner":  # the container command the README gives
+        cmds = [[sys.executable, str(ROOT / "launch/supervise.py"), *train_command(args, nproc=2, master_port=port)]]
+    elif entry == "torchrun":
+        cmds = [_torchrun(args, port)]
+    else:
+        hosts = tmp_path / "hosts"
+        hosts.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
+        cmds = [train_command(args, hostfile=hosts, node_rank=r, master_port=port) for r in (0, 1)]
+    logs = [tmp_path / f"node{i}.log" for i in range(len(cmds))]
+    procs = [subprocess.Popen(c, stdout=log.open("w"), stderr=subprocess.STDOUT, env=launch_env(), cwd=ROOT)
+             for c, log in zip(cmds, logs)]
+    deadline = time.time() + 240
+    while _last_step(out) < 12 and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.2)
+    text = lambda: "".join(log.read_text()[-2500:] for log in logs)  # noqa: E731
+    assert all(p.poll() is None for p in procs), text()
+    run = [q for p in procs for q in [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]]
+    assert len([q for q in run if q.pid != procs[0].pid]) >= 4, run  # launchers, ranks, loader workers
+    procs[0].send_signal(signal.SIGTERM)
+    t0 = time.time()
+    if entry == "supervised_runner":  # it returns the run's status, and only once nothing of the run is left
+        assert procs[0].wait(timeout=90) == PREEMPTED_EXIT, text()
+        assert not _alive(run[1:]), _alive(run[1:])
+    while _alive(run) and time.time() - t0 < 90:
+        time.sleep(0.2)
+    took = time.time() - t0
+    for p in procs:
+        p.wait(timeout=30)
+    assert not _alive(run) and took < 60, (took, _alive(run), text())  # within a pod's 30-60 s grace period
+    t1 = time.time()
+    while _listening_on(port) and time.time() - t1 < 5:  # the kernel closes a dead process's sockets
+        time.sleep(0.2)
+    assert not _listening_on(port) and _port_is_free(port), [
+        c for c in psutil.net_connections(kind="tcp") if c.laddr and c.laddr.port == port]
+    # torchrun answers SIGTERM with a traceback of its own (SignalException: ... got signal: 15); no rank does
+    launcher_tracebacks = text().count("SignalException: Process") if entry == "torchrun" else 0
+    assert "preempted by" in text() and text().count("Traceback") == launcher_tracebacks, text()
+    saved = ckpt.complete_tags(out / "checkpoints")
+    assert saved and saved[-1][0] >= 12, (saved, text())  # past the last periodic checkpoint (none)
+    step = saved[-1][0]
+    assert step == _last_step(out)  # the step it saved is the last step it logged: none lost
+
+    r = run_train(args + [f"train.steps={step + 6}"], nproc=2, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = _train_steps(out)
+    assert len(steps) == len(set(steps)) and max(steps) == step + 6  # no step logged twice, none missing
+
+
+def test_a_rank_watches_its_launchers_but_not_the_shell_above_them(tmp_path):
+    """The chain is the launchers above a rank (this test's pytest is none: no chain); a launcher is lost
+    when its child has another parent; the topmost launcher's own parent (the shell of `nohup deepspeed
+    ... &`, which may exit) is not watched."""
+    import os
+
+    from distssl.preempt import Launcher, launcher_chain, lost_launcher
+    from distssl.procs import parent_of
+
+    me = os.getpid()
+    assert launcher_chain(me) == []
+    launch = Launcher(os.getppid(), "deepspeed.launcher.launch")
+    assert lost_launcher(me, [launch]) is None  # my parent is still this "launcher"
+    assert lost_launcher(me, [launch, Launcher(parent_of(launch.pid), "deepspeed")]) is None  # and its, its
+    assert lost_launcher(me, [launch, Launcher(12345678, "deepspeed")]).pid == 12345678  # its parent is another
+    assert lost_launcher(me, [Launcher(12345678, "torchrun")]).pid == 12345678  # mine is another
