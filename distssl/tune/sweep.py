@@ -12,6 +12,7 @@ from distssl.config import dump_yaml, to_dict
 from distssl.tune.record import Sweep, _write_settings, check_resumable, sweep_rounds
 from distssl.tune.results import write_outputs
 from distssl.tune.space import ray_space
+from distssl.tune.storage import storage_for
 from distssl.tune.trial import trial_driver
 from distssl.typed_tree import ConfigError
 
@@ -99,17 +100,3 @@ def _fit(sweep: Sweep, sweep_dir: str, rounds: list[tuple[str, int]], cluster_cp
 
 
 DRIVER_MEMORY = 256 * 2**20  # bytes: a trial driver's Python process with Ray and Train imported
-
-
-def storage_for(url: str, sweep_dir: str):
-    """(path, pyarrow filesystem or None) for Ray's storage: a local folder, or any fsspec URL through
-    pyarrow's fsspec handler (so S3-compatible endpoints, gs:// and the rest work as for the data)."""
-    if not url:
-        return str(Path(sweep_dir) / "ray"), None
-    if "://" not in url or url.startswith("file://"):
-        return os.path.abspath(url.removeprefix("file://")), None
-    import pyarrow.fs
-    from fsspec.core import url_to_fs
-
-    fs, path = url_to_fs(url)
-    return path.rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))

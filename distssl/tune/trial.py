@@ -22,6 +22,7 @@ from distssl import checkpoint
 from distssl.config import Config
 from distssl.errors import UserError
 from distssl.tune.space import apply
+from distssl.tune.storage import storage_for
 from distssl.typed_tree import build
 
 
@@ -32,8 +33,6 @@ def trial_driver(config: dict, base: dict, plan: dict) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from distssl.tune.sweep import storage_for
 
     trial_name = ray.tune.get_context().get_trial_name()  # stable across restores: names the run folder
     storage, filesystem = storage_for(plan["storage_url"], plan["sweep_dir"])
