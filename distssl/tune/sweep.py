@@ -16,6 +16,8 @@ from distssl.tune.storage import storage_for
 from distssl.tune.trial import trial_driver
 from distssl.typed_tree import ConfigError
 
+DRIVER_MEMORY = 256 * 2**20  # bytes: a trial driver's Python process with Ray and Train imported
+
 
 def run_sweep(sweep: Sweep) -> dict:
     """Run (or resume, or grow) the sweep in ``sweep.out_dir``; returns the summary of its results."""
@@ -97,6 +99,3 @@ def _fit(sweep: Sweep, sweep_dir: str, rounds: list[tuple[str, int]], cluster_cp
                                           verbose=1, failure_config=tune.FailureConfig(max_failures=t.max_failures)))
         results.extend(tuner.fit())
     return write_outputs(sweep, results, sweep_dir)
-
-
-DRIVER_MEMORY = 256 * 2**20  # bytes: a trial driver's Python process with Ray and Train imported

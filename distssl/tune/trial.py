@@ -99,6 +99,6 @@ def copy_checkpoint_in(src: Path, ckpt_root: Path) -> Path:
         shutil.copytree(src, tmp)
         try:
             os.replace(tmp, dst)
-        except OSError:  # another rank of this node renamed its copy first
+        except OSError:  # another node's rank 0 renamed its copy first (a shared file system)
             shutil.rmtree(tmp, ignore_errors=True)
     return dst
