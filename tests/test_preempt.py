@@ -42,6 +42,19 @@ def _train_steps(out: Path) -> list[int]:
             if "loss" in d and "step" in d]
 
 
+def _saved_at_the_last_step_and_resumes(out: Path, args: list[str], log: str) -> None:
+    """One complete checkpoint past the last periodic one (none) at the last step logged, and a 2-rank
+    rerun that goes on from it: every step logged once."""
+    saved = ckpt.complete_tags(out / "checkpoints")
+    assert saved and saved[-1][0] >= 12, (saved, log[-2000:])
+    step = saved[-1][0]
+    assert step == _last_step(out)  # the step it saved is the last step it logged: none lost
+    r = run_train(args + [f"train.steps={step + 6}"], nproc=2, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = _train_steps(out)
+    assert sorted(steps) == list(range(1, step + 7))  # no step logged twice, none missing
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("how", ["usr1_to_every_rank", "sigterm_to_the_launcher"])
@@ -68,16 +81,7 @@ def test_a_preempted_run_saves_at_the_next_step_and_resumes_with_no_step_lost(ti
     if how == "usr1_to_every_rank":
         assert rc == PREEMPTED_EXIT, log[-3000:]
     assert "preempted by SIG" in log and "Traceback" not in log, log[-3000:]
-    saved = ckpt.complete_tags(out / "checkpoints")
-    assert saved and saved[-1][0] >= 12, (saved, log[-2000:])  # past the last periodic checkpoint (none)
-    step = saved[-1][0]
-    assert step == _last_step(out)  # the step it saved is the last step it logged: none lost
-
-    r = run_train(args + [f"train.steps={step + 6}"], nproc=2, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    steps = _train_steps(out)
-    assert len(steps) == len(set(steps)) and max(steps) == step + 6  # no step logged twice, none missing
-    assert sorted(steps) == list(range(1, step + 7))
+    _saved_at_the_last_step_and_resumes(out, args, log)
 
 
 def _torchrun(args, port: int) -> list[str]:
@@ -162,15 +166,7 @@ def test_a_sigterm_to_the_command_the_user_started_saves_and_leaves_nothing_runn
     # torchrun answers SIGTERM with a traceback of its own (SignalException: ... got signal: 15); no rank does
     launcher_tracebacks = text().count("SignalException: Process") if entry == "torchrun" else 0
     assert "preempted by" in text() and text().count("Traceback") == launcher_tracebacks, text()
-    saved = ckpt.complete_tags(out / "checkpoints")
-    assert saved and saved[-1][0] >= 12, (saved, text())  # past the last periodic checkpoint (none)
-    step = saved[-1][0]
-    assert step == _last_step(out)  # the step it saved is the last step it logged: none lost
-
-    r = run_train(args + [f"train.steps={step + 6}"], nproc=2, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    steps = _train_steps(out)
-    assert len(steps) == len(set(steps)) and max(steps) == step + 6  # no step logged twice, none missing
+    _saved_at_the_last_step_and_resumes(out, args, text())
 
 
 def test_a_rank_watches_its_launchers_but_not_the_shell_above_them(tmp_path):
