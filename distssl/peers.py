@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from distssl import atomic
 from distssl.errors import PortInUse
+from distssl.procs import process_state
 
 # a heartbeat older than this process is an earlier run's: its ranks are not this run's peers (every
 # rank of a run starts before the rendezvous, and writes its first heartbeat after it)
@@ -140,22 +141,15 @@ def write_heartbeat(out: Path, rank: int, step: int, done: bool = False) -> None
          "done": done}))
 
 
-def _finished(out: Path, rank: int) -> bool:
+def _read_heartbeat(path: Path) -> Optional[dict]:
     try:
-        return bool(json.loads((out / "ranks" / f"rank{rank:05d}.json").read_text()).get("done"))
-    except (OSError, ValueError):
-        return False
-
-
-def _process_state(pid: int) -> Optional[str]:
-    """'gone', 'stopped', 'zombie' or None (running) for a process on this host."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return "gone"
-    except OSError:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # not there yet, or being replaced
         return None
-    return {"Z": "exited", "X": "gone", "T": "stopped", "t": "stopped"}.get(state)
+
+
+def _finished(out: Path, rank: int) -> bool:
+    return bool((_read_heartbeat(out / "ranks" / f"rank{rank:05d}.json") or {}).get("done"))
 
 
 def watch_local_peers(out: Path, my_rank: int, local_peers: int, interval: float = 0.2) -> None:
@@ -176,16 +170,13 @@ def watch_local_peers(out: Path, my_rank: int, local_peers: int, interval: float
             time.sleep(interval)
             if len(local) + len(finished) < local_peers:
                 for f in (out / "ranks").glob("rank*.json"):
-                    try:
-                        hb = json.loads(f.read_text())
-                    except (OSError, ValueError):
-                        continue
-                    if hb.get("host") == here and hb.get("rank") not in (my_rank, *finished) and \
+                    hb = _read_heartbeat(f)
+                    if hb and hb.get("host") == here and hb.get("rank") not in (my_rank, *finished) and \
                             hb.get("time", 0) >= PROCESS_START:
                         local[int(hb["rank"])] = int(hb["pid"])
             # Only a peer that is gone counts: a stopped one (job control, a debugger) may resume,
             # and if it never does the collective timeout names it.
-            ended = [r for r, pid in local.items() if _process_state(pid) in ("gone", "exited")]
+            ended = [r for r, pid in local.items() if process_state(pid) in ("gone", "exited")]
             for r in [r for r in ended if _finished(out, r)]:  # it finished its run first: not a death
                 ended.remove(r)
                 local.pop(r)
@@ -215,15 +206,12 @@ def describe_dead_peers(out_dir: str, my_rank: int) -> str:
     here = socket.gethostname()
     found = []
     for f in sorted((Path(out_dir) / "ranks").glob("rank*.json")):
-        try:
-            hb = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        if hb.get("rank") == my_rank or hb.get("time", 0) < PROCESS_START or hb.get("done"):
+        hb = _read_heartbeat(f)
+        if not hb or hb.get("rank") == my_rank or hb.get("time", 0) < PROCESS_START or hb.get("done"):
             continue
         where = f"rank {hb['rank']} (pid {hb['pid']} on {hb['host']})"
         if hb.get("host") == here:
-            state = _process_state(int(hb["pid"]))
+            state = process_state(int(hb["pid"]))
             if state:
                 found.append(f"{where} is {state}, last at step {hb['step']}")
         else:

@@ -41,10 +41,8 @@ def main(argv=None) -> int:
     except FileNotFoundError:
         print(f"distssl-supervise: {a.command[0]}: command not found", file=sys.stderr)
         return 127
-    running = [True]
-
     def forward(signum, frame):
-        if running[0]:
+        if child.returncode is None:  # set by reap_all once the child is reaped
             try:
                 os.kill(child.pid, signum)
             except ProcessLookupError:
@@ -52,10 +50,10 @@ def main(argv=None) -> int:
 
     for s in FORWARDED:
         signal.signal(s, forward)
-    return reap_all(child, running)
+    return reap_all(child)
 
 
-def reap_all(child: subprocess.Popen, running: list) -> int:
+def reap_all(child: subprocess.Popen) -> int:
     """Wait for the child and every process re-parented here; the run's exit status: the child's, or,
     when the child died of a signal (DeepSpeed's runner on SIGTERM), that of the first adopted process
     that failed (its per-node launcher, which exits with its ranks' status, e.g. 75 for a preemption)."""
@@ -67,8 +65,7 @@ def reap_all(child: subprocess.Popen, running: list) -> int:
             break
         code = os.waitstatus_to_exitcode(status)
         if pid == child.pid:
-            child_code, running[0] = code, False
-            child.returncode = code  # reaped here: Popen must not wait for it again
+            child_code = child.returncode = code  # reaped here: Popen must not wait for it again
         elif code > 0:  # not the loader workers SIGKILLed as their rank left (a negative code)
             adopted.append(code)
     if child_code is None:
