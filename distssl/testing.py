@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from distssl.recipes import RECIPES
+from distssl.config.recipes import RECIPES
 
 
 def free_port() -> int:

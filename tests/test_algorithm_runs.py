@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_train, tiny_overrides
-from distssl import checkpoint as ckpt
+from distssl.checkpoint import layout as ckpt
 
 
 # FlexMatch: the per-sample state, fed by the stream's ids (the global-statistics algorithms are shown

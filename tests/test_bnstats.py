@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from distssl.ssl.bnstats import BatchStatsSharing
+from distssl.train.bnstats import BatchStatsSharing
 
 
 def _batch_stats(model, x):

@@ -4,7 +4,7 @@ import pickle
 import pytest
 import torch
 
-from distssl import checkpoint as ckpt
+from distssl.checkpoint import layout as ckpt
 
 
 def _fake_complete(d, step):

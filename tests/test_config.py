@@ -96,8 +96,8 @@ def test_credentials_in_urls_never_reach_config_yaml(tmp_path):
 
 @pytest.mark.parametrize("name", ["demo.yaml", "cifar10.yaml", "imagenet.yaml", "vit_finetune.yaml"])
 def test_shipped_configs_load_and_resolve(name):
-    from distssl.models import fill_input_defaults
-    from distssl.optim import accumulation, deepspeed_config
+    from distssl.models.factory import fill_input_defaults
+    from distssl.train.optim import accumulation, deepspeed_config
 
     cfg = load_config(str(ROOT / "configs" / name))
     fill_input_defaults(cfg)
@@ -122,7 +122,7 @@ def test_shipped_configs_load_and_resolve(name):
 
 
 def test_eval_crop_and_interpolation_default_to_the_models_pretrained_config():
-    from distssl.models import fill_input_defaults
+    from distssl.models.factory import fill_input_defaults
 
     cfg = load_config(str(ROOT / "configs/imagenet.yaml"), ["data.eval_crop_pct=null", "data.interpolation=null",
                                                              "model.name=convnext_tiny"])

@@ -10,16 +10,16 @@ import torch.nn.functional as F
 
 from distssl import ssl as algorithms
 from distssl.config import ALGORITHM_NAMES, SSLConfig, load_config
-from distssl.forward import forward_views
 from distssl.ssl.algorithm import Forwarded, ramp_up
-from distssl.ssl.bnstats import BatchStatsSharing
-from distssl.ssl.ema import EMA
 from distssl.ssl.fixmatch import FixMatch
 from distssl.ssl.meanteacher import MeanTeacher
 from distssl.ssl.pimodel import PiModel
 from distssl.ssl.temporal_ensembling import TemporalEnsembling, dense_ensemble
 from distssl.ssl.uda import UDA, sharpen, tsa_threshold
 from distssl.ssl.vat import VAT, adversarial_direction, kl_with_logits, random_directions
+from distssl.train.bnstats import BatchStatsSharing
+from distssl.train.ema import EMA
+from distssl.train.forward import forward_views
 
 C = 4
 
@@ -276,7 +276,7 @@ def test_the_teacher_forwards_its_view_with_the_ema_weights_and_the_student_only
 
 
 def test_every_algorithm_is_registered_with_its_config_section_and_cited_keys():
-    from distssl.typed_tree import describe_keys
+    from distssl.config.typed_tree import describe_keys
 
     assert set(ALGORITHM_NAMES) == set(algorithms.ALGORITHMS)
     rows = {key: meaning for key, kind, _, meaning in describe_keys(SSLConfig, "ssl") if kind != "section"}

@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT, run_train, tiny_overrides
 from distssl.config import load_config
-from distssl.models import create_model, fill_input_defaults, load_pretrained, param_groups
+from distssl.models.factory import create_model, fill_input_defaults, load_pretrained, param_groups
 
 
 def _metrics(out: Path, kind: str) -> list[dict]:
@@ -31,7 +31,7 @@ def trained(tiny_data, tmp_path_factory):
 def _timm_load(weights: Path):
     import timm
 
-    import distssl.models  # noqa: F401 (wrn28_2)
+    import distssl.models.factory  # noqa: F401 (wrn28_2)
     meta = json.loads(weights.with_suffix(".json").read_text())
     return timm.create_model(meta["architecture"], pretrained=True, num_classes=meta["num_classes"],
                              pretrained_cfg_overlay=dict(meta["pretrained_cfg"], file=str(weights))).eval(), meta

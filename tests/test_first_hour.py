@@ -38,7 +38,7 @@ def _own_sets(tiny_data) -> list[str]:
 # --- 1. a forgotten data.eval ----------------------------------------------------------------------
 
 def test_own_sets_beside_the_demos_eval_are_refused_naming_the_key(tiny_data):
-    from distssl import preflight
+    from distssl.train import preflight
 
     cfg = load_config(DEMO, _own_sets(tiny_data))
     with pytest.raises(ConfigError, match=r"data.eval is still the demo's \(data/mnist5k/shards/eval\) while "
@@ -72,7 +72,7 @@ def _hold_port() -> tuple[socket.socket, int]:
 def test_a_taken_port_is_named_by_rank_0_and_not_called_a_dead_peer(monkeypatch):
     import torch.distributed as dist
 
-    from distssl.peers import check_rendezvous_port, is_peer_failure
+    from distssl.dist.peers import check_rendezvous_port, is_peer_failure
 
     holder, port = _hold_port()
     with holder:
@@ -243,7 +243,7 @@ def test_files_written_atomically_get_the_mode_the_umask_gives(tmp_path, mask, w
     import torch
 
     from distssl import atomic
-    from distssl.export import write_export
+    from distssl.models.export import write_export
 
     old = os.umask(mask)
     try:
@@ -309,7 +309,7 @@ def test_print_config_and_keys_answer_without_training(capsys, tmp_path):
     assert main(["--keys"]) == 0
     everything = capsys.readouterr().out
     from distssl.config import Config
-    from distssl.typed_tree import describe_keys
+    from distssl.config.typed_tree import describe_keys
 
     keys = [k for k, tp, _, _ in describe_keys(Config) if tp != "section"]
     assert all(f"\n{k} = " in "\n" + everything for k in keys)
@@ -320,7 +320,7 @@ def test_print_config_and_keys_answer_without_training(capsys, tmp_path):
 def test_curves_show_the_losses_beside_the_rates(tmp_path):
     from PIL import Image
 
-    from distssl.metrics import plot
+    from distssl.tracking.metrics import plot
 
     lines = [{"kind": "train", "step": s, "loss": 2.0 / s, "loss_x": 1.5 / s, "loss_u": 0.5 / s, "mask_rate": s / 10}
              for s in range(1, 10)] + [{"kind": "eval", "step": 9, "top1": 0.5}]

@@ -66,7 +66,7 @@ def test_a_tracker_that_fails_mid_run_is_dropped_and_training_goes_on(tmp_path, 
     pytest.importorskip("mlflow")
     import shutil
 
-    from distssl.metrics import MetricsWriter
+    from distssl.tracking.metrics import MetricsWriter
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
     metrics = MetricsWriter(str(tmp_path), True, 0, 10, ("mlflow",), {"optim": {"lr": 0.03}})

@@ -47,7 +47,7 @@ def test_two_nodes_split_shards_and_share_da_and_eval(tiny_data, tmp_path):
     ckpt = out / "checkpoints" / "step_00000008"
     states = [torch.load(p, weights_only=True) for p in sorted(ckpt.glob("distssl_rank*.pt"))]
     assert len(states) == 2
-    p0, p1 = states[0]["da"]["p_model"], states[1]["da"]["p_model"]
+    p0, p1 = states[0]["algorithm"]["da"]["p_model"], states[1]["algorithm"]["da"]["p_model"]
     assert torch.equal(p0, p1) and not torch.allclose(p0, torch.full_like(p0, 0.1))
     assert states[0]["world_size"] == 2
 

@@ -8,9 +8,9 @@ import pytest
 
 from conftest import ROOT
 from distssl.config import ConfigError, load_config
-from distssl.models import create_model, param_groups
-from distssl.optim import build_optimizer
+from distssl.models.factory import create_model, param_groups
 from distssl.testing import deepspeed_command, launch_env
+from distssl.train.optim import build_optimizer
 
 
 def test_every_name_comes_from_timms_factory_with_its_groups():
@@ -42,7 +42,7 @@ def test_backbone_lr_scale_acts_on_top_of_timms_layer_decay():
 
 
 def test_an_unknown_optimizer_is_named_with_the_closest():
-    from distssl import preflight
+    from distssl.train import preflight
 
     with pytest.raises(ConfigError, match=r"optim.name='adamww'.*did you mean adamw"):
         preflight.check_optimizer_name("adamww")

@@ -12,8 +12,8 @@ import psutil
 import pytest
 
 from conftest import ROOT, run_train, tiny_overrides
-from distssl import checkpoint as ckpt
-from distssl.preempt import PREEMPTED_EXIT
+from distssl.checkpoint import layout as ckpt
+from distssl.dist.preempt import PREEMPTED_EXIT
 from distssl.testing import free_port, launch_env, train_command
 
 
@@ -175,8 +175,8 @@ def test_a_rank_watches_its_launchers_but_not_the_shell_above_them(tmp_path):
     ... &`, which may exit) is not watched."""
     import os
 
-    from distssl.preempt import Launcher, launcher_chain, lost_launcher
-    from distssl.procs import parent_of
+    from distssl.dist.preempt import Launcher, launcher_chain, lost_launcher
+    from distssl.dist.procs import parent_of
 
     me = os.getpid()
     assert launcher_chain(me) == []

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from distssl.schedule import lr_factor
-from distssl.ssl.ema import EMA, ema_decay_at
+from distssl.train.ema import EMA, ema_decay_at
+from distssl.train.schedule import lr_factor
 
 
 def test_cosine_schedule_is_fixmatch_7_16():

@@ -121,7 +121,7 @@ def test_sets_that_order_their_classes_differently_are_mapped_per_set(tiny_data,
     index = json.loads((permuted / "index.json").read_text())
     index["class_names"] = index["class_names"][::-1]
     (permuted / "index.json").write_text(json.dumps(index))
-    from distssl.preflight import check_classes
+    from distssl.train.preflight import check_classes
     base = [f"data.labeled=[{tiny_data['labeled']}, {permuted}]", f"data.unlabeled={tiny_data['unlabeled']}",
             f"data.eval={tiny_data['eval']}", "data.demo_root=null"]
     with pytest.raises(ConfigError, match=r"data.labeled\[1\] has classes"):

@@ -57,15 +57,15 @@ def test_zero2_resume_continues_step_count_and_da_state(zero2_run):
     assert steps == [1, 2, 3, 4, 5, 6]  # no restart, no duplicated steps
     s4 = first["states"]
     # every rank holds the same p_model, and resuming started from it (not from scratch)
-    assert torch.equal(s4[0]["da"]["p_model"], s4[1]["da"]["p_model"])
+    assert torch.equal(s4[0]["algorithm"]["da"]["p_model"], s4[1]["algorithm"]["da"]["p_model"])
     # each rank's BatchNorm statistics come from its own samples; the EMA's are averaged over ranks at
     # eval, so both ranks evaluated (and the export holds) one model
     buffers = [s["ema"]["buffers"] for s in s4]
     assert any("running_mean" in k for k in buffers[0])
     assert all(torch.equal(buffers[0][k], buffers[1][k]) for k in buffers[0])
     s6 = _rank_states(out, 6)
-    assert s6[0]["step"] == 6 and torch.equal(s6[0]["da"]["p_model"], s6[1]["da"]["p_model"])
-    assert not torch.equal(s6[0]["da"]["p_model"], s4[0]["da"]["p_model"])
+    assert s6[0]["step"] == 6 and torch.equal(s6[0]["algorithm"]["da"]["p_model"], s6[1]["algorithm"]["da"]["p_model"])
+    assert not torch.equal(s6[0]["algorithm"]["da"]["p_model"], s4[0]["algorithm"]["da"]["p_model"])
     assert all(s6[r]["cursors"]["unlabeled"] != s4[r]["cursors"]["unlabeled"] for r in (0, 1))
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
 
@@ -92,7 +92,7 @@ def test_zero3_trains_resumes_and_evaluates_ema_like_zero2(tiny_data, tmp_path, 
     # the export gathers the partitions into the full fp32 EMA, the same as the offline reassembly
     from safetensors.torch import load_file
 
-    from distssl.export import ema_weights_from_run
+    from distssl.models.export import ema_weights_from_run
     exported = load_file(str(out / "model.safetensors"))
     offline, info = ema_weights_from_run(out)
     assert info["step"] == 4 and exported.keys() == offline.keys()

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, run_train, tiny_overrides
 from distssl.config import ConfigError, load_config
-from distssl.preflight import check_classes, looks_like_weights
+from distssl.train.preflight import check_classes, looks_like_weights
 
 DEMO = str(ROOT / "configs/demo.yaml")
 
@@ -90,7 +90,7 @@ def test_weights_are_told_from_other_files_by_their_first_bytes(tmp_path):
 
 
 def test_demo_data_is_built_only_for_the_demos_own_sets_and_null_is_accepted(tiny_data):
-    from distssl.demo import uses_demo_data
+    from distssl.shards.demo import uses_demo_data
 
     assert uses_demo_data(load_config(DEMO).data)  # the demo itself
     own = [f"data.labeled={tiny_data['labeled']}", f"data.unlabeled={tiny_data['unlabeled']}",
@@ -155,7 +155,7 @@ def test_a_failed_or_unfinished_trial_is_reported_plainly(tmp_path):
 def test_cpu_ranks_take_the_threads_they_were_given(monkeypatch):
     """Ray sets OMP_NUM_THREADS to the CPUs a trial's worker was given: two trials side by side must not
     each take every core."""
-    from distssl.peers import cpu_threads
+    from distssl.dist.peers import cpu_threads
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert cpu_threads(world=1) == 1

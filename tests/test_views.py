@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from distssl.data.transforms import Views, random_resized_box
-from distssl.export import model_meta
+from distssl.models.export import model_meta
 
 
 def _photo(fmt: str, w: int = 500, h: int = 375) -> bytes:

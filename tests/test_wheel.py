@@ -13,7 +13,7 @@ RECIPES = ["demo", "starter", "cifar10", "imagenet", "vit_finetune"]
 
 
 def test_recipes_resolve_by_name_by_checkout_path_and_as_files(tmp_path, monkeypatch):
-    from distssl import recipes
+    from distssl.config import recipes
     from distssl.errors import ConfigError
 
     monkeypatch.chdir(tmp_path)  # no configs/ here

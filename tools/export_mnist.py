@@ -9,7 +9,7 @@ the input tools/make_shards.py expects.
 import argparse
 import sys
 
-from distssl.demo import export_mnist5k
+from distssl.shards.demo import export_mnist5k
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ def main(argv=None) -> int:
 
     from distssl.data.index import resolve
     from distssl.errors import UserError
-    from distssl.export import ema_weights_from_run, model_meta, write_export
+    from distssl.models.export import ema_weights_from_run, model_meta, write_export
 
     try:
         state, info = ema_weights_from_run(args.run)

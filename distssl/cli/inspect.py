@@ -22,8 +22,8 @@ def main(argv=None) -> int:
 
     from distssl.data import store
     from distssl.data.index import read_index
+    from distssl.data.shardinfo import draw_grid, summarize, verify
     from distssl.errors import UserError
-    from distssl.shardinfo import draw_grid, summarize, verify
 
     try:
         index = read_index(a.url)

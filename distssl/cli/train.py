@@ -26,7 +26,7 @@ def print_keys(prefix: str = "") -> None:
     import json
 
     from distssl.config import Config
-    from distssl.typed_tree import describe_keys
+    from distssl.config.typed_tree import describe_keys
 
     rows = [r for r in describe_keys(Config) if r[0].startswith(prefix)]
     if not rows:
@@ -80,8 +80,8 @@ def _train(args) -> int:
 
             print(yaml.safe_dump(redacted_dict(cfg), sort_keys=False), end="")
             return 0
-        from distssl import demo
         from distssl.config import check_paths
+        from distssl.shards import demo
 
         demo.prepare(cfg.data, progress=os.environ.get("RANK", "0") == "0")
         check_paths(cfg)
@@ -93,9 +93,9 @@ def _train(args) -> int:
 
     silence_known_notices()
     _report_dead_peers_on_sigterm(cfg.run.out_dir)
-    from distssl.engine import DataError, run
-    from distssl.peers import describe_dead_peers, is_peer_failure
-    from distssl.preempt import Preempted
+    from distssl.dist.peers import describe_dead_peers, is_peer_failure
+    from distssl.dist.preempt import Preempted
+    from distssl.train.trainer import DataError, run
 
     rank = os.environ.get("RANK", "0")
     try:
@@ -134,11 +134,11 @@ def _train(args) -> int:
 
 
 def _report_dead_peers_on_sigterm(out_dir: str) -> None:
-    """Until the step loop installs its own handler (distssl.preempt), a SIGTERM from the launcher because
+    """Until the step loop installs its own handler (distssl.dist.preempt), a SIGTERM from the launcher because
     a peer died names that peer; any other SIGTERM ends the process as by default."""
     import signal
 
-    from distssl.peers import exit_if_a_peer_died
+    from distssl.dist.peers import exit_if_a_peer_died
 
     def handler(signum, frame):
         rank = os.environ.get("RANK", "?")

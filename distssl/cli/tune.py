@@ -40,10 +40,10 @@ def _main(argv=None) -> int:
 
     try:
         sweep = load_sweep(a.config, a.overrides)
-        from distssl import demo
+        from distssl.shards import demo
         demo.prepare(sweep.base.data, progress=True)
         check_paths(sweep.base)
-        from distssl import preflight
+        from distssl.train import preflight
         preflight.check(sweep.base)  # the base config's mistakes, before Ray starts
     except UserError as e:
         print(f"{e.label}: {e}", file=sys.stderr)

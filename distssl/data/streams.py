@@ -40,7 +40,6 @@ from distssl.data.index import ShardSet
 from distssl.data.position import StreamPlan, Unit, reader_groups, replan, unit_size
 from distssl.data.ring import RingReader, RingWriter
 from distssl.data.tar import tar_members
-from distssl.preempt import ignore_in_worker
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -223,11 +222,17 @@ class TrainStream(IterableDataset):
         """(slot, raw sample) of one group of reader ``g``, in its deterministic mixed order. Keyed by
         slot: a weighted source may put one shard twice into a group."""
         counts = self.shards.counts
-        rng = random.Random(f"shuffle:{self.seed}:{label}:{units[0].shard}:{g}")
         sources = {j: _without(shard_samples(self.shards, u.shard), u.skip) for j, u in enumerate(units)}
         remaining = {j: unit_size(counts, u) for j, u in enumerate(units)} if counts is not None else None
         failed = lambda j, read, e: self._shard_failed(units[j].shard, read + len(units[j].skip), e)  # noqa: E731
-        yield from buffer_shuffle(interleave(sources, remaining, rng, failed), self.shuffle_buffer, rng)
+        yield from self._group_order(units, g, label, sources, remaining, failed)
+
+    def _group_order(self, units: list[Unit], g: int, label: str, sources: dict, remaining: Optional[dict],
+                     failed: Callable) -> Iterator[tuple[int, Raw]]:
+        """The mixed order of one group's ``sources``: its draws are seeded by the group alone, so
+        reading it and replaying it from the shard counts (replan) give the same order."""
+        rng = random.Random(f"shuffle:{self.seed}:{label}:{units[0].shard}:{g}")
+        return buffer_shuffle(interleave(sources, remaining, rng, failed), self.shuffle_buffer, rng)
 
     def replan(self, cursors: dict[int, int], readers: int) -> StreamPlan:
         """The plan that continues, for any reader count, where ``readers`` readers at ``cursors``
@@ -235,11 +240,10 @@ class TrainStream(IterableDataset):
         the bytes, so the part of it a reader consumed is found without reading the shards (a shard
         that was damaged mid-read changed the real order: around it a sample may be read twice)."""
         def replay(units, g, label, n):
-            rng = random.Random(f"shuffle:{self.seed}:{label}:{units[0].shard}:{g}")
             sources = {j: (Raw("", {}, index=i) for i in range(self.shards.counts[u.shard]) if i not in u.skip)
                        for j, u in enumerate(units)}
             remaining = {j: unit_size(self.shards.counts, u) for j, u in enumerate(units)}
-            order = buffer_shuffle(interleave(sources, remaining, rng, lambda *a: None), self.shuffle_buffer, rng)
+            order = self._group_order(units, g, label, sources, remaining, lambda *a: None)
             return [(j, raw.index) for j, raw in itertools.islice(order, n)]
         return replan(self.shards, self.plan, cursors, readers, self.seed, self.interleave_shards, replay)
 
@@ -394,18 +398,20 @@ class RingLoader:
             yield reader.unpack(msg)
 
 
-def loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int = 4, ring: bool = True):
+def loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int = 4, ring: bool = True,
+           worker_init: Optional[Callable[[int], None]] = None):
     """Batches of ``dataset`` from ``num_workers`` processes, handed over through reused shared-memory
     slots (distssl.data.ring); with CUDA they are copied out into page-locked memory, without
     DataLoader's pin-memory thread (measured against it: docs/benchmarks.md, two-view stream).
-    ``ring=False``: the standard DataLoader path."""
+    ``ring=False``: the standard DataLoader path. ``worker_init`` runs first in each worker (the
+    trainer's: the preemption signals are the rank's, and a worker dies with its rank)."""
     cuda = torch.cuda.is_available()
     if num_workers == 0 or not ring:
         return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
                           prefetch_factor=prefetch_factor if num_workers else None, pin_memory=cuda,
-                          worker_init_fn=ignore_in_worker if num_workers else None)
+                          worker_init_fn=worker_init if num_workers else None)
     # two slots more than the batches a worker may have in flight: a worker never waits for one
     dataset = Collated(dataset, functools.partial(ring_collate, prefetch_factor + 2))
     return RingLoader(DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
                                  prefetch_factor=prefetch_factor, collate_fn=_as_is,
-                                 worker_init_fn=ignore_in_worker), pin_memory=cuda)
+                                 worker_init_fn=worker_init), pin_memory=cuda)

@@ -39,8 +39,8 @@ class ShardJob:
 
 def _tar_writer(f):
     """webdataset's TarWriter: one dict per sample, fields written in key order, bytes as given (no
-    encoder); mtime and owner fixed so that a rerun writes the same bytes. Imported here: webdataset
-    takes ~1.3 s to import, which every training rank would pay for nothing."""
+    encoder); mtime and owner fixed so that a rerun writes the same bytes. Imported here: webdataset's
+    import is slow (docs/benchmarks.md, development notes), and no training rank needs it."""
     import webdataset
 
     return webdataset.TarWriter(f, encoder=False, mtime=0, mode=0o644, user="distssl", group="distssl")

@@ -21,6 +21,11 @@ ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (
     PiModel, TemporalEnsembling, MeanTeacher, VAT)}  # consistency methods (Consistency)
 
 
+def config_sections() -> dict[str, type]:
+    """Each algorithm's own keys by its name: the ``ssl.<name>`` sections of the config tree."""
+    return {name: a.Config for name, a in ALGORITHMS.items() if a.Config is not None}
+
+
 def build(ssl_cfg, num_classes: int, da: Optional[DistributionAlignment], num_unlabeled: Optional[int]) -> Algorithm:
     """The algorithm ``ssl_cfg.algorithm`` names, with its own keys (the ``ssl.<name>`` section)."""
     name = ssl_cfg.algorithm
@@ -30,4 +35,4 @@ def build(ssl_cfg, num_classes: int, da: Optional[DistributionAlignment], num_un
                             num_unlabeled=num_unlabeled, **own)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "build"]
+__all__ = ["ALGORITHMS", "Algorithm", "build", "config_sections"]

@@ -3,7 +3,7 @@
 An algorithm declares what it needs from a step (:class:`StepNeeds`: which unlabeled views the loader
 makes, which of them are forwarded with gradient, which the EMA teacher forwards, whether it forwards
 perturbed inputs of its own making); the engine forwards exactly that, in one place
-(distssl/forward.py), and hands the algorithm a :class:`Forwarded` per micro-batch: the labeled
+(distssl/train/forward.py), and hands the algorithm a :class:`Forwarded` per micro-batch: the labeled
 logits and labels, each view's logits, the teacher's, and each unlabeled sample's stable id. The
 algorithm returns the loss and its stats; it contains no forward code. Once per optimizer step
 :meth:`Algorithm.end_step` updates its state from the whole global batch (all-reduced or
@@ -17,9 +17,10 @@ FreeMatch, SoftMatch, UDA) differ in two small functions, the per-sample weight 
 loss and the state update. The consistency methods (Pi-Model, Temporal Ensembling, Mean Teacher, VAT)
 weigh their consistency term with the sigmoid ramp-up of Laine & Aila 2017 (:func:`ramp_up`).
 
-An algorithm is one file (its class: ``name``, ``needs``, the maths), registered in
-distssl/ssl/__init__.py; its own keys are the ``ssl.<name>`` section of SSLConfig (distssl/config.py,
-which stays free of torch), handed to its constructor by name.
+An algorithm is one file: its class (``name``, ``needs``, the maths), its paper, and the dataclass of
+its own keys (``Config``, the ``ssl.<name>`` section, with their checks); registering the class in
+distssl/ssl/__init__.py is the only edit elsewhere (the config tree builds its ``ssl`` section from
+that registry).
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from typing import Callable, ClassVar, Optional
 import torch
 import torch.nn.functional as F
 
-from distssl.ssl.distalign import DistributionAlignment, all_reduce_sum
+from distssl.dist.collectives import gather_cat, sum_over_ranks
+from distssl.ssl.distalign import DistributionAlignment
 
 VIEW_KINDS = ("weak", "strong", "weak_2")  # what the loader can make of each unlabeled image, in its draw order
 
@@ -64,17 +66,6 @@ class Forwarded:
     seed: int = 0  # run.seed: per-sample random draws (VAT's direction) depend on it, the step and the id
 
 
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``t`` (same shape on each), concatenated in rank order."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
 def second_view(augment: str) -> str:
     """The loader's view for a consistency method's ``augment`` key: another weak view (the papers'
     flip-and-translate), or the strong one (RandAugment + Cutout, as UDA and FixMatch train)."""
@@ -104,14 +95,20 @@ class Algorithm:
     """The seam: what a step needs, the loss from what was forwarded, the state over steps."""
 
     name = "base"
+    # the dataclass of its own keys (the ``ssl.<name>`` section), beside it in its file: each key's
+    # default cited, and ``validate(check)`` for the ranges its type does not say
+    Config: ClassVar[Optional[type]] = None
     needs: ClassVar[StepNeeds] = StepNeeds()
     needs_ids = False  # per-sample state (FlexMatch, Temporal Ensembling): the unlabeled set needs index.json counts
     uses_dist_align = False  # whether ssl.dist_align applies (it aligns weak-view pseudo-label probabilities)
 
     def __init__(self, num_classes: int, *, tau: float, lambda_u: float,
                  da: Optional[DistributionAlignment] = None, num_unlabeled: Optional[int] = None,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] = all_reduce_sum,
-                 gather: Callable[[torch.Tensor], torch.Tensor] = all_gather_cat):
+                 reduce: Callable[[torch.Tensor], torch.Tensor] = sum_over_ranks,
+                 gather: Callable[[torch.Tensor], torch.Tensor] = gather_cat, **own):
+        if own and self.Config is None:
+            raise TypeError(f"ssl.algorithm={self.name} has no keys of its own, got {sorted(own)}")
+        self.own = self.Config(**own) if self.Config is not None else None  # its ssl.<name> keys
         self.num_classes, self.tau, self.lambda_u = num_classes, tau, lambda_u
         self.da = da if self.uses_dist_align else None
         self.num_unlabeled, self.reduce, self.gather = num_unlabeled, reduce, gather
@@ -230,6 +227,17 @@ class ThresholdRule(Algorithm):
         self.update(probs, ids)
 
 
+@dataclass
+class RampedConfig:
+    """The keys every consistency method has: its weight and its ramp-up."""
+    weight: float = 1.0  # consistency weight w_max
+    rampup: float = 0.4  # fraction of the run's steps over which the weight ramps up as exp(-5 (1 - T)^2)
+
+    def validate(self, check: Callable) -> None:
+        check(self.weight >= 0, "weight", self.weight, ">= 0")
+        check(0.0 <= self.rampup <= 1.0, "rampup", self.rampup, "a fraction of train.steps, 0..1")
+
+
 def ema(old: torch.Tensor, new: torch.Tensor, momentum: float) -> torch.Tensor:
     return momentum * old + (1 - momentum) * new
 
@@ -239,9 +247,9 @@ class Consistency(Algorithm):
     Ensembling, Mean Teacher, VAT. ``weight`` is the method's own (its paper's or USB's) and
     ``ssl.lambda_u`` scales it (1 = the method's default, 0 = the supervised baseline)."""
 
-    def __init__(self, num_classes: int, *, weight: float, rampup: float, **kw):
+    def __init__(self, num_classes: int, **kw):
         super().__init__(num_classes, **kw)
-        self.weight, self.rampup = weight, rampup
+        self.weight, self.rampup = self.own.weight, self.own.rampup
 
     def consistency(self, fw: Forwarded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """(consistency term, extra loss not ramped, the class each unlabeled sample is taken to be, stats)."""

@@ -11,6 +11,8 @@ from typing import Callable, Optional
 
 import torch
 
+from distssl.dist.collectives import sum_over_ranks
+
 
 def align(probs: torch.Tensor, p_model: torch.Tensor, p_target: torch.Tensor) -> torch.Tensor:
     aligned = probs * (p_target / p_model.clamp_min(1e-6))
@@ -32,20 +34,11 @@ def target_from_histogram(histogram: list[int] | torch.Tensor) -> torch.Tensor:
     return (h / h.sum()).float()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 class DistributionAlignment:
     """Holds p_model (identical on every rank) and p_target; saved in checkpoints."""
 
     def __init__(self, num_classes: int, momentum: float = 0.999, p_target: Optional[torch.Tensor] = None,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] = all_reduce_sum):
+                 reduce: Callable[[torch.Tensor], torch.Tensor] = sum_over_ranks):
         self.num_classes, self.momentum, self.reduce = num_classes, momentum, reduce
         self.p_target = (p_target if p_target is not None else torch.full((num_classes,), 1.0 / num_classes)).float()
         self.p_model: Optional[torch.Tensor] = None

@@ -10,6 +10,7 @@ paper and USB's configs: tau 0.95, warm-up on.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -26,15 +27,25 @@ def flex_thresholds(status: torch.Tensor, num_classes: int, tau: float, warmup: 
     return tau * beta / (2.0 - beta)
 
 
+@dataclass
+class FlexMatchConfig:
+    """Zhang et al. 2021: per-class thresholds tau * M(beta(c)), M(x) = x / (2 - x)."""
+    warmup: bool = True  # the paper's threshold warm-up: classes start from a low threshold while most are unseen
+
+    def validate(self, check) -> None:
+        pass
+
+
 class FlexMatch(ThresholdRule):
     name = "flexmatch"
+    Config = FlexMatchConfig
     needs_ids = True
 
-    def __init__(self, num_classes: int, *, warmup: bool = True, **kw):
+    def __init__(self, num_classes: int, **kw):
         super().__init__(num_classes, **kw)
-        self.warmup = warmup
+        self.warmup = self.own.warmup
         self.status = torch.full((self.num_unlabeled,), -1, dtype=torch.long)
-        self.thresholds = flex_thresholds(self.status, num_classes, self.tau, warmup)
+        self.thresholds = flex_thresholds(self.status, num_classes, self.tau, self.warmup)
 
     def weights(self, probs: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
         max_p, pseudo = probs.max(dim=1)

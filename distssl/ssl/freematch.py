@@ -9,6 +9,7 @@ histogram, towards p_t normalised by the EMA histogram of weak-view predictions.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -39,12 +40,24 @@ def fairness_loss(logits_s: torch.Tensor, mask: torch.Tensor, p_model: torch.Ten
     return -(target * torch.log(mean_s + 1e-12)).sum()
 
 
+@dataclass
+class FreeMatchConfig:
+    """Wang et al. 2023: self-adaptive global and class thresholds and the fairness loss."""
+    momentum: float = 0.999  # EMA of the confidence statistics (the paper's lambda)
+    fairness_weight: float = 0.01  # self-adaptive fairness loss weight (the paper's CIFAR setting)
+
+    def validate(self, check) -> None:
+        check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "0 <= m < 1")
+        check(self.fairness_weight >= 0, "fairness_weight", self.fairness_weight, ">= 0")
+
+
 class FreeMatch(ThresholdRule):
     name = "freematch"
+    Config = FreeMatchConfig
 
-    def __init__(self, num_classes: int, *, momentum: float = 0.999, fairness_weight: float = 0.01, **kw):
+    def __init__(self, num_classes: int, **kw):
         super().__init__(num_classes, **kw)
-        self.momentum, self.fairness_weight = momentum, fairness_weight
+        self.momentum, self.fairness_weight = self.own.momentum, self.own.fairness_weight
         self.p_model = torch.full((num_classes,), 1.0 / num_classes)
         self.label_hist = torch.full((num_classes,), 1.0 / num_classes)
         self.time_p = 1.0 / num_classes

@@ -13,16 +13,29 @@ the run (USB's Mean Teacher on CIFAR).
 """
 from __future__ import annotations
 
-from distssl.ssl.algorithm import Consistency, StepNeeds, second_view, softmax_mse
+from dataclasses import dataclass
+from typing import Literal
+
+from distssl.ssl.algorithm import Consistency, RampedConfig, StepNeeds, second_view, softmax_mse
+
+
+@dataclass
+class MeanTeacherConfig(RampedConfig):
+    """Tarvainen & Valpola 2017: the EMA weights' prediction of the weak view is the target of another view."""
+    weight: float = 50.0  # consistency weight (USB's Mean Teacher); the teacher's decay is ssl.ema_decay
+    # the view trained with gradient: another weak one (the paper's), or the strong one (RandAugment +
+    # Cutout; the default, which gained more on the demo: docs/benchmarks.md)
+    augment: Literal["weak", "strong"] = "strong"
 
 
 class MeanTeacher(Consistency):
     name = "meanteacher"
+    Config = MeanTeacherConfig
     needs = StepNeeds(views=("weak", "strong"), with_grad=("strong",), no_grad=(), teacher=("weak",))  # the default
 
-    def __init__(self, num_classes: int, *, weight: float = 50.0, rampup: float = 0.4, augment: str = "strong", **kw):
-        super().__init__(num_classes, weight=weight, rampup=rampup, **kw)
-        self.student = second_view(augment)
+    def __init__(self, num_classes: int, **kw):
+        super().__init__(num_classes, **kw)
+        self.student = second_view(self.own.augment)
         self.needs = StepNeeds(views=("weak", self.student), with_grad=(self.student,), no_grad=(), teacher=("weak",))
 
     def consistency(self, fw):

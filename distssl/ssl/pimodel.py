@@ -11,16 +11,28 @@ view with RandAugment + Cutout; with both views carrying gradient that lost 9 po
 """
 from __future__ import annotations
 
-from distssl.ssl.algorithm import Consistency, StepNeeds, second_view, softmax_mse
+from dataclasses import dataclass
+from typing import Literal
+
+from distssl.ssl.algorithm import Consistency, RampedConfig, StepNeeds, second_view, softmax_mse
+
+
+@dataclass
+class PiModelConfig(RampedConfig):
+    """Laine & Aila 2017: two weak views, both with gradient, MSE between their softmax outputs."""
+    weight: float = 100.0  # consistency weight w_max (the paper's; USB's is 10)
+    # the view trained with gradient: another weak one (the paper's), or the strong one (RandAugment + Cutout)
+    augment: Literal["weak", "strong"] = "weak"
 
 
 class PiModel(Consistency):
     name = "pimodel"
+    Config = PiModelConfig
     needs = StepNeeds(views=("weak", "weak_2"), with_grad=("weak", "weak_2"), no_grad=())
 
-    def __init__(self, num_classes: int, *, weight: float = 100.0, rampup: float = 0.4, augment: str = "weak", **kw):
-        super().__init__(num_classes, weight=weight, rampup=rampup, **kw)
-        self.second = second_view(augment)
+    def __init__(self, num_classes: int, **kw):
+        super().__init__(num_classes, **kw)
+        self.second = second_view(self.own.augment)
         self.needs = StepNeeds(views=("weak", self.second), with_grad=("weak", self.second), no_grad=())
 
     def consistency(self, fw):

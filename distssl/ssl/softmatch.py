@@ -10,6 +10,7 @@ setting). Defaults from the paper and USB's configs: n_sigma 2, momentum 0.999.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -22,12 +23,24 @@ def soft_weights(max_p: torch.Tensor, mu: float, var: float, n_sigma: float) -> 
     return torch.exp(-(below ** 2) / (2 * var / n_sigma ** 2))
 
 
+@dataclass
+class SoftMatchConfig:
+    """Chen et al. 2023: truncated-Gaussian weights from the EMA mean/variance of the confidence."""
+    momentum: float = 0.999  # EMA of the confidence mean and variance
+    n_sigma: float = 2.0  # the Gaussian's width in standard deviations (the paper's default)
+
+    def validate(self, check) -> None:
+        check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "0 <= m < 1")
+        check(self.n_sigma > 0, "n_sigma", self.n_sigma, "> 0")
+
+
 class SoftMatch(ThresholdRule):
     name = "softmatch"
+    Config = SoftMatchConfig
 
-    def __init__(self, num_classes: int, *, momentum: float = 0.999, n_sigma: float = 2.0, **kw):
+    def __init__(self, num_classes: int, **kw):
         super().__init__(num_classes, **kw)
-        self.momentum, self.n_sigma = momentum, n_sigma
+        self.momentum, self.n_sigma = self.own.momentum, self.own.n_sigma
         self.mu, self.var = 1.0 / num_classes, 1.0
 
     def weights(self, probs: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:

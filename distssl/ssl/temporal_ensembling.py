@@ -23,9 +23,12 @@ demo: docs/benchmarks.md).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
-from distssl.ssl.algorithm import Consistency, StepNeeds, second_view
+from distssl.ssl.algorithm import Consistency, RampedConfig, StepNeeds, second_view
 
 
 def dense_ensemble(values: torch.Tensor, classes: torch.Tensor, count: torch.Tensor, alpha: float,
@@ -59,17 +62,33 @@ def targets(values: torch.Tensor, classes: torch.Tensor, count: torch.Tensor, al
     return z / correction[:, None], known
 
 
+@dataclass
+class TemporalEnsemblingConfig(RampedConfig):
+    """Laine & Aila 2017: each sample's target is the bias-corrected EMA of its past predictions."""
+    momentum: float = 0.6  # the ensemble's alpha (the paper's)
+    weight: float = 3.0  # consistency weight w_max (the paper's 30 x its labeled fraction 4000/50000)
+    # classes kept per sample (4 * top_k + 4 bytes a sample, on every rank); <= 0 or >= classes: exact
+    top_k: int = 32
+    # the view trained with gradient: another weak one (the paper's), or the strong one (RandAugment + Cutout)
+    augment: Literal["weak", "strong"] = "strong"
+
+    def validate(self, check) -> None:
+        super().validate(check)
+        check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "0 <= m < 1")
+
+
 class TemporalEnsembling(Consistency):
     name = "temporal_ensembling"
+    Config = TemporalEnsemblingConfig
     needs = StepNeeds(views=("strong",), with_grad=("strong",), no_grad=())  # the default
     needs_ids = True
 
-    def __init__(self, num_classes: int, *, momentum: float = 0.6, weight: float = 3.0, rampup: float = 0.4,
-                 top_k: int = 32, augment: str = "strong", **kw):
-        super().__init__(num_classes, weight=weight, rampup=rampup, **kw)
-        self.view = "strong" if second_view(augment) == "strong" else "weak"
+    def __init__(self, num_classes: int, **kw):
+        super().__init__(num_classes, **kw)
+        self.view = "strong" if second_view(self.own.augment) == "strong" else "weak"
         self.needs = StepNeeds(views=(self.view,), with_grad=(self.view,), no_grad=())
-        self.alpha = momentum
+        self.alpha = self.own.momentum
+        top_k = self.own.top_k
         self.k = num_classes if top_k <= 0 else min(top_k, num_classes)
         n = self.num_unlabeled
         self.values = torch.zeros(n, self.k, dtype=torch.float16)

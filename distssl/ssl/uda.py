@@ -14,6 +14,8 @@ UDA settings; the paper uses TSA for its smallest label sets).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,13 +37,27 @@ def tsa_threshold(schedule: str, progress: float, num_classes: int) -> float:
     return alpha * (1 - 1 / num_classes) + 1 / num_classes
 
 
+@dataclass
+class UDAConfig:
+    """Xie et al. 2020: sharpened soft targets from the weak view, a confidence mask, TSA."""
+    temperature: float = 0.4  # sharpening of the weak view's prediction (USB's UDA setting)
+    threshold: float = 0.8  # confidence a weak prediction needs to be a target (USB's UDA setting; not ssl.tau)
+    # training-signal annealing of the labeled loss: none, or the paper's linear / log / exp schedules
+    tsa: Literal["none", "linear", "log", "exp"] = "none"
+
+    def validate(self, check) -> None:
+        check(self.temperature > 0, "temperature", self.temperature, "> 0")
+        check(0.0 <= self.threshold <= 1.0, "threshold", self.threshold, "0 <= threshold <= 1")
+
+
 class UDA(ThresholdRule):
     name = "uda"
+    Config = UDAConfig
     needs = StepNeeds(views=("weak", "strong"), with_grad=("strong",), no_grad=("weak",))
 
-    def __init__(self, num_classes: int, *, temperature: float = 0.4, threshold: float = 0.8, tsa: str = "none", **kw):
+    def __init__(self, num_classes: int, **kw):
         super().__init__(num_classes, **kw)
-        self.temperature, self.threshold, self.tsa = temperature, threshold, tsa
+        self.temperature, self.threshold, self.tsa = self.own.temperature, self.own.threshold, self.own.tsa
 
     def weights(self, probs, ids):
         return (probs.max(dim=1).values >= self.threshold).float()

@@ -8,7 +8,7 @@ respect to the input per iteration; the weights' gradients are not touched), the
 x + eps d / |d|. With ``entropy_weight`` > 0 the entropy of p(x) is minimised too (the paper's
 VAT + EntMin). The random start is drawn per sample from (run.seed, step, sample id), so it does not
 depend on the world size. Perturbed forwards normalise with their own batch's BatchNorm
-statistics and leave the running ones alone (distssl/forward.py). Inputs are the normalised images,
+statistics and leave the running ones alone (distssl/train/forward.py). Inputs are the normalised images,
 where eps is measured (L2 over the image).
 Defaults: eps 6, xi 1e-6 and one power iteration (the paper's CIFAR-10 setting), weight 0.3,
 entropy_weight 0.06 and ramp-up over 0.4 of the run (USB's VAT on CIFAR). Under bf16 or fp16, xi 1e-6
@@ -16,10 +16,12 @@ is below the inputs' resolution: raise it (1e-2 is still small against eps).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from distssl.ssl.algorithm import Consistency, StepNeeds
+from distssl.ssl.algorithm import Consistency, RampedConfig, StepNeeds
 
 
 def kl_with_logits(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -58,14 +60,32 @@ def adversarial_direction(perturbed, x: torch.Tensor, target_logits: torch.Tenso
     return unit(d)
 
 
+@dataclass
+class VATConfig(RampedConfig):
+    """Miyato et al. 2018: KL consistency at the adversarial direction found by power iteration."""
+    weight: float = 0.3  # consistency weight (USB's VAT)
+    eps: float = 6.0  # L2 norm of the adversarial perturbation, on the normalised image (the paper's CIFAR-10)
+    xi: float = 1e-6  # finite-difference step of the power iteration (the paper's); ~1e-2 under bf16/fp16
+    power_iterations: int = 1  # the paper's
+    entropy_weight: float = 0.06  # entropy minimisation of the unlabeled predictions (USB's; 0 = plain VAT)
+
+    def validate(self, check) -> None:
+        super().validate(check)
+        check(self.eps > 0, "eps", self.eps, "> 0")
+        check(self.xi > 0, "xi", self.xi, "> 0")
+        check(self.power_iterations >= 1, "power_iterations", self.power_iterations, ">= 1")
+        check(self.entropy_weight >= 0, "entropy_weight", self.entropy_weight, ">= 0")
+
+
 class VAT(Consistency):
     name = "vat"
+    Config = VATConfig
     needs = StepNeeds(views=("weak",), with_grad=("weak",), no_grad=(), perturbs=True)
 
-    def __init__(self, num_classes: int, *, weight: float = 0.3, rampup: float = 0.4, eps: float = 6.0,
-                 xi: float = 1e-6, power_iterations: int = 1, entropy_weight: float = 0.06, **kw):
-        super().__init__(num_classes, weight=weight, rampup=rampup, **kw)
-        self.eps, self.xi, self.iterations, self.entropy_weight = eps, xi, power_iterations, entropy_weight
+    def __init__(self, num_classes: int, **kw):
+        super().__init__(num_classes, **kw)
+        o = self.own
+        self.eps, self.xi, self.iterations, self.entropy_weight = o.eps, o.xi, o.power_iterations, o.entropy_weight
 
     def consistency(self, fw):
         logits, x = fw.logits_u["weak"], fw.inputs_u["weak"]

@@ -13,7 +13,7 @@ import yaml
 
 from distssl import atomic
 from distssl.config import Config, to_dict
-from distssl.typed_tree import ConfigError, flatten
+from distssl.config.typed_tree import ConfigError, flatten
 
 
 @dataclass

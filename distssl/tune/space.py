@@ -10,9 +10,9 @@ from typing import Any
 import yaml
 
 from distssl.config import Config, load_config, to_dict, validate
-from distssl.recipes import resolve_config
+from distssl.config.recipes import resolve_config
+from distssl.config.typed_tree import ConfigError, build, flatten, parse_override, set_path
 from distssl.tune.record import Sweep, TuneSettings
-from distssl.typed_tree import ConfigError, build, flatten, parse_override, set_path
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 
@@ -87,7 +87,7 @@ def check_space(space: dict, base: Config) -> None:
             try:
                 cfg = apply(base, {key: v}, base.run.out_dir)
                 if key.startswith(("model.", "data.")):  # a wrong model or data set fails here, not in a trial
-                    from distssl import preflight
+                    from distssl.train import preflight
                     preflight.check(cfg)
             except ConfigError as e:
                 raise ConfigError(f"space.{key}: {e}") from None

@@ -9,12 +9,12 @@ import os
 from pathlib import Path
 
 from distssl.config import dump_yaml, to_dict
+from distssl.config.typed_tree import ConfigError
 from distssl.tune.record import Sweep, _write_settings, check_resumable, sweep_rounds
 from distssl.tune.results import write_outputs
 from distssl.tune.space import ray_space
 from distssl.tune.storage import storage_for
 from distssl.tune.trial import trial_driver
-from distssl.typed_tree import ConfigError
 
 DRIVER_MEMORY = 256 * 2**20  # bytes: a trial driver's Python process with Ray and Train imported
 

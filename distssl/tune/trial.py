@@ -1,5 +1,5 @@
 """One trial, as Ray Train V2 with Tune runs it: a Tune function trainable (the trial's *driver*) starts a
-Train ``TorchTrainer`` whose workers are the trial's DeepSpeed ranks, each running :func:`distssl.engine.run`.
+Train ``TorchTrainer`` whose workers are the trial's DeepSpeed ranks, each running :func:`distssl.train.trainer.run`.
 
 - The driver takes no CPU of its own (``tune.with_resources(..., {"CPU": 0})`` in :mod:`distssl.tune.sweep`):
   it only waits on its Train run, so a 2-CPU machine still runs a 2-worker trial.
@@ -18,12 +18,12 @@ import os
 import shutil
 from pathlib import Path
 
-from distssl import checkpoint
+from distssl.checkpoint import layout as checkpoint
 from distssl.config import Config
+from distssl.config.typed_tree import build
 from distssl.errors import UserError
 from distssl.tune.space import apply
 from distssl.tune.storage import storage_for
-from distssl.typed_tree import build
 
 
 def trial_driver(config: dict, base: dict, plan: dict) -> None:
@@ -62,8 +62,8 @@ def worker_loop(loop_config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from distssl import engine
     from distssl.notices import silence_known_notices
+    from distssl.train import trainer as engine
 
     base = build(Config, loop_config["base"], "")
     out_dir = os.path.join(loop_config["sweep_dir"], "trials", loop_config["trial_name"])

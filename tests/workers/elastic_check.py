@@ -10,8 +10,8 @@ from common import trainer_from_argv
 
 def main() -> None:
     out_json, cfg, rank, world, trainer = trainer_from_argv()
-    from distssl import checkpoint as ckpt
-    from distssl import elastic
+    from distssl.checkpoint import elastic
+    from distssl.checkpoint import layout as ckpt
 
     step = trainer.resume()
     _, tag, _ = ckpt.latest(trainer.ckpt_dir)

@@ -15,6 +15,7 @@ def main() -> None:
     B, mu, size = cfg.train.batch_size, cfg.ssl.mu, cfg.data.image_size
     per, uper = B // world, B * mu // world
     from distssl import ssl as algorithms
+    from distssl.dist.collectives import sum_numbers
 
     records = []
     names = os.environ.get("INVARIANCE_ALGORITHMS", "fixmatch").split(",")
@@ -39,7 +40,7 @@ def main() -> None:
         ub = {"weak": weak[mine], "strong": strong[mine], "weak_2": weak_2[mine],
               "y_true": torch.full((uper,), -1), "idx": ids[mine]}
         stats = trainer.train_step(lb, ub)
-        loss = trainer._sum_over_ranks([stats["loss"]])[0].item() / world
+        loss = sum_numbers([stats["loss"]], trainer.device)[0].item() / world
         state = {key: v.float().flatten().tolist() for key, v in trainer.algorithm.state_dict().items()
                  if isinstance(v, torch.Tensor)}
         p_model = None if trainer.da.p_model is None else trainer.da.p_model.tolist()  # no DA: consistency methods

@@ -1,15 +1,17 @@
-"""The training loop: DeepSpeed ZeRO around a timm backbone; each step forwards the views and hands
-the logits to the SSL algorithm (distssl.ssl), then backward/step; eval, save/resume. The process
-group and peer watch (distssl.peers), the optimizer and DeepSpeed config (distssl.optim), data checks
-(distssl.preflight), checkpoints and resuming (distssl.run_state, distssl.elastic) live in their own modules.
+"""The training loop: DeepSpeed ZeRO around a timm backbone. Each step forwards what the SSL
+algorithm asks for (distssl.train.forward) and hands it the logits (distssl.ssl); backward, step, EMA.
+``fit`` is the loop with its phases: resume, steps (train, report, eval, save, preemption), outputs.
+The process group and the peer watch (distssl.dist), the optimizer and DeepSpeed config
+(distssl.train.optim), the eval (distssl.train.evaluate), checkpoints and resuming (distssl.checkpoint)
+live in their own modules.
 
 One step = one labeled batch of B (global) and an unlabeled batch of mu*B, each split evenly across
 ranks. By default (ssl.weak_forward=shared_bn) labeled + strong go through one forward with
 gradients and the weak view through one without, normalised by BatchNorm with the statistics of the
-first (distssl.ssl.bnstats); ssl.weak_forward=concat is FixMatch's reference step, one forward of
+first (distssl.train.bnstats); ssl.weak_forward=concat is FixMatch's reference step, one forward of
 cat(labeled, weak, strong) with gradients, which also pays a backward for the weak view. Anything
-that crosses ranks (p_model, eval counts, skipped samples) is all-reduced so that results do not
-depend on the world size.
+that crosses ranks (p_model, eval counts, skipped samples) is summed by distssl.dist.collectives so
+that results do not depend on the world size.
 """
 from __future__ import annotations
 
@@ -27,10 +29,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from distssl import atomic, preflight, run_state
-from distssl import checkpoint as ckpt
-from distssl import export as outputs
+from distssl import atomic
 from distssl import ssl as algorithms
+from distssl.checkpoint import layout as ckpt
+from distssl.checkpoint.state import Checkpoints, RunState
 from distssl.config import Config, ConfigError, dump_yaml, redacted_dict, resume_conflicts
 from distssl.data import device_augment
 from distssl.data.cache import cache_for
@@ -38,16 +40,20 @@ from distssl.data.index import ShardSet, resolve
 from distssl.data.samples import eval_item, labeled_item, unlabeled_item, unlabeled_plan_item
 from distssl.data.streams import DataError, EvalStream, StreamPlan, TrainStream, loader
 from distssl.data.transforms import Views, normalize
-from distssl.export import gather_ema_state, model_meta, write_export
-from distssl.forward import forward_views
-from distssl.metrics import MetricsWriter, plot
-from distssl.models import create_model, fill_input_defaults
-from distssl.optim import accumulation, build_optimizer, deepspeed_config
-from distssl.peers import init_distributed, use_cuda, watch_local_peers, write_heartbeat
-from distssl.preempt import Preempted, PreemptWatch
-from distssl.ssl.bnstats import BatchStatsSharing
+from distssl.dist.collectives import sum_numbers
+from distssl.dist.peers import init_distributed, use_cuda, watch_local_peers, write_heartbeat
+from distssl.dist.preempt import Preempted, PreemptWatch, ignore_in_worker
+from distssl.models import export as outputs
+from distssl.models.export import gather_ema_state, model_meta, write_export
+from distssl.models.factory import create_model, fill_input_defaults
 from distssl.ssl.distalign import DistributionAlignment, target_from_histogram
-from distssl.ssl.ema import EMA
+from distssl.tracking.metrics import MetricsWriter, plot
+from distssl.train import preflight
+from distssl.train.bnstats import BatchStatsSharing
+from distssl.train.ema import EMA
+from distssl.train.evaluate import evaluate_ema
+from distssl.train.forward import forward_views
+from distssl.train.optim import accumulation, build_optimizer, deepspeed_config
 
 log = logging.getLogger("distssl")
 
@@ -60,7 +66,8 @@ def _nanmean_by_key(values: dict[str, list[float]]) -> dict[str, float]:
 # --- the step ------------------------------------------------------------------------------------
 
 class Trainer:
-    def __init__(self, cfg: Config, rank: int, world: int, local_rank: int, on_eval: Optional[Callable] = None):
+    def __init__(self, cfg: Config, rank: int, world: int, local_rank: int, on_eval: Optional[Callable] = None,
+                 label_maps: Optional[preflight.LabelMaps] = None):
         import deepspeed
 
         self.cfg, self.rank, self.world, self.on_eval = cfg, rank, world, on_eval
@@ -80,8 +87,9 @@ class Trainer:
         shard_cache = cache_for(cfg.data.cache_dir, cfg.data.cache_limit_gb)  # one per process, one folder per node
         for shards in (self.labeled, self.unlabeled, self.evalset):
             shards.cache = shard_cache
-        # labels of sets that name their classes in another order, in the labeled set's order
-        self.label_maps = preflight.check_classes(cfg) or {}
+        # labels of sets that name their classes in another order, in the labeled set's order (run()
+        # found them in its preflight; a Trainer built on its own checks the classes here)
+        self.label_maps = label_maps if label_maps is not None else preflight.check_classes(cfg) or {}
 
         if rank == 0:
             preflight.warn_few_shards({"labeled": self.labeled, "unlabeled": self.unlabeled}, world,
@@ -120,26 +128,27 @@ class Trainer:
         self.mean = torch.tensor(cfg.data.mean, device=self.device)
         self.std = torch.tensor(cfg.data.std, device=self.device)
         self.views = Views.from_config(cfg.data)
-        self.step = 0
-        self.cursors: dict[str, dict[int, int]] = {"labeled": {}, "unlabeled": {}}
-        # what a run with another reader count left unread, to be read first (distssl.data.position)
-        self.plans: dict[str, StreamPlan] = {"labeled": StreamPlan(), "unlabeled": StreamPlan()}
-        self.readers = world * max(1, t.num_workers)  # global loader readers per stream
-        self.skipped_total = 0
+        self.sets = {"labeled": self.labeled, "unlabeled": self.unlabeled}
+        self.state = RunState(readers=world * max(1, t.num_workers))
+        self.checkpoints = Checkpoints(self.ckpt_dir, rank, world, cfg.deepspeed.zero_stage, t.keep_checkpoints)
+
+    @property
+    def step(self) -> int:
+        return self.state.step
 
     # -- data --
     def _stream(self, which: str, shards: ShardSet, batch: int, make, plan: StreamPlan) -> TrainStream:
         return TrainStream(shards, rank=self.rank, world_size=self.world, batch_size=batch,
                            seed=self.cfg.run.seed + (0 if which == "labeled" else 1),
                            shuffle_buffer=self.cfg.data.shuffle_buffer, make_item=make,
-                           cursors=self.cursors[which], name=which,
+                           cursors=self.state.cursors[which], name=which,
                            interleave_shards=self.cfg.data.interleave_shards, plan=plan,
                            trace_dir=str(self.out / "trace") if self.cfg.run.trace_shards else None)
 
     def _train_batches(self, which: str, shards: ShardSet, batch: int, make) -> Iterator[dict]:
-        stream = self._stream(which, shards, batch, make, self.plans[which])
-        for b in loader(stream, self.cfg.train.num_workers):
-            self.cursors[which][int(b.pop("worker"))] = int(b.pop("cursor"))
+        stream = self._stream(which, shards, batch, make, self.state.plans[which])
+        for b in loader(stream, self.cfg.train.num_workers, worker_init=ignore_in_worker):
+            self.state.cursors[which][int(b.pop("worker"))] = int(b.pop("cursor"))
             yield b
 
     def _to(self, t: torch.Tensor) -> torch.Tensor:
@@ -192,55 +201,24 @@ class Trainer:
                 per_micro.append(stats)
             self.algorithm.end_step()
         stats = _nanmean_by_key({k: [m[k] for m in per_micro] for k in per_micro[0]})
-        self.step += 1
+        self.state.step += 1
         stats["ema_decay"] = self.ema.update(self.step)
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         return stats
 
     def _sum_over_ranks(self, values) -> torch.Tensor:
-        """All-reduced sum, on the training device (nccl reduces only GPU tensors), returned on the CPU."""
-        t = torch.as_tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.cpu()
+        return sum_numbers(values, self.device)
 
-    # -- eval --
-    @torch.no_grad()
+    # -- eval and outputs --
     def evaluate(self) -> dict:
-        """top-1/top-5 of the EMA weights; every eval image counted once across ranks and workers."""
+        """Collective: top-1/top-5 of the EMA weights on the eval set."""
         stream = EvalStream(self.evalset, rank=self.rank, world_size=self.world,
                             batch_size=max(1, self.cfg.train.eval_batch_size // self.world),
                             make_item=eval_item(self.views, self.label_maps.get("eval")))
-        counts = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, seen, skipped
-        dummy = torch.zeros(1, 3, self.cfg.data.image_size, self.cfg.data.image_size, device=self.device)
-        self.engine.eval()
-        self.ema.average_buffers_over_ranks()
-        with self.ema.swapped_in():
-            it = iter(loader(stream, self.cfg.train.num_workers))
-            while True:
-                batch = next(it, None)
-                if batch is not None:
-                    counts[3] += batch.get("skipped", 0)
-                has = batch is not None
-                if self.zero3:  # every rank must run the same number of forwards (parameter gathers)
-                    if self._sum_over_ranks([float(has)])[0] == 0:
-                        break
-                elif not has:
-                    break
-                if not has or "x" not in batch:
-                    if self.zero3:
-                        self.engine(dummy)
-                    continue
-                logits = self.engine(self._to(batch["x"])).float()
-                y = batch["y"].to(self.device)
-                k = min(5, logits.shape[1])
-                topk = logits.topk(k, dim=1).indices
-                counts[0] += (topk[:, 0] == y).sum().item()
-                counts[1] += (topk == y[:, None]).any(dim=1).sum().item()
-                counts[2] += y.numel()
-        counts = self._sum_over_ranks(counts)
-        n = max(1.0, counts[2].item())
-        return {"top1": counts[0].item() / n, "top5": counts[1].item() / n, "eval_images": int(counts[2].item()),
-                "eval_skipped": int(counts[3].item())}
+        size = self.cfg.data.image_size
+        dummy = torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype)
+        batches = loader(stream, self.cfg.train.num_workers, worker_init=ignore_in_worker)
+        return evaluate_ema(self.engine, self.ema, batches, self._to, dummy, self.zero3)
 
     def _best_top1(self) -> float:
         """The best eval top-1 so far (model_best.json, read by rank 0 and shared), -1 before any."""
@@ -255,7 +233,7 @@ class Trainer:
     def export(self, last_eval: dict, name: str = outputs.WEIGHTS_NAME) -> Optional[Path]:
         """EMA weights -> out_dir/NAME.safetensors + NAME.json (every rank gathers, rank 0 writes): the final
         ones as model.*, the best eval's as model_best.* (as timm's CheckpointSaver keeps the best)."""
-        state = gather_ema_state(self)
+        state = gather_ema_state(self.engine.module, self.ema)
         if self.rank != 0:
             return None
         d = self.cfg.data
@@ -267,10 +245,10 @@ class Trainer:
 
     def _check_bad_fraction(self, samples_per_step: int, min_samples: int = 1000) -> None:
         """Bad samples are skipped and counted; too many of them means broken data, not bad luck."""
-        used = self.step * samples_per_step
-        seen = used + self.skipped_total
-        if seen >= min_samples and self.skipped_total > self.cfg.train.max_bad_fraction * seen:
-            raise DataError(f"{self.skipped_total} of {seen} samples were unusable (undecodable image, missing cls "
+        skipped = self.state.skipped_total
+        seen = self.step * samples_per_step + skipped
+        if seen >= min_samples and skipped > self.cfg.train.max_bad_fraction * seen:
+            raise DataError(f"{skipped} of {seen} samples were unusable (undecodable image, missing cls "
                             f"or unreadable shard), more than train.max_bad_fraction="
                             f"{self.cfg.train.max_bad_fraction}: check the shards with tools/inspect_shards.py "
                             f"--verify, or raise train.max_bad_fraction")
@@ -288,96 +266,99 @@ class Trainer:
             return None
         return {k: summary[k] for k in ("top1", "top5", "eval_images", "eval_skipped") if k in summary}
 
-    # -- checkpoints (distssl.run_state) --
+    # -- checkpoints (distssl.checkpoint.state) --
     def save(self) -> None:
-        run_state.save(self)
+        self.checkpoints.save(self.state, self.engine, self.ema, self.algorithm)
 
     def resume(self) -> Optional[int]:
-        return run_state.resume(self)
+        """Load the newest complete checkpoint; its step, or None when the run starts fresh."""
+        def replan(which: str, plan: StreamPlan, cursors: dict[int, int], old_readers: int) -> StreamPlan:
+            return self._stream(which, self.sets[which], 1, None, plan).replan(cursors, old_readers)
 
-    # -- the loop --
+        resumed = self.checkpoints.resume(self.state, self.engine, self.ema, self.algorithm, replan,
+                                          self.cfg.run.seed, self.cfg.train.batch_size)
+        if resumed is None:
+            return None
+        self.state = resumed
+        return resumed.step
+
+    # -- the loop: resume, then steps (each: train, report, eval, save, preemption), then the outputs --
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         resumed = self.resume()
-        is_main = self.rank == 0
-        metrics = MetricsWriter(str(self.out), is_main, self.step, t.steps, tuple(cfg.run.loggers),
+        metrics = MetricsWriter(str(self.out), self.rank == 0, self.step, t.steps, tuple(cfg.run.loggers),
                                 redacted_dict(cfg))  # credentials in URLs never reach a tracker
-        best_top1 = self._best_top1()
         if resumed is not None:
-            metrics.message(f"resumed from {self.ckpt_dir / ckpt.tag_for(resumed)} at step {resumed}")
-        labeled = self._train_batches("labeled", self.labeled, self.B,
-                                      labeled_item(self.views, self.label_maps.get("labeled")))
-        make_unlabeled = unlabeled_plan_item if cfg.data.augment_on == "device" else unlabeled_item
-        unlabeled = (self._train_batches("unlabeled", self.unlabeled, self.B * cfg.ssl.mu,
-                                         make_unlabeled(self.views, self.label_maps.get("unlabeled"),
-                                                        self.unlabeled.sample_offsets(),
-                                                        self.algorithm.needs.views))
-                     if self.uses_unlabeled else None)
-        views_per_image = len(self.algorithm.needs.views)  # images the loader makes of each unlabeled one
-        imgs_per_step = t.batch_size * (1 + (views_per_image * cfg.ssl.mu if self.uses_unlabeled else 0))
-        samples_per_step = t.batch_size * (1 + (cfg.ssl.mu if self.uses_unlabeled else 0))
-        acc: dict[str, list[float]] = {}
-        last_eval: dict = {}
-        t0, steps0 = time.time(), self.step
-        write_heartbeat(self.out, self.rank, self.step)
-        if self.world > 1:
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 0))) or self.world
-            watch_local_peers(self.out, self.rank, local_peers=local_world - 1)
+            metrics.message(f"resumed from {self.checkpoints.path(resumed)} at step {resumed}")
+        progress = _Progress(self, metrics)
+        batches = self._batches()
+        self._watch_peers()
         while self.step < t.steps:
-            lb = next(labeled)
-            ub = next(unlabeled) if unlabeled is not None else None
+            lb, ub = next(batches)
             skipped = float(lb.pop("skipped", 0) + (ub.pop("skipped", 0) if ub else 0))
             stats = self.train_step(lb, ub)
             # one all-reduce per step carries both: every rank learns of a preemption at the same step
             sums = self._sum_over_ranks([skipped, float(self.preempt.requested)])
-            self.skipped_total += int(sums[0])
-            preempted = bool(sums[1] > 0)
-            self._check_bad_fraction(samples_per_step)
-            for k, v in stats.items():
-                acc.setdefault(k, []).append(v)
-            img_s = imgs_per_step * (self.step - steps0) / max(1e-9, time.time() - t0)
-            # the pseudo-label rules' mask rate, or the consistency methods' ramped weight
-            shown = ({"mask": stats["mask_rate"]} if "mask_rate" in stats else
-                     {"weight": stats["consistency_weight"]} if "consistency_weight" in stats else {})
-            metrics.progress(self.step, {"loss": stats["loss"], **shown, "img/s": round(img_s)})
-            if self.step % cfg.run.log_every == 0 or self.step == t.steps:
-                write_heartbeat(self.out, self.rank, self.step)
-                rec = _nanmean_by_key(acc)
-                rec.update({"img_s": img_s, "data/skipped": self.skipped_total,
-                            "data/samples": self.step * samples_per_step})
-                metrics.log("train", self.step, rec)
-                acc = {}
-            is_eval = (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps
+            self.state.skipped_total += int(sums[0])
+            self._check_bad_fraction(progress.samples_per_step)
+            progress.step(stats)
+            is_eval = bool(t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps
             if is_eval:
-                last_eval = self.evaluate()
-                if last_eval["top1"] > best_top1:  # the same on every rank: top-1 is all-reduced
-                    best_top1 = last_eval["top1"]
-                    self.export(last_eval, outputs.BEST_NAME)
-                metrics.log("eval", self.step, {**last_eval, "best_top1": best_top1})
-                metrics.message(f"step {self.step}: eval top-1 {100 * last_eval['top1']:.2f}% "
-                                f"top-5 {100 * last_eval['top5']:.2f}% ({last_eval['eval_images']} images, EMA)")
-            saved = (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps or \
-                (is_eval and self.on_eval is not None)
-            if saved:
-                self.save()
+                progress.evaluated(self.evaluate())
+            saved = self._save_if_due(is_eval)
             if is_eval and self.on_eval is not None:  # e.g. report to Ray Tune with this checkpoint
-                self.on_eval(self.step, dict(last_eval), self.ckpt_dir / ckpt.tag_for(self.step))
-            if preempted and self.step < t.steps:
-                if not saved:
-                    self.save()
-                self.preempt.saved = True
-                stop = Preempted(self.step, self.ckpt_dir / ckpt.tag_for(self.step),
-                                 self.preempt.signame or "a signal to another rank")
-                metrics.message(str(stop))
-                metrics.close()
-                raise stop
+                self.on_eval(self.step, dict(progress.last_eval), self.checkpoints.path(self.step))
+            if sums[1] > 0 and self.step < t.steps:
+                self._stop_preempted(saved, metrics)
+        return self._finish(progress, metrics)
+
+    def _batches(self) -> Iterator[tuple[dict, Optional[dict]]]:
+        """(labeled batch, unlabeled batch or None) per step, from where the run state says each stream is."""
+        cfg = self.cfg
+        labeled = self._train_batches("labeled", self.labeled, self.B,
+                                      labeled_item(self.views, self.label_maps.get("labeled")))
+        if not self.uses_unlabeled:
+            return ((lb, None) for lb in labeled)
+        make = unlabeled_plan_item if cfg.data.augment_on == "device" else unlabeled_item
+        unlabeled = self._train_batches("unlabeled", self.unlabeled, self.B * cfg.ssl.mu,
+                                        make(self.views, self.label_maps.get("unlabeled"),
+                                             self.unlabeled.sample_offsets(), self.algorithm.needs.views))
+        return zip(labeled, unlabeled)
+
+    def _watch_peers(self) -> None:
+        write_heartbeat(self.out, self.rank, self.step)
+        if self.world > 1:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 0))) or self.world
+            watch_local_peers(self.out, self.rank, local_peers=local_world - 1)
+
+    def _save_if_due(self, is_eval: bool) -> bool:
+        t = self.cfg.train
+        due = bool(t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps or \
+            (is_eval and self.on_eval is not None)  # a reported result comes with its checkpoint
+        if due:
+            self.save()
+        return due
+
+    def _stop_preempted(self, saved: bool, metrics: MetricsWriter) -> None:
+        if not saved:
+            self.save()
+        self.preempt.saved = True
+        stop = Preempted(self.step, self.checkpoints.path(self.step),
+                         self.preempt.signame or "a signal to another rank")
+        metrics.message(str(stop))
+        metrics.close()
+        raise stop
+
+    def _finish(self, progress: "_Progress", metrics: MetricsWriter) -> dict:
+        """The final eval, exports and summary; a rerun of a finished run reports them again and leaves them."""
+        last_eval = progress.last_eval
         if not last_eval:  # the run was already finished
             written = self._finished_outputs()
             # else it was killed between its last checkpoint and its outputs
             last_eval = written if written is not None else self.evaluate()
             if self.on_eval is not None:  # a restored sweep trial reports its result again (Ray expects one)
-                self.on_eval(self.step, dict(last_eval), self.ckpt_dir / ckpt.tag_for(self.step))
-            if written is not None:  # and its outputs are written: a rerun leaves them as they are
+                self.on_eval(self.step, dict(last_eval), self.checkpoints.path(self.step))
+            if written is not None:
                 metrics.message(f"already finished at step {self.step}: eval top-1 {100 * written['top1']:.2f}% "
                                 f"(from {self.out / 'summary.json'})")
                 metrics.close()
@@ -385,15 +366,59 @@ class Trainer:
         exported = self.export(last_eval)
         if exported is not None:
             metrics.message(f"exported EMA weights to {exported} (+ {outputs.META_NAME}; load with timm, see README); "
-                            f"the best eval's ({100 * best_top1:.2f}%) to {self.out / outputs.BEST_NAME}")
-        if is_main:
+                            f"the best eval's ({100 * progress.best_top1:.2f}%) to {self.out / outputs.BEST_NAME}")
+        if self.rank == 0:
             plot(self.out / "metrics.jsonl", self.out / "curves.png")
-            summary = {"step": self.step, **last_eval, "best_top1": best_top1, "out_dir": str(self.out)}
+            summary = {"step": self.step, **last_eval, "best_top1": progress.best_top1, "out_dir": str(self.out)}
             atomic.write_text(self.out / "summary.json", json.dumps(summary, indent=1))
             metrics.artifacts([self.out / n for n in ("config.yaml", "summary.json", "curves.png", outputs.WEIGHTS_NAME,
                                                       outputs.META_NAME, outputs.BEST_NAME, outputs.BEST_META_NAME)])
         metrics.close()
         return last_eval
+
+
+class _Progress:
+    """What the loop reports as it goes: the progress bar, the averaged metrics every run.log_every
+    steps, throughput, and the evals with the best top-1 so far (whose weights it exports)."""
+
+    def __init__(self, trainer: Trainer, metrics: MetricsWriter):
+        cfg = trainer.cfg
+        self.trainer, self.metrics, self.log_every = trainer, metrics, cfg.run.log_every
+        mu = cfg.ssl.mu if trainer.uses_unlabeled else 0
+        views_per_image = len(trainer.algorithm.needs.views)  # images the loader makes of each unlabeled one
+        self.images_per_step = cfg.train.batch_size * (1 + views_per_image * mu)
+        self.samples_per_step = cfg.train.batch_size * (1 + mu)
+        self.best_top1 = trainer._best_top1()
+        self.last_eval: dict = {}
+        self.acc: dict[str, list[float]] = {}
+        self.t0, self.step0 = time.time(), trainer.step
+
+    def step(self, stats: dict) -> None:
+        tr = self.trainer
+        for k, v in stats.items():
+            self.acc.setdefault(k, []).append(v)
+        img_s = self.images_per_step * (tr.step - self.step0) / max(1e-9, time.time() - self.t0)
+        # the pseudo-label rules' mask rate, or the consistency methods' ramped weight
+        shown = ({"mask": stats["mask_rate"]} if "mask_rate" in stats else
+                 {"weight": stats["consistency_weight"]} if "consistency_weight" in stats else {})
+        self.metrics.progress(tr.step, {"loss": stats["loss"], **shown, "img/s": round(img_s)})
+        if tr.step % self.log_every == 0 or tr.step == tr.cfg.train.steps:
+            write_heartbeat(tr.out, tr.rank, tr.step)
+            rec = _nanmean_by_key(self.acc)
+            rec.update({"img_s": img_s, "data/skipped": tr.state.skipped_total,
+                        "data/samples": tr.step * self.samples_per_step})
+            self.metrics.log("train", tr.step, rec)
+            self.acc = {}
+
+    def evaluated(self, result: dict) -> None:
+        tr = self.trainer
+        self.last_eval = result
+        if result["top1"] > self.best_top1:  # the same on every rank: top-1 is all-reduced
+            self.best_top1 = result["top1"]
+            tr.export(result, outputs.BEST_NAME)
+        self.metrics.log("eval", tr.step, {**result, "best_top1": self.best_top1})
+        self.metrics.message(f"step {tr.step}: eval top-1 {100 * result['top1']:.2f}% "
+                             f"top-5 {100 * result['top5']:.2f}% ({result['eval_images']} images, EMA)")
 
 
 def prepare_out_dir(cfg: Config) -> None:
@@ -419,7 +444,7 @@ def run(cfg: Config, on_eval: Optional[Callable] = None) -> dict:
     filled = fill_input_defaults(cfg)
     if filled and os.environ.get("RANK", "0") == "0":
         log.warning("from the model's pretrained config: %s", ", ".join(filled))
-    preflight.check(cfg)  # the user's mistakes, before any process group starts
+    label_maps = preflight.check(cfg)  # the user's mistakes, before any process group starts
     prepare_out_dir(cfg)
     owns_group = not dist.is_initialized()  # Ray Train brings its own process group: not ours to end
     rank, world, local_rank = init_distributed(cfg.deepspeed.timeout_minutes)
@@ -427,7 +452,7 @@ def run(cfg: Config, on_eval: Optional[Callable] = None) -> dict:
     np.random.seed(cfg.run.seed + rank)
     if rank == 0:
         write_config(cfg)
-    trainer = Trainer(cfg, rank, world, local_rank, on_eval)
+    trainer = Trainer(cfg, rank, world, local_rank, on_eval, label_maps)
     result = trainer.fit()  # on failure no barrier: a dead peer would make the error wait for a second timeout
     write_heartbeat(trainer.out, rank, trainer.step, done=True)  # peers still exporting must not mourn it
     if owns_group and dist.is_initialized():

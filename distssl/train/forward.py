@@ -1,11 +1,11 @@
 """The one place a training step forwards its inputs: what the algorithm's StepNeeds names, no more.
 
-- The EMA teacher's views (Mean Teacher) go first, through the EMA weights swapped in (distssl.ssl.ema:
+- The EMA teacher's views (Mean Teacher) go first, through the EMA weights swapped in (distssl.train.ema:
   each rank's own share of them, so ZeRO-3 keeps one copy) and without gradient; swapping after the
   student's forward would change weights that autograd saved for the backward.
 - ``ssl.weak_forward=shared_bn``: the labeled batch and the views with gradient in one forward whose
   BatchNorm batch statistics are recorded, then the views without gradient in one no-grad forward
-  normalised with those statistics (distssl.ssl.bnstats), so a pseudo-label and the prediction it
+  normalised with those statistics (distssl.train.bnstats), so a pseudo-label and the prediction it
   trains come from the same function.
 - ``ssl.weak_forward=concat``: FixMatch's reference step, every view in one forward with gradients;
   the no-grad views' logits are detached (they still pay for the backward).
@@ -14,9 +14,8 @@
   ones as they were (USB's ``freeze_bn``); and ``probe``, the same through the bare module, for
   gradients with respect to the input only: DeepSpeed hooks the engine's outputs and reduces the
   weights' gradients after any backward through them. Normalising perturbed batches with the clean
-  batch's statistics as constants instead left VAT's EMA weights at 18-31% top-1 at step 200 of the
-  demo against 68% (docs/benchmarks.md), presumably as a gradient blind to the normalisation moves
-  the features' scale.
+  batch's statistics as constants instead left VAT's EMA weights far below (docs/benchmarks.md,
+  development notes), presumably as a gradient blind to the normalisation moves the features' scale.
 """
 from __future__ import annotations
 
@@ -26,8 +25,8 @@ from typing import Callable, Optional
 import torch
 
 from distssl.ssl.algorithm import Forwarded, StepNeeds
-from distssl.ssl.bnstats import BatchStatsSharing
-from distssl.ssl.ema import EMA
+from distssl.train.bnstats import BatchStatsSharing
+from distssl.train.ema import EMA
 
 
 def _split(logits: torch.Tensor, names: list[str], sizes: list[int]) -> dict[str, torch.Tensor]:

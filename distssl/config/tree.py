@@ -14,9 +14,10 @@ from typing import Any, Literal, Optional
 import yaml
 
 from distssl import atomic
+from distssl.config.recipes import resolve_config
+from distssl.config.typed_tree import ConfigError, build, flatten, parse_override, set_path
 from distssl.data.spec import DataSpec, data_sources  # noqa: F401 - the schema's data keys, re-exported
-from distssl.recipes import resolve_config
-from distssl.typed_tree import ConfigError, build, flatten, parse_override, set_path
+from distssl.ssl import ALGORITHMS, config_sections
 
 
 @dataclass
@@ -48,96 +49,16 @@ class TrainConfig:
     channels_last: bool = True  # NHWC on GPU (faster convolutions with tensor cores); ignored on CPU
 
 
-@dataclass
-class FlexMatchConfig:
-    """Zhang et al. 2021: per-class thresholds tau * M(beta(c)), M(x) = x / (2 - x)."""
-    warmup: bool = True  # the paper's threshold warm-up: classes start from a low threshold while most are unseen
+ALGORITHM_NAMES = tuple(ALGORITHMS)
 
 
 @dataclass
-class FreeMatchConfig:
-    """Wang et al. 2023: self-adaptive global and class thresholds and the fairness loss."""
-    momentum: float = 0.999  # EMA of the confidence statistics (the paper's lambda)
-    fairness_weight: float = 0.01  # self-adaptive fairness loss weight (the paper's CIFAR setting)
-
-
-@dataclass
-class SoftMatchConfig:
-    """Chen et al. 2023: truncated-Gaussian weights from the EMA mean/variance of the confidence."""
-    momentum: float = 0.999  # EMA of the confidence mean and variance
-    n_sigma: float = 2.0  # the Gaussian's width in standard deviations (the paper's default)
-
-
-@dataclass
-class UDAConfig:
-    """Xie et al. 2020: sharpened soft targets from the weak view, a confidence mask, TSA."""
-    temperature: float = 0.4  # sharpening of the weak view's prediction (USB's UDA setting)
-    threshold: float = 0.8  # confidence a weak prediction needs to be a target (USB's UDA setting; not ssl.tau)
-    # training-signal annealing of the labeled loss: none, or the paper's linear / log / exp schedules
-    tsa: Literal["none", "linear", "log", "exp"] = "none"
-
-
-@dataclass
-class PiModelConfig:
-    """Laine & Aila 2017: two weak views, both with gradient, MSE between their softmax outputs."""
-    weight: float = 100.0  # consistency weight w_max (the paper's; USB's is 10)
-    rampup: float = 0.4  # fraction of the run's steps over which the weight ramps up as exp(-5 (1 - T)^2)
-    # the view trained with gradient: another weak one (the paper's), or the strong one (RandAugment + Cutout)
-    augment: Literal["weak", "strong"] = "weak"
-
-
-@dataclass
-class TemporalEnsemblingConfig:
-    """Laine & Aila 2017: each sample's target is the bias-corrected EMA of its past predictions."""
-    momentum: float = 0.6  # the ensemble's alpha (the paper's)
-    weight: float = 3.0  # consistency weight w_max (the paper's 30 x its labeled fraction 4000/50000)
-    rampup: float = 0.4  # fraction of the run's steps over which the weight ramps up as exp(-5 (1 - T)^2)
-    # classes kept per sample (4 * top_k + 4 bytes a sample, on every rank); <= 0 or >= classes: exact
-    top_k: int = 32
-    # the view trained with gradient: another weak one (the paper's), or the strong one (RandAugment + Cutout)
-    augment: Literal["weak", "strong"] = "strong"
-
-
-@dataclass
-class MeanTeacherConfig:
-    """Tarvainen & Valpola 2017: the EMA weights' prediction of the weak view is the target of another view."""
-    weight: float = 50.0  # consistency weight (USB's Mean Teacher); the teacher's decay is ssl.ema_decay
-    # (the student's view: strong by default, unlike the paper's second weak view, which gained 2.6
-    # points on the demo against 19 for the strong one: docs/benchmarks.md)
-    rampup: float = 0.4  # fraction of the run's steps over which the weight ramps up as exp(-5 (1 - T)^2)
-    # the view trained with gradient: another weak one (the paper's), or the strong one (RandAugment + Cutout)
-    augment: Literal["weak", "strong"] = "strong"
-
-
-@dataclass
-class VATConfig:
-    """Miyato et al. 2018: KL consistency at the adversarial direction found by power iteration."""
-    eps: float = 6.0  # L2 norm of the adversarial perturbation, on the normalised image (the paper's CIFAR-10)
-    xi: float = 1e-6  # finite-difference step of the power iteration (the paper's); ~1e-2 under bf16/fp16
-    power_iterations: int = 1  # the paper's
-    weight: float = 0.3  # consistency weight (USB's VAT)
-    entropy_weight: float = 0.06  # entropy minimisation of the unlabeled predictions (USB's; 0 = plain VAT)
-    rampup: float = 0.4  # fraction of the run's steps over which the weight ramps up as exp(-5 (1 - T)^2)
-
-
-ALGORITHM_NAMES = ("fixmatch", "flexmatch", "freematch", "softmatch", "uda",
-                   "pimodel", "temporal_ensembling", "meanteacher", "vat")
-
-
-@dataclass
-class SSLConfig:
+class SSLKeys:
+    """The keys every algorithm reads; SSLConfig adds each algorithm's own section (distssl.ssl)."""
     # the method: a pseudo-label rule, fixmatch (fixed tau), flexmatch, freematch (adaptive thresholds),
     # softmatch (soft weights), uda (sharpened soft targets), on which distribution alignment
     # (dist_align) works; or a consistency method: pimodel, temporal_ensembling, meanteacher, vat
     algorithm: Literal[ALGORITHM_NAMES] = "fixmatch"  # type: ignore[valid-type]
-    flexmatch: FlexMatchConfig = field(default_factory=FlexMatchConfig)
-    freematch: FreeMatchConfig = field(default_factory=FreeMatchConfig)
-    softmatch: SoftMatchConfig = field(default_factory=SoftMatchConfig)
-    uda: UDAConfig = field(default_factory=UDAConfig)
-    pimodel: PiModelConfig = field(default_factory=PiModelConfig)
-    temporal_ensembling: TemporalEnsemblingConfig = field(default_factory=TemporalEnsemblingConfig)
-    meanteacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
-    vat: VATConfig = field(default_factory=VATConfig)
     tau: float = 0.95  # confidence threshold of a pseudo-label (FixMatch's tau; the threshold rules' base)
     # weight of the unlabeled loss; the consistency methods multiply their own weight by it
     # (1 = the method's default); 0 = the supervised baseline of the recipe
@@ -153,6 +74,14 @@ class SSLConfig:
     # view's backward, which "concat" (FixMatch's reference cat(labeled, weak, strong) forward with
     # gradients) pays; step times and the demo's top-1 over seeds: docs/benchmarks.md
     weak_forward: Literal["shared_bn", "concat"] = "shared_bn"
+
+
+# ssl.<name>: each algorithm's own keys, from the dataclass in its file (adding an algorithm edits no config)
+SSLConfig = dataclasses.make_dataclass(
+    "SSLConfig", [(name, keys, field(default_factory=keys)) for name, keys in config_sections().items()],
+    bases=(SSLKeys,))
+SSLConfig.__module__ = __name__  # where pickle (Ray's trial config) finds it
+SSLConfig.__doc__ = "The SSL method: ssl.algorithm, the keys every algorithm reads, and each one's own section."
 
 
 @dataclass
@@ -291,22 +220,9 @@ def validate(cfg: Config) -> None:
     _check(s.mu >= 1, "ssl.mu", s.mu, "an integer >= 1")
     _check(0.0 <= s.ema_decay < 1.0, "ssl.ema_decay", s.ema_decay, "0 <= decay < 1")
     _check(0.0 <= s.dist_align_momentum < 1.0, "ssl.dist_align_momentum", s.dist_align_momentum, "0 <= m < 1")
-    _check(0.0 <= s.freematch.momentum < 1.0, "ssl.freematch.momentum", s.freematch.momentum, "0 <= m < 1")
-    _check(s.freematch.fairness_weight >= 0, "ssl.freematch.fairness_weight", s.freematch.fairness_weight, ">= 0")
-    _check(0.0 <= s.softmatch.momentum < 1.0, "ssl.softmatch.momentum", s.softmatch.momentum, "0 <= m < 1")
-    _check(s.softmatch.n_sigma > 0, "ssl.softmatch.n_sigma", s.softmatch.n_sigma, "> 0")
-    _check(s.uda.temperature > 0, "ssl.uda.temperature", s.uda.temperature, "> 0")
-    _check(0.0 <= s.uda.threshold <= 1.0, "ssl.uda.threshold", s.uda.threshold, "0 <= threshold <= 1")
-    _check(0.0 <= s.temporal_ensembling.momentum < 1.0, "ssl.temporal_ensembling.momentum",
-           s.temporal_ensembling.momentum, "0 <= m < 1")
-    for name in ("pimodel", "temporal_ensembling", "meanteacher", "vat"):
-        own = getattr(s, name)
-        _check(own.weight >= 0, f"ssl.{name}.weight", own.weight, ">= 0")
-        _check(0.0 <= own.rampup <= 1.0, f"ssl.{name}.rampup", own.rampup, "a fraction of train.steps, 0..1")
-    _check(s.vat.eps > 0, "ssl.vat.eps", s.vat.eps, "> 0")
-    _check(s.vat.xi > 0, "ssl.vat.xi", s.vat.xi, "> 0")
-    _check(s.vat.power_iterations >= 1, "ssl.vat.power_iterations", s.vat.power_iterations, ">= 1")
-    _check(s.vat.entropy_weight >= 0, "ssl.vat.entropy_weight", s.vat.entropy_weight, ">= 0")
+    for name in config_sections():
+        getattr(s, name).validate(lambda ok, key, value, allowed, name=name:
+                                  _check(ok, f"ssl.{name}.{key}", value, allowed))
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", cfg.deepspeed.zero_stage, "0, 1, 2 or 3")
     per_tensor = [k for k in PER_TENSOR_OPTIMIZERS if k in o.name.lower()]
     if per_tensor and cfg.deepspeed.zero_stage > 0:
@@ -327,7 +243,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= t.max_bad_fraction <= 1.0, "train.max_bad_fraction", t.max_bad_fraction, "0..1")
     _check(cfg.run.log_every >= 1, "run.log_every", cfg.run.log_every, ">= 1")
     _check(d.cache_limit_gb > 0, "data.cache_limit_gb", d.cache_limit_gb, "> 0 (GB of local disk for cached shards)")
-    from distssl.loggers import LOGGERS
+    from distssl.tracking.loggers import LOGGERS
 
     for name in cfg.run.loggers:
         _check(name in LOGGERS, "run.loggers", name, ", ".join(LOGGERS))

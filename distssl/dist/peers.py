@@ -1,7 +1,7 @@
 """The process group and the peers: starting it (gloo on CPU, nccl on GPU, our collective timeout),
 how many CPU threads a rank takes, and telling which rank died (heartbeats, a watcher thread).
 
-Kept out of the training loop (distssl/engine.py), which only calls :func:`init_distributed`,
+Kept out of the training loop (distssl/train/trainer.py), which only calls :func:`init_distributed`,
 :func:`write_heartbeat` and :func:`watch_local_peers`.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from distssl import atomic
 from distssl.errors import PortInUse
-from distssl.procs import process_state
+from distssl.dist.procs import process_state
 
 # a heartbeat older than this process is an earlier run's: its ranks are not this run's peers (every
 # rank of a run starts before the rendezvous, and writes its first heartbeat after it)
@@ -92,8 +92,8 @@ def init_distributed(timeout_minutes: float) -> tuple[int, int, int]:
     import deepspeed.ops
 
     if not use_cuda():
-        # DeepSpeed compiles a shared-memory all-reduce for CPU on first use (~90 s, an inference
-        # optimisation); gloo serves training collectives as well, so skip the build.
+        # DeepSpeed compiles a shared-memory all-reduce for CPU on first use (a C++ build, an
+        # inference optimisation); gloo serves training collectives as well, so skip the build.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     timeout = timedelta(minutes=timeout_minutes)
     # DeepSpeed clones the world into new groups (data parallel, ZeRO) with torch's default timeout

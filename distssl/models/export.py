@@ -12,14 +12,14 @@ the per-rank checkpoint files (offline, :func:`ema_weights_from_run`).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from distssl import atomic
-from distssl import checkpoint as ckpt
+from distssl.checkpoint import layout as ckpt
+from distssl.dist.collectives import from_partitions, full_shape, gather_partitioned, is_partitioned, rank
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"
@@ -27,35 +27,19 @@ BEST_NAME = "model_best.safetensors"  # the EMA weights of the best eval top-1 s
 BEST_META_NAME = "model_best.json"
 
 
-def _full_from_partitions(parts: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
-    """ZeRO-3 keeps ceil(n / world) elements per rank (the last one padded); concatenate and cut."""
-    numel = math.prod(shape)
-    if len(parts) == 1 or (parts[0].shape == shape and parts[0].numel() == numel):
-        return parts[0].reshape(shape).clone()  # unpartitioned (stages 0-2, or a ZeRO-3 persistent param)
-    return torch.cat([p.reshape(-1) for p in parts])[:numel].reshape(shape).clone()
-
-
-def gather_ema_state(trainer) -> Optional[dict[str, torch.Tensor]]:
-    """Full fp32 EMA state dict on rank 0 (None elsewhere); every rank must call it."""
-    import torch.distributed as dist
-
-    module, ema = trainer.engine.module, trainer.ema
+def gather_ema_state(module: torch.nn.Module, ema) -> Optional[dict[str, torch.Tensor]]:
+    """Collective: the full fp32 state dict of ``ema`` (the EMA of ``module``) on rank 0, None elsewhere."""
     state: dict[str, torch.Tensor] = {}
     for name, p in ema.params:
         shadow = ema.shadow[name]
-        shape = getattr(p, "ds_shape", p.shape)
-        if trainer.zero3 and hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False):
-            parts = [torch.empty_like(shadow) for _ in range(trainer.world)]
-            dist.all_gather(parts, shadow.contiguous())
-            state[name] = _full_from_partitions([t.cpu() for t in parts], torch.Size(shape))
-        else:
-            state[name] = shadow.detach().cpu().reshape(shape).clone()
+        state[name] = (gather_partitioned(shadow, full_shape(p)).cpu() if is_partitioned(p)
+                       else shadow.detach().cpu().reshape(full_shape(p)).clone())
     for name, b in ema.buffers.items():
         state[name] = b.detach().cpu().clone()
     # State-dict order and names as the bare model has them.
     keys = list(module.state_dict().keys())
     ordered = {k: state[k] for k in keys if k in state}
-    return ordered if trainer.rank == 0 else None
+    return ordered if rank() == 0 else None
 
 
 def model_meta(model_name: str, num_classes: int, image_size: int, mean, std, class_names: list[str],
@@ -116,7 +100,7 @@ def ema_weights_from_run(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     import timm
     import yaml
 
-    import distssl.wrn  # noqa: F401
+    import distssl.models.wrn  # noqa: F401
 
     run_dir, step_dir = _find_checkpoint(Path(path))
     cfg_path = run_dir / "config.yaml"
@@ -131,7 +115,7 @@ def ema_weights_from_run(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     out: dict[str, torch.Tensor] = {}
     for name, ref in model.state_dict().items():
         if name in states[0]["ema"]["shadow"]:
-            out[name] = _full_from_partitions([s["ema"]["shadow"][name] for s in states], ref.shape)
+            out[name] = from_partitions([s["ema"]["shadow"][name] for s in states], ref.shape)
         elif name in states[0]["ema"]["buffers"]:
             out[name] = states[0]["ema"]["buffers"][name].clone()
     info = {"config": cfg, "step": int(states[0]["step"]), "run_dir": str(run_dir), "checkpoint": str(step_dir)}

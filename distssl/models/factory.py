@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-import distssl.wrn  # noqa: F401  (registers wrn28_2 with timm)
+import distssl.models.wrn  # noqa: F401  (registers wrn28_2 with timm)
 from distssl.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     from distssl.data import store
 
     if _is_checkpoint_dir(path):
-        from distssl.export import ema_weights_from_run
+        from distssl.models.export import ema_weights_from_run
         state, _ = ema_weights_from_run(path)
         return state
     if path.endswith(".safetensors"):

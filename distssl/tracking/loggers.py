@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from distssl.typed_tree import flatten
+from distssl.config.typed_tree import flatten
 
 log = logging.getLogger("distssl")
 

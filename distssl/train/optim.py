@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from distssl.config import Config, ConfigError
-from distssl.models import param_groups
-from distssl.recipes import template_path
-from distssl.schedule import lr_factor
+from distssl.config.recipes import template_path
+from distssl.models.factory import param_groups
+from distssl.train.schedule import lr_factor
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config):

@@ -23,39 +23,18 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
+
+from distssl.dist.collectives import (
+    full_shape,
+    gather_partitioned,
+    is_partitioned,
+    mean_over_ranks,
+    min_over_ranks,
+    partition_of,
+    rank,
+)
 
 ELASTIC_NAME = "elastic.pt"
-MOMENTUM = "momentum_buffer"
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _partition_layout(p: torch.nn.Parameter) -> Optional[int]:
-    """ZeRO-3: elements per rank of a partitioned parameter, else None (every rank holds it whole)."""
-    if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False):
-        return p.ds_tensor.numel()
-    return None
-
-
-def _gather_partition(part: torch.Tensor, numel: int, shape) -> torch.Tensor:
-    pieces = [torch.empty_like(part) for _ in range(_world())]
-    dist.all_gather(pieces, part.contiguous())
-    return torch.cat(pieces)[:numel].view(shape)
-
-
-def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    if _world() == 1 or not t.is_floating_point():
-        return t
-    t = t.clone()
-    dist.all_reduce(t)
-    return t / _world()
 
 
 def _flat_partitions(optimizer) -> Optional[list]:
@@ -83,10 +62,7 @@ def _state_layout(optimizer) -> tuple[list[str], dict]:
     inner, stepped = _stepped(optimizer)
     states = [inner.state.get(t, {}) for t in stepped]
     here = bool(stepped) and all(states)
-    flag = torch.tensor([float(here)])
-    if _world() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    if not flag.item():
+    if not min_over_ranks(torch.tensor([float(here)])).item():
         return [], {}
     first, t0 = states[0], stepped[0]
     keys = sorted(k for k, v in first.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape == t0.shape)
@@ -129,11 +105,10 @@ def gather(engine, ema, scheduler, step: int) -> Optional[dict]:
             if v is not None:
                 optim_state[k][name] = v.detach().float().cpu()
         s = ema.shadow[name]
-        per_rank = _partition_layout(p)
-        shadow[name] = (_gather_partition(s, p.ds_numel, p.ds_shape) if per_rank is not None else s).detach().cpu()
-    buffers = {n: _mean_over_ranks(b.detach()).cpu() for n, b in module.named_buffers()}
-    ema_buffers = {n: _mean_over_ranks(b.detach()).cpu() for n, b in ema.buffers.items()}
-    if _rank() != 0:
+        shadow[name] = (gather_partitioned(s, full_shape(p)) if is_partitioned(p) else s).detach().cpu()
+    buffers = {n: mean_over_ranks(b.detach()).cpu() for n, b in module.named_buffers()}
+    ema_buffers = {n: mean_over_ranks(b.detach()).cpu() for n, b in ema.buffers.items()}
+    if rank() != 0:
         return None
     inner, _ = _stepped(optimizer)
     group_steps = [g.get("step") for g in inner.param_groups]  # Lamb and others count steps per group
@@ -154,10 +129,8 @@ def load(path: Path) -> dict:
 
 
 def optimizer_state(state: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """{state key: {parameter name: tensor}}; elastic.pt files of SGD-only versions held "momentum"."""
-    if "optimizer" in state:
-        return state["optimizer"]
-    return {MOMENTUM: state["momentum"]} if state.get("momentum") else {}
+    """{state key: {parameter name: tensor}}: SGD's momentum_buffer, Adam's exp_avg and exp_avg_sq, ..."""
+    return state["optimizer"]
 
 
 def _materialise_state(optimizer, keys: list[str], scalars: dict, group_steps: list) -> None:
@@ -189,14 +162,10 @@ def restore(engine, ema, scheduler, state: dict) -> None:
     if saved_optimizer:
         _materialise_state(optimizer, list(saved_optimizer), state.get("optimizer_scalars", {}),
                            state.get("optimizer_group_steps", []))
-    rank = _rank()
     for name, p in module.named_parameters():
         value = state["params"][name].to(p.device)
-        per_rank = _partition_layout(p)
-        if per_rank is not None:  # ZeRO-3: this rank's slice of the weights, and of the fp32 master
-            flat = torch.zeros(per_rank * _world(), dtype=value.dtype, device=value.device)
-            flat[: value.numel()] = value.flatten()
-            p.ds_tensor.data.copy_(flat[rank * per_rank:(rank + 1) * per_rank])
+        if is_partitioned(p):  # ZeRO-3: this rank's slice of the weights, and of the fp32 master
+            p.ds_tensor.data.copy_(partition_of(value, p.ds_tensor.numel()))
         else:
             p.data.copy_(value.view_as(p.data))
         safe_set_full_fp32_param(p, value)
@@ -209,10 +178,8 @@ def restore(engine, ema, scheduler, state: dict) -> None:
             else:
                 getattr(optimizer, "optimizer", optimizer).state[p][key] = v.view_as(p.data).clone()
         s = state["ema"][name].to(p.device)
-        if per_rank is not None:
-            flat = torch.zeros(per_rank * _world(), dtype=s.dtype, device=s.device)
-            flat[: s.numel()] = s.flatten()
-            ema.shadow[name].copy_(flat[rank * per_rank:(rank + 1) * per_rank])
+        if is_partitioned(p):
+            ema.shadow[name].copy_(partition_of(s, p.ds_tensor.numel()))
         else:
             ema.shadow[name].copy_(s.view_as(ema.shadow[name]))
     for n, b in module.named_buffers():

@@ -131,8 +131,17 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """Each field's comment in the class's source: the one ending its line, else the comment lines just
-    above it (the schema documents itself where it is defined; ``--keys`` prints these)."""
+    """Each field's comment in the source of the class that declares it last (a subclass's comment
+    wins over its base's): the one ending its line, else the comment lines just above it (the schema
+    documents itself where it is defined; ``--keys`` prints these)."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            out.update(_own_comments(klass))
+    return out
+
+
+def _own_comments(cls: type) -> dict[str, str]:
     import inspect
     import io
     import tokenize
@@ -144,8 +153,9 @@ def _field_comments(cls: type) -> dict[str, str]:
     comments: dict[int, str] = {}
     try:
         for tok in tokenize.generate_tokens(io.StringIO("".join(source)).readline):
-            if tok.type == tokenize.COMMENT:
-                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            text = tok.string.lstrip("#").strip()
+            if tok.type == tokenize.COMMENT and not text.startswith(("type:", "noqa")):  # for tools, not readers
+                comments[tok.start[0]] = text
     except (tokenize.TokenError, IndentationError):
         return {}
     out = {}

@@ -13,26 +13,30 @@ import logging
 from typing import Optional
 
 from distssl.config import Config, ConfigError
-from distssl.demo import check_not_mixed
+from distssl.shards.demo import check_not_mixed
 
 log = logging.getLogger(__name__)
 MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"RIFF": "a RIFF file "
          "(WebP image?)", b"%PDF": "a PDF file", b"\x1f\x8b": "a gzip file", b"{": "JSON text"}
 
 
-def check(cfg: Config) -> None:
+LabelMaps = dict[str, dict[int, list[int]]]  # by data key and source: each label's number in the labeled set
+
+
+def check(cfg: Config) -> LabelMaps:
+    """The user's mistakes, before any process group starts; returns the label maps of check_classes."""
     check_not_mixed(cfg.data)
     check_model_name(cfg.model.name)
     check_optimizer_name(cfg.optim.name)
     if cfg.model.pretrained:
         check_pretrained(cfg.model.pretrained)
-    check_classes(cfg)
+    return check_classes(cfg) or {}
 
 
 def check_model_name(name: str) -> None:
     import timm
 
-    import distssl.wrn  # noqa: F401  (registers wrn28_2)
+    import distssl.models.wrn  # noqa: F401  (registers wrn28_2)
 
     if timm.models.is_model(name):
         return
@@ -87,7 +91,7 @@ def class_label_map(reference: list[str], names: list[str]) -> list[int]:
     return [reference.index(n) for n in names]
 
 
-def check_classes(cfg: Config) -> Optional[dict[str, dict[int, list[int]]]]:
+def check_classes(cfg: Config) -> Optional[LabelMaps]:
     """Every set that names its classes names the same ones, in the same order (label i is one class
     everywhere), and as many as the model has; with several sets under one key, each of them.
     ``data.class_match=by_name`` accepts the same names in another order (returns the label maps,
@@ -113,7 +117,7 @@ def check_classes(cfg: Config) -> Optional[dict[str, dict[int, list[int]]]]:
     if len(named) < 2:
         return None
     _, _, ref_where, ref = next((x for x in named if x[0] == "labeled"), named[0])
-    maps: dict[str, dict[int, list[int]]] = {}
+    maps: LabelMaps = {}
     for key, i, where, names in named:
         if names == ref:
             continue

@@ -7,7 +7,7 @@ materialises a second full model. The decay warms up (timm ModelEmaV3 ``use_warm
 flat 0.999 a 1,000-step run would evaluate mostly its initial weights. Floating-point buffers
 (BatchNorm running statistics) are averaged with the same decay, as FixMatch's reference code
 averages every model variable: the live model's statistics follow the last few steps' weights, not
-the averaged ones (the demo's final EMA weights: 95.7% top-1 with them, 97.7% with the averaged ones).
+the averaged ones, and score lower with the EMA weights (docs/benchmarks.md, development notes).
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import contextlib
 from typing import Iterator
 
 import torch
+
+from distssl.dist.collectives import mean_over_ranks, owned, world_size
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool, gamma: float = 1.0, power: float = 0.75) -> float:
@@ -24,24 +26,18 @@ def ema_decay_at(step: int, decay: float, warmup: bool, gamma: float = 1.0, powe
     return max(0.0, min(decay, 1.0 - (1.0 + step / gamma) ** -power))
 
 
-def _owned(p: torch.nn.Parameter) -> torch.Tensor:
-    if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False):
-        return p.ds_tensor.data
-    return p.data
-
-
 class EMA:
     def __init__(self, module: torch.nn.Module, decay: float, warmup: bool = True):
         self.module, self.decay, self.warmup = module, decay, warmup
         self.params = [(n, p) for n, p in module.named_parameters()]
-        self.shadow = {n: _owned(p).detach().float().clone() for n, p in self.params}
+        self.shadow = {n: owned(p).detach().float().clone() for n, p in self.params}
         self.buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
 
     @torch.no_grad()
     def update(self, step: int) -> float:
         d = ema_decay_at(step, self.decay, self.warmup)
         # one fused call per list, not two kernels per tensor: ~600 launches per step for ResNet-50
-        averaged, current = [self.shadow[n] for n, _ in self.params], [_owned(p).float() for _, p in self.params]
+        averaged, current = [self.shadow[n] for n, _ in self.params], [owned(p).float() for _, p in self.params]
         counters, counts = [], []
         for n, b in self.module.named_buffers():
             if b.is_floating_point():  # BatchNorm statistics, averaged like the weights they belong to
@@ -62,16 +58,10 @@ class EMA:
         differ between ranks: averaged over ranks before an eval (timm's distribute_bn "reduce"), every
         rank evaluates, and the export holds, one model (else the reported top-1 mixes per-rank models
         and the exported rank-0 weights score differently)."""
-        import torch.distributed as dist
-
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return
         floats = [b for b in self.buffers.values() if b.is_floating_point()]
-        if not floats:
+        if world_size() == 1 or not floats:
             return
-        flat = torch.cat([b.reshape(-1) for b in floats])  # one all-reduce for all of them
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
+        flat = mean_over_ranks(torch.cat([b.reshape(-1) for b in floats]))  # one all-reduce for all of them
         parts = flat.split([b.numel() for b in floats])
         torch._foreach_copy_(floats, [part.view_as(b) for part, b in zip(parts, floats)])
 
@@ -79,17 +69,17 @@ class EMA:
     @torch.no_grad()
     def swapped_in(self) -> Iterator[None]:
         """Evaluate with the EMA weights, then restore the training weights."""
-        saved_p = {n: _owned(p).clone() for n, p in self.params}
+        saved_p = {n: owned(p).clone() for n, p in self.params}
         saved_b = {n: b.clone() for n, b in self.module.named_buffers()}
         try:
             for n, p in self.params:
-                _owned(p).copy_(self.shadow[n])
+                owned(p).copy_(self.shadow[n])
             for n, b in self.module.named_buffers():
                 b.copy_(self.buffers[n])
             yield
         finally:
             for n, p in self.params:
-                _owned(p).copy_(saved_p[n])
+                owned(p).copy_(saved_p[n])
             for n, b in self.module.named_buffers():
                 b.copy_(saved_b[n])
 

@@ -1,4 +1,4 @@
-"""Rank-0 outputs: a progress bar, metrics.jsonl, the trackers (distssl.loggers) and an end-of-run plot."""
+"""Rank-0 outputs: a progress bar, metrics.jsonl, the trackers (distssl.tracking.loggers) and an end-of-run plot."""
 from __future__ import annotations
 
 import json
@@ -43,7 +43,7 @@ class MetricsWriter:
             return
         from tqdm import tqdm
 
-        from distssl.loggers import open_loggers
+        from distssl.tracking.loggers import open_loggers
 
         self.jsonl_path = self.out / "metrics.jsonl"
         truncate_after(self.jsonl_path, start_step)
@@ -55,7 +55,7 @@ class MetricsWriter:
     def log(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        from distssl.loggers import numbers
+        from distssl.tracking.loggers import numbers
 
         rec = {"kind": kind, "step": step, **{k: _clean(v) for k, v in values.items()}}
         self.jsonl.write(json.dumps(rec) + "\n")
