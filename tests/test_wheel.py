@@ -10,6 +10,19 @@ import pytest
 from conftest import ROOT, launch_env, tiny_overrides
 
 RECIPES = ["demo", "starter", "cifar10", "imagenet", "vit_finetune"]
+# Each module of the installed package imported first, as a user's script may (a package __init__ that
+# re-exports, imported on the way to a submodule, can close a cycle that no module's imports show).
+EACH_MODULE_ALONE = """
+import importlib, pkgutil, sys
+import distssl
+names = sorted(['distssl'] + [m.name for m in pkgutil.walk_packages(distssl.__path__, 'distssl.')])
+print(' '.join(names))
+for name in names:
+    for loaded in [m for m in sys.modules if m == 'distssl' or m.startswith('distssl.')]:
+        del sys.modules[loaded]
+    importlib.import_module(name)
+print(len(names), 'modules imported')
+"""
 
 
 def test_recipes_resolve_by_name_by_checkout_path_and_as_files(tmp_path, monkeypatch):
@@ -69,6 +82,12 @@ def test_the_wheel_trains_from_an_empty_folder_with_its_shipped_recipe(installed
     r = subprocess.run([sys.executable, "-c", "import distssl; print(distssl.__file__)"], capture_output=True,
                        text=True, cwd=empty, env={**os.environ, "PYTHONPATH": installed_wheel})
     assert r.stdout.startswith(installed_wheel), r.stdout  # the installed copy, not the checkout
+    r = subprocess.run([sys.executable, "-c", EACH_MODULE_ALONE], capture_output=True, text=True, cwd=empty,
+                       env={**launch_env(), "PYTHONPATH": installed_wheel}, timeout=300)
+    assert r.returncode == 0 and "modules imported" in r.stdout, r.stdout[-1500:] + r.stderr[-1500:]
+    checkout = {str(f.relative_to(ROOT))[:-3].replace("/", ".").removesuffix(".__init__")
+                for f in (ROOT / "distssl").rglob("*.py")}
+    assert set(r.stdout.split("\n")[0].split()) == checkout  # the wheel holds every module of the checkout
     for name in RECIPES[:1] + RECIPES[2:]:  # starter names no data: it is refused until data.* are given
         r = _from_empty_folder(installed_wheel, empty, "--config", name, "--print-config")
         assert r.returncode == 0 and "zero_stage:" in r.stdout, (name, r.stderr[-1500:])

@@ -16,7 +16,9 @@ import yaml
 from distssl import atomic
 from distssl.config.recipes import resolve_config
 from distssl.config.typed_tree import ConfigError, build, flatten, parse_override, set_path
+from distssl.data.index import describe_missing
 from distssl.data.spec import DataSpec, data_sources  # noqa: F401 - the schema's data keys, re-exported
+from distssl.data.store import redact
 from distssl.ssl import ALGORITHMS, config_sections
 
 
@@ -243,6 +245,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= t.max_bad_fraction <= 1.0, "train.max_bad_fraction", t.max_bad_fraction, "0..1")
     _check(cfg.run.log_every >= 1, "run.log_every", cfg.run.log_every, ">= 1")
     _check(d.cache_limit_gb > 0, "data.cache_limit_gb", d.cache_limit_gb, "> 0 (GB of local disk for cached shards)")
+    # here, not at the top: tracking.loggers reads the typed tree (flatten), whose package is this one
     from distssl.tracking.loggers import LOGGERS
 
     for name in cfg.run.loggers:
@@ -283,7 +286,6 @@ def validate(cfg: Config) -> None:
 
 def check_paths(cfg: Config) -> None:
     """Data paths exist (local ones; remote URLs are checked when opened) and out_dir is writable."""
-    from distssl.data.index import describe_missing
 
     for key in ("labeled", "unlabeled", "eval"):
         sources = data_sources(getattr(cfg.data, key))
@@ -315,7 +317,6 @@ def dump_yaml(cfg: Config, path: str | Path) -> None:
 
 def _redacted(tree: Any) -> Any:
     """Credentials embedded in URLs never reach files on disk."""
-    from distssl.data.store import redact
 
     if isinstance(tree, dict):
         return {k: _redacted(v) for k, v in tree.items()}

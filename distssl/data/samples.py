@@ -14,6 +14,8 @@ import torch
 from distssl.data.streams import IMAGE_KEYS, Raw
 from distssl.data.transforms import Views
 from distssl.ssl.algorithm import VIEW_KINDS
+from distssl.data.device_augment import strong_plan, weak_plan
+from distssl.data.transforms import to_uint8
 
 
 def _image_bytes(raw: Raw) -> Optional[bytes]:
@@ -104,8 +106,6 @@ def unlabeled_plan_item(views: Views, label_maps: LabelMaps = None, offsets: Opt
     """``data.augment_on=device``: the decoded (and cropped) base image and the random choices of the
     ``wanted`` views, drawn from the sample's rng in the loader path's order; the views are made on the
     device (distssl.data.device_augment)."""
-    from distssl.data.device_augment import strong_plan, weak_plan
-    from distssl.data.transforms import to_uint8
 
     order = _in_draw_order(wanted)
 

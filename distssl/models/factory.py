@@ -10,12 +10,13 @@ import torch
 
 import distssl.models.wrn  # noqa: F401  (registers wrn28_2 with timm)
 from distssl.config import ConfigError
+from distssl.data import store
+from distssl.data.store import redact
 
 log = logging.getLogger(__name__)
 
 
 def _is_checkpoint_dir(path: str) -> bool:
-    from distssl.data import store
 
     fs, p = store.filesystem(path)
     return fs.isdir(p)
@@ -24,7 +25,6 @@ def _is_checkpoint_dir(path: str) -> bool:
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     """safetensors, a torch state dict loaded with weights_only=True (never unrestricted pickle), or a
     run/checkpoint folder of this project (its EMA weights)."""
-    from distssl.data import store
 
     if _is_checkpoint_dir(path):
         from distssl.models.export import ema_weights_from_run
@@ -49,7 +49,6 @@ def pretrained_meta(path: Optional[str]) -> dict:
     """The JSON written next to an exported ``model.safetensors`` (input size, mean/std, classes), if any."""
     if not path or _is_checkpoint_dir(path):
         return {}
-    from distssl.data import store
 
     try:
         meta = store.read_json(posixpath.splitext(path)[0] + ".json",
@@ -124,7 +123,6 @@ def create_model(name: str, num_classes: int, pretrained: str | None = None, dro
 
 def load_pretrained(model: torch.nn.Module, path: str) -> dict:
     """Load what matches; re-initialise a classifier of another size; list every missing/unexpected key."""
-    from distssl.data.store import redact
 
     state = load_state_dict_file(path)
     own = model.state_dict()

@@ -13,6 +13,8 @@ import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable, Iterator, Optional
 
+from distssl.data import store
+
 log = logging.getLogger(__name__)
 
 # what a worker on another node needs to reach the same stores (endpoints, not secrets: credentials
@@ -69,7 +71,6 @@ class RayRunner:
                              f"or build without --ray-address") from None
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         hosts = {n.get("NodeManagerAddress") for n in nodes}
-        from distssl.data import store
         if len(hosts) > 1 and store.is_local(store.filesystem(dst)[0]):
             raise ValueError(f"{store.redact(dst)} is a local path but the Ray cluster spans {len(hosts)} machines: "
                              f"each would write to its own disk. Give a shared store (s3://, gs://, a shared mount "

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from distssl.config.typed_tree import flatten
+from distssl.data.store import redact
 
 log = logging.getLogger("distssl")
 
@@ -105,7 +106,6 @@ class WandB:
     def __init__(self, out: Path, start_step: int, params: dict):
         import wandb
 
-        from distssl.data.store import redact
 
         # W&B records the command line with the run: never the credentials a URL on it may hold
         sys.argv[:] = [redact(a) for a in sys.argv]

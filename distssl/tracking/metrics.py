@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from distssl import atomic
+from distssl.tracking.loggers import numbers, open_loggers
 
 
 def truncate_after(path: Path, step: int) -> None:
@@ -43,7 +44,6 @@ class MetricsWriter:
             return
         from tqdm import tqdm
 
-        from distssl.tracking.loggers import open_loggers
 
         self.jsonl_path = self.out / "metrics.jsonl"
         truncate_after(self.jsonl_path, start_step)
@@ -55,7 +55,6 @@ class MetricsWriter:
     def log(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        from distssl.tracking.loggers import numbers
 
         rec = {"kind": kind, "step": step, **{k: _clean(v) for k, v in values.items()}}
         self.jsonl.write(json.dumps(rec) + "\n")

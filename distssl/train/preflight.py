@@ -13,6 +13,9 @@ import logging
 from typing import Optional
 
 from distssl.config import Config, ConfigError
+from distssl.data import store
+from distssl.data.index import resolve_one
+from distssl.data.spec import data_sources
 from distssl.shards.demo import check_not_mixed
 
 log = logging.getLogger(__name__)
@@ -65,7 +68,6 @@ def looks_like_weights(head: bytes) -> bool:
 
 
 def check_pretrained(path: str) -> None:
-    from distssl.data import store
 
     where = store.redact(path)
     fs, p = store.filesystem(path)
@@ -97,8 +99,6 @@ def check_classes(cfg: Config) -> Optional[LabelMaps]:
     ``data.class_match=by_name`` accepts the same names in another order (returns the label maps,
     by key and source, that put them in the labeled set's order); ``by_index`` accepts any names,
     trusting the label numbers."""
-    from distssl.data.index import resolve_one
-    from distssl.data.spec import data_sources
 
     sets = []  # (key, source, how the user named it, its shard set)
     for key in ("labeled", "unlabeled", "eval"):

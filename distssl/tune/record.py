@@ -57,7 +57,7 @@ RESUMABLE_SWEEP_KEYS = {"tune.address", "tune.num_cpus", "tune.max_concurrent_tr
 
 def sweep_settings(sweep: Sweep) -> dict:
     """What defines a sweep's results: the base training config, the tune settings and the space."""
-    from distssl.config import _redacted
+    from distssl.config.tree import _redacted
 
     tree = {"base": _redacted(to_dict(sweep.base)), "tune": dataclasses.asdict(sweep.tune), "space": sweep.space}
     return yaml.safe_load(yaml.safe_dump(tree))  # lists, not tuples: as read back from the file
