@@ -21,13 +21,17 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    """The elementwise sum of every rank's ``t`` (a new tensor; ``t`` is left as it is)."""
+def _reduced(t: torch.Tensor, op) -> torch.Tensor:
     if world_size() == 1:
         return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    t = t.clone()  # the caller's tensor is left as it is
+    dist.all_reduce(t, op=op)
     return t
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The elementwise sum of every rank's ``t``."""
+    return _reduced(t, dist.ReduceOp.SUM)
 
 
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -38,11 +42,7 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 def min_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    if world_size() == 1:
-        return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return t
+    return _reduced(t, dist.ReduceOp.MIN)
 
 
 def sum_numbers(values: Sequence[float] | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -90,9 +90,11 @@ def gather_partitioned(part: torch.Tensor, shape: Sequence[int]) -> torch.Tensor
     return from_partitions(list(gather_cat(part.reshape(1, -1)).unbind(0)), shape)
 
 
-def partition_of(full: torch.Tensor, per_rank: int, at_rank: int | None = None) -> torch.Tensor:
-    """Rank ``at_rank``'s (this rank's by default) partition of ``full``, ``per_rank`` elements, zero-padded."""
+def partition_of(full: torch.Tensor, per_rank: int, at_rank: int | None = None,
+                 world: int | None = None) -> torch.Tensor:
+    """Rank ``at_rank``'s partition of ``full`` in a world of ``world`` (this rank's, in this world, by
+    default): ``per_rank`` elements, the last rank's zero-padded."""
     r = rank() if at_rank is None else at_rank
-    flat = full.new_zeros(per_rank * world_size())
+    flat = full.new_zeros(per_rank * (world_size() if world is None else world))
     flat[: full.numel()] = full.flatten()
     return flat[r * per_rank:(r + 1) * per_rank]
