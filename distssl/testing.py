@@ -2,6 +2,7 @@
 needed), a TCP proxy that can take it down, the DeepSpeed launch command, and bucket uploads."""
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -166,16 +167,19 @@ def azurite_executable() -> str:
         return found
     prefix = Path(os.environ.get("DISTSSL_AZURITE_PREFIX", Path.home() / ".cache/distssl/azurite"))
     exe = prefix / "node_modules/.bin/azurite-blob"
-    if not exe.exists():
-        npm = shutil.which("npm")
-        if npm is None:
-            raise RuntimeError("Azurite needs node and npm (npm install azurite); neither azurite-blob nor npm "
-                               "is on PATH")
-        prefix.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run([npm, "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(prefix), "azurite"],
-                           capture_output=True, text=True, timeout=600)
-        if r.returncode != 0 or not exe.exists():
-            raise RuntimeError(f"npm install azurite failed: {(r.stderr or r.stdout)[-500:]}")
+    if exe.exists():
+        return str(exe)
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError("Azurite needs node and npm (npm install azurite); neither azurite-blob nor npm is on PATH")
+    prefix.mkdir(parents=True, exist_ok=True)
+    with open(prefix / ".install.lock", "w") as lock:  # test processes side by side (pytest -n) install it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not exe.exists():
+            r = subprocess.run([npm, "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(prefix),
+                                "azurite"], capture_output=True, text=True, timeout=600)
+            if r.returncode != 0 or not exe.exists():
+                raise RuntimeError(f"npm install azurite failed: {(r.stderr or r.stdout)[-500:]}")
     return str(exe)
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: small real-image shard sets built with the project's own builder."""
+import fcntl
 import os
 import subprocess
 from pathlib import Path
@@ -9,6 +10,19 @@ from distssl.testing import free_port, launch_env, train_command  # noqa: F401 (
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Under pytest-xdist (the README's -n 2) the tests that start Ray run one at a time: two clusters on one
+# 2-core machine starve each other's trials (xdist's own xdist_group is not honoured under pytest 9).
+
+
+@pytest.fixture(autouse=True)
+def _one_ray_at_a_time(request, tmp_path_factory):
+    if request.node.get_closest_marker("ray") is None or "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    shared = tmp_path_factory.getbasetemp().parent  # pytest-N/, above each worker's popen-gwK/
+    with open(shared / "ray.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def export_digits(dst: Path, n_train: int, n_eval: int, seed: int = 0) -> None:

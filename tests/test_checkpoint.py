@@ -50,3 +50,17 @@ def test_a_pickle_payload_in_a_checkpoint_is_not_executed(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         ckpt.load_rank_state(bad)
     assert not _Payload.target.exists()
+
+
+def test_the_run_state_round_trips_through_the_rank_file_torch_loads_safely(tmp_path):
+    from distssl.checkpoint.state import RunState
+    from distssl.data.position import StreamPlan, Unit
+
+    run = RunState(readers=4, step=37, skipped_total=5,
+                   cursors={"labeled": {0: 12, 3: 9}, "unlabeled": {1: 40}},
+                   plans={"labeled": StreamPlan([Unit(2, frozenset({0, 5}))], next_epoch=3), "unlabeled": StreamPlan()})
+    path = tmp_path / "distssl_rank00000.pt"
+    ckpt.save_rank_state(path, run.to_saved())
+    back = RunState.from_saved(ckpt.load_rank_state(path), readers=4)  # weights_only: plain types only
+    assert back == run
+    assert RunState.from_saved(run.to_saved(), readers=8).readers == 8  # the readers are this launch's

@@ -21,11 +21,15 @@ def cluster(s3_server):
     from ray.cluster_utils import Cluster
 
     boto3.client("s3").create_bucket(Bucket="tune-storage")
+    # Train's controller learns of a worker's reports when it polls the workers (every 2 s by default);
+    # a tiny trial reports faster than that. The raylets, and so the controller, inherit this.
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     nodes = [c.add_node(num_cpus=1) for _ in range(2)]
     c.wait_for_nodes()
     yield c, nodes
     c.shutdown()
+    del os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
 
 
 def _node_of_train_worker(nodes):
@@ -64,6 +68,7 @@ def test_a_trial_on_a_lost_node_resumes_on_the_other_from_s3(tiny_data, tmp_path
     while time.time() < deadline and proc.poll() is None:
         fs.invalidate_cache()
         if len(_reported_checkpoints(fs)) >= 2:
+            time.sleep(1.0)  # past a few of the controller's polls: the first checkpoint is registered
             lost = _node_of_train_worker(nodes)
             if lost is not None:
                 c.remove_node(lost)  # the node goes, and with it its disk: the trial's local run folder

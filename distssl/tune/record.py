@@ -29,7 +29,7 @@ class TuneSettings:
     gpus_per_worker: float = 0.0
     max_concurrent_trials: int = 0  # 0 = as many as resources allow
     max_failures: int = 1  # restarts of a failed trial (from its last checkpoint)
-    address: str = ""  # a Ray cluster (ray start --head ...); empty = start Ray on this machine
+    address: str = ""  # a Ray cluster to join (auto, or HEAD:6379); empty = a Ray of its own on this machine
     # where Ray keeps trial checkpoints and results: any fsspec URL (s3://bucket/sweeps, gs://...) that
     # every node reaches, so a trial restarted on another node resumes from its last checkpoint;
     # empty = run.out_dir/ray on this machine (enough for one node, refused by Ray for several)

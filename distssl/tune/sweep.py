@@ -34,7 +34,10 @@ def run_sweep(sweep: Sweep) -> dict:
         if t.address:
             ray.init(address=t.address)
         else:
-            ray.init(num_cpus=t.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
+            # "local": a Ray of its own, even where another one runs on this machine (ray.init() alone
+            # joins the newest `ray start` cluster it finds: another user's, or one a test left behind)
+            ray.init(address="local", num_cpus=t.num_cpus or os.cpu_count(), include_dashboard=False,
+                     log_to_driver=True)
     need, have = t.workers_per_trial * t.cpus_per_worker, ray.cluster_resources().get("CPU", 0)
     if need > have:  # the trial's workers would wait for resources forever
         raise ConfigError(f"tune.workers_per_trial={t.workers_per_trial} x tune.cpus_per_worker={t.cpus_per_worker} "
