@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
-import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -54,13 +52,9 @@ from distssl.train.ema import EMA
 from distssl.train.evaluate import evaluate_ema
 from distssl.train.forward import forward_views
 from distssl.train.optim import accumulation, build_optimizer, deepspeed_config
+from distssl.train.progress import Progress, nanmean_by_key
 
 log = logging.getLogger("distssl")
-
-
-def _nanmean_by_key(values: dict[str, list[float]]) -> dict[str, float]:
-    """Mean of each key ignoring NaNs (e.g. pseudo-label accuracy when no label passed tau); NaN if all are."""
-    return {k: float("nan") if all(math.isnan(x) for x in v) else float(np.nanmean(v)) for k, v in values.items()}
 
 
 # --- the step ------------------------------------------------------------------------------------
@@ -200,7 +194,7 @@ class Trainer:
                 engine.step()
                 per_micro.append(stats)
             self.algorithm.end_step()
-        stats = _nanmean_by_key({k: [m[k] for m in per_micro] for k in per_micro[0]})
+        stats = nanmean_by_key({k: [m[k] for m in per_micro] for k in per_micro[0]})
         self.state.step += 1
         stats["ema_decay"] = self.ema.update(self.step)
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -290,7 +284,7 @@ class Trainer:
                                 redacted_dict(cfg))  # credentials in URLs never reach a tracker
         if resumed is not None:
             metrics.message(f"resumed from {self.checkpoints.path(resumed)} at step {resumed}")
-        progress = _Progress(self, metrics)
+        progress = Progress(self, metrics)
         batches = self._batches()
         self._watch_peers()
         while self.step < t.steps:
@@ -349,7 +343,7 @@ class Trainer:
         metrics.close()
         raise stop
 
-    def _finish(self, progress: "_Progress", metrics: MetricsWriter) -> dict:
+    def _finish(self, progress: Progress, metrics: MetricsWriter) -> dict:
         """The final eval, exports and summary; a rerun of a finished run reports them again and leaves them."""
         last_eval = progress.last_eval
         if not last_eval:  # the run was already finished
@@ -375,50 +369,6 @@ class Trainer:
                                                       outputs.META_NAME, outputs.BEST_NAME, outputs.BEST_META_NAME)])
         metrics.close()
         return last_eval
-
-
-class _Progress:
-    """What the loop reports as it goes: the progress bar, the averaged metrics every run.log_every
-    steps, throughput, and the evals with the best top-1 so far (whose weights it exports)."""
-
-    def __init__(self, trainer: Trainer, metrics: MetricsWriter):
-        cfg = trainer.cfg
-        self.trainer, self.metrics, self.log_every = trainer, metrics, cfg.run.log_every
-        mu = cfg.ssl.mu if trainer.uses_unlabeled else 0
-        views_per_image = len(trainer.algorithm.needs.views)  # images the loader makes of each unlabeled one
-        self.images_per_step = cfg.train.batch_size * (1 + views_per_image * mu)
-        self.samples_per_step = cfg.train.batch_size * (1 + mu)
-        self.best_top1 = trainer._best_top1()
-        self.last_eval: dict = {}
-        self.acc: dict[str, list[float]] = {}
-        self.t0, self.step0 = time.time(), trainer.step
-
-    def step(self, stats: dict) -> None:
-        tr = self.trainer
-        for k, v in stats.items():
-            self.acc.setdefault(k, []).append(v)
-        img_s = self.images_per_step * (tr.step - self.step0) / max(1e-9, time.time() - self.t0)
-        # the pseudo-label rules' mask rate, or the consistency methods' ramped weight
-        shown = ({"mask": stats["mask_rate"]} if "mask_rate" in stats else
-                 {"weight": stats["consistency_weight"]} if "consistency_weight" in stats else {})
-        self.metrics.progress(tr.step, {"loss": stats["loss"], **shown, "img/s": round(img_s)})
-        if tr.step % self.log_every == 0 or tr.step == tr.cfg.train.steps:
-            write_heartbeat(tr.out, tr.rank, tr.step)
-            rec = _nanmean_by_key(self.acc)
-            rec.update({"img_s": img_s, "data/skipped": tr.state.skipped_total,
-                        "data/samples": tr.step * self.samples_per_step})
-            self.metrics.log("train", tr.step, rec)
-            self.acc = {}
-
-    def evaluated(self, result: dict) -> None:
-        tr = self.trainer
-        self.last_eval = result
-        if result["top1"] > self.best_top1:  # the same on every rank: top-1 is all-reduced
-            self.best_top1 = result["top1"]
-            tr.export(result, outputs.BEST_NAME)
-        self.metrics.log("eval", tr.step, {**result, "best_top1": self.best_top1})
-        self.metrics.message(f"step {tr.step}: eval top-1 {100 * result['top1']:.2f}% "
-                             f"top-5 {100 * result['top5']:.2f}% ({result['eval_images']} images, EMA)")
 
 
 def prepare_out_dir(cfg: Config) -> None:

@@ -1,0 +1,61 @@
+"""What the training loop reports as it goes: the progress bar, the metrics averaged over each
+run.log_every steps, throughput, and the evals with the best top-1 so far."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from distssl.dist.peers import write_heartbeat
+from distssl.models import export as outputs
+from distssl.tracking.metrics import MetricsWriter
+
+
+def nanmean_by_key(values: dict[str, list[float]]) -> dict[str, float]:
+    """Mean of each key ignoring NaNs (e.g. pseudo-label accuracy when no label passed tau); NaN if all are."""
+    return {k: float("nan") if all(math.isnan(x) for x in v) else float(np.nanmean(v)) for k, v in values.items()}
+
+
+class Progress:
+    """What the loop reports as it goes: the progress bar, the averaged metrics every run.log_every
+    steps, throughput, and the evals with the best top-1 so far (whose weights it exports)."""
+
+    def __init__(self, trainer, metrics: MetricsWriter):
+        cfg = trainer.cfg
+        self.trainer, self.metrics, self.log_every = trainer, metrics, cfg.run.log_every
+        mu = cfg.ssl.mu if trainer.uses_unlabeled else 0
+        views_per_image = len(trainer.algorithm.needs.views)  # images the loader makes of each unlabeled one
+        self.images_per_step = cfg.train.batch_size * (1 + views_per_image * mu)
+        self.samples_per_step = cfg.train.batch_size * (1 + mu)
+        self.best_top1 = trainer._best_top1()
+        self.last_eval: dict = {}
+        self.acc: dict[str, list[float]] = {}
+        self.t0, self.step0 = time.time(), trainer.step
+
+    def step(self, stats: dict) -> None:
+        tr = self.trainer
+        for k, v in stats.items():
+            self.acc.setdefault(k, []).append(v)
+        img_s = self.images_per_step * (tr.step - self.step0) / max(1e-9, time.time() - self.t0)
+        # the pseudo-label rules' mask rate, or the consistency methods' ramped weight
+        shown = ({"mask": stats["mask_rate"]} if "mask_rate" in stats else
+                 {"weight": stats["consistency_weight"]} if "consistency_weight" in stats else {})
+        self.metrics.progress(tr.step, {"loss": stats["loss"], **shown, "img/s": round(img_s)})
+        if tr.step % self.log_every == 0 or tr.step == tr.cfg.train.steps:
+            write_heartbeat(tr.out, tr.rank, tr.step)
+            rec = nanmean_by_key(self.acc)
+            rec.update({"img_s": img_s, "data/skipped": tr.state.skipped_total,
+                        "data/samples": tr.step * self.samples_per_step})
+            self.metrics.log("train", tr.step, rec)
+            self.acc = {}
+
+    def evaluated(self, result: dict) -> None:
+        tr = self.trainer
+        self.last_eval = result
+        if result["top1"] > self.best_top1:  # the same on every rank: top-1 is all-reduced
+            self.best_top1 = result["top1"]
+            tr.export(result, outputs.BEST_NAME)
+        self.metrics.log("eval", tr.step, {**result, "best_top1": self.best_top1})
+        self.metrics.message(f"step {tr.step}: eval top-1 {100 * result['top1']:.2f}% "
+                             f"top-5 {100 * result['top5']:.2f}% ({result['eval_images']} images, EMA)")
