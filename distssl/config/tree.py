@@ -15,7 +15,7 @@ import yaml
 
 from distssl import atomic
 from distssl.config.recipes import resolve_config
-from distssl.config.typed_tree import ConfigError, build, flatten, parse_override, set_path
+from distssl.config.typed_tree import ConfigError, build, changed_keys, parse_override, set_path
 from distssl.data.index import describe_missing
 from distssl.data.spec import DataSpec, data_sources  # noqa: F401 - the schema's data keys, re-exported
 from distssl.data.store import redact
@@ -327,7 +327,4 @@ def _redacted(tree: Any) -> Any:
 
 def resume_conflicts(saved: dict, cfg: Config) -> list[str]:
     """Keys whose values differ from the saved run in a way that breaks resuming it."""
-    old, new = flatten(saved), flatten(redacted_dict(cfg))
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
-            if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+    return [f"{k}: {a!r} -> {b!r}" for k, a, b in changed_keys(saved, redacted_dict(cfg), RESUMABLE_CHANGES)]

@@ -130,6 +130,12 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def changed_keys(old: dict, new: dict, allowed: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every value two trees disagree on, but the ``allowed`` keys."""
+    a, b = flatten(old), flatten(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in allowed and a.get(k) != b.get(k)]
+
+
 def _field_comments(cls: type) -> dict[str, str]:
     """Each field's comment in the source of the class that declares it last (a subclass's comment
     wins over its base's): the one ending its line, else the comment lines just above it (the schema

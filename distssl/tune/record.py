@@ -13,7 +13,7 @@ import yaml
 
 from distssl import atomic
 from distssl.config import Config, to_dict
-from distssl.config.typed_tree import ConfigError, flatten
+from distssl.config.typed_tree import ConfigError, changed_keys
 
 
 @dataclass
@@ -68,11 +68,8 @@ def check_resumable(sweep: Sweep, sweep_dir: str) -> None:
     path = Path(sweep_dir) / SETTINGS_NAME
     if not path.exists():
         return
-    old = flatten(yaml.safe_load(path.read_text()) or {})
-    new = flatten(sweep_settings(sweep))
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    changed = [f"{k.removeprefix('base.')}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
-               if k not in RESUMABLE_SWEEP_KEYS]
+    changed = [f"{k.removeprefix('base.')}: {a!r} -> {b!r}" for k, a, b in
+               changed_keys(yaml.safe_load(path.read_text()) or {}, sweep_settings(sweep), RESUMABLE_SWEEP_KEYS)]
     if changed:
         raise ConfigError(f"run.out_dir={sweep_dir} holds a sweep with other settings ({'; '.join(changed)}): "
                           f"rerunning it would replay that sweep's trials. Use another run.out_dir for new "
