@@ -39,7 +39,8 @@ class RunState:
     skipped_total: int = 0  # unusable samples skipped so far, over all ranks
 
     def to_saved(self) -> dict:
-        return {"step": self.step, "readers": self.readers, "skipped_total": self.skipped_total,
+        # not the readers: they are the launch's (the checkpoint's COMPLETE marker records the saving one's)
+        return {"step": self.step, "skipped_total": self.skipped_total,
                 "cursors": {k: {str(w): c for w, c in v.items()} for k, v in self.cursors.items()},
                 "plans": {k: p.to_json() for k, p in self.plans.items()}}
 

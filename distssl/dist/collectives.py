@@ -87,7 +87,8 @@ def from_partitions(parts: Sequence[torch.Tensor], shape: Sequence[int]) -> torc
 
 def gather_partitioned(part: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Collective: the whole tensor of which each rank holds the partition ``part``."""
-    return from_partitions(list(gather_cat(part.reshape(1, -1)).unbind(0)), shape)
+    shape = torch.Size(shape)
+    return gather_cat(part.reshape(-1))[:math.prod(shape)].reshape(shape).clone()  # a copy, not a view of ``part``
 
 
 def partition_of(full: torch.Tensor, per_rank: int, at_rank: int | None = None,
