@@ -136,28 +136,35 @@ def _te(num_unlabeled=16, top_k=0, classes=C, **kw):
                               top_k=top_k, **kw)
 
 
-def _te_step(algo, probs, ids):
-    logits = probs.log().requires_grad_(True)
+def _te_step(algo, probs, ids, trained=None):
+    """One step: ``probs`` the predictions the ensemble is made of, ``trained`` (default: the same) those
+    of the view trained towards it."""
+    logits = {algo.source: probs.log(), algo.view: (probs if trained is None else trained).log().requires_grad_(True)}
     loss, stats = algo.loss(Forwarded(logits_x=torch.zeros(1, probs.shape[1]), targets_x=torch.tensor([0]),
-                                      logits_u={algo.view: logits}, ids=ids, step=1000, total_steps=1000))
+                                      logits_u=logits, ids=ids, step=1000, total_steps=1000))
     algo.end_step()
     return loss, stats
 
 
-def test_temporal_ensembling_targets_are_the_bias_corrected_ensemble():
+@pytest.mark.parametrize("ensemble", ["weak", "trained"])
+def test_temporal_ensembling_targets_are_the_bias_corrected_ensemble(ensemble):
+    """The strong view is trained towards the ensemble of the weak view's predictions (the default) or
+    of its own (the paper's single forward)."""
     g = torch.Generator().manual_seed(4)
-    algo = _te()
+    algo = _te(ensemble=ensemble)
+    assert algo.needs.with_grad == ("strong",) and algo.needs.no_grad == (("weak",) if ensemble == "weak" else ())
     ids = torch.tensor([3, 5])
-    seen = [torch.softmax(2 * torch.randn(2, C, generator=g), 1) for _ in range(3)]
-    _, stats = _te_step(algo, seen[0], ids)
+    weak = [torch.softmax(2 * torch.randn(2, C, generator=g), 1) for _ in range(3)]
+    strong = [torch.softmax(2 * torch.randn(2, C, generator=g), 1) for _ in range(3)]
+    _, stats = _te_step(algo, weak[0] if ensemble == "weak" else strong[0], ids, trained=strong[0])
     assert stats["target_rate"] == 0.0  # nothing predicted yet: no target, no loss
-    _te_step(algo, seen[1], ids)
+    _te_step(algo, weak[1] if ensemble == "weak" else strong[1], ids, trained=strong[1])
     z = torch.zeros(2, C)
-    for p in seen[:2]:
+    for p in (weak if ensemble == "weak" else strong)[:2]:
         z = 0.6 * z + 0.4 * p
     target = z / (1 - 0.6 ** 2)
-    loss, stats = _te_step(algo, seen[2], ids)
-    expected = math.log(C) + 3.0 * ((seen[2] - target) ** 2).mean()  # CE of the zero labeled logits
+    loss, stats = _te_step(algo, weak[2] if ensemble == "weak" else strong[2], ids, trained=strong[2])
+    expected = math.log(C) + 30.0 * ((strong[2] - target) ** 2).mean()  # CE of the zero labeled logits
     assert float(loss) == pytest.approx(float(expected), rel=1e-3)  # the ensemble is kept in fp16
     assert algo.count[3] == 3 and algo.count[0] == 0
 
@@ -194,7 +201,7 @@ def test_the_ensemble_from_one_rank_equals_the_ensemble_from_two_and_survives_a_
         for rank, algo in ((1, r1), (0, r0)):
             mine = slice(rank * 4, rank * 4 + 4)
             logits = p[mine].log().requires_grad_(True)
-            algo.loss(Forwarded(logits_x=torch.zeros(1, C), targets_x=torch.tensor([0]), logits_u={algo.view: logits},
+            algo.loss(Forwarded(logits_x=torch.zeros(1, C), targets_x=torch.tensor([0]), logits_u={algo.source: logits, algo.view: logits},
                                 ids=ids[mine], step=1000, total_steps=1000))
         sent = []  # what rank 1 puts into the gather: computed from its own copy of the state
         r1.gather = lambda t: sent.append(t) or t

@@ -1,7 +1,7 @@
 """Temporal Ensembling (Laine & Aila 2017, "Temporal Ensembling for Semi-Supervised Learning", 2.2).
 
 Each unlabeled sample's target is its own ensemble of past predictions, Z <- alpha Z + (1 - alpha) z
-(z the softmax of its view's forward with gradient, one forward per image, unlike Pi-Model's two),
+(z the softmax of this epoch's prediction of the sample: by default of its weak view, see below),
 with the start-up bias corrected: target = Z / (1 - alpha^t), t the number of times this sample has
 been predicted (the paper counts epochs; on a stream, a sample is predicted once an epoch). The
 consistency term is the mean squared difference between the softmax output and the target, weighted
@@ -15,11 +15,19 @@ for the full fp32 matrix at 1,000 classes). The mass Z leaves outside its top k 
 (1 - alpha^t) minus what is kept, and is spread evenly over the other classes; with top_k >= the
 number of classes the ensemble is exact. Each rank computes the new top k of its own samples and the
 ranks all-gather (id, values, classes), so the update does not depend on the world size and the
-traffic is O(batch * top_k), not O(batch * classes). Defaults: alpha 0.6 (the paper), weight 3 (the
-paper's w_max 30 for Temporal Ensembling times its labeled fraction 4000 / 50000, rounded), ramp-up
-over 0.4 of the run (USB's unsup_warm_up for the ramped methods), top_k 32, and the strong view
-(RandAugment + Cutout; ``augment=weak`` is the paper's flip and translation, 6 points lower on the
-demo: docs/benchmarks.md).
+traffic is O(batch * top_k), not O(batch * classes).
+
+Defaults: alpha 0.6 (the paper); weight 30, the paper's w_max for Temporal Ensembling. The paper also
+scales w_max by M/N, the labeled fraction, but its labeled term is summed over the labeled images
+of a mixed minibatch and divided by the whole minibatch, which scales it by M/N as well; here the
+labeled term is a mean over the labeled batch, so the same balance is w_max itself. Ramp-up over 0.4
+of the run (USB's unsup_warm_up for the ramped methods), top_k 32. The view trained is the strong one
+(RandAugment + Cutout; ``augment=weak`` is the paper's flip and translation), and the ensemble is
+made of the weak view's predictions, forwarded without gradient (``ensemble=weak``: one more
+forward per image than the paper's, which ensembles the trained view's own predictions,
+``ensemble=trained``). On the demo (2 ranks, 400 steps) the strong view's own predictions made
+targets too poor to gain from (71.5 and 70.4 at weights 3 and 30, against supervised 75.6); the weak
+view's gained 8 and 14 points (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -66,11 +74,14 @@ def targets(values: torch.Tensor, classes: torch.Tensor, count: torch.Tensor, al
 class TemporalEnsemblingConfig(RampedConfig):
     """Laine & Aila 2017: each sample's target is the bias-corrected EMA of its past predictions."""
     momentum: float = 0.6  # the ensemble's alpha (the paper's)
-    weight: float = 3.0  # consistency weight w_max (the paper's 30 x its labeled fraction 4000/50000)
+    weight: float = 30.0  # consistency weight w_max (the paper's for Temporal Ensembling; see the module's note)
     # classes kept per sample (4 * top_k + 4 bytes a sample, on every rank); <= 0 or >= classes: exact
     top_k: int = 32
     # the view trained with gradient: another weak one (the paper's), or the strong one (RandAugment + Cutout)
     augment: Literal["weak", "strong"] = "strong"
+    # whose predictions the ensemble accumulates: the trained view's own (the paper's: one forward per
+    # image), or the weak view's, forwarded without gradient (one more forward, as FixMatch's pseudo-labels)
+    ensemble: Literal["trained", "weak"] = "weak"
 
     def validate(self, check) -> None:
         super().validate(check)
@@ -80,13 +91,17 @@ class TemporalEnsemblingConfig(RampedConfig):
 class TemporalEnsembling(Consistency):
     name = "temporal_ensembling"
     Config = TemporalEnsemblingConfig
-    needs = StepNeeds(views=("strong",), with_grad=("strong",), no_grad=())  # the default
+    needs = StepNeeds(views=("weak", "strong"), with_grad=("strong",), no_grad=("weak",))  # the default
     needs_ids = True
 
     def __init__(self, num_classes: int, **kw):
         super().__init__(num_classes, **kw)
         self.view = "strong" if second_view(self.own.augment) == "strong" else "weak"
-        self.needs = StepNeeds(views=(self.view,), with_grad=(self.view,), no_grad=())
+        self.source = "weak" if self.own.ensemble == "weak" else self.view  # the view the ensemble is made of
+        if self.source == self.view:
+            self.needs = StepNeeds(views=(self.view,), with_grad=(self.view,), no_grad=())
+        else:
+            self.needs = StepNeeds(views=(self.source, self.view), with_grad=(self.view,), no_grad=(self.source,))
         self.alpha = self.own.momentum
         top_k = self.own.top_k
         self.k = num_classes if top_k <= 0 else min(top_k, num_classes)
@@ -108,7 +123,8 @@ class TemporalEnsembling(Consistency):
         target, known = target.to(logits.device), known.to(logits.device)
         probs = logits.softmax(dim=1)
         per_sample = ((probs - target) ** 2).mean(dim=1) * known
-        self._pending.append((rows, probs.detach().cpu()))
+        made_of = probs if self.source == self.view else fw.logits_u[self.source].softmax(dim=1)
+        self._pending.append((rows, made_of.detach().float().cpu()))
         self._device = logits.device
         guessed = torch.where(known, target.argmax(dim=1), probs.detach().argmax(dim=1))
         return per_sample.mean(), logits.new_zeros(()), guessed, {"target_rate": float(known.float().mean())}
