@@ -8,9 +8,16 @@ respect to the input per iteration; the weights' gradients are not touched), the
 x + eps d / |d|. With ``entropy_weight`` > 0 the entropy of p(x) is minimised too (the paper's
 VAT + EntMin). The random start is drawn per sample from (run.seed, step, sample id), so it does not
 depend on the world size. Perturbed forwards normalise with their own batch's BatchNorm
-statistics and leave the running ones alone (distssl/train/forward.py). Inputs are the normalised images,
-where eps is measured (L2 over the image).
-Defaults: eps 6, xi 1e-6 and one power iteration (the paper's CIFAR-10 setting), weight 0.3,
+statistics and leave the running ones alone (distssl/train/forward.py).
+
+eps is the perturbation's L2 norm over the normalised image (data.mean / data.std applied), as the
+paper measures it on its inputs; its size per element is eps / sqrt(C H W). The paper's MNIST eps 2
+on [0, 1] pixels of 28 x 28 is 2 / 28 = 0.071 a pixel; on the demo's 3 x 32 x 32 inputs normalised by std
+0.25 the same per-pixel size is eps 16, and its CIFAR-10 eps 6 (on ZCA-whitened inputs) about 7. On
+the demo (2 ranks, 400 steps, resumed at 200) eps 6 lost 2.2 points to the supervised baseline, 16
+gained 3.3 and 32 to 64 gained 8.6 to 9.3 (docs/benchmarks.md): the default is 32, twice the paper's
+MNIST size a pixel. At another resolution keep the size a pixel: scale eps by sqrt(pixels), e.g. x7
+from 32 px to 224 px. Other defaults: xi 1e-6 and one power iteration (the paper's), weight 0.3,
 entropy_weight 0.06 and ramp-up over 0.4 of the run (USB's VAT on CIFAR). Under bf16 or fp16, xi 1e-6
 is below the inputs' resolution: raise it (1e-2 is still small against eps).
 """
@@ -64,7 +71,9 @@ def adversarial_direction(perturbed, x: torch.Tensor, target_logits: torch.Tenso
 class VATConfig(RampedConfig):
     """Miyato et al. 2018: KL consistency at the adversarial direction found by power iteration."""
     weight: float = 0.3  # consistency weight (USB's VAT)
-    eps: float = 6.0  # L2 norm of the adversarial perturbation, on the normalised image (the paper's CIFAR-10)
+    # L2 norm of the adversarial perturbation over the normalised image: 2x the paper's MNIST size a pixel
+    # at 3 x 32 x 32 (see the module's note); scale by sqrt(pixels) at other resolutions
+    eps: float = 32.0
     xi: float = 1e-6  # finite-difference step of the power iteration (the paper's); ~1e-2 under bf16/fp16
     power_iterations: int = 1  # the paper's
     entropy_weight: float = 0.06  # entropy minimisation of the unlabeled predictions (USB's; 0 = plain VAT)
