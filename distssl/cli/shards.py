@@ -31,10 +31,14 @@ to SRC and DST: use a shared store); a job lost with a node is retried, and a re
 shards without stats.
 """
 import argparse
+import os
 import sys
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["index"]:  # `distssl-shards index SPEC --out DIR` (a source folder named index: ./index)
+        return index_main(argv[1:])
     try:
         return _main(argv)
     except KeyboardInterrupt:  # shards appear only complete: what was written is kept
@@ -118,6 +122,54 @@ def _main(argv=None) -> int:
             print(f"{where}: {idx['count']} images in {len(idx['shards'])} shards ({idx['bytes'] / 1e6:.1f} MB), "
                   f"{idx['num_failures']} inputs skipped{f' ({reasons})' if reasons else ''}{removed}")
     return 0
+
+
+INDEX_DOC = """Index shards another tool wrote (img2dataset, a lab's own script, ImageNet's), in place.
+
+  distssl-shards index SPEC --out DIR [--class-names FILE] [--workers N | --ray-address auto|HOST:PORT]
+
+SPEC: a brace pattern (s3://bucket/laion/{00000..09999}.tar; several joined by ::), a folder or
+bucket prefix holding .tar files (searched recursively), or a list file (.txt, one shard per line).
+DIR/index.json gets each shard's sample count and bytes, the class histogram where the samples
+carry a `cls`, and the shard URLs as found, so DIR may live apart from read-only shards: give DIR
+as data.unlabeled / data.labeled / data.eval and the run resumes exactly and elastically, weighs
+sources and checks cached copies as on shards built here. Not a byte of the shards is rewritten:
+only their tar headers are read (and the small cls members). Any tar dialect (GNU or PAX long
+names, keys under folders) and image member (.jpg/.jpeg/.png/.webp) is read. A shard that cannot be
+read is left out and listed in the index's failures; per-sample ids are positions in the set
+(foreign keys are not dense numbers).
+"""
+
+
+def index_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="distssl-shards index", description=INDEX_DOC,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", help="brace pattern, folder or prefix of .tar shards, or a list file")
+    p.add_argument("--out", required=True, help="folder or URL for index.json (may be the shards' own folder)")
+    p.add_argument("--class-names", metavar="FILE",
+                   help="class names in cls order: a text file (one per line) or JSON (a list or {id: name})")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="parallel reader processes (default: the cores, at most 8)")
+    p.add_argument("--ray-address", metavar="auto|HOST:PORT", help="read the shards as tasks on this Ray cluster")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    from distssl.data.store import redact
+    from distssl.shards.inplace import index_shards, read_class_names
+
+    try:
+        names = read_class_names(a.class_names) if a.class_names else None
+        index = index_shards(a.spec, a.out, class_names=names, workers=a.workers, ray_address=a.ray_address,
+                             progress=not a.quiet)
+    except (FileNotFoundError, PermissionError, ValueError) as e:
+        print(f"distssl-shards index: error: {e}", file=sys.stderr)
+        return 2
+    kind = (f"labeled, {index['num_classes']} classes" if index["labeled"]
+            else f"{index['num_classes']} classes in some samples' cls" if index["num_classes"] else "unlabeled")
+    print(f"{redact(a.out.rstrip('/'))}/index.json: {index['count']} samples in {len(index['shards'])} shards "
+          f"({index['bytes'] / 1e6:.1f} MB, {kind}; members {index['members']})")
+    for f in index["failures"]:
+        print(f"distssl-shards index: warning: left out {f['shard']}: {f['reason']}", file=sys.stderr)
+    return 1 if index["failures"] and not index["shards"] else 0
 
 
 if __name__ == "__main__":

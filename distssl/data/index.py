@@ -26,6 +26,7 @@ INDEX_NAME = "index.json"
 # what raw image folders hold (the shard builder's inputs): given where shards belong, they are named as such
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".jfif"}
 FORMAT = "distssl.shardset/1"
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # the tar members a sample's image is read from, in this order
 
 
 @dataclass
@@ -44,6 +45,9 @@ class ShardSet:
     weights: Optional[list[float]] = None
     sizes: Optional[list[int]] = None  # bytes per shard, when the index is known (the cache checks copies by it)
     cache: Optional[Any] = None  # a data.cache.ShardCache for remote shards (data.cache_dir), else None
+    # per shard: whether its samples' ids are their positions (shards indexed in place: foreign keys), not
+    # their key numbers (ours); empty = none are
+    positional: list[bool] = field(default_factory=list)
 
     def open(self, shard: int):
         """Shard ``shard`` for sequential reading: through the local cache when there is one and the
@@ -78,6 +82,20 @@ class ShardSet:
         sizes = [sum(self.counts[starts[i]:starts[i + 1]]) for i in range(len(starts) - 1)]
         return [sum(sizes[:i]) for i in range(len(sizes))]
 
+    def sample_ids(self) -> "SampleIds":
+        """How each sample's stable id is made (per-sample algorithm state: FlexMatch, Temporal Ensembling)."""
+        offsets = self.sample_offsets()
+        bases: list[Optional[int]] = [None] * len(self.urls)
+        if any(self.positional) and self.counts is not None:
+            starts = (self.source_starts or [0]) + [len(self.urls)]
+            for src in range(len(starts) - 1):
+                first = offsets[src]
+                for shard in range(starts[src], starts[src + 1]):
+                    if self.positional[shard]:
+                        bases[shard] = first
+                    first += self.counts[shard]
+        return SampleIds(offsets, bases)
+
     def source_of(self, shard: int) -> int:
         return self.shard_source[shard] if self.shard_source else 0
 
@@ -109,6 +127,25 @@ class ShardSet:
                     cycles[c] = np.random.default_rng([seed, 7919, i, c]).permutation(n)
                 chosen.append(starts[i] + int(cycles[c][pos % n]))
         return order_rng.permutation(np.asarray(chosen, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class SampleIds:
+    """A stable id per sample of a shard set, the same on every rank and in every epoch: the builder's key
+    number plus its source's offset (our shards number their keys 0..count-1), or, for shards indexed in
+    place (whose keys are not dense numbers), the sample's position in its source's shards."""
+    offsets: list[int]  # per source: where its ids start
+    bases: list[Optional[int]]  # per shard: the id of its first sample when ids are positions, else None
+
+    def of(self, key: str, source: int, shard: int, index: int) -> int:
+        import zlib
+
+        base = self.bases[shard] if 0 <= shard < len(self.bases) else None
+        if base is not None and index >= 0:
+            return base + index
+        stem = key.rsplit("/", 1)[-1]
+        number = int(stem) if stem.isdigit() else zlib.crc32(key.encode())  # keys that are not numbers hash
+        return number + (self.offsets[source] if self.offsets else 0)
 
 
 def is_pattern(spec: str) -> bool:
@@ -224,6 +261,7 @@ def resolve(spec: Any) -> ShardSet:
         source_specs=[path for path, _ in sources],
         source_starts=list(np.cumsum([0] + [len(p.urls) for p in parts[:-1]]).tolist()),
         weights=weights,
+        positional=[f for p in parts for f in (p.positional or [False] * len(p.urls))],
     )
     if same_classes and all(p.class_histogram for p in parts):
         # the classes as an epoch draws them: each source's histogram times its shards read per shard
@@ -242,11 +280,13 @@ def resolve_one(spec: str) -> ShardSet:
     shards = index["shards"]
     return ShardSet(
         spec=spec,
-        urls=[store.join(spec, s["name"]) for s in shards],
+        # shards indexed in place keep the URL they were found at: the index may live apart from them
+        urls=[s.get("url") or store.join(spec, s["name"]) for s in shards],
         counts=[int(s["count"]) for s in shards],
         sizes=[int(s["bytes"]) for s in shards] if all("bytes" in s for s in shards) else None,
         num_classes=index.get("num_classes"),
         class_names=list(index.get("class_names", [])),
         class_histogram=list(index.get("class_histogram", [])),
         labeled=index.get("labeled"),
+        positional=[index.get("sample_ids") == "position"] * len(shards),
     )

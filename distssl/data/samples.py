@@ -11,11 +11,11 @@ from typing import Callable, Optional
 
 import torch
 
-from distssl.data.streams import IMAGE_KEYS, Raw
-from distssl.data.transforms import Views
-from distssl.ssl.algorithm import VIEW_KINDS
 from distssl.data.device_augment import strong_plan, weak_plan
-from distssl.data.transforms import to_uint8
+from distssl.data.index import IMAGE_KEYS, SampleIds
+from distssl.data.streams import Raw
+from distssl.data.transforms import Views, to_uint8
+from distssl.ssl.algorithm import VIEW_KINDS
 
 
 def _image_bytes(raw: Raw) -> Optional[bytes]:
@@ -68,14 +68,9 @@ def labeled_item(views: Views, label_maps: LabelMaps = None) -> Callable:
     return make
 
 
-def sample_id(raw: Raw, offsets: Optional[list[int]]) -> int:
-    """A stable id per unlabeled sample (per-sample algorithm state: FlexMatch): the builder's key
-    number plus its set's offset; keys that are not numbers hash (crc32) instead."""
-    import zlib
-
-    stem = raw.key.rsplit("/", 1)[-1]
-    number = int(stem) if stem.isdigit() else zlib.crc32(raw.key.encode())
-    return number + (offsets[raw.source] if offsets else 0)
+def sample_id(raw: Raw, ids: Optional[SampleIds]) -> int:
+    """A stable id per unlabeled sample (per-sample algorithm state: FlexMatch): see data.index.SampleIds."""
+    return (ids or SampleIds([], [])).of(raw.key, raw.source, raw.shard, raw.index)
 
 
 def _in_draw_order(wanted: tuple[str, ...]) -> list[str]:
@@ -87,7 +82,7 @@ def _in_draw_order(wanted: tuple[str, ...]) -> list[str]:
     return [v for v in VIEW_KINDS if v in wanted]
 
 
-def unlabeled_item(views: Views, label_maps: LabelMaps = None, offsets: Optional[list[int]] = None,
+def unlabeled_item(views: Views, label_maps: LabelMaps = None, ids: Optional[SampleIds] = None,
                    wanted: tuple[str, ...] = ("weak", "strong")) -> Callable:
     """The ``wanted`` views come from one decode (and, with data.crop=random_resized, one crop) of the image."""
     order = _in_draw_order(wanted)
@@ -97,11 +92,11 @@ def unlabeled_item(views: Views, label_maps: LabelMaps = None, offsets: Optional
         if img is None:
             return None
         item = {v: views.strong(img, rng) if v == "strong" else views.weak(img, rng) for v in order}
-        return {**item, "y_true": _meta_label(raw, label_maps), "idx": sample_id(raw, offsets)}
+        return {**item, "y_true": _meta_label(raw, label_maps), "idx": sample_id(raw, ids)}
     return make
 
 
-def unlabeled_plan_item(views: Views, label_maps: LabelMaps = None, offsets: Optional[list[int]] = None,
+def unlabeled_plan_item(views: Views, label_maps: LabelMaps = None, ids: Optional[SampleIds] = None,
                         wanted: tuple[str, ...] = ("weak", "strong")) -> Callable:
     """``data.augment_on=device``: the decoded (and cropped) base image and the random choices of the
     ``wanted`` views, drawn from the sample's rng in the loader path's order; the views are made on the
@@ -116,7 +111,7 @@ def unlabeled_plan_item(views: Views, label_maps: LabelMaps = None, offsets: Opt
         plans = {f"plan_{v}": torch.tensor(strong_plan(views, rng) if v == "strong" else weak_plan(views, rng))
                  for v in order}
         return {"base": to_uint8(img), **plans, "y_true": _meta_label(raw, label_maps),
-                "idx": sample_id(raw, offsets)}
+                "idx": sample_id(raw, ids)}
     return make
 
 

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from distssl.data import store
-from distssl.data.streams import IMAGE_KEYS, tar_samples
+from distssl.data.index import IMAGE_KEYS
+from distssl.data.streams import tar_samples
 from distssl.data.transforms import decode
 
 

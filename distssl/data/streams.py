@@ -42,7 +42,6 @@ from distssl.data.ring import RingReader, RingWriter
 from distssl.data.tar import tar_members
 
 log = logging.getLogger(__name__)
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
 class DataError(RuntimeError):
@@ -55,6 +54,7 @@ class Raw:
     fields: dict[str, bytes]
     source: int = 0  # which of the stream's shard sets it comes from (their label maps differ)
     index: int = -1  # its position in its shard (raw order)
+    shard: int = -1  # which shard of the stream's ShardSet
 
 
 # --- stages --------------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ class TrainStream(IterableDataset):
         G = self.world_size * per_rank
         items, skipped, warned = [], 0, set()
         for pos, s, raw in self._raw_sequence(g, G, self.cursors.get(g, 0)):
-            raw.source = self.shards.source_of(s)
+            raw.source, raw.shard = self.shards.source_of(s), s
             rng = random.Random(sample_seed(self.seed, g, pos))
             item = self.make_item(raw, rng)
             if item is None:

@@ -7,7 +7,7 @@ compared in docs/benchmarks.md. A bad or cut header raises ``tarfile.ReadError``
 from __future__ import annotations
 
 import tarfile
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 
 def _octal(field: bytes) -> int:
@@ -24,9 +24,13 @@ def _octal(field: bytes) -> int:
 _ZERO_BLOCK = b"\0" * 512
 
 
-def tar_members(f) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of every regular file in a tar stream; a bad or cut header raises tarfile.ReadError."""
+def tar_members(f, keep: Optional[Callable[[str], bool]] = None) -> Iterator[tuple[str, Optional[bytes]]]:
+    """(name, data) of every regular file in a tar stream; a bad or cut header raises tarfile.ReadError.
+    With ``keep``, the data of members it refuses is not read where the stream can seek (their data is
+    None): an index of a shard reads its headers only. A member cut short by the end of the file then
+    shows as a position past the end, which the caller checks against the file's size."""
     long_name: Optional[str] = None
+    seekable = keep is not None and getattr(f, "seekable", lambda: False)()
     while True:
         header = f.read(512)
         if len(header) < 512:
@@ -40,22 +44,19 @@ def tar_members(f) -> Iterator[tuple[str, bytes]]:
         if _octal(checksum_field) != sum(header) - sum(checksum_field) + 256:
             raise tarfile.ReadError("bad tar header checksum (damaged shard)")
         size, kind = _octal(header[124:136]), header[156:157]
-        data = f.read(size)
-        if len(data) < size:
-            raise tarfile.ReadError("unexpected end of data (truncated tar member)")
         pad = -size % 512
-        if pad and len(f.read(pad)) < pad:
-            raise tarfile.ReadError("unexpected end of data (truncated tar padding)")
-        if kind == b"L":  # GNU long name for the next member
-            long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
-            continue
-        if kind == b"x":  # pax extended header: "len key=value\n" records
-            for rec in data.decode("utf-8", "replace").splitlines():
-                key, _, value = rec.partition(" ")[2].partition("=")
-                if key == "path":
-                    long_name = value
+        if kind in (b"L", b"x"):  # GNU long name / pax records for the next member: small, always read
+            data = _read_exactly(f, size, pad)
+            if kind == b"L":
+                long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+            else:  # "len key=value\n" records
+                for rec in data.decode("utf-8", "replace").splitlines():
+                    key, _, value = rec.partition(" ")[2].partition("=")
+                    if key == "path":
+                        long_name = value
             continue
         if kind not in (b"0", b"\0", b""):
+            _skip(f, size + pad, seekable)
             long_name = None
             continue  # directories, links, global pax headers
         name = long_name
@@ -66,7 +67,31 @@ def tar_members(f) -> Iterator[tuple[str, bytes]]:
                 if prefix:
                     name = f"{prefix}/{name}"
         long_name = None
-        yield name, data
+        if keep is not None and not keep(name):
+            _skip(f, size + pad, seekable)
+            yield name, None
+            continue
+        yield name, _read_exactly(f, size, pad)
+
+
+def _read_exactly(f, size: int, pad: int) -> bytes:
+    data = f.read(size)
+    if len(data) < size:
+        raise tarfile.ReadError("unexpected end of data (truncated tar member)")
+    if pad and len(f.read(pad)) < pad:
+        raise tarfile.ReadError("unexpected end of data (truncated tar padding)")
+    return data
+
+
+def _skip(f, n: int, seekable: bool) -> None:
+    if seekable:
+        f.seek(n, 1)
+        return
+    while n > 0:
+        chunk = f.read(min(n, 1 << 20))
+        if not chunk:
+            raise tarfile.ReadError("unexpected end of data (truncated tar member)")
+        n -= len(chunk)
 
 
 def webdataset_members(f) -> Iterator[tuple[str, bytes]]:

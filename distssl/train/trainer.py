@@ -316,7 +316,7 @@ class Trainer:
         make = unlabeled_plan_item if cfg.data.augment_on == "device" else unlabeled_item
         unlabeled = self._train_batches("unlabeled", self.unlabeled, self.B * cfg.ssl.mu,
                                         make(self.views, self.label_maps.get("unlabeled"),
-                                             self.unlabeled.sample_offsets(), self.algorithm.needs.views))
+                                             self.unlabeled.sample_ids(), self.algorithm.needs.views))
         return zip(labeled, unlabeled)
 
     def _watch_peers(self) -> None:
