@@ -10,7 +10,10 @@ SRC and DST are local paths or fsspec URLs (file://, s3://, gs://, memory://). S
 (MinIO, Ceph) through AWS_ENDPOINT_URL and the usual credential chain. SRC is one of:
   - a folder of class subfolders: SRC/<class>/*.jpg
   - any folder of images, with --unlabeled
-  - a manifest SRC.csv / SRC.jsonl with a `path` or `url` column and an optional `label` (name or id)
+  - a manifest SRC.csv / SRC.jsonl / SRC.parquet with a `path` or `url` column and an optional `label`
+    (name or id)
+  - a Parquet table with the images in it (a `datasets` export's {bytes, path} image column, or raw
+    bytes) and an optional `label`: read a row group at a time, never whole
 
 With --labels-per-class N (or --label-fraction F) DST gets DST/labeled (stratified, seeded) and
 DST/unlabeled (every training image, the labeled ones included as in FixMatch's reference, or
@@ -34,6 +37,8 @@ import argparse
 import os
 import sys
 
+# `distssl-shards index SPEC --out DIR`: see INDEX_DOC below
+
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -49,7 +54,7 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="folder, bucket prefix or manifest (.csv/.jsonl) of raw images")
+    p.add_argument("src", help="folder, bucket prefix, manifest (.csv/.jsonl/.parquet) or Parquet image table")
     p.add_argument("dst", help="output shard-set folder or URL")
     split = p.add_argument_group("splits")
     split.add_argument("--labels-per-class", type=int, help="N labeled images per class -> DST/labeled + DST/unlabeled")

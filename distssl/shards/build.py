@@ -24,6 +24,7 @@ import numpy as np
 from distssl.data import store
 from distssl.data.index import FORMAT, INDEX_NAME
 from distssl.shards.images import ImageOptions, process_image
+from distssl.shards.inputs import read_input
 from distssl.shards.listing import Listing, list_inputs
 from distssl.shards.plan import SplitOptions, plan_extension, plan_first, set_order
 from distssl.shards.record import (
@@ -101,7 +102,7 @@ class BuildOptions:
 
 def _verify_one(url: str) -> Optional[str]:
     try:
-        data = store.read_bytes(url)
+        data = read_input(url)
     except Exception as e:
         return f"unreadable: {type(e).__name__}: {e}"
     return process_image(data, ImageOptions())[2]
@@ -110,7 +111,7 @@ def _verify_one(url: str) -> Optional[str]:
 def _hash_one(url: str) -> tuple[Optional[str], Optional[str]]:
     """(sha256 of the input's bytes, None), or (None, why) when it cannot be read."""
     try:
-        return hashlib.sha256(store.read_bytes(url)).hexdigest(), None
+        return hashlib.sha256(read_input(url)).hexdigest(), None
     except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
         return None, f"unreadable: {type(e).__name__}: {e}"
 

@@ -1,4 +1,5 @@
-"""What is in a raw bucket: class-per-folder, a flat folder, or a CSV/JSONL manifest.
+"""What is in a raw bucket: class-per-folder, a flat folder, a CSV/JSONL/Parquet manifest, or a Parquet
+table with the images embedded (read a row group at a time: only its path and label columns here).
 
 The listing is kept compact (a list of relative keys plus numpy arrays of labels and sizes), so
 1.28M keys cost about 150 MB rather than a dict of info records per key; it is read directory by
@@ -17,7 +18,7 @@ import numpy as np
 from distssl.data import store
 from distssl.data.index import IMAGE_EXTS
 
-MANIFEST_EXTS = (".csv", ".jsonl", ".ndjson")
+MANIFEST_EXTS = (".csv", ".jsonl", ".ndjson", ".parquet")
 
 
 @dataclass
@@ -71,28 +72,66 @@ def list_folder(src: str, unlabeled: bool) -> Listing:
 
 
 def list_manifest(src: str) -> Listing:
-    """CSV (header with ``path`` or ``url``, optional ``label``) or JSONL with the same keys.
-    Relative paths are taken relative to the manifest's folder; labels may be names or ids."""
-    text = store.read_bytes(src).decode("utf-8")
-    if src.lower().endswith(".csv"):
-        rows = list(csv.DictReader(_io.StringIO(text)))
-    else:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    if not rows:
-        raise ValueError(f"{store.redact(src)}: the manifest has no rows")
-    key = "path" if "path" in rows[0] else "url" if "url" in rows[0] else None
-    if key is None:
-        raise ValueError(f"{store.redact(src)}: manifest rows need a 'path' or 'url' column (found {list(rows[0])})")
+    """CSV (header with ``path`` or ``url``, optional ``label``), JSONL or Parquet with the same keys, or a
+    Parquet table whose image column holds the images themselves (``datasets``' ``{bytes, path}``
+    struct, or raw bytes): then each row is an input ``TABLE.parquet#row=N``. Relative paths are taken
+    relative to the manifest's folder; labels may be names or ids."""
     base = src.rsplit("/", 1)[0] if "/" in src else "."
-    rels = [str(r[key]) for r in rows]
-    raw_labels = [r.get("label") for r in rows]
-    if all(l is None or l == "" for l in raw_labels):
+    if src.lower().endswith(".parquet"):
+        rels, raw_labels = _parquet_rows(src)
+    else:
+        text = store.read_bytes(src).decode("utf-8")
+        if src.lower().endswith(".csv"):
+            rows = list(csv.DictReader(_io.StringIO(text)))
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if not rows:
+            raise ValueError(f"{store.redact(src)}: the manifest has no rows")
+        key = "path" if "path" in rows[0] else "url" if "url" in rows[0] else None
+        if key is None:
+            raise ValueError(f"{store.redact(src)}: manifest rows need a 'path' or 'url' column "
+                             f"(found {list(rows[0])})")
+        rels = [str(r[key]) for r in rows]
+        raw_labels = [r.get("label") for r in rows]
+    if all(lb is None or lb == "" for lb in raw_labels):
         return Listing(base, rels, np.full(len(rels), -1, dtype=np.int64), np.zeros(len(rels), dtype=np.int64))
-    names = sorted({str(l) for l in raw_labels if l not in (None, "")},
+    names = sorted({str(lb) for lb in raw_labels if lb not in (None, "")},
                    key=lambda s: (0, int(s)) if s.lstrip("-").isdigit() else (1, s))
     ids = {n: i for i, n in enumerate(names)}
-    labels = np.asarray([ids[str(l)] if l not in (None, "") else -1 for l in raw_labels], dtype=np.int64)
+    labels = np.asarray([ids[str(lb)] if lb not in (None, "") else -1 for lb in raw_labels], dtype=np.int64)
     return Listing(base, rels, labels, np.zeros(len(rels), dtype=np.int64), names)
+
+
+def _parquet_rows(src: str) -> tuple[list[str], list]:
+    """(inputs, raw labels) of a Parquet manifest or image table, read a row group at a time and only
+    the columns needed: a table of embedded images is listed without reading one image."""
+    import pyarrow.parquet as pq
+
+    from distssl.shards.inputs import embedded_ref, image_column
+
+    fs, path = store.filesystem(src)
+    with store.retry(fs.open, path, "rb", what=src) as f:
+        table = pq.ParquetFile(f)
+        names = table.schema_arrow.names
+        key = "path" if "path" in names else "url" if "url" in names else None
+        images = image_column(table.schema_arrow) if key is None else None
+        if key is None and images is None:
+            raise ValueError(f"{store.redact(src)}: a Parquet input needs a 'path' or 'url' column (a manifest) "
+                             f"or an image column (binary, or a struct with binary 'bytes'): found {names}")
+        label = "label" if "label" in names else None
+        rels, labels = [], []
+        for g in range(table.metadata.num_row_groups):
+            cols = [c for c in (key, label) if c]
+            part = table.read_row_group(g, columns=cols) if cols else None
+            n = table.metadata.row_group(g).num_rows
+            if key is not None:
+                rels += [str(v) for v in part.column(key).to_pylist()]
+            else:  # each row is an input of its own, named by its row in the table
+                rels += [embedded_ref(os.path.basename(path), len(rels) + i) for i in range(n)]
+            labels += part.column(label).to_pylist() if label else [None] * n
+    if not rels:
+        raise ValueError(f"{store.redact(src)}: the manifest has no rows")
+    return rels, labels
 
 
 def list_inputs(src: str, unlabeled: bool = False) -> Listing:

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from distssl.data import store
 from distssl.shards.images import ImageOptions, process_image
-
-READ_THREADS = 16
+from distssl.shards.inputs import read_many
 
 
 @dataclass
@@ -54,22 +52,15 @@ def read_stats(set_url: str, stats_name: str) -> dict | None:
         return None
 
 
-def _read_or_error(url: str):
-    try:
-        return store.read_bytes(url)
-    except Exception as e:
-        return e
-
-
 def write_shard(job: ShardJob) -> dict:
     """Returns the shard's stats: count, bytes, class counts, each sample's key and content hash (what
     ``--extend`` and ``--dedup`` compare new inputs against) and the failed inputs with why."""
     failures, count, hist, hashes = [], 0, {}, []
-    with store.atomic_write(store.join(job.set_url, job.name)) as f, ThreadPoolExecutor(READ_THREADS) as readers:
+    with store.atomic_write(store.join(job.set_url, job.name)) as f:
         with _tar_writer(f) as tar:
-            # reads overlap (object stores answer one GET at a time with latency); order is kept
+            # reads overlap, or go a Parquet row group at a time (shards.inputs); order is kept
             for key, (url, rel, label), data in zip(job.keys, zip(job.urls, job.rels, job.labels),
-                                                    readers.map(_read_or_error, job.urls)):
+                                                    read_many(job.urls)):
                 if isinstance(data, (FileNotFoundError, PermissionError, IsADirectoryError)):
                     failures.append({"input": rel, "reason": f"unreadable: {type(data).__name__}: {data}"})
                     continue
