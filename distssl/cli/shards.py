@@ -6,6 +6,9 @@
                               [--max-count K] [--min-shards N] [--max-shard-bytes B] [--seed S] [--dedup] [--extend]
                               [--ray-address auto|HOST:PORT] [--dry-run]
 
+Shards another tool already wrote need no rebuild: `distssl-shards index SPEC --out DIR` indexes
+them in place (see `distssl-shards index --help`).
+
 SRC and DST are local paths or fsspec URLs (file://, s3://, gs://, memory://). S3-compatible stores
 (MinIO, Ceph) through AWS_ENDPOINT_URL and the usual credential chain. SRC is one of:
   - a folder of class subfolders: SRC/<class>/*.jpg
