@@ -201,7 +201,8 @@ def test_the_ensemble_from_one_rank_equals_the_ensemble_from_two_and_survives_a_
         for rank, algo in ((1, r1), (0, r0)):
             mine = slice(rank * 4, rank * 4 + 4)
             logits = p[mine].log().requires_grad_(True)
-            algo.loss(Forwarded(logits_x=torch.zeros(1, C), targets_x=torch.tensor([0]), logits_u={algo.source: logits, algo.view: logits},
+            algo.loss(Forwarded(logits_x=torch.zeros(1, C), targets_x=torch.tensor([0]),
+                                logits_u={algo.source: logits, algo.view: logits},
                                 ids=ids[mine], step=1000, total_steps=1000))
         sent = []  # what rank 1 puts into the gather: computed from its own copy of the state
         r1.gather = lambda t: sent.append(t) or t
@@ -280,6 +281,31 @@ def test_the_teacher_forwards_its_view_with_the_ema_weights_and_the_student_only
     assert set(fw.logits_u) == {"weak_2"} and fw.logits_u["weak_2"].requires_grad
     assert not fw.teacher_u["weak"].requires_grad
     assert torch.allclose(next(model.parameters()), teacher_model.conv.weight + 1.0)  # swapped back
+
+
+def test_input_noise_is_each_samples_own_draw_on_the_views_with_gradient():
+    """Pi-Model's Gaussian input noise: per sample from (seed, step, id, view), so a sample gets the same
+    noise whichever rank or micro-batch holds it, and the two views get different noise."""
+    g = torch.Generator().manual_seed(12)
+    x_lb, views = _inputs(g, b=2, u=4)
+    needs = PiModel(C, tau=0.95, lambda_u=1.0, noise=0.5).needs
+    got = {}
+
+    def record(x):  # the views as the forward sees them: [labeled, weak, weak_2]
+        got.setdefault("x", []).append(x.detach().clone())
+        return x.flatten(1)[:, :C]
+
+    ids, bn = torch.tensor([11, 12, 13, 14]), BatchStatsSharing(torch.nn.Identity())
+    forward_views(record, needs, x_lb, views, weak_forward="shared_bn", bn_sharing=bn, noise_key=(3, 7, ids))
+    whole = got.pop("x")[0]
+    noise_weak, noise_weak2 = whole[2:6] - views["weak"], whole[6:10] - views["weak_2"]
+    assert torch.equal(whole[:2], x_lb)  # the labeled batch is never noised
+    assert 0.3 < float(noise_weak.std()) < 0.7 and not torch.allclose(noise_weak, noise_weak2)
+    half = {v: t[2:] for v, t in views.items()}  # the last two samples alone, as another rank would hold them
+    forward_views(record, needs, x_lb, half, weak_forward="shared_bn", bn_sharing=bn, noise_key=(3, 7, ids[2:]))
+    part = got.pop("x")[0]
+    assert torch.allclose(part[2:4] - half["weak"], noise_weak[2:], atol=1e-6)
+    assert torch.allclose(part[4:6] - half["weak_2"], noise_weak2[2:], atol=1e-6)
 
 
 def test_every_algorithm_is_registered_with_its_config_section_and_cited_keys():

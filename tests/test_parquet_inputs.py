@@ -10,8 +10,7 @@ import pytest
 
 from conftest import export_digits
 from distssl.data.streams import tar_samples
-from distssl.shards import make_shards
-from distssl.shards import inputs
+from distssl.shards import inputs, make_shards
 from distssl.shards.listing import list_inputs
 
 

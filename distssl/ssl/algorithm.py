@@ -45,6 +45,9 @@ class StepNeeds:
     no_grad: tuple[str, ...] = ("weak",)  # and these without (pseudo-labels)
     teacher: tuple[str, ...] = ()  # the EMA weights forward these (no gradient): Mean Teacher
     perturbs: bool = False  # forwards inputs it perturbs itself (VAT): gets Forwarded.perturbed
+    # sigma of Gaussian noise added to the normalised inputs of the unlabeled views forwarded with gradient
+    # (Laine & Aila's input noise), drawn per sample from (seed, step, id, view): world-size independent
+    input_noise: float = 0.0
 
 
 @dataclass
@@ -64,6 +67,18 @@ class Forwarded:
     step: int = 0  # optimizer steps before this one
     total_steps: int = 1  # train.steps
     seed: int = 0  # run.seed: per-sample random draws (VAT's direction) depend on it, the step and the id
+
+
+def random_directions(shape: torch.Size, ids: torch.Tensor, seed: int, step: int, stream: int = 0) -> torch.Tensor:
+    """One standard normal draw per sample from its own generator, seeded by (seed, step, sample id,
+    stream), so a sample's draw does not depend on its batch or the world size (VAT's random start,
+    Pi-Model's input noise)."""
+    out = torch.empty(shape)
+    for i, sample in enumerate(ids.tolist()):
+        key = ((seed * 1_000_003 + step) * 2_654_435_761 + sample) * 97 + stream if stream else \
+            (seed * 1_000_003 + step) * 2_654_435_761 + sample  # stream 0: VAT's draws as they always were
+        out[i] = torch.randn(shape[1:], generator=torch.Generator().manual_seed(key % (2 ** 63)))
+    return out
 
 
 def second_view(augment: str) -> str:

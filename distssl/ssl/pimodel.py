@@ -23,6 +23,12 @@ class PiModelConfig(RampedConfig):
     weight: float = 100.0  # consistency weight w_max (the paper's; USB's is 10)
     # the view trained with gradient: another weak one (the paper's), or the strong one (RandAugment + Cutout)
     augment: Literal["weak", "strong"] = "weak"
+    # sigma of Gaussian noise on each view's normalised input (the paper's 0.15, with its augmentation)
+    noise: float = 0.0
+
+    def validate(self, check) -> None:
+        super().validate(check)
+        check(self.noise >= 0, "noise", self.noise, ">= 0")
 
 
 class PiModel(Consistency):
@@ -33,7 +39,8 @@ class PiModel(Consistency):
     def __init__(self, num_classes: int, **kw):
         super().__init__(num_classes, **kw)
         self.second = second_view(self.own.augment)
-        self.needs = StepNeeds(views=("weak", self.second), with_grad=("weak", self.second), no_grad=())
+        self.needs = StepNeeds(views=("weak", self.second), with_grad=("weak", self.second), no_grad=(),
+                               input_noise=self.own.noise)
 
     def consistency(self, fw):
         a, b = fw.logits_u["weak"], fw.logits_u[self.second]

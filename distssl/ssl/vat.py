@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distssl.ssl.algorithm import Consistency, RampedConfig, StepNeeds
+from distssl.ssl.algorithm import Consistency, RampedConfig, StepNeeds, random_directions
 
 
 def kl_with_logits(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -44,15 +44,6 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 def unit(d: torch.Tensor) -> torch.Tensor:
     """Each sample's direction scaled to L2 norm 1."""
     return d / (d.flatten(1).norm(dim=1).view(-1, *[1] * (d.dim() - 1)) + 1e-16)
-
-
-def random_directions(shape: torch.Size, ids: torch.Tensor, seed: int, step: int) -> torch.Tensor:
-    """One standard normal draw per sample from its own generator, seeded by (seed, step, sample id)."""
-    out = torch.empty(shape)
-    for i, sample in enumerate(ids.tolist()):
-        g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 2_654_435_761 + sample) % (2 ** 63))
-        out[i] = torch.randn(shape[1:], generator=g)
-    return out
 
 
 def adversarial_direction(perturbed, x: torch.Tensor, target_logits: torch.Tensor, d: torch.Tensor,

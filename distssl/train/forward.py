@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from distssl.ssl.algorithm import Forwarded, StepNeeds
+from distssl.ssl.algorithm import Forwarded, StepNeeds, random_directions
 from distssl.train.bnstats import BatchStatsSharing
 from distssl.train.ema import EMA
 
@@ -35,13 +35,23 @@ def _split(logits: torch.Tensor, names: list[str], sizes: list[int]) -> dict[str
 
 def forward_views(model: Callable[[torch.Tensor], torch.Tensor], needs: StepNeeds, x_lb: torch.Tensor,
                   views: dict[str, torch.Tensor], *, weak_forward: str, bn_sharing: BatchStatsSharing,
-                  ema: Optional[EMA] = None, module: Optional[torch.nn.Module] = None) -> Forwarded:
+                  ema: Optional[EMA] = None, module: Optional[torch.nn.Module] = None,
+                  noise_key: Optional[tuple[int, int, Optional[torch.Tensor]]] = None) -> Forwarded:
     """Forward the labeled inputs and the unlabeled ``views`` (normalised, on the device) as ``needs``
     says; the labels, ids and step are the caller's to fill in. ``module`` is the bare model inside a
     DeepSpeed engine ``model``, for the forwards whose gradient is taken with respect to the input only
     (``probe``): a backward through the engine's own output would run DeepSpeed's gradient reduction.
     Forwards whose loss trains the weights (``perturbed``) go through the engine, which accounts for
-    every parameter's gradient before it reduces them."""
+    every parameter's gradient before it reduces them. ``noise_key`` (run seed, step, sample ids): where
+    ``needs.input_noise`` adds Gaussian noise to the views with gradient, each sample's is its own draw."""
+    if needs.input_noise > 0:
+        seed, step, ids = noise_key if noise_key is not None else (0, 0, None)
+        views = dict(views)
+        for k, v in enumerate(needs.with_grad):
+            x = views[v]
+            sample_ids = ids if ids is not None else torch.arange(x.shape[0])
+            views[v] = x + needs.input_noise * random_directions(x.shape, sample_ids, seed, step, stream=k + 1).to(
+                x.device, x.dtype)
     teacher: dict[str, torch.Tensor] = {}
     if needs.teacher:
         if ema is None:

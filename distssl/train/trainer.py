@@ -186,7 +186,7 @@ class Trainer:
             for i, (x, y, y_true, idx) in enumerate(zip(xs, ys, ub["y_true"].chunk(n), ids)):
                 fw = forward_views(engine, needs, self._to(x), {v: self._to(views[v][i]) for v in needs.views},
                                    weak_forward=self.cfg.ssl.weak_forward, bn_sharing=self.bn_sharing, ema=self.ema,
-                                   module=engine.module)
+                                   module=engine.module, noise_key=(self.cfg.run.seed, self.step, idx))
                 fw.targets_x, fw.ids, fw.true_u = y.to(self.device), idx, y_true.to(self.device)
                 fw.step, fw.total_steps, fw.seed = self.step, self.cfg.train.steps, self.cfg.run.seed
                 loss, stats = self.algorithm.loss(fw)
