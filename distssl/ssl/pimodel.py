@@ -23,7 +23,8 @@ class PiModelConfig(RampedConfig):
     weight: float = 100.0  # consistency weight w_max (the paper's; USB's is 10)
     # the view trained with gradient: another weak one (the paper's), or the strong one (RandAugment + Cutout)
     augment: Literal["weak", "strong"] = "weak"
-    # sigma of Gaussian noise on each view's normalised input (the paper's 0.15, with its augmentation)
+    # sigma of Gaussian noise on each view's normalised input (the paper's 0.15 with its augmentation;
+    # off: 0.15 lost 4.7 points to supervised on the demo, docs/benchmarks.md)
     noise: float = 0.0
 
     def validate(self, check) -> None:
