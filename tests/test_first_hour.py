@@ -48,6 +48,8 @@ def test_own_sets_beside_the_demos_eval_are_refused_naming_the_key(tiny_data):
     with pytest.raises(ConfigError, match="data.labeled and data.unlabeled are still the demo's"):
         preflight.check_not_mixed(mixed.data)
     preflight.check_not_mixed(load_config(DEMO).data)  # the demo itself
+    # the demo's task with unlabeled images of one's own: its labeled set and eval stay consistent
+    preflight.check_not_mixed(load_config(DEMO, [f"data.unlabeled={tiny_data['unlabeled']}"]).data)
     preflight.check_not_mixed(load_config(DEMO, [*_own_sets(tiny_data), f"data.eval={tiny_data['eval']}"]).data)
     preflight.check_not_mixed(load_config(DEMO, [*_own_sets(tiny_data), "data.demo_root=null"]).data)  # on purpose
 

@@ -65,10 +65,12 @@ def uses_demo_data(data_cfg) -> bool:
 
 def check_not_mixed(data_cfg) -> None:
     """A run on the user's own sets that still names one of the demo's (a key left at configs/demo.yaml's
-    value) is refused: a forgotten data.eval would score the user's model on MNIST digits, exit 0."""
+    value) is refused: a forgotten data.eval would score the user's model on MNIST digits, exit 0. Only
+    data.unlabeled of one's own beside the demo's labeled and eval sets is the demo's task with more
+    unlabeled images (shards indexed in place, another corpus): allowed."""
     demo = demo_sets(data_cfg)
     own = [k for k in SET_KEYS if k not in demo]
-    if demo and own:
+    if demo and own and own != ["unlabeled"]:
         def keys(ks):
             return " and ".join(f"data.{k}" for k in ks)
 

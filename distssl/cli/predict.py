@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Predict a trained model's labels for every image of a data spec: Parquet parts + summary.json.
+
+  distssl-predict RUN_OR_MODEL --data SPEC --out OUT [--batch-size 256] [--topk 5] [--part-size 1000]
+  deepspeed --num_gpus 8 $(which distssl-predict) RUN --data s3://shards/bucket/unlabeled --out s3://preds/r1
+  torchrun --nproc_per_node 8 launch/predict.py RUN --data ... --out ...
+
+RUN_OR_MODEL: a finished run's folder (its exported EMA weights, model.safetensors + model.json) or an
+exported model.safetensors. SPEC: anything data.* takes (a shard set, a weighted list, a brace
+pattern, shards indexed in place), or a raw folder, bucket prefix or manifest (CSV/JSONL/Parquet),
+read directly without building shards. Images get the run's own eval transform (model.json).
+
+OUT/parts/part-NNNNNN.parquet: one part per shard (or per --part-size raw inputs), one row per image:
+key, source, sha256, pred, pred_name, confidence, topk_ids, topk_probs, true_label (when the sample
+carries one). Part n is predicted by rank n mod world, so each image is predicted exactly once on any
+number of ranks; parts are written atomically, a killed run rerun with the same command predicts only
+the missing parts, and a rerun of a finished one rewrites nothing. OUT/summary.json: counts, throughput,
+agreement with the true labels where known, the predictions' class histogram.
+"""
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="a finished run's folder, or an exported model.safetensors")
+    p.add_argument("--data", required=True, help="shard set / pattern / weighted list, or a raw folder or manifest")
+    p.add_argument("--out", required=True, help="output folder or URL (parts/ and summary.json)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--topk", type=int, default=5, help="classes kept per image in topk_ids/topk_probs (default 5)")
+    p.add_argument("--part-size", type=int, default=1000, help="raw inputs per part (shard sets: a shard a part)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a, _ = p.parse_known_args(argv)  # the deepspeed launcher adds --local_rank
+    if a.batch_size < 1 or a.topk < 1 or a.part_size < 1:
+        p.error("--batch-size, --topk and --part-size must be at least 1")
+
+    import time
+
+    import torch
+
+    from distssl.data import store
+    from distssl.dist.peers import init_distributed, use_cuda
+    from distssl.errors import UserError
+    from distssl.predict.model import load_predictor
+    from distssl.predict.parts import make_parts
+    from distssl.predict.run import predict_parts, summarise
+
+    rank, world, local_rank = init_distributed(30)
+    device = torch.device(f"cuda:{local_rank}") if use_cuda() else torch.device("cpu")
+    try:
+        predictor = load_predictor(a.model, device)
+        parts = make_parts(a.data, a.part_size)
+    except (UserError, FileNotFoundError, ValueError) as e:
+        if rank == 0:
+            print(f"distssl-predict: error: {e}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    results = predict_parts(predictor, parts, a.out, rank, world, a.batch_size, a.topk, device,
+                            progress=not a.quiet)
+    images = torch.tensor([sum(r.rows for r in results)], dtype=torch.float64)
+    if torch.distributed.is_initialized() and world > 1:
+        torch.distributed.all_reduce(images)  # also: every rank's parts are written before the summary
+    seconds = time.perf_counter() - start
+    if rank == 0:
+        summary = summarise(a.out, parts, predictor.class_names, seconds, int(images.item()),
+                            store.redact(str(a.data)), str(a.model))
+        written = sum(r.written for r in results)
+        agree = f", {100 * summary['agreement']:.2f}% agree with the true labels" if summary["agreement"] is not None \
+            else ""
+        print(f"predicted {summary['predicted']} images in {len(parts)} parts ({summary['unreadable']} unreadable)"
+              f"{agree}; {world} rank(s), rank 0 wrote {written} part(s) this launch; {a.out}/summary.json")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The model a prediction runs: an export of this project (``model.safetensors`` + ``model.json``), found
+from a run folder or given as the file, built with timm and fed the eval transform the run evaluated
+with (its size, centre-crop fraction, interpolation, mean and std, all in ``model.json``)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distssl.data.transforms import Views
+from distssl.errors import UserError
+from distssl.models.export import META_NAME, WEIGHTS_NAME
+
+
+@dataclass
+class Predictor:
+    model: torch.nn.Module
+    meta: dict
+    views: Views
+    mean: torch.Tensor
+    std: torch.Tensor
+    temperature: float  # softmax(logits / T): 1 unless the run fitted one (model.json "temperature")
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta.get("class_names") or [])
+
+
+def find_export(path: str) -> Path:
+    """``model.safetensors`` of a run folder (or the file itself)."""
+    p = Path(path)
+    weights = p / WEIGHTS_NAME if p.is_dir() else p
+    if not weights.exists():
+        raise UserError(f"{path}: no {WEIGHTS_NAME} there. Give a finished run's folder (training exports its EMA "
+                          f"weights at the end) or an exported model file; export a checkpoint with "
+                          f"`distssl-export RUN_DIR OUT`")
+    if not weights.with_suffix(".json").exists():
+        raise UserError(f"{weights}: no {META_NAME} beside it (its input size, mean/std and classes); export it "
+                          f"again with `distssl-export RUN_DIR OUT`")
+    return weights
+
+
+def load_predictor(path: str, device: torch.device) -> Predictor:
+    import timm
+    from safetensors.torch import load_file
+
+    import distssl.models.wrn  # noqa: F401 (registers the WideResNets with timm)
+
+    weights = find_export(path)
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    model = timm.create_model(meta["architecture"], pretrained=False, num_classes=int(meta["num_classes"]))
+    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    if missing or unexpected:
+        raise UserError(f"{weights} does not fit {meta['architecture']}: missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}")
+    model.eval().to(device)
+    size = int(meta["input_size"][-1])
+    views = Views(size, interpolation=meta.get("interpolation", "bilinear"), eval_crop_pct=meta.get("crop_pct", 1.0))
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=device)  # noqa: E731
+    return Predictor(model, meta, views, as_tensor(meta["mean"]), as_tensor(meta["std"]),
+                     float(meta.get("temperature", 1.0)))

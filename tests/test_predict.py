@@ -1,0 +1,126 @@
+"""distssl-predict: every image of a data spec predicted exactly once, on any number of ranks, into
+Parquet parts written atomically; a rerun of a finished prediction rewrites nothing, a killed one
+predicts only what is missing; raw folders are read directly."""
+import hashlib
+import json
+import subprocess
+
+import pyarrow.parquet as pq
+import pytest
+import timm
+import torch
+
+from conftest import ROOT
+from distssl.data.index import resolve
+from distssl.data.streams import tar_samples
+from distssl.models.export import model_meta, write_export
+from distssl.predict.model import load_predictor
+from distssl.predict.parts import make_parts
+from distssl.predict.run import COLUMNS, predict_parts, summarise
+from distssl.testing import deepspeed_command, launch_env
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A test_resnet export (random weights: the predictions are arbitrary but deterministic)."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10)
+    out = tmp_path_factory.mktemp("model")
+    write_export(model.state_dict(), model_meta("test_resnet", 10, 28, [0.5] * 3, [0.25] * 3,
+                                                [str(i) for i in range(10)]), out)
+    return out
+
+
+def _rows(out) -> list[dict]:
+    return [r for f in sorted((out / "parts").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+def test_a_shard_set_is_predicted_once_per_image_with_the_columns_and_a_summary(tiny_data, exported, tmp_path):
+    predictor = load_predictor(str(exported), CPU)
+    parts = make_parts(tiny_data["eval"])
+    shards = resolve(tiny_data["eval"])
+    assert len(parts) == len(shards.urls)
+    out = tmp_path / "pred"
+    results = predict_parts(predictor, parts, str(out), 0, 1, batch_size=16, topk=3, device=CPU, progress=False)
+    rows = _rows(out)
+    keys = [(raw.key, url) for url in shards.urls for raw in tar_samples(url)]
+    assert sorted((r["key"], r["source"]) for r in rows) == sorted(keys) and len(rows) == 97
+    assert set(rows[0]) == set(COLUMNS)
+    first = rows[0]
+    assert len(first["topk_ids"]) == 3 and first["topk_ids"][0] == first["pred"]
+    assert first["topk_probs"] == sorted(first["topk_probs"], reverse=True)
+    assert first["confidence"] == pytest.approx(first["topk_probs"][0]) and first["pred_name"] == str(first["pred"])
+    assert all(r["true_label"] is not None and len(r["sha256"]) == 64 for r in rows)  # the eval set's cls
+    # the same image through the model by hand gives the same probabilities
+    raw = next(tar_samples(shards.urls[0]))
+    mine = next(r for r in rows if r["key"] == raw.key and r["source"] == shards.urls[0])
+    x = predictor.views.eval(predictor.views.eval_image(raw.fields["png"]))[None].float() / 255
+    x = (x - 0.5) / 0.25
+    with torch.no_grad():
+        p = predictor.model(x).softmax(1)[0]
+    assert mine["confidence"] == pytest.approx(float(p.max()), rel=1e-4) and mine["pred"] == int(p.argmax())
+
+    summary = summarise(str(out), parts, predictor.class_names, 1.0, sum(r.rows for r in results), "eval", "m")
+    assert summary["predicted"] == 97 and sum(summary["class_histogram"].values()) == 97
+    agree = sum(r["pred"] == r["true_label"] for r in rows) / 97
+    assert summary["agreement"] == pytest.approx(agree) and summary["with_true_label"] == 97
+
+    # a rerun of the finished prediction rewrites nothing; a lost part is the only one predicted again
+    mtimes = {f.name: f.stat().st_mtime_ns for f in (out / "parts").iterdir()}
+    again = predict_parts(predictor, parts, str(out), 0, 1, 16, 3, CPU, progress=False)
+    assert not any(r.written for r in again)
+    assert {f.name: f.stat().st_mtime_ns for f in (out / "parts").iterdir()} == mtimes
+    (out / "parts" / "part-000001.parquet").unlink()
+    again = predict_parts(predictor, parts, str(out), 0, 1, 16, 3, CPU, progress=False)
+    assert [r.name for r in again if r.written] == ["part-000001"] and len(_rows(out)) == 97
+
+
+def test_ranks_split_the_parts_and_together_predict_each_image_once(tiny_data, exported, tmp_path):
+    predictor = load_predictor(str(exported), CPU)
+    parts = make_parts(tiny_data["unlabeled"])
+    for rank in range(3):
+        predict_parts(predictor, parts, str(tmp_path / "three"), rank, 3, 32, 2, CPU, progress=False)
+    predict_parts(predictor, parts, str(tmp_path / "one"), 0, 1, 32, 2, CPU, progress=False)
+    three, one = _rows(tmp_path / "three"), _rows(tmp_path / "one")
+    assert len(three) == 600 and len({(r["key"], r["source"]) for r in three}) == 600
+    assert sorted(three, key=lambda r: (r["source"], r["key"])) == sorted(one, key=lambda r: (r["source"], r["key"]))
+
+
+def test_a_raw_folder_is_read_directly_with_its_class_folders_as_true_labels(tiny_data, exported, tmp_path):
+    raw = tiny_data["raw"] / "eval"
+    predictor = load_predictor(str(exported / "model.safetensors"), CPU)
+    (raw / "3" / "broken.png").write_bytes(b"not an image")
+    try:
+        parts = make_parts(str(raw), part_size=40)
+        results = predict_parts(predictor, parts, str(tmp_path / "p"), 0, 1, 16, 1, CPU, progress=False)
+    finally:
+        (raw / "3" / "broken.png").unlink()
+    rows = _rows(tmp_path / "p")
+    assert len(parts) == 3 and len(rows) == 97 and sum(r.unreadable for r in results) == 1
+    r = rows[0]
+    assert r["source"] == r["key"] and "/" in r["key"] and r["true_label"] == int(r["key"].split("/")[0])
+    assert r["sha256"] == hashlib.sha256((raw / r["key"]).read_bytes()).hexdigest()
+
+
+def test_a_path_without_an_export_is_refused_clearly(tmp_path):
+    with pytest.raises(Exception, match="no model.safetensors there"):
+        load_predictor(str(tmp_path), CPU)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_launched_by_deepspeed_predict_each_image_once(tiny_data, exported, tmp_path):
+    out = tmp_path / "pred"
+    cmd = deepspeed_command(ROOT / "launch/predict.py", [str(exported), "--data", tiny_data["unlabeled"],
+                                                         "--out", str(out), "--quiet"], nproc=2)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=launch_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _rows(out)
+    assert len(rows) == 600 and len({(r["key"], r["source"]) for r in rows}) == 600
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["predicted"] == 600 and summary["parts"] == len(resolve(tiny_data["unlabeled"]).urls)
+    assert summary["with_true_label"] == 600  # the unlabeled set keeps the true labels in its json
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=launch_env())
+    assert r.returncode == 0 and "rank 0 wrote 0 part(s)" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
