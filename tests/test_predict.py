@@ -4,6 +4,7 @@ predicts only what is missing; raw folders are read directly."""
 import hashlib
 import json
 import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -113,8 +114,8 @@ def test_a_path_without_an_export_is_refused_clearly(tmp_path):
 @pytest.mark.distributed
 def test_two_ranks_launched_by_deepspeed_predict_each_image_once(tiny_data, exported, tmp_path):
     out = tmp_path / "pred"
-    cmd = deepspeed_command(ROOT / "launch/predict.py", [str(exported), "--data", tiny_data["unlabeled"],
-                                                         "--out", str(out), "--quiet"], nproc=2)
+    args = [str(exported), "--data", tiny_data["unlabeled"], "--out", str(out), "--quiet"]
+    cmd = deepspeed_command(ROOT / "launch/predict.py", args + ["--calibrate-on", tiny_data["eval"]], nproc=2)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=launch_env())
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _rows(out)
@@ -122,5 +123,54 @@ def test_two_ranks_launched_by_deepspeed_predict_each_image_once(tiny_data, expo
     summary = json.loads((out / "summary.json").read_text())
     assert summary["predicted"] == 600 and summary["parts"] == len(resolve(tiny_data["unlabeled"]).urls)
     assert summary["with_true_label"] == 600  # the unlabeled set keeps the true labels in its json
+    cal = summary["calibration"]
+    assert cal["samples"] == 97 and cal["nll_after"] <= cal["nll_before"] and (out / "reliability.png").exists()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=launch_env())
     assert r.returncode == 0 and "rank 0 wrote 0 part(s)" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    # the same output without the calibration would mix two temperatures: refused, nothing written
+    r = subprocess.run([sys.executable, str(ROOT / "launch/predict.py"), *args], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT, env=launch_env())
+    assert r.returncode == 2 and "predicted at temperature" in r.stderr, r.stderr[-2000:]
+
+
+def test_temperature_scaling_recovers_the_temperature_that_made_the_labels():
+    """Labels drawn from softmax(z / 2.5): the fitted T is ~2.5, the NLL and ECE fall, the top-1 stays."""
+    from distssl.predict.calibrate import calibrate, ece, fit_temperature, reliability
+
+    g = torch.Generator().manual_seed(0)
+    z = 4 * torch.randn(20000, 10, generator=g)
+    labels = torch.multinomial((z / 2.5).softmax(1), 1, generator=g).squeeze(1)
+    assert fit_temperature(z, labels) == pytest.approx(2.5, rel=0.05)
+    report = calibrate(z, labels)
+    assert report["nll_after"] < report["nll_before"] and report["ece_after"] < 0.5 * report["ece_before"]
+    assert report["ece_after"] < 0.02 and report["samples"] == 20000
+    # ECE by hand on a tiny case: two bins' worth of gaps
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    labels = torch.tensor([0, 1, 0, 0])
+    assert ece(probs, labels, bins=10) == pytest.approx(0.5 * abs(0.5 - 0.9) + 0.5 * abs(1.0 - 0.6))
+    assert sum(b["count"] for b in reliability(probs, labels, bins=10)) == 4
+
+
+def test_calibrate_on_a_labeled_set_scales_the_parts_and_refuses_to_mix_two_temperatures(tiny_data, exported,
+                                                                                          tmp_path):
+    from distssl.predict.calibrate import calibrate
+    from distssl.predict.run import check_temperature, labeled_logits
+
+    predictor = load_predictor(str(exported), CPU)
+    logits, labels = labeled_logits(predictor, make_parts(tiny_data["eval"]), 32, CPU)
+    assert logits.shape == (97, 10) and labels.min() >= 0
+    report = calibrate(logits, labels, str(tmp_path / "reliability.png"))
+    assert (tmp_path / "reliability.png").stat().st_size > 1000 and report["nll_after"] <= report["nll_before"]
+    predictor.temperature = report["temperature"]
+    out = tmp_path / "pred"
+    parts = make_parts(tiny_data["eval"])
+    predict_parts(predictor, parts, str(out), 0, 1, 32, 2, CPU, progress=False)
+    rows = _rows(out)
+    raw_max = logits.softmax(1).max(1).values  # uncalibrated, in the same order as the eval parts
+    scaled_max = (logits / report["temperature"]).softmax(1).max(1).values
+    assert sorted(round(r["confidence"], 4) for r in rows) == sorted(round(float(c), 4) for c in scaled_max)
+    assert report["temperature"] == 1.0 or sorted(round(float(c), 4) for c in raw_max) != sorted(
+        round(r["confidence"], 4) for r in rows)
+    check_temperature(str(out), parts, report["temperature"])  # the same launch again: fine
+    with pytest.raises(ValueError, match="predicted at temperature"):
+        check_temperature(str(out), parts, 1.0 if report["temperature"] != 1.0 else 2.0)

@@ -16,6 +16,10 @@ carries one). Part n is predicted by rank n mod world, so each image is predicte
 number of ranks; parts are written atomically, a killed run rerun with the same command predicts only
 the missing parts, and a rerun of a finished one rewrites nothing. OUT/summary.json: counts, throughput,
 agreement with the true labels where known, the predictions' class histogram.
+
+Confidences are calibrated: softmax(logits / T), T fitted by temperature scaling (Guo et al. 2017) on
+the run's eval set at the end of training and kept in model.json, or on --calibrate-on SPEC here;
+the summary then holds the NLL and ECE before and after, and OUT/reliability.png the diagram.
 """
 import argparse
 import sys
@@ -29,6 +33,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--topk", type=int, default=5, help="classes kept per image in topk_ids/topk_probs (default 5)")
     p.add_argument("--part-size", type=int, default=1000, help="raw inputs per part (shard sets: a shard a part)")
+    p.add_argument("--calibrate-on", metavar="SPEC",
+                   help="fit the softmax temperature on this labeled set (e.g. the run's eval shards) before "
+                        "predicting; default: the temperature in model.json, if the run fitted one, else 1")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a, _ = p.parse_known_args(argv)  # the deepspeed launcher adds --local_rank
     if a.batch_size < 1 or a.topk < 1 or a.part_size < 1:
@@ -41,15 +48,26 @@ def main(argv=None) -> int:
     from distssl.data import store
     from distssl.dist.peers import init_distributed, use_cuda
     from distssl.errors import UserError
+    from distssl.predict.calibrate import calibrate
     from distssl.predict.model import load_predictor
     from distssl.predict.parts import make_parts
-    from distssl.predict.run import predict_parts, summarise
+    from distssl.predict.run import check_temperature, labeled_logits, predict_parts, summarise
 
     rank, world, local_rank = init_distributed(30)
     device = torch.device(f"cuda:{local_rank}") if use_cuda() else torch.device("cpu")
     try:
         predictor = load_predictor(a.model, device)
         parts = make_parts(a.data, a.part_size)
+        calibration = None
+        if a.calibrate_on:  # every rank fits the same T on the same (small) set: no collective needed
+            logits, labels = labeled_logits(predictor, make_parts(a.calibrate_on, a.part_size), a.batch_size, device)
+            png = store.join(a.out, "reliability.png") if rank == 0 and "://" not in a.out else None
+            calibration = {**calibrate(logits, labels, png), "fitted_on": store.redact(a.calibrate_on)}
+            predictor.temperature = calibration["temperature"]
+        elif "temperature" in predictor.meta:
+            calibration = {"temperature": predictor.temperature, "fitted_on": predictor.meta.get(
+                "temperature_fitted_on", "the run's eval set, at the end of training")}
+        check_temperature(a.out, parts, predictor.temperature)
     except (UserError, FileNotFoundError, ValueError) as e:
         if rank == 0:
             print(f"distssl-predict: error: {e}", file=sys.stderr)
@@ -63,7 +81,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     if rank == 0:
         summary = summarise(a.out, parts, predictor.class_names, seconds, int(images.item()),
-                            store.redact(str(a.data)), str(a.model))
+                            store.redact(str(a.data)), str(a.model), calibration)
         written = sum(r.written for r in results)
         agree = f", {100 * summary['agreement']:.2f}% agree with the true labels" if summary["agreement"] is not None \
             else ""

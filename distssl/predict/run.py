@@ -13,14 +13,14 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
 from distssl.data import store
 from distssl.data.transforms import normalize
 from distssl.predict.model import Predictor
-from distssl.predict.parts import Part, part_samples
+from distssl.predict.parts import Part, Sample, part_samples
 
 COLUMNS = ("key", "source", "sha256", "pred", "pred_name", "confidence", "topk_ids", "topk_probs", "true_label")
 
@@ -54,6 +54,29 @@ def _decode(predictor: Predictor, data: bytes) -> Optional[torch.Tensor]:
 
 
 @torch.no_grad()
+def forward_part(predictor: Predictor, part: Part, batch_size: int, device: torch.device,
+                 skipped: list) -> Iterator[tuple[list[Sample], torch.Tensor]]:
+    """(samples, their logits on the CPU) a batch at a time; undecodable samples are appended to ``skipped``."""
+    pending: list[tuple[Sample, torch.Tensor]] = []
+
+    def run():
+        x = normalize(torch.stack([t for _, t in pending]).to(device), predictor.mean, predictor.std)
+        out = ([s for s, _ in pending], predictor.model(x).float().cpu())
+        pending.clear()
+        return out
+
+    for s in part_samples(part):
+        img = _decode(predictor, s.data) if s.data is not None else None
+        if img is None:
+            skipped.append(s)
+            continue
+        pending.append((s, img))
+        if len(pending) == batch_size:
+            yield run()
+    if pending:
+        yield run()
+
+
 def predict_part(predictor: Predictor, part: Part, out: str, batch_size: int, topk: int,
                  device: torch.device) -> PartResult:
     import pyarrow as pa
@@ -64,42 +87,67 @@ def predict_part(predictor: Predictor, part: Part, out: str, batch_size: int, to
     mapping = label_map(part.class_names, names)
     k = min(topk, int(predictor.meta["num_classes"]))
     cols: dict[str, list] = {c: [] for c in COLUMNS}
-    unreadable, pending = 0, []
-
-    def flush():
-        x = normalize(torch.stack([t for _, t in pending]).to(device), predictor.mean, predictor.std)
-        probs = (predictor.model(x).float() / predictor.temperature).softmax(dim=1).cpu()
-        top = probs.topk(k, dim=1)
-        for (s, _), ids, ps in zip(pending, top.indices.tolist(), top.values.tolist()):
-            label = s.true_label if mapping is None or s.true_label < 0 else (
-                mapping[s.true_label] if s.true_label < len(mapping) else -1)
+    skipped: list = []
+    for samples, logits in forward_part(predictor, part, batch_size, device, skipped):
+        top = (logits / predictor.temperature).softmax(dim=1).topk(k, dim=1)
+        for s, ids, ps in zip(samples, top.indices.tolist(), top.values.tolist()):
+            label = model_label(s.true_label, mapping)
             for c, v in (("key", s.key), ("source", s.source), ("sha256", s.sha256), ("pred", ids[0]),
                          ("pred_name", names[ids[0]] if ids[0] < len(names) else str(ids[0])),
                          ("confidence", ps[0]), ("topk_ids", ids), ("topk_probs", ps),
                          ("true_label", label if label >= 0 else None)):
                 cols[c].append(v)
-        pending.clear()
-
-    for s in part_samples(part):
-        img = _decode(predictor, s.data) if s.data is not None else None
-        if img is None:
-            unreadable += 1
-            continue
-        pending.append((s, img))
-        if len(pending) == batch_size:
-            flush()
-    if pending:
-        flush()
     schema = pa.schema([("key", pa.string()), ("source", pa.string()), ("sha256", pa.string()),
                         ("pred", pa.int32()), ("pred_name", pa.string()), ("confidence", pa.float32()),
                         ("topk_ids", pa.list_(pa.int32())), ("topk_probs", pa.list_(pa.float32())),
                         ("true_label", pa.int32())])
-    table = pa.table(cols, schema=schema).replace_schema_metadata({"unreadable": str(unreadable)})
+    table = pa.table(cols, schema=schema).replace_schema_metadata(
+        {"unreadable": str(len(skipped)), "temperature": repr(predictor.temperature)})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     with store.atomic_write(part_url(out, part)) as f:
         f.write(buf.getvalue())
-    return PartResult(part.name, table.num_rows, unreadable, time.perf_counter() - start, True)
+    return PartResult(part.name, table.num_rows, len(skipped), time.perf_counter() - start, True)
+
+
+def model_label(label: int, mapping: Optional[list[int]]) -> int:
+    """A sample's true label in the model's class order (-1: unknown, or a class the model lacks)."""
+    if mapping is None or label < 0:
+        return label
+    return mapping[label] if label < len(mapping) else -1
+
+
+def labeled_logits(predictor: Predictor, parts: list[Part], batch_size: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels in the model's order) of every sample of ``parts`` that has a true label."""
+    logits, labels = [], []
+    for part in parts:
+        mapping = label_map(part.class_names, predictor.class_names)
+        for samples, out in forward_part(predictor, part, batch_size, device, []):
+            ys = torch.tensor([model_label(s.true_label, mapping) for s in samples])
+            keep = ys >= 0
+            logits.append(out[keep])
+            labels.append(ys[keep])
+    if not logits or sum(len(y) for y in labels) == 0:
+        raise ValueError("the calibration set has no sample with a true label (a cls, or a label the model knows)")
+    return torch.cat(logits), torch.cat(labels)
+
+
+def check_temperature(out: str, parts: list[Part], temperature: float) -> None:
+    """A part already written with another temperature would mix two calibrations in one output: refuse."""
+    import pyarrow.parquet as pq
+
+    for part in parts:
+        url = part_url(out, part)
+        if not store.exists(url):
+            continue
+        fs, path = store.filesystem(url)
+        with fs.open(path, "rb") as f:
+            saved = float((pq.ParquetFile(f).schema_arrow.metadata or {}).get(b"temperature", b"1.0"))
+        if abs(saved - temperature) > 1e-9 * max(1.0, temperature):
+            raise ValueError(f"{store.redact(url)} was predicted at temperature {saved:.6g}, this launch's is "
+                             f"{temperature:.6g}: rerun with the same --calibrate-on (or none), or give a new --out")
+        return  # one part says what the launch that wrote them used
 
 
 def predict_parts(predictor: Predictor, parts: list[Part], out: str, rank: int, world: int, batch_size: int,
@@ -125,7 +173,7 @@ def predict_parts(predictor: Predictor, parts: list[Part], out: str, rank: int, 
 
 
 def summarise(out: str, parts: list[Part], class_names: list[str], seconds: float, images_this_launch: int,
-              spec: str, model: str) -> dict:
+              spec: str, model: str, calibration: Optional[dict] = None) -> dict:
     """summary.json from every part's file (only its pred, confidence and true_label columns)."""
     import pyarrow.parquet as pq
 
@@ -152,6 +200,7 @@ def summarise(out: str, parts: list[Part], class_names: list[str], seconds: floa
         "class_histogram": {(class_names[c] if c < len(class_names) else str(c)): n for c, n in sorted(hist.items())},
         "seconds_this_launch": round(seconds, 2),
         "img_per_s_this_launch": round(images_this_launch / seconds, 1) if seconds > 0 else None,
+        "calibration": calibration,
     }
     with store.atomic_write(store.join(out, "summary.json")) as f:
         f.write(json.dumps(summary, indent=1).encode())
