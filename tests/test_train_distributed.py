@@ -46,6 +46,10 @@ def test_zero2_two_ranks_train_and_write_outputs(zero2_run):
     assert ev and ev[0]["eval_images"] == 97 and 0 <= ev[0]["top1"] <= 1  # each eval image once
     assert (out / "config.yaml").exists() and (out / "curves.png").stat().st_size > 1000
     assert list((out / "tb").glob("events.out.tfevents.*"))
+    # the export's softmax temperature, fitted on the 97 eval images gathered from both ranks
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["temperature"] > 0 and meta["eval_nll_after"] <= meta["eval_nll_before"] + 1e-9
+    assert "data.eval" in meta["temperature_fitted_on"] and 0 <= meta["eval_ece_after"] <= 1
 
 
 @pytest.mark.slow

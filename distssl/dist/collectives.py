@@ -60,6 +60,18 @@ def gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``t`` (any number per rank, the same trailing shape), concatenated in rank order."""
+    if world_size() == 1:
+        return t
+    counts = gather_cat(torch.tensor([t.shape[0]], device=t.device))
+    most = int(counts.max())
+    padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    every = gather_cat(padded)
+    return torch.cat([every[r * most: r * most + int(n)] for r, n in enumerate(counts.tolist())])
+
+
 # --- ZeRO-3's partitions -------------------------------------------------------------------------
 # ZeRO-3 keeps ceil(numel / world) elements of each parameter per rank (``ds_tensor``, the last rank's
 # padded), except "persistent" parameters (small ones every rank keeps whole).

@@ -204,15 +204,16 @@ class Trainer:
         return sum_numbers(values, self.device)
 
     # -- eval and outputs --
-    def evaluate(self) -> dict:
-        """Collective: top-1/top-5 of the EMA weights on the eval set."""
+    def evaluate(self, keep_logits: bool = False) -> dict:
+        """Collective: top-1/top-5 of the EMA weights on the eval set (and its logits and labels)."""
         stream = EvalStream(self.evalset, rank=self.rank, world_size=self.world,
                             batch_size=max(1, self.cfg.train.eval_batch_size // self.world),
                             make_item=eval_item(self.views, self.label_maps.get("eval")))
         size = self.cfg.data.image_size
         dummy = torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype)
         batches = loader(stream, self.cfg.train.num_workers, worker_init=ignore_in_worker)
-        return evaluate_ema(self.engine, self.ema, batches, self._to, dummy, self.zero3)
+        return evaluate_ema(self.engine, self.ema, batches, self._to, dummy, self.zero3,
+                            keep_logits=self.cfg.model.num_classes if keep_logits else 0)
 
     def _best_top1(self) -> float:
         """The best eval top-1 so far (model_best.json, read by rank 0 and shared), -1 before any."""
@@ -227,15 +228,28 @@ class Trainer:
     def export(self, last_eval: dict, name: str = outputs.WEIGHTS_NAME) -> Optional[Path]:
         """EMA weights -> out_dir/NAME.safetensors + NAME.json (every rank gathers, rank 0 writes): the final
         ones as model.*, the best eval's as model_best.* (as timm's CheckpointSaver keeps the best)."""
+        calibration = self._calibration() if name == outputs.WEIGHTS_NAME else {}
         state = gather_ema_state(self.engine.module, self.ema)
         if self.rank != 0:
             return None
         d = self.cfg.data
         meta = model_meta(self.cfg.model.name, self.cfg.model.num_classes, d.image_size, d.mean, d.std,
                           self.evalset.class_names or self.labeled.class_names or [],
-                          {"step": self.step, "eval_top1": last_eval.get("top1"), "weights": "ema"},
+                          {"step": self.step, "eval_top1": last_eval.get("top1"), "weights": "ema", **calibration},
                           crop_pct=self.views.eval_crop_pct, interpolation=self.views.interpolation)
         return write_export(state, meta, self.out / name)
+
+    def _calibration(self) -> dict:
+        """Collective: the softmax temperature of the final EMA weights, fitted on the eval set (temperature
+        scaling; distssl-predict applies it), with the eval's NLL and ECE before and after."""
+        from distssl.predict.calibrate import calibrate
+
+        got = self.evaluate(keep_logits=True)
+        if got["labels"].numel() == 0:
+            return {}
+        report = calibrate(got["logits"], got["labels"])
+        return {"temperature": report["temperature"], "temperature_fitted_on": f"data.eval ({self.cfg.data.eval})",
+                **{f"eval_{k}": report[k] for k in ("nll_before", "nll_after", "ece_before", "ece_after")}}
 
     def _check_bad_fraction(self, samples_per_step: int, min_samples: int = 1000) -> None:
         """Bad samples are skipped and counted; too many of them means broken data, not bad luck."""
