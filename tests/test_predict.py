@@ -174,3 +174,36 @@ def test_calibrate_on_a_labeled_set_scales_the_parts_and_refuses_to_mix_two_temp
     check_temperature(str(out), parts, report["temperature"])  # the same launch again: fine
     with pytest.raises(ValueError, match="predicted at temperature"):
         check_temperature(str(out), parts, 1.0 if report["temperature"] != 1.0 else 2.0)
+
+
+def test_confident_predictions_become_a_labeled_shard_set_with_their_provenance(tiny_data, exported, tmp_path):
+    from distssl.predict.pseudo import write_pseudo_index, write_pseudo_shard
+
+    predictor = load_predictor(str(exported), CPU)
+    parts = make_parts(tiny_data["unlabeled"])
+    out, dst = tmp_path / "pred", tmp_path / "pseudo"
+    predict_parts(predictor, parts, str(out), 0, 1, 64, 1, CPU, progress=False)
+    rows = _rows(out)
+    p = sorted(r["confidence"] for r in rows)[len(rows) // 2]  # the median: about half the images pass
+    want = {r["sha256"]: r for r in rows if r["confidence"] >= p}
+    assert write_pseudo_index(str(dst), parts, predictor.class_names, p, "teacher", "u") is None  # nothing yet
+    for part in parts[:2]:
+        write_pseudo_shard(str(out), str(dst), part, p, "teacher-run")
+    assert not (dst / "index.json").exists()  # not usable while shards are missing
+    assert write_pseudo_index(str(dst), parts, predictor.class_names, p, "teacher", "u") is None
+    first = {f.name: f.stat().st_mtime_ns for f in dst.glob("*.tar")}
+    for part in parts:
+        write_pseudo_shard(str(out), str(dst), part, p, "teacher-run")
+    assert {n: (dst / n).stat().st_mtime_ns for n in first} == first  # a shard with stats is not written again
+    index = write_pseudo_index(str(dst), parts, predictor.class_names, p, "teacher-run", "u")
+    shards = resolve(str(dst))
+    assert shards.labeled and index["count"] == len(want) == sum(shards.counts)
+    assert sum(index["class_histogram"]) == len(want)
+    got = [raw for url in shards.urls for raw in tar_samples(url)]
+    for raw in got:
+        meta = json.loads(raw.fields["json"])
+        row = want[meta["sha256"]]
+        assert int(raw.fields["cls"]) == row["pred"] and meta["confidence"] == pytest.approx(row["confidence"])
+        assert meta["teacher"] == "teacher-run" and meta["source_key"] == row["key"]
+        assert meta["source"] == row["source"] and meta.get("true_label") == row["true_label"]
+    assert len({json.loads(raw.fields["json"])["sha256"] for raw in got}) == len(got)

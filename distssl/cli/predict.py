@@ -20,6 +20,11 @@ agreement with the true labels where known, the predictions' class histogram.
 Confidences are calibrated: softmax(logits / T), T fitted by temperature scaling (Guo et al. 2017) on
 the run's eval set at the end of training and kept in model.json, or on --calibrate-on SPEC here;
 the summary then holds the NLL and ECE before and after, and OUT/reliability.png the diagram.
+
+--to-shards DST --min-confidence P: the predictions at confidence >= P become a labeled shard set
+(shard n from part n; cls = the prediction; json: teacher, confidence, source, key, sha256, true
+label when known), complete when DST/index.json appears: give it as data.labeled, alone or weighted
+beside the human labels (data.labeled=[{path: HUMAN, weight: 1}, {path: DST, weight: 1}]).
 """
 import argparse
 import sys
@@ -36,10 +41,17 @@ def main(argv=None) -> int:
     p.add_argument("--calibrate-on", metavar="SPEC",
                    help="fit the softmax temperature on this labeled set (e.g. the run's eval shards) before "
                         "predicting; default: the temperature in model.json, if the run fitted one, else 1")
+    p.add_argument("--to-shards", metavar="DST",
+                   help="also write the confident predictions as a labeled shard set DST (cls = the prediction; the "
+                        "json keeps teacher, confidence, source, key and sha256): usable as data.labeled")
+    p.add_argument("--min-confidence", type=float, default=0.95,
+                   help="with --to-shards: the calibrated confidence a prediction needs (default 0.95)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a, _ = p.parse_known_args(argv)  # the deepspeed launcher adds --local_rank
     if a.batch_size < 1 or a.topk < 1 or a.part_size < 1:
         p.error("--batch-size, --topk and --part-size must be at least 1")
+    if not 0.0 <= a.min_confidence <= 1.0:
+        p.error(f"--min-confidence {a.min_confidence}: a probability, 0..1")
 
     import time
 
@@ -75,6 +87,12 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     results = predict_parts(predictor, parts, a.out, rank, world, a.batch_size, a.topk, device,
                             progress=not a.quiet)
+    if a.to_shards:
+        from distssl.predict.pseudo import write_pseudo_shard
+
+        for part in parts:
+            if part.number % world == rank:
+                write_pseudo_shard(a.out, a.to_shards, part, a.min_confidence, str(a.model))
     images = torch.tensor([sum(r.rows for r in results)], dtype=torch.float64)
     if torch.distributed.is_initialized() and world > 1:
         torch.distributed.all_reduce(images)  # also: every rank's parts are written before the summary
@@ -87,6 +105,13 @@ def main(argv=None) -> int:
             else ""
         print(f"predicted {summary['predicted']} images in {len(parts)} parts ({summary['unreadable']} unreadable)"
               f"{agree}; {world} rank(s), rank 0 wrote {written} part(s) this launch; {a.out}/summary.json")
+        if a.to_shards:
+            from distssl.predict.pseudo import write_pseudo_index
+
+            index = write_pseudo_index(a.to_shards, parts, predictor.class_names, a.min_confidence, str(a.model),
+                                       store.redact(str(a.data)))
+            print(f"{store.redact(a.to_shards)}: {index['count']} of {index['pseudo_labels']['predicted']} images "
+                  f"at confidence >= {a.min_confidence} as a labeled shard set ({len(index['shards'])} shards)")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -35,7 +35,7 @@ class ShardJob:
         return f"shard-{self.index:06d}.stats.json"
 
 
-def _tar_writer(f):
+def tar_writer(f):
     """webdataset's TarWriter: one dict per sample, fields written in key order, bytes as given (no
     encoder); mtime and owner fixed so that a rerun writes the same bytes. Imported here: webdataset's
     import is slow (docs/benchmarks.md, development notes), and no training rank needs it."""
@@ -57,7 +57,7 @@ def write_shard(job: ShardJob) -> dict:
     ``--extend`` and ``--dedup`` compare new inputs against) and the failed inputs with why."""
     failures, count, hist, hashes = [], 0, {}, []
     with store.atomic_write(store.join(job.set_url, job.name)) as f:
-        with _tar_writer(f) as tar:
+        with tar_writer(f) as tar:
             # reads overlap, or go a Parquet row group at a time (shards.inputs); order is kept
             for key, (url, rel, label), data in zip(job.keys, zip(job.urls, job.rels, job.labels),
                                                     read_many(job.urls)):
