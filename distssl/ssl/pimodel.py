@@ -24,7 +24,7 @@ class PiModelConfig(RampedConfig):
     # the view trained with gradient: another weak one (the paper's), or the strong one (RandAugment + Cutout)
     augment: Literal["weak", "strong"] = "weak"
     # sigma of Gaussian noise on each view's normalised input (the paper's 0.15 with its augmentation;
-    # off: 0.15 lost 4.7 points to supervised on the demo, docs/benchmarks.md)
+    # off: 0.15 lost 3 points on the demo, 4.7 below supervised: docs/benchmarks.md)
     noise: float = 0.0
 
     def validate(self, check) -> None:
