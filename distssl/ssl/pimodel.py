@@ -7,8 +7,9 @@ train.steps. Both views are the weak augmentation (flip and translation, the pap
 Defaults: weight 100 (the paper's w_max; USB's is 10; on the demo Pi-Model gains the least of the
 family, 4.7 points over supervised on three seeds, and neither weight gains in a run resumed at
 half way: docs/benchmarks.md), ramp-up over 0.4 of the run (USB's unsup_warm_up; the paper ramps
-over its first 80 of 300 epochs); the paper's Gaussian input noise is ``noise``, off. ``augment=strong`` trains the second
-view with RandAugment + Cutout; with both views carrying gradient that lost 9 points on the demo.
+over its first 80 of 300 epochs); the paper's Gaussian input noise is ``noise``, off.
+``augment=strong`` trains the second view with RandAugment + Cutout; with both views carrying
+gradient that lost 9 points on the demo.
 """
 from __future__ import annotations
 
