@@ -125,8 +125,11 @@ def test_two_ranks_launched_by_deepspeed_predict_each_image_once(tiny_data, expo
     assert summary["with_true_label"] == 600  # the unlabeled set keeps the true labels in its json
     cal = summary["calibration"]
     assert cal["samples"] == 97 and cal["nll_after"] <= cal["nll_before"] and (out / "reliability.png").exists()
+    # a rerun of the finished prediction rewrites no file, its summary and the reliability picture included
+    mtimes = {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=launch_env())
-    assert r.returncode == 0 and "rank 0 wrote 0 part(s)" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and "already finished: nothing rewritten" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()} == mtimes
     # the same output without the calibration would mix two temperatures: refused, nothing written
     r = subprocess.run([sys.executable, str(ROOT / "launch/predict.py"), *args], capture_output=True, text=True,
                        timeout=300, cwd=ROOT, env=launch_env())

@@ -53,69 +53,44 @@ def main(argv=None) -> int:
     if not 0.0 <= a.min_confidence <= 1.0:
         p.error(f"--min-confidence {a.min_confidence}: a probability, 0..1")
 
-    import time
-
     import torch
 
-    from distssl.data import store
     from distssl.dist.peers import init_distributed, use_cuda
     from distssl.errors import UserError
-    from distssl.predict.calibrate import calibrate
-    from distssl.predict.model import load_predictor
-    from distssl.predict.parts import make_parts
-    from distssl.predict.run import check_temperature, labeled_logits, predict_parts, summarise
+    from distssl.predict.job import PredictJob, run_job
 
     rank, world, local_rank = init_distributed(30)
     device = torch.device(f"cuda:{local_rank}") if use_cuda() else torch.device("cpu")
+    job = PredictJob(a.model, a.data, a.out, a.batch_size, a.topk, a.part_size, a.calibrate_on, a.to_shards,
+                     a.min_confidence, progress=not a.quiet)
     try:
-        predictor = load_predictor(a.model, device)
-        parts = make_parts(a.data, a.part_size)
-        calibration = None
-        if a.calibrate_on:  # every rank fits the same T on the same (small) set: no collective needed
-            logits, labels = labeled_logits(predictor, make_parts(a.calibrate_on, a.part_size), a.batch_size, device)
-            png = store.join(a.out, "reliability.png") if rank == 0 and "://" not in a.out else None
-            calibration = {**calibrate(logits, labels, png), "fitted_on": store.redact(a.calibrate_on)}
-            predictor.temperature = calibration["temperature"]
-        elif "temperature" in predictor.meta:
-            calibration = {"temperature": predictor.temperature, "fitted_on": predictor.meta.get(
-                "temperature_fitted_on", "the run's eval set, at the end of training")}
-        check_temperature(a.out, parts, predictor.temperature)
+        summary = run_job(job, rank, world, device)
     except (UserError, FileNotFoundError, ValueError) as e:
         if rank == 0:
             print(f"distssl-predict: error: {e}", file=sys.stderr)
         return 2
-    start = time.perf_counter()
-    results = predict_parts(predictor, parts, a.out, rank, world, a.batch_size, a.topk, device,
-                            progress=not a.quiet)
-    if a.to_shards:
-        from distssl.predict.pseudo import write_pseudo_shard
-
-        for part in parts:
-            if part.number % world == rank:
-                write_pseudo_shard(a.out, a.to_shards, part, a.min_confidence, str(a.model))
-    images = torch.tensor([sum(r.rows for r in results)], dtype=torch.float64)
-    if torch.distributed.is_initialized() and world > 1:
-        torch.distributed.all_reduce(images)  # also: every rank's parts are written before the summary
-    seconds = time.perf_counter() - start
     if rank == 0:
-        summary = summarise(a.out, parts, predictor.class_names, seconds, int(images.item()),
-                            store.redact(str(a.data)), str(a.model), calibration)
-        written = sum(r.written for r in results)
-        agree = f", {100 * summary['agreement']:.2f}% agree with the true labels" if summary["agreement"] is not None \
-            else ""
-        print(f"predicted {summary['predicted']} images in {len(parts)} parts ({summary['unreadable']} unreadable)"
-              f"{agree}; {world} rank(s), rank 0 wrote {written} part(s) this launch; {a.out}/summary.json")
-        if a.to_shards:
-            from distssl.predict.pseudo import write_pseudo_index
-
-            index = write_pseudo_index(a.to_shards, parts, predictor.class_names, a.min_confidence, str(a.model),
-                                       store.redact(str(a.data)))
-            print(f"{store.redact(a.to_shards)}: {index['count']} of {index['pseudo_labels']['predicted']} images "
-                  f"at confidence >= {a.min_confidence} as a labeled shard set ({len(index['shards'])} shards)")
+        report(summary, job, world)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
+
+
+def report(summary: dict, job, world: int) -> None:
+    """The job's outcome in two lines (rank 0)."""
+    from distssl.data import store
+
+    agree = f", {100 * summary['agreement']:.2f}% agree with the true labels" if summary["agreement"] is not None \
+        else ""
+    written = summary["parts_written_this_launch"]
+    print(f"predicted {summary['predicted']} images in {summary['parts']} parts ({summary['unreadable']} unreadable)"
+          f"{agree}; {world} rank(s); " + (f"{written} file(s) written this launch" if written else
+                                          "already finished: nothing rewritten") + f"; {job.out}/summary.json")
+    index = summary.get("pseudo_index")
+    if job.to_shards and index is not None:
+        print(f"{store.redact(job.to_shards)}: {index['count']} of {index['pseudo_labels']['predicted']} images "
+              f"at confidence >= {job.min_confidence} as a labeled shard set ({len(index['shards'])} shards)")
 
 
 if __name__ == "__main__":

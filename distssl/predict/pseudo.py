@@ -27,6 +27,11 @@ def _stats_url(dst: str, part: Part) -> str:
     return store.join(dst, f"shard-{part.number:06d}.stats.json")
 
 
+def shard_done(dst: str, part: Part) -> bool:
+    """Shard ``part.number`` of DST is complete (its stats file is written last)."""
+    return store.exists(_stats_url(dst, part))
+
+
 def write_pseudo_shard(out: str, dst: str, part: Part, min_confidence: float, teacher: str) -> dict:
     """Shard ``part.number`` of DST from part n's confident predictions; its stats (a shard with stats is
     not written again)."""
