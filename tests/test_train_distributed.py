@@ -50,6 +50,13 @@ def test_zero2_two_ranks_train_and_write_outputs(zero2_run):
     meta = json.loads((out / "model.json").read_text())
     assert meta["temperature"] > 0 and meta["eval_nll_after"] <= meta["eval_nll_before"] + 1e-9
     assert "data.eval" in meta["temperature_fitted_on"] and 0 <= meta["eval_ece_after"] <= 1
+    # per class: every eval image counted once in its class, and the confusion picture
+    summary = json.loads((out / "summary.json").read_text())
+    per_class = summary["per_class"]
+    assert sum(c["count"] for c in per_class.values()) == 97 and len(per_class) == 10
+    hits = sum(round(c["accuracy"] * c["count"]) for c in per_class.values() if c["count"])
+    assert hits == round(summary["top1"] * 97)  # the classes' hits add up to the run's top-1
+    assert (out / "confusion.png").stat().st_size > 1000
 
 
 @pytest.mark.slow

@@ -89,6 +89,18 @@ def _train(args) -> int:
         print(f"{e.label}: {e}", file=sys.stderr)
         return 2
 
+    code, result = train_with_exit_codes(cfg)
+    if code == 0 and os.environ.get("RANK", "0") == "0":
+        print(f"done: step {cfg.train.steps}, eval top-1 {100 * result['top1']:.2f}% "
+              f"(EMA weights), outputs in {cfg.run.out_dir}")
+    return code
+
+
+def train_with_exit_codes(cfg) -> tuple[int, dict]:
+    """Train ``cfg`` (or resume it) as the command does: (exit code, final eval). A user's mistake is one
+    line and 2, too many unusable samples 3, a dead peer 4 (named from the heartbeats); a preemption
+    leaves the process at once with 75, its checkpoint complete on every rank."""
+    from distssl.errors import UserError
     from distssl.notices import silence_known_notices
 
     silence_known_notices()
@@ -99,7 +111,7 @@ def _train(args) -> int:
 
     rank = os.environ.get("RANK", "0")
     try:
-        result = run(cfg)
+        return 0, run(cfg)
     except Preempted as e:
         if rank == "0":
             print(str(e), file=sys.stderr, flush=True)
@@ -109,13 +121,13 @@ def _train(args) -> int:
         os._exit(e.exit_code)
     except UserError as e:
         print(f"{e.label}: {e}", file=sys.stderr)
-        return 2
+        return 2, {}
     except DataError as e:
         msg = str(e).strip()
         if "Original Traceback" in msg:  # raised in a loader worker: the message is its last line
             msg = msg.splitlines()[-1].split("DataError: ", 1)[-1]
         print(f"data error: {msg}", file=sys.stderr)
-        return 3
+        return 3, {}
     except RuntimeError as e:
         if not is_peer_failure(e):
             raise
@@ -126,11 +138,7 @@ def _train(args) -> int:
               f"{dead or 'the heartbeats in run.out_dir/ranks/ do not say which'}. "
               f"Rerun the same command to resume from the newest complete checkpoint in "
               f"{cfg.run.out_dir}/checkpoints ({first[:200]})", file=sys.stderr)
-        return 4
-    if rank == "0":
-        print(f"done: step {cfg.train.steps}, eval top-1 {100 * result['top1']:.2f}% "
-              f"(EMA weights), outputs in {cfg.run.out_dir}")
-    return 0
+        return 4, {}
 
 
 def _report_dead_peers_on_sigterm(out_dir: str) -> None:

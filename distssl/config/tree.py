@@ -92,7 +92,8 @@ class ModelConfig:
     num_classes: int = 10
     # weights to start from: a safetensors / torch state dict file or URL, or a run folder of ours
     pretrained: Optional[str] = None
-    drop_path_rate: float = 0.0  # stochastic depth, for the models that have it (ViT, ConvNeXt, ...)
+    drop_path_rate: float = 0.0  # stochastic depth, for the models that have it (ViT, ConvNeXt, ResNet, ...)
+    drop_rate: float = 0.0  # dropout before the classifier (timm's drop_rate)
     freeze_backbone_steps: int = 0  # fine-tuning: only the classifier learns for the first N steps
     grad_checkpointing: bool = False  # activation checkpointing (timm set_grad_checkpointing), for big backbones
 
@@ -163,11 +164,39 @@ class DataConfig:
     # decode and crop; flip, pad crop, RandAugment and Cutout run batched on the training device, with
     # every random choice still drawn from the sample's seed, so resume stays exact)
     augment_on: Literal["loader", "device"] = "loader"
+    # the labeled images' view: "weak" (flip and crop, FixMatch's) or "strong" (RandAugment + Cutout on top:
+    # Noisy Student's input noise on a student's labels and pseudo-labels)
+    labeled_view: Literal["weak", "strong"] = "weak"
     randaugment_ops: int = 2  # RandAugment operations per strong view
     cutout_fraction: float = 0.5  # Cutout square side, as a fraction of the image side (at most)
     mean: Optional[list[float]] = None  # null = from the model's pretrained config, like image_size
     std: Optional[list[float]] = None
     shuffle_buffer: int = 500  # samples each loader reader shuffles among (on top of the shard order)
+
+
+@dataclass
+class SelfTrainConfig:
+    """Noisy Student self-training (Xie et al. 2020), read by distssl-selftrain only: round 0 is the run
+    the rest of the config describes; each later round's teacher (the round before) labels data.unlabeled,
+    its confident predictions join the human labels, and a noised student trains on both."""
+    rounds: int = 2  # round 0 (the configured run) and rounds - 1 students; --rounds sets it
+    student_model: Optional[str] = None  # the students' timm model (null = model.name); the paper's grow
+    # a teacher's calibrated confidence a pseudo-label needs: the paper keeps ImageNet predictions above 0.3
+    min_confidence: float = 0.3
+    # students keep the SSL loss on data.unlabeled (true) or learn from labels + pseudo-labels alone (false,
+    # the paper's Noisy Student)
+    ssl: bool = False
+    # the pseudo-labeled set's share beside the human labels in data.labeled (human weight 1);
+    # null = one list, every image once per epoch (the paper's combined set)
+    pseudo_weight: Optional[float] = None
+    # the student's noise, the paper's: RandAugment on its inputs (data.labeled_view=strong), dropout 0.5
+    # before the classifier, stochastic depth 0.2 (its survival probability 0.8 at the last layer)
+    strong_view: bool = True
+    drop_rate: float = 0.5
+    drop_path_rate: float = 0.2
+    # true: a student of the teacher's architecture starts from the teacher's weights; false (the paper's):
+    # from model.pretrained, or from scratch
+    init_from_teacher: bool = False
 
 
 @dataclass
@@ -179,6 +208,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
 
 
 # Keys that may change between a run and its resumption without breaking it.
@@ -188,7 +218,7 @@ RESUMABLE_CHANGES = {
     "deepspeed.timeout_minutes", "run.out_dir", "run.trace_shards", "run.preempt_signals",
     "run.loggers", "data.cache_dir", "data.cache_limit_gb",
     "train.num_workers",  # a resume with other loader readers continues the data exactly (data/position.py)
-}
+} | {f"selftrain.{f.name}" for f in dataclasses.fields(SelfTrainConfig)}  # distssl-selftrain's, not a run's
 
 
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
@@ -260,6 +290,14 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= o.cosine_fraction <= 0.5, "optim.cosine_fraction", o.cosine_fraction, "0..0.5 (7/16 in FixMatch)")
     _check(cfg.model.num_classes >= 2, "model.num_classes", cfg.model.num_classes, ">= 2")
     _check(0.0 <= cfg.model.drop_path_rate < 1.0, "model.drop_path_rate", cfg.model.drop_path_rate, "0..1")
+    _check(0.0 <= cfg.model.drop_rate < 1.0, "model.drop_rate", cfg.model.drop_rate, "0..1")
+    st = cfg.selftrain
+    _check(st.rounds >= 1, "selftrain.rounds", st.rounds, ">= 1 (1 = the configured run alone)")
+    _check(0.0 <= st.min_confidence <= 1.0, "selftrain.min_confidence", st.min_confidence, "0..1")
+    _check(st.pseudo_weight is None or st.pseudo_weight > 0, "selftrain.pseudo_weight", st.pseudo_weight,
+           "> 0, or null (every image once per epoch)")
+    _check(0.0 <= st.drop_rate < 1.0, "selftrain.drop_rate", st.drop_rate, "0..1")
+    _check(0.0 <= st.drop_path_rate < 1.0, "selftrain.drop_path_rate", st.drop_path_rate, "0..1")
     _check(t.micro_batch_size >= 0, "train.micro_batch_size", t.micro_batch_size, ">= 0 (0 = no accumulation)")
     _check(cfg.model.freeze_backbone_steps >= 0, "model.freeze_backbone_steps", cfg.model.freeze_backbone_steps, ">= 0")
     _check(o.backbone_lr_scale >= 0, "optim.backbone_lr_scale", o.backbone_lr_scale, ">= 0")

@@ -60,11 +60,14 @@ def _decode_or_none(raw: Raw, decode_bytes: Callable[[bytes], "object"]):
         return None
 
 
-def labeled_item(views: Views, label_maps: LabelMaps = None) -> Callable:
+def labeled_item(views: Views, label_maps: LabelMaps = None, strong: bool = False) -> Callable:
+    """The weak view and the label (``strong``: the strong view, a self-training student's input noise)."""
+    view = views.strong if strong else views.weak
+
     def make(raw: Raw, rng: random.Random) -> Optional[dict]:
         label = _mapped(_label(raw), raw, label_maps)
         img = _decode_or_none(raw, lambda data: views.base(data, rng)) if label is not None else None
-        return None if img is None else {"x": views.weak(img, rng), "y": label}
+        return None if img is None else {"x": view(img, rng), "y": label}
     return make
 
 

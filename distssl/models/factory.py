@@ -104,11 +104,11 @@ def fill_input_defaults(cfg) -> list[str]:
 
 
 def create_model(name: str, num_classes: int, pretrained: str | None = None, drop_path_rate: float = 0.0,
-                 grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False, drop_rate: float = 0.0):
     import timm
 
     try:
-        kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+        kwargs = {k: v for k, v in (("drop_path_rate", drop_path_rate), ("drop_rate", drop_rate)) if v}
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     except RuntimeError as e:
         raise ConfigError(f"model.name={name!r}: {e} (see timm.list_models())") from None

@@ -57,3 +57,52 @@ def _gathered(kept: list[tuple[torch.Tensor, torch.Tensor]], classes: int, devic
     logits = torch.cat([lg for lg, _ in kept]) if kept else torch.zeros(0, classes, device=device)
     labels = torch.cat([y for _, y in kept]) if kept else torch.zeros(0, dtype=torch.long, device=device)
     return {"logits": gather_rows(logits.float()).cpu(), "labels": gather_rows(labels.long()).cpu()}
+
+
+def per_class(logits: torch.Tensor, labels: torch.Tensor, names: list[str]) -> tuple[dict, torch.Tensor]:
+    """({class: {count, accuracy, recall, precision}}, the confusion matrix: rows true, columns predicted).
+    A class's accuracy is its recall (the share of its images predicted as it); both names are kept
+    because users look for either. None where a class has no image (or no prediction, for precision)."""
+    classes = logits.shape[1]
+    pred = logits.argmax(dim=1)
+    confusion = torch.bincount(labels.long() * classes + pred, minlength=classes * classes).view(classes, classes)
+    out = {}
+    for c in range(classes):
+        n, hits, called = int(confusion[c].sum()), int(confusion[c, c]), int(confusion[:, c].sum())
+        out[names[c] if c < len(names) else str(c)] = {
+            "count": n, "accuracy": hits / n if n else None, "recall": hits / n if n else None,
+            "precision": hits / called if called else None}
+    return out, confusion
+
+
+def plot_confusion(confusion: torch.Tensor, names: list[str], path) -> None:
+    """The confusion matrix as a picture, each row normalised by its class's count (up to 50 classes
+    labelled; more are drawn unlabelled)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from distssl import atomic
+
+    c = confusion.double()
+    rows = c / c.sum(dim=1, keepdim=True).clamp_min(1)
+    k = c.shape[0]
+    side = min(12.0, 2.5 + 0.35 * k)
+    fig, ax = plt.subplots(figsize=(side, side))
+    im = ax.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if k <= 50:
+        labels = [names[i] if i < len(names) else str(i) for i in range(k)]
+        ax.set_xticks(range(k), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(k), labels, fontsize=7)
+        if k <= 20:
+            for i in range(k):
+                for j in range(k):
+                    if c[i, j]:
+                        ax.text(j, i, int(c[i, j]), ha="center", va="center", fontsize=6,
+                                color="white" if rows[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title="eval confusion (rows: share of the true class)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)

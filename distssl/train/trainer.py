@@ -90,7 +90,7 @@ class Trainer:
                                       t.num_workers)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = create_model(cfg.model.name, cfg.model.num_classes, cfg.model.pretrained, cfg.model.drop_path_rate,
-                             cfg.model.grad_checkpointing)
+                             cfg.model.grad_checkpointing, cfg.model.drop_rate)
         # NHWC inputs are enough: cuDNN runs a convolution channels_last when its input is. The
         # parameters stay contiguous: DeepSpeed broadcasts them as byte views (which a channels_last
         # weight cannot give: "stride(-1) must be 1", seen on an H200) and ZeRO flattens them anyway.
@@ -225,31 +225,40 @@ class Trainer:
                 pass
         return self._sum_over_ranks([best if self.rank == 0 else 0.0])[0].item()
 
-    def export(self, last_eval: dict, name: str = outputs.WEIGHTS_NAME) -> Optional[Path]:
+    def export(self, last_eval: dict, name: str = outputs.WEIGHTS_NAME, calibration: Optional[dict] = None
+               ) -> Optional[Path]:
         """EMA weights -> out_dir/NAME.safetensors + NAME.json (every rank gathers, rank 0 writes): the final
         ones as model.*, the best eval's as model_best.* (as timm's CheckpointSaver keeps the best)."""
-        calibration = self._calibration() if name == outputs.WEIGHTS_NAME else {}
         state = gather_ema_state(self.engine.module, self.ema)
         if self.rank != 0:
             return None
         d = self.cfg.data
         meta = model_meta(self.cfg.model.name, self.cfg.model.num_classes, d.image_size, d.mean, d.std,
                           self.evalset.class_names or self.labeled.class_names or [],
-                          {"step": self.step, "eval_top1": last_eval.get("top1"), "weights": "ema", **calibration},
+                          {"step": self.step, "eval_top1": last_eval.get("top1"), "weights": "ema",
+                           **(calibration or {})},
                           crop_pct=self.views.eval_crop_pct, interpolation=self.views.interpolation)
         return write_export(state, meta, self.out / name)
 
-    def _calibration(self) -> dict:
-        """Collective: the softmax temperature of the final EMA weights, fitted on the eval set (temperature
-        scaling; distssl-predict applies it), with the eval's NLL and ECE before and after."""
+    def _final_details(self) -> dict:
+        """Collective: the final EMA weights on the eval set, per class (accuracy, precision, the confusion
+        matrix, on rank 0 as confusion.png) and their softmax temperature, fitted by temperature scaling
+        (distssl-predict applies it), with the eval's NLL and ECE before and after."""
         from distssl.predict.calibrate import calibrate
+        from distssl.train.evaluate import per_class, plot_confusion
 
         got = self.evaluate(keep_logits=True)
         if got["labels"].numel() == 0:
             return {}
+        names = self.evalset.class_names or self.labeled.class_names or []
+        classes, confusion = per_class(got["logits"], got["labels"], names)
         report = calibrate(got["logits"], got["labels"])
-        return {"temperature": report["temperature"], "temperature_fitted_on": f"data.eval ({self.cfg.data.eval})",
-                **{f"eval_{k}": report[k] for k in ("nll_before", "nll_after", "ece_before", "ece_after")}}
+        if self.rank == 0:
+            plot_confusion(confusion, names, self.out / "confusion.png")
+        calibration = {"temperature": report["temperature"],
+                       "temperature_fitted_on": f"data.eval ({self.cfg.data.eval})",
+                       **{f"eval_{k}": report[k] for k in ("nll_before", "nll_after", "ece_before", "ece_after")}}
+        return {"calibration": calibration, "per_class": classes}
 
     def _check_bad_fraction(self, samples_per_step: int, min_samples: int = 1000) -> None:
         """Bad samples are skipped and counted; too many of them means broken data, not bad luck."""
@@ -324,7 +333,8 @@ class Trainer:
         """(labeled batch, unlabeled batch or None) per step, from where the run state says each stream is."""
         cfg = self.cfg
         labeled = self._train_batches("labeled", self.labeled, self.B,
-                                      labeled_item(self.views, self.label_maps.get("labeled")))
+                                      labeled_item(self.views, self.label_maps.get("labeled"),
+                                                   strong=cfg.data.labeled_view == "strong"))
         if not self.uses_unlabeled:
             return ((lb, None) for lb in labeled)
         make = unlabeled_plan_item if cfg.data.augment_on == "device" else unlabeled_item
@@ -371,15 +381,23 @@ class Trainer:
                                 f"(from {self.out / 'summary.json'})")
                 metrics.close()
                 return written
-        exported = self.export(last_eval)
+        details = self._final_details()
+        exported = self.export(last_eval, calibration=details.get("calibration"))
         if exported is not None:
             metrics.message(f"exported EMA weights to {exported} (+ {outputs.META_NAME}; load with timm, see README); "
                             f"the best eval's ({100 * progress.best_top1:.2f}%) to {self.out / outputs.BEST_NAME}")
         if self.rank == 0:
             plot(self.out / "metrics.jsonl", self.out / "curves.png")
-            summary = {"step": self.step, **last_eval, "best_top1": progress.best_top1, "out_dir": str(self.out)}
+            summary = {"step": self.step, **last_eval, "best_top1": progress.best_top1, "out_dir": str(self.out),
+                       **details}
             atomic.write_text(self.out / "summary.json", json.dumps(summary, indent=1))
-            metrics.artifacts([self.out / n for n in ("config.yaml", "summary.json", "curves.png", outputs.WEIGHTS_NAME,
+            if details:  # per class and the calibration, to the trackers too
+                metrics.log("final_eval", self.step, {
+                    **{f"per_class/{name}/{k}": c[k] for name, c in details["per_class"].items()
+                       for k in ("accuracy", "precision")},
+                    **{k: v for k, v in details["calibration"].items() if isinstance(v, (int, float))}})
+            metrics.artifacts([self.out / n for n in ("config.yaml", "summary.json", "curves.png", "confusion.png",
+                                                      outputs.WEIGHTS_NAME,
                                                       outputs.META_NAME, outputs.BEST_NAME, outputs.BEST_META_NAME)])
         metrics.close()
         return last_eval
