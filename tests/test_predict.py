@@ -87,6 +87,12 @@ def test_ranks_split_the_parts_and_together_predict_each_image_once(tiny_data, e
     three, one = _rows(tmp_path / "three"), _rows(tmp_path / "one")
     assert len(three) == 600 and len({(r["key"], r["source"]) for r in three}) == 600
     assert sorted(three, key=lambda r: (r["source"], r["key"])) == sorted(one, key=lambda r: (r["source"], r["key"]))
+    # decoded by 2 loader processes (parts interleaved as they come): the same rows, part for part
+    results = predict_parts(predictor, parts, str(tmp_path / "workers"), 0, 1, 32, 2, CPU, progress=False, workers=2)
+    assert sorted(r.name for r in results) == sorted(p.name for p in parts)
+    for f in sorted((tmp_path / "one" / "parts").glob("*.parquet")):
+        mine = pq.read_table(tmp_path / "workers" / "parts" / f.name).to_pylist()
+        assert mine == pq.read_table(f).to_pylist()
 
 
 def test_a_raw_folder_is_read_directly_with_its_class_folders_as_true_labels(tiny_data, exported, tmp_path):

@@ -46,6 +46,9 @@ def main(argv=None) -> int:
                         "json keeps teacher, confidence, source, key and sha256): usable as data.labeled")
     p.add_argument("--min-confidence", type=float, default=0.95,
                    help="with --to-shards: the calibrated confidence a prediction needs (default 0.95)")
+    p.add_argument("--workers", type=int, default=-1,
+                   help="loader processes decoding images for each rank (0: in the rank's own process; default: "
+                        "the node's cores shared by its ranks, one kept for each rank, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a, _ = p.parse_known_args(argv)  # the deepspeed launcher adds --local_rank
     if a.batch_size < 1 or a.topk < 1 or a.part_size < 1:
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
     rank, world, local_rank = init_distributed(30)
     device = torch.device(f"cuda:{local_rank}") if use_cuda() else torch.device("cpu")
     job = PredictJob(a.model, a.data, a.out, a.batch_size, a.topk, a.part_size, a.calibrate_on, a.to_shards,
-                     a.min_confidence, progress=not a.quiet)
+                     a.min_confidence, progress=not a.quiet, workers=a.workers)
     try:
         summary = run_job(job, rank, world, device)
     except (UserError, FileNotFoundError, ValueError) as e:

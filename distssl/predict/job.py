@@ -33,6 +33,15 @@ class PredictJob:
     to_shards: Optional[str] = None
     min_confidence: float = 0.95
     progress: bool = True
+    workers: int = -1  # loader processes decoding for this rank; -1: the node's cores shared by its ranks
+
+
+def default_workers() -> int:
+    """A rank's share of the node's cores, one left for the rank itself, at most 8."""
+    import os
+
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)) or 1)
+    return min(8, max(1, (os.cpu_count() or 1) // ranks_here - 1))
 
 
 def _sum(values: list[float], device: torch.device) -> list[float]:
@@ -46,10 +55,12 @@ def run_job(job: PredictJob, rank: int, world: int, device: torch.device) -> Opt
     """Predict ``job``; rank 0 returns the summary (with ``pseudo_index`` when --to-shards), others None.
     Raises UserError / FileNotFoundError / ValueError for bad input, before any part is written."""
     predictor = load_predictor(job.model, device)
+    workers = default_workers() if job.workers < 0 else job.workers
     parts = make_parts(job.data, job.part_size)
     calibration = None
     if job.calibrate_on:  # every rank fits the same T on the same (small) set: no collective needed
-        logits, labels = labeled_logits(predictor, make_parts(job.calibrate_on, job.part_size), job.batch_size, device)
+        logits, labels = labeled_logits(predictor, make_parts(job.calibrate_on, job.part_size), job.batch_size, device,
+                                        workers)
         # drawn once: a finished job's rerun (its summary written) rewrites nothing, and its T is the same
         png = store.join(job.out, "reliability.png") if rank == 0 and "://" not in job.out and \
             not store.exists(store.join(job.out, "summary.json")) else None
@@ -61,7 +72,7 @@ def run_job(job: PredictJob, rank: int, world: int, device: torch.device) -> Opt
     check_temperature(job.out, parts, predictor.temperature)
     start = time.perf_counter()
     results = predict_parts(predictor, parts, job.out, rank, world, job.batch_size, job.topk, device,
-                            progress=job.progress)
+                            progress=job.progress, workers=workers)
     new_shards = 0
     if job.to_shards:
         for part in parts:

@@ -46,68 +46,105 @@ def label_map(part_names: list[str], model_names: list[str]) -> Optional[list[in
     return [where.get(n, -1) for n in part_names]
 
 
-def _decode(predictor: Predictor, data: bytes) -> Optional[torch.Tensor]:
-    try:
-        return predictor.views.eval(predictor.views.eval_image(data))
-    except Exception:  # an undecodable image: counted, never fatal
-        return None
+@dataclass
+class DecodedBatch:
+    """Up to a batch of one part's samples, decoded and eval-transformed (uint8), in a worker or in the
+    process: ``samples`` without their bytes, ``x`` None when none decoded, ``last`` on a part's final one."""
+    part: int
+    samples: list[Sample]
+    x: Optional[torch.Tensor]
+    skipped: int
+    last: bool
+
+
+def decoded_batches(views, part: Part, batch_size: int) -> Iterator[DecodedBatch]:
+    """``part``'s samples a batch at a time; an undecodable image is counted in ``skipped``, never fatal."""
+    samples, images, skipped = [], [], 0
+    for s in part_samples(part):
+        img = None
+        if s.data is not None:
+            try:
+                img = views.eval(views.eval_image(s.data))
+            except Exception:
+                img = None
+        if img is None:
+            skipped += 1
+            continue
+        samples.append(Sample(s.key, s.source, None, s.true_label, s.sha256))
+        images.append(img)
+        if len(images) == batch_size:
+            yield DecodedBatch(part.number, samples, torch.stack(images), skipped, False)
+            samples, images, skipped = [], [], 0
+    yield DecodedBatch(part.number, samples, torch.stack(images) if images else None, skipped, True)
+
+
+class PartBatches(torch.utils.data.IterableDataset):
+    """The decoded batches of ``parts``; with loader workers, worker w decodes parts w, w + W, ... whole."""
+
+    def __init__(self, views, parts: list[Part], batch_size: int):
+        self.views, self.parts, self.batch_size = views, parts, batch_size
+
+    def __iter__(self) -> Iterator[DecodedBatch]:
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        for part in self.parts[w::n]:
+            yield from decoded_batches(self.views, part, self.batch_size)
+
+
+def batches_of(predictor: Predictor, parts: list[Part], batch_size: int, workers: int) -> Iterator[DecodedBatch]:
+    """Decoded batches of ``parts``, in this process (``workers`` 0) or in up to ``workers`` loader
+    processes (each a part at a time: a part's batches arrive in order, parts interleaved)."""
+    dataset = PartBatches(predictor.views, parts, batch_size)
+    workers = min(workers, len(parts))
+    if workers == 0:
+        return iter(dataset)
+    from distssl.dist.preempt import ignore_in_worker
+
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4,
+                                            collate_fn=lambda b: b, worker_init_fn=ignore_in_worker))
 
 
 @torch.no_grad()
-def forward_part(predictor: Predictor, part: Part, batch_size: int, device: torch.device,
-                 skipped: list) -> Iterator[tuple[list[Sample], torch.Tensor]]:
-    """(samples, their logits on the CPU) a batch at a time; undecodable samples are appended to ``skipped``."""
-    pending: list[tuple[Sample, torch.Tensor]] = []
-
-    def run():
-        x = normalize(torch.stack([t for _, t in pending]).to(device), predictor.mean, predictor.std)
-        out = ([s for s, _ in pending], predictor.model(x).float().cpu())
-        pending.clear()
-        return out
-
-    for s in part_samples(part):
-        img = _decode(predictor, s.data) if s.data is not None else None
-        if img is None:
-            skipped.append(s)
-            continue
-        pending.append((s, img))
-        if len(pending) == batch_size:
-            yield run()
-    if pending:
-        yield run()
+def logits_of(predictor: Predictor, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return predictor.model(normalize(x.to(device, non_blocking=True), predictor.mean, predictor.std)).float().cpu()
 
 
-def predict_part(predictor: Predictor, part: Part, out: str, batch_size: int, topk: int,
-                 device: torch.device) -> PartResult:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+class PartRows:
+    """One part's output rows as they come, then its Parquet file (atomically)."""
 
-    start = time.perf_counter()
-    names = predictor.class_names
-    mapping = label_map(part.class_names, names)
-    k = min(topk, int(predictor.meta["num_classes"]))
-    cols: dict[str, list] = {c: [] for c in COLUMNS}
-    skipped: list = []
-    for samples, logits in forward_part(predictor, part, batch_size, device, skipped):
-        top = (logits / predictor.temperature).softmax(dim=1).topk(k, dim=1)
+    def __init__(self, predictor: Predictor, part: Part, topk: int):
+        self.predictor, self.part = predictor, part
+        self.mapping = label_map(part.class_names, predictor.class_names)
+        self.k = min(topk, int(predictor.meta["num_classes"]))
+        self.cols: dict[str, list] = {c: [] for c in COLUMNS}
+        self.skipped, self.started = 0, time.perf_counter()
+
+    def add(self, samples: list[Sample], logits: torch.Tensor) -> None:
+        names = self.predictor.class_names
+        top = (logits / self.predictor.temperature).softmax(dim=1).topk(self.k, dim=1)
         for s, ids, ps in zip(samples, top.indices.tolist(), top.values.tolist()):
-            label = model_label(s.true_label, mapping)
+            label = model_label(s.true_label, self.mapping)
             for c, v in (("key", s.key), ("source", s.source), ("sha256", s.sha256), ("pred", ids[0]),
                          ("pred_name", names[ids[0]] if ids[0] < len(names) else str(ids[0])),
                          ("confidence", ps[0]), ("topk_ids", ids), ("topk_probs", ps),
                          ("true_label", label if label >= 0 else None)):
-                cols[c].append(v)
-    schema = pa.schema([("key", pa.string()), ("source", pa.string()), ("sha256", pa.string()),
-                        ("pred", pa.int32()), ("pred_name", pa.string()), ("confidence", pa.float32()),
-                        ("topk_ids", pa.list_(pa.int32())), ("topk_probs", pa.list_(pa.float32())),
-                        ("true_label", pa.int32())])
-    table = pa.table(cols, schema=schema).replace_schema_metadata(
-        {"unreadable": str(len(skipped)), "temperature": repr(predictor.temperature)})
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    with store.atomic_write(part_url(out, part)) as f:
-        f.write(buf.getvalue())
-    return PartResult(part.name, table.num_rows, len(skipped), time.perf_counter() - start, True)
+                self.cols[c].append(v)
+
+    def write(self, out: str) -> PartResult:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pa.schema([("key", pa.string()), ("source", pa.string()), ("sha256", pa.string()),
+                            ("pred", pa.int32()), ("pred_name", pa.string()), ("confidence", pa.float32()),
+                            ("topk_ids", pa.list_(pa.int32())), ("topk_probs", pa.list_(pa.float32())),
+                            ("true_label", pa.int32())])
+        table = pa.table(self.cols, schema=schema).replace_schema_metadata(
+            {"unreadable": str(self.skipped), "temperature": repr(self.predictor.temperature)})
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        with store.atomic_write(part_url(out, self.part)) as f:
+            f.write(buf.getvalue())
+        return PartResult(self.part.name, table.num_rows, self.skipped, time.perf_counter() - self.started, True)
 
 
 def model_label(label: int, mapping: Optional[list[int]]) -> int:
@@ -117,17 +154,18 @@ def model_label(label: int, mapping: Optional[list[int]]) -> int:
     return mapping[label] if label < len(mapping) else -1
 
 
-def labeled_logits(predictor: Predictor, parts: list[Part], batch_size: int, device: torch.device
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def labeled_logits(predictor: Predictor, parts: list[Part], batch_size: int, device: torch.device,
+                   workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels in the model's order) of every sample of ``parts`` that has a true label."""
     logits, labels = [], []
-    for part in parts:
-        mapping = label_map(part.class_names, predictor.class_names)
-        for samples, out in forward_part(predictor, part, batch_size, device, []):
-            ys = torch.tensor([model_label(s.true_label, mapping) for s in samples])
-            keep = ys >= 0
-            logits.append(out[keep])
-            labels.append(ys[keep])
+    maps = {p.number: label_map(p.class_names, predictor.class_names) for p in parts}
+    for b in batches_of(predictor, parts, batch_size, workers):
+        if b.x is None:
+            continue
+        ys = torch.tensor([model_label(s.true_label, maps[b.part]) for s in b.samples])
+        keep = ys >= 0
+        logits.append(logits_of(predictor, b.x, device)[keep])
+        labels.append(ys[keep])
     if not logits or sum(len(y) for y in labels) == 0:
         raise ValueError("the calibration set has no sample with a true label (a cls, or a label the model knows)")
     return torch.cat(logits), torch.cat(labels)
@@ -151,23 +189,29 @@ def check_temperature(out: str, parts: list[Part], temperature: float) -> None:
 
 
 def predict_parts(predictor: Predictor, parts: list[Part], out: str, rank: int, world: int, batch_size: int,
-                  topk: int, device: torch.device, progress: bool = True) -> list[PartResult]:
+                  topk: int, device: torch.device, progress: bool = True, workers: int = 0) -> list[PartResult]:
+    """Predict this rank's parts that have no file yet (``workers`` loader processes decode them)."""
     from tqdm import tqdm
 
     mine = [p for p in parts if p.number % world == rank]
-    results = []
-    bar = tqdm(total=len(mine), desc=f"predict rank {rank}" if world > 1 else "predict", unit="part",
-               disable=not progress, position=rank if world > 1 else None)
+    todo = [p for p in mine if not store.exists(part_url(out, p))]
+    left = {p.number for p in todo}
+    results = [PartResult(p.name, 0, 0, 0.0, False) for p in mine if p.number not in left]  # an earlier launch's
+    bar = tqdm(total=len(mine), initial=len(results), desc=f"predict rank {rank}" if world > 1 else "predict",
+               unit="part", disable=not progress, position=rank if world > 1 else None)
+    by_number = {p.number: p for p in todo}
+    open_parts: dict[int, PartRows] = {}
     images, started = 0, time.perf_counter()
-    for part in mine:
-        if store.exists(part_url(out, part)):  # finished by an earlier launch: kept as it is
-            results.append(PartResult(part.name, 0, 0, 0.0, False))
-        else:
-            r = predict_part(predictor, part, out, batch_size, topk, device)
-            results.append(r)
-            images += r.rows
-        bar.update(1)
-        bar.set_postfix({"img/s": f"{images / max(time.perf_counter() - started, 1e-9):.0f}"})
+    for b in batches_of(predictor, todo, batch_size, workers):
+        rows = open_parts.setdefault(b.part, PartRows(predictor, by_number[b.part], topk))
+        if b.x is not None:
+            rows.add(b.samples, logits_of(predictor, b.x, device))
+            images += len(b.samples)
+        rows.skipped += b.skipped
+        if b.last:
+            results.append(open_parts.pop(b.part).write(out))
+            bar.update(1)
+        bar.set_postfix({"img/s": f"{images / max(time.perf_counter() - started, 1e-9):.0f}"}, refresh=False)
     bar.close()
     return results
 

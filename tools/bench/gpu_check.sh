@@ -6,15 +6,17 @@
 #                                GPU: DataLoader's pin-memory thread against the ring's pinned copy-out
 #   3. tools/bench/stream.py --imagenet   loader cores per GPU at 224 px on photo JPEGs, and the
 #                                time data.augment_on=device's views take on the GPU
-#   4. the demo, trained on the GPU through DeepSpeed's launcher (nccl, one rank), then the same with
+#   4. tools/bench/predict.py    distssl-predict's img/s on the GPU (ResNet-50 at 224 px) against the eval
+#                                loop over the same photo JPEGs, decoded in the process and by 8 workers
+#   5. the demo, trained on the GPU through DeepSpeed's launcher (nccl, one rank), then the same with
 #      data.crop=random_resized at 64 px and data.augment_on=device
 # Logs and the demo's summary go to $OUT (default runs/gpu-check).
 #
-#   bash tools/bench/gpu_check.sh [step] [stream] [imagenet] [demo]     (default: all four)
+#   bash tools/bench/gpu_check.sh [step] [stream] [imagenet] [predict] [demo]     (default: all five)
 # On a node without deepspeed/timm/mlxtend installed, put wheels in .whl/ first; they are installed
 # to /tmp/site (no network needed).
 set -u
-PARTS=" ${*:-step stream imagenet demo} "
+PARTS=" ${*:-step stream imagenet predict demo} "
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -40,6 +42,11 @@ fi
 if [[ $PARTS == *" imagenet "* ]]; then
   echo "== stream --imagenet"
   timeout 150 python3 tools/bench/stream.py --imagenet --quick 2>&1 | tail -30 | tee "$OUT/imagenet_stream.log"
+fi
+if [[ $PARTS == *" predict "* ]]; then
+  echo "== predict"
+  timeout 150 python3 tools/bench/predict.py --model resnet50 --count 2400 --batch 128 --workers 8 --rounds 2 2>&1 \
+    | tail -12 | tee "$OUT/predict.log"
 fi
 [[ $PARTS == *" demo "* ]] || exit 0
 echo "== demo on the GPU"
