@@ -164,6 +164,12 @@ class DataConfig:
     # decode and crop; flip, pad crop, RandAugment and Cutout run batched on the training device, with
     # every random choice still drawn from the sample's seed, so resume stays exact)
     augment_on: Literal["loader", "device"] = "loader"
+    # where the training images' JPEGs are decoded: "loader" (worker processes), or "device": workers read
+    # the shards and draw each sample's crop box and view choices, and ship the JPEG bytes; the trainer
+    # decodes each batch with torchvision's batched decode_jpeg (nvJPEG on a GPU), crops, resizes and makes
+    # the views there (so it implies augment_on=device, for the labeled stream too). Images that are not
+    # JPEG are decoded in the loader as before. On a CPU-only machine keep "loader" (docs/benchmarks.md)
+    decode_on: Literal["loader", "device"] = "loader"
     # the labeled images' view: "weak" (flip and crop, FixMatch's) or "strong" (RandAugment + Cutout on top:
     # Noisy Student's input noise on a student's labels and pseudo-labels)
     labeled_view: Literal["weak", "strong"] = "weak"

@@ -22,6 +22,9 @@ import torch
 
 _ALIGN = 64  # every tensor starts on a cache line (and any dtype's alignment)
 RING_KEY = "__ring__"
+# batch keys whose per-sample 1-d tensors differ in length (undecoded image bytes): a batch holds them
+# as one flat tensor and their lengths as "<key>_lengths"
+RAGGED_PREFIX = "bytes_"
 
 
 def _aligned_bytes(t: torch.Tensor, n: int) -> int:
@@ -48,10 +51,14 @@ class RingWriter:
     def collate(self, items: list[dict]) -> dict:
         n = len(items)
         tensor_keys = [k for k, v in items[0].items() if isinstance(v, torch.Tensor)]
-        need = sum(_aligned_bytes(items[0][k], n) for k in tensor_keys)
+        ragged = {k: [it[k] for it in items] for k in tensor_keys if k.startswith(RAGGED_PREFIX)}
+        for k, vals in ragged.items():  # one flat tensor, stacked as a batch of one
+            items[0] = {**items[0], k: torch.cat(vals)}
+        need = sum(_aligned_bytes(items[0][k], 1 if k in ragged else n) for k in tensor_keys)
         handle = None
         if self.data is None or need > self.data.shape[1]:  # first batch, or a larger one: new slots
-            self._allocate(need)
+            # ragged batches vary in size: room for a quarter more, so a slightly larger one fits
+            self._allocate(need + need // 4 if ragged else need)
             handle = (self.data, self.consumed)
         # the slot's previous batch (produced - slots) must have been copied out
         while int(self.consumed[0]) < self.produced - self.slots + 1:
@@ -62,6 +69,12 @@ class RingWriter:
         buf, off, layout, msg = self.data[slot], 0, {}, {}
         for k in tensor_keys:
             first = items[0][k]
+            if k in ragged:
+                buf[off:off + first.nbytes].view(first.dtype).copy_(first)
+                layout[k] = (off, first.dtype, tuple(first.shape))
+                msg[f"{k}_lengths"] = [v.numel() for v in ragged[k]]
+                off += _aligned_bytes(first, 1)
+                continue
             size = first.nbytes * n
             dst = buf[off:off + size].view(first.dtype).view(n, *first.shape)
             torch.stack([it[k] for it in items], out=dst)

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from distssl.data.device_augment import strong_plan, weak_plan
+from distssl.data.device_decode import encoded_base
 from distssl.data.index import IMAGE_KEYS, SampleIds
 from distssl.data.streams import Raw
 from distssl.data.transforms import Views, to_uint8
@@ -115,6 +116,34 @@ def unlabeled_plan_item(views: Views, label_maps: LabelMaps = None, ids: Optiona
                  for v in order}
         return {"base": to_uint8(img), **plans, "y_true": _meta_label(raw, label_maps),
                 "idx": sample_id(raw, ids)}
+    return make
+
+
+def labeled_encoded_item(views: Views, label_maps: LabelMaps = None, strong: bool = False) -> Callable:
+    """``data.decode_on=device``: the labeled sample undecoded (a JPEG's bytes and crop box) and the
+    random choices of its view, drawn in the loader path's order; the trainer decodes it and makes the view."""
+    plan = strong_plan if strong else weak_plan
+
+    def make(raw: Raw, rng: random.Random) -> Optional[dict]:
+        label = _mapped(_label(raw), raw, label_maps)
+        base = _decode_or_none(raw, lambda data: encoded_base(views, data, rng)) if label is not None else None
+        return None if base is None else {**base, "plan_x": torch.tensor(plan(views, rng)), "y": label}
+    return make
+
+
+def unlabeled_encoded_item(views: Views, label_maps: LabelMaps = None, ids: Optional[SampleIds] = None,
+                           wanted: tuple[str, ...] = ("weak", "strong")) -> Callable:
+    """``data.decode_on=device``: as ``unlabeled_plan_item``, with the JPEG's bytes and crop box in place
+    of the decoded base."""
+    order = _in_draw_order(wanted)
+
+    def make(raw: Raw, rng: random.Random) -> Optional[dict]:
+        base = _decode_or_none(raw, lambda data: encoded_base(views, data, rng))
+        if base is None:
+            return None
+        plans = {f"plan_{v}": torch.tensor(strong_plan(views, rng) if v == "strong" else weak_plan(views, rng))
+                 for v in order}
+        return {**base, **plans, "y_true": _meta_label(raw, label_maps), "idx": sample_id(raw, ids)}
     return make
 
 

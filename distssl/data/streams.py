@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from distssl.data import store
 from distssl.data.index import ShardSet
 from distssl.data.position import StreamPlan, Unit, reader_groups, replan, unit_size
-from distssl.data.ring import RingReader, RingWriter
+from distssl.data.ring import RAGGED_PREFIX, RingReader, RingWriter
 from distssl.data.tar import tar_members
 
 log = logging.getLogger(__name__)
@@ -354,7 +354,9 @@ def collate(items: list[dict]) -> dict:
     out = {}
     for k in items[0]:
         vals = [it[k] for it in items]
-        if not isinstance(vals[0], torch.Tensor):
+        if k.startswith(RAGGED_PREFIX):  # per-sample lengths differ (undecoded image bytes): one flat tensor
+            out[k], out[f"{k}_lengths"] = torch.cat(vals), torch.tensor([v.numel() for v in vals])
+        elif not isinstance(vals[0], torch.Tensor):
             out[k] = torch.tensor(vals)
         elif in_worker:
             first = vals[0]

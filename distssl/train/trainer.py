@@ -32,10 +32,17 @@ from distssl import ssl as algorithms
 from distssl.checkpoint import layout as ckpt
 from distssl.checkpoint.state import Checkpoints, RunState
 from distssl.config import Config, ConfigError, dump_yaml, redacted_dict, resume_conflicts
-from distssl.data import device_augment
+from distssl.data import device_augment, device_decode
 from distssl.data.cache import cache_for
 from distssl.data.index import ShardSet, resolve
-from distssl.data.samples import eval_item, labeled_item, unlabeled_item, unlabeled_plan_item
+from distssl.data.samples import (
+    eval_item,
+    labeled_encoded_item,
+    labeled_item,
+    unlabeled_encoded_item,
+    unlabeled_item,
+    unlabeled_plan_item,
+)
 from distssl.data.streams import DataError, EvalStream, StreamPlan, TrainStream, loader
 from distssl.data.transforms import Views, normalize
 from distssl.dist.collectives import sum_numbers
@@ -149,17 +156,30 @@ class Trainer:
         x = normalize(t.to(self.device, non_blocking=True), self.mean, self.std).to(self.dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def views_on_device(self, ub: dict) -> dict:
-        """data.augment_on=device: the unlabeled views made here from the loader's base crops and the
-        random choices it drew for them."""
+    def views_on_device(self, b: dict, strong: tuple[str, ...] = ("strong",)) -> dict:
+        """data.augment_on=device: the views made here from the loader's base crops and the random choices
+        it drew for them (``plan_NAME`` -> ``NAME``; the ``strong`` names get the strong view)."""
         v = self.views
-        base = ub.pop("base").to(self.device, non_blocking=True)
+        base = b.pop("base").to(self.device, non_blocking=True)
         pad = device_augment.pad_pixels(v)
-        for name in [k[len("plan_"):] for k in list(ub) if k.startswith("plan_")]:
-            plan = ub.pop(f"plan_{name}")
-            ub[name] = (device_augment.apply_strong(base, plan, pad, v.randaugment_ops, v.cutout_fraction)
-                        if name == "strong" else device_augment.apply_weak(base, plan, pad))
-        return ub
+        for name in [k[len("plan_"):] for k in list(b) if k.startswith("plan_")]:
+            plan = b.pop(f"plan_{name}")
+            b[name] = (device_augment.apply_strong(base, plan, pad, v.randaugment_ops, v.cutout_fraction)
+                       if name in strong else device_augment.apply_weak(base, plan, pad))
+        return b
+
+    def decode_on_device(self, b: Optional[dict]) -> Optional[dict]:
+        """data.decode_on=device: the batch's JPEGs decoded here and cropped to their bases (the labeled
+        batch's view made too); files the device cannot decode count as skipped."""
+        if b is None or "bytes_image" not in b:
+            return b
+        b["base"], bad = device_decode.decode_batch(
+            b.pop("bytes_image"), b.pop("bytes_image_lengths"), b.pop("decoded"), b.pop("box"),
+            self.views.image_size, self.views.interpolation, self.device)
+        b["skipped"] = b.get("skipped", 0) + bad
+        if "plan_x" in b:  # the labeled batch: its one view
+            b = self.views_on_device(b, strong=("x",) if self.cfg.data.labeled_view == "strong" else ())
+        return b
 
     def train_step(self, lb: dict, ub: Optional[dict]) -> dict:
         """One step: forward the views, the algorithm's loss, backward/step; returns its stats (plus lr)."""
@@ -311,7 +331,7 @@ class Trainer:
         batches = self._batches()
         self._watch_peers()
         while self.step < t.steps:
-            lb, ub = next(batches)
+            lb, ub = (self.decode_on_device(b) for b in next(batches))
             skipped = float(lb.pop("skipped", 0) + (ub.pop("skipped", 0) if ub else 0))
             stats = self.train_step(lb, ub)
             # one all-reduce per step carries both: every rank learns of a preemption at the same step
@@ -332,12 +352,15 @@ class Trainer:
     def _batches(self) -> Iterator[tuple[dict, Optional[dict]]]:
         """(labeled batch, unlabeled batch or None) per step, from where the run state says each stream is."""
         cfg = self.cfg
+        on_device = cfg.data.decode_on == "device"  # the JPEGs decoded here, so the views made here too
         labeled = self._train_batches("labeled", self.labeled, self.B,
-                                      labeled_item(self.views, self.label_maps.get("labeled"),
-                                                   strong=cfg.data.labeled_view == "strong"))
+                                      (labeled_encoded_item if on_device else labeled_item)(
+                                          self.views, self.label_maps.get("labeled"),
+                                          strong=cfg.data.labeled_view == "strong"))
         if not self.uses_unlabeled:
             return ((lb, None) for lb in labeled)
-        make = unlabeled_plan_item if cfg.data.augment_on == "device" else unlabeled_item
+        make = unlabeled_encoded_item if on_device else \
+            unlabeled_plan_item if cfg.data.augment_on == "device" else unlabeled_item
         unlabeled = self._train_batches("unlabeled", self.unlabeled, self.B * cfg.ssl.mu,
                                         make(self.views, self.label_maps.get("unlabeled"),
                                              self.unlabeled.sample_ids(), self.algorithm.needs.views))
