@@ -18,9 +18,12 @@ ImageNet recipe's 224-px views (one random-resized crop, bicubic, as the base of
 CPU a GPU's feed costs: everything a loader worker does per labeled and per unlabeled sample (tar
 read, shard mixing, shuffle, decode, crop, views, collate; one thread), times the images one GPU
 consumes per step (32 labeled + 32 x mu unlabeled) over --step-ms. Options: the loader path,
-``device_*`` (data.augment_on=device: workers decode and crop only), ``pad_orig`` (the old CIFAR-style
-path at 224 px, for comparison). Ends with RESULT cores_per_gpu=<the recipe's shards, loader path>
-cores_per_gpu_<option>=...
+``device_*`` (data.augment_on=device: workers decode and crop only), ``decode_device_*``
+(data.decode_on=device: workers read, parse the JPEG header and draw the crop and view choices; the
+trainer decodes), ``pad_orig`` (the old CIFAR-style path at 224 px, for comparison); and the trainer's
+own time per step with decode_on=device on this machine's device. Ends with RESULT
+cores_per_gpu=<the recipe's shards, loader path> cores_per_gpu_decode_device=<the same shards, decoded
+on the device> cores_per_gpu_<option>=... trainer_decode_ms_per_step=...
 
 Also: the CPU cost of handing one batch from a worker to the trainer, torch's DataLoader hand-over
 against distssl's shared-memory ring (distssl/data/ring.py); the CPU per sample of the stream with
@@ -241,12 +244,57 @@ def device_views_ms(views, batch: int, rounds: int = 3) -> float:
     return 1e3 * statistics.median(times[1:])
 
 
+def device_decode_ms(sets: dict, views, lab_batch: int, unl_batch: int, recipe_max_size: int,
+                     rounds: int = 3) -> dict:
+    """ms the trainer spends per step with data.decode_on=device: one labeled and one unlabeled batch of
+    the recipe's shards decoded (batched decode_jpeg), cropped, resized and made into their views, on
+    this machine's default device."""
+    import torch
+
+    from distssl.data import device_augment as dev
+    from distssl.data.device_decode import decode_batch
+    from distssl.data.index import resolve
+    from distssl.data.samples import labeled_encoded_item, unlabeled_encoded_item
+    from distssl.data.streams import TrainStream
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    folder = sets.get(f"max{recipe_max_size}", sets["orig"])
+    batches = []
+    for which, make, n in (("labeled", labeled_encoded_item(views), lab_batch),
+                           ("unlabeled", unlabeled_encoded_item(views), unl_batch)):
+        stream = TrainStream(resolve(str(folder / which)), rank=0, world_size=1, batch_size=n, seed=0,
+                             shuffle_buffer=64, make_item=make)
+        batches.append(next(iter(stream)))
+    pad = dev.pad_pixels(views)
+    times = []
+    for _ in range(rounds + 1):
+        t = time.perf_counter()
+        for b in batches:
+            base, _ = decode_batch(b["bytes_image"], b["bytes_image_lengths"], b["decoded"], b["box"],
+                                   views.image_size, views.interpolation, device)
+            for name in [k for k in b if k.startswith("plan_")]:
+                if name == "plan_strong":
+                    dev.apply_strong(base, b[name].to(device), pad, views.randaugment_ops, views.cutout_fraction)
+                else:
+                    dev.apply_weak(base, b[name].to(device), pad)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return {"ms": 1e3 * statistics.median(times[1:]), "device": str(device)}
+
+
 def imagenet(a) -> int:
     """ImageNet mode: photo JPEGs at ImageNet's sizes, 224-px views, the CPU a GPU's feed costs."""
     import torch
 
     from distssl.data import store
-    from distssl.data.samples import labeled_item, unlabeled_item, unlabeled_plan_item
+    from distssl.data.samples import (
+        labeled_encoded_item,
+        labeled_item,
+        unlabeled_encoded_item,
+        unlabeled_item,
+        unlabeled_plan_item,
+    )
     from distssl.data.transforms import Views
     from distssl.shards import ImageOptions, make_shards
 
@@ -263,8 +311,10 @@ def imagenet(a) -> int:
                     image=ImageOptions(max_size=size, format="jpg" if size else None), progress=False)
         sets[name] = tmp / name
     recipe = dict(crop="random_resized", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic")
-    pipelines = {"": Views(224, **recipe), "device": Views(224, **recipe),
+    pipelines = {"": Views(224, **recipe), "device": Views(224, **recipe), "decode_device": Views(224, **recipe),
                  "pad": Views(224, flip=True, pad_fraction=0.125, crop="pad", interpolation="bilinear")}
+    builders = {"device": (labeled_item, unlabeled_plan_item),
+                "decode_device": (lambda v: labeled_encoded_item(v), unlabeled_encoded_item)}
     lab_batch, unl_batch = a.micro_batch, a.micro_batch * a.mu
     step_s = a.step_ms / 1e3
     batches = 3 if a.quick else 10
@@ -274,8 +324,8 @@ def imagenet(a) -> int:
             if pname == "pad" and name != "orig":
                 continue  # the old path, once, for comparison
             key = f"{pname}_{name}" if pname else name
-            make_unlabeled = unlabeled_plan_item if pname == "device" else unlabeled_item
-            lab = cpu_ms_per_sample(str(folder / "labeled"), labeled_item(views), lab_batch, 4 * batches, 16)
+            make_labeled, make_unlabeled = builders.get(pname, (labeled_item, unlabeled_item))
+            lab = cpu_ms_per_sample(str(folder / "labeled"), make_labeled(views), lab_batch, 4 * batches, 16)
             unl = cpu_ms_per_sample(str(folder / "unlabeled"), make_unlabeled(views), unl_batch, batches, 16)
             need = (lab_batch * lab + unl_batch * unl) / 1e3 / step_s  # CPU seconds per second per GPU
             cores[f"cores_per_gpu_{key}"] = need
@@ -298,9 +348,17 @@ def imagenet(a) -> int:
     print(f"\naugment_on=device: the views of {unl_batch} unlabeled images made on this machine's CPU in "
           f"{device_ms:.0f} ms ({device_ms / unl_batch:.2f} ms per image, one thread); on a GPU this is "
           f"device time, measured by tools/bench/gpu_check.sh")
+    decode_ms = device_decode_ms(sets, pipelines["decode_device"], lab_batch, unl_batch, a.recipe_max_size)
+    print(f"decode_on=device: the trainer's side of one step ({lab_batch} + {unl_batch} images: batched decode_jpeg, "
+          f"crops, resizes and the views) on this machine's {decode_ms['device']}: {decode_ms['ms']:.0f} ms "
+          f"({decode_ms['ms'] / (lab_batch + unl_batch):.2f} ms per image, {torch.get_num_threads()} thread(s)); "
+          "on a CPU-only machine that is the training process's time, so keep data.decode_on=loader there")
     recipe_key = f"cores_per_gpu_max{a.recipe_max_size}"
-    result(cores_per_gpu=cores.get(recipe_key, cores["cores_per_gpu_orig"]), **cores, step_ms=a.step_ms,
-           labeled_per_step=lab_batch, unlabeled_per_step=unl_batch)
+    result(cores_per_gpu=cores.get(recipe_key, cores["cores_per_gpu_orig"]),
+           cores_per_gpu_decode_device=cores.get(f"cores_per_gpu_decode_device_max{a.recipe_max_size}",
+                                                 cores["cores_per_gpu_decode_device_orig"]),
+           **cores, step_ms=a.step_ms, labeled_per_step=lab_batch, unlabeled_per_step=unl_batch,
+           trainer_decode_ms_per_step=decode_ms["ms"])
     return 0
 
 
