@@ -56,3 +56,20 @@ def test_empty_unlabeled_batch_gives_the_supervised_loss_not_nan():
     loss, stats = fixmatch_loss(logits_x, y, torch.zeros(0, 5), torch.zeros(0, 5), tau=0.95, lambda_u=1.0)
     assert loss.item() == pytest.approx(F.cross_entropy(logits_x, y).item())
     assert math.isnan(stats["mask_rate"])
+
+
+def test_step_stats_stay_on_the_device_until_the_log_interval_reads_them_back_at_once():
+    """The loss's stats are tensors (no host sync per step); averaging micro-batches and steps keeps NaN out
+    (no masked pseudo-label in a step), and one read-back gives floats."""
+    from distssl.train.progress import nanmean_by_key, read_back
+
+    steps = [{"loss": torch.tensor(2.0), "pseudo_acc": torch.tensor(float("nan")), "lr": 0.1},
+             {"loss": torch.tensor(1.0), "pseudo_acc": torch.tensor(0.5), "lr": 0.1},
+             {"loss": torch.tensor(3.0), "pseudo_acc": float("nan"), "lr": 0.2}]
+    means = nanmean_by_key({k: [s[k] for s in steps] for k in steps[0]})
+    assert isinstance(means["loss"], torch.Tensor) and isinstance(means["lr"], float)
+    got = read_back(means)
+    assert got == {"loss": 2.0, "pseudo_acc": 0.5, "lr": pytest.approx(0.4 / 3)}
+    assert all(isinstance(v, float) for v in got.values())
+    none = read_back(nanmean_by_key({"pseudo_acc": [torch.tensor(float("nan"))]}))
+    assert math.isnan(none["pseudo_acc"])

@@ -217,15 +217,16 @@ class ThresholdRule(Algorithm):
             loss_u = self.unlabeled_loss(logits_s, probs, w)
         extra, extra_stats = self.extra_loss(logits_s, w)
         loss = loss_x + self.lambda_u * loss_u + extra
-        stats = {"loss": float(loss.detach()), "loss_x": float(loss_x.detach()), "loss_u": float(loss_u.detach()),
-                 "mask_rate": float((w > 0).float().mean()) if w.numel() else float("nan"),
-                 "weight_mean": float(w.mean()) if w.numel() else float("nan"), **extra_stats, **x_stats}
+        # stats stay tensors on the device: the loop reads them back once per log interval, not per step
+        stats = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
+                 "mask_rate": (w > 0).float().mean() if w.numel() else float("nan"),
+                 "weight_mean": w.mean() if w.numel() else float("nan"), **extra_stats, **x_stats}
         if true_u is not None:
             known = true_u >= 0
             correct = (pseudo == true_u) & known
             masked_known = known & (w > 0)
-            stats["pseudo_acc"] = float(correct[masked_known].float().mean()) if masked_known.any() else float("nan")
-            stats["pseudo_acc_all"] = float(correct[known].float().mean()) if known.any() else float("nan")
+            stats["pseudo_acc"] = share(correct & masked_known, masked_known)
+            stats["pseudo_acc_all"] = share(correct, known)
         return loss, stats
 
     @torch.no_grad()
@@ -251,6 +252,12 @@ class RampedConfig:
     def validate(self, check: Callable) -> None:
         check(self.weight >= 0, "weight", self.weight, ">= 0")
         check(0.0 <= self.rampup <= 1.0, "rampup", self.rampup, "a fraction of train.steps, 0..1")
+
+
+def share(hits: torch.Tensor, of: torch.Tensor) -> torch.Tensor:
+    """hits.sum() / of.sum() of two boolean masks, as a tensor (NaN when ``of`` is empty): no host sync,
+    where indexing by a mask or ``if mask.any()`` would wait for the device."""
+    return hits.sum().float() / of.sum().float()
 
 
 def ema(old: torch.Tensor, new: torch.Tensor, momentum: float) -> torch.Tensor:
@@ -279,10 +286,9 @@ class Consistency(Algorithm):
             loss_u, extra, guessed, own = self.consistency(fw)
         w = ramp_up(fw.step, fw.total_steps, self.rampup)
         loss = loss_x + self.lambda_u * self.weight * w * loss_u + extra
-        stats = {"loss": float(loss.detach()), "loss_x": float(loss_x.detach()), "loss_u": float(loss_u.detach()),
+        stats = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
                  "consistency_weight": self.lambda_u * self.weight * w, **own}
         if fw.true_u is not None and guessed.numel():
             known = fw.true_u >= 0
-            stats["pseudo_acc_all"] = (float((guessed == fw.true_u)[known].float().mean()) if known.any()
-                                       else float("nan"))
+            stats["pseudo_acc_all"] = share((guessed == fw.true_u) & known, known)
         return loss, stats

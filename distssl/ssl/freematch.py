@@ -69,7 +69,7 @@ class FreeMatch(ThresholdRule):
         if self.fairness_weight <= 0 or logits_s.shape[0] == 0:
             return logits_s.new_zeros(()), {}
         fair = fairness_loss(logits_s, w, self.p_model, self.label_hist)
-        return self.fairness_weight * fair, {"loss_fair": float(fair.detach()), "threshold": self.time_p}
+        return self.fairness_weight * fair, {"loss_fair": fair.detach(), "threshold": self.time_p}
 
     def update(self, probs: torch.Tensor, ids: Optional[torch.Tensor]) -> None:
         max_p, pseudo = probs.max(dim=1)

@@ -127,7 +127,7 @@ class TemporalEnsembling(Consistency):
         self._pending.append((rows, made_of.detach().float().cpu()))
         self._device = logits.device
         guessed = torch.where(known, target.argmax(dim=1), probs.detach().argmax(dim=1))
-        return per_sample.mean(), logits.new_zeros(()), guessed, {"target_rate": float(known.float().mean())}
+        return per_sample.mean(), logits.new_zeros(()), guessed, {"target_rate": known.float().mean()}
 
     @torch.no_grad()
     def end_step(self) -> None:

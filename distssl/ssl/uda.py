@@ -74,4 +74,4 @@ class UDA(ThresholdRule):
         p_correct = logits_x.detach().softmax(dim=1).gather(1, targets_x[:, None]).squeeze(1)
         keep = (p_correct <= eta).float()
         return (per_sample * keep).sum() / keep.sum().clamp_min(1.0), {"tsa_threshold": eta,
-                                                                      "tsa_kept": float(keep.mean())}
+                                                                      "tsa_kept": keep.mean()}

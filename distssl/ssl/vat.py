@@ -96,4 +96,4 @@ class VAT(Consistency):
         loss_vat = kl_with_logits(logits.detach(), fw.perturbed(x.detach() + r_adv))
         ent = entropy(logits)
         return (loss_vat, self.entropy_weight * ent, logits.detach().argmax(dim=1),
-                {"loss_entropy": float(ent.detach())})
+                {"loss_entropy": ent.detach()})

@@ -6,15 +6,32 @@ import math
 import time
 
 import numpy as np
+import torch
 
 from distssl.dist.peers import write_heartbeat
 from distssl.models import export as outputs
 from distssl.tracking.metrics import MetricsWriter
 
 
-def nanmean_by_key(values: dict[str, list[float]]) -> dict[str, float]:
-    """Mean of each key ignoring NaNs (e.g. pseudo-label accuracy when no label passed tau); NaN if all are."""
-    return {k: float("nan") if all(math.isnan(x) for x in v) else float(np.nanmean(v)) for k, v in values.items()}
+def nanmean_by_key(values: dict[str, list]) -> dict:
+    """Mean of each key ignoring NaNs (e.g. pseudo-label accuracy when no label passed tau); NaN if all are.
+    A key with device tensors among its values gets a device tensor: reading it waits for the device."""
+    out: dict = {}
+    for k, v in values.items():
+        on = next((x.device for x in v if isinstance(x, torch.Tensor)), None)
+        if on is None:
+            out[k] = float("nan") if all(math.isnan(x) for x in v) else float(np.nanmean(v))
+        else:
+            out[k] = torch.stack([x.detach().float().reshape(()) if isinstance(x, torch.Tensor)
+                                  else torch.tensor(float(x), device=on) for x in v]).nanmean()
+    return out
+
+
+def read_back(values: dict) -> dict[str, float]:
+    """Every tensor of ``values`` to the host in one copy (one wait for the device, not one per key)."""
+    keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    got = dict(zip(keys, torch.stack([values[k].float().reshape(()) for k in keys]).tolist())) if keys else {}
+    return {k: got.get(k, v) for k, v in values.items()}
 
 
 class Progress:
@@ -30,25 +47,29 @@ class Progress:
         self.samples_per_step = cfg.train.batch_size * (1 + mu)
         self.best_top1 = trainer._best_top1()
         self.last_eval: dict = {}
-        self.acc: dict[str, list[float]] = {}
+        self.acc: dict[str, list] = {}
+        self.shown: dict = {}
         self.t0, self.step0 = time.time(), trainer.step
 
     def step(self, stats: dict) -> None:
+        """One step's stats (device tensors among them): kept, and read back once per run.log_every steps,
+        so that the loop does not wait for the device every step; the bar shows the last interval's."""
         tr = self.trainer
         for k, v in stats.items():
             self.acc.setdefault(k, []).append(v)
         img_s = self.images_per_step * (tr.step - self.step0) / max(1e-9, time.time() - self.t0)
-        # the pseudo-label rules' mask rate, or the consistency methods' ramped weight
-        shown = ({"mask": stats["mask_rate"]} if "mask_rate" in stats else
-                 {"weight": stats["consistency_weight"]} if "consistency_weight" in stats else {})
-        self.metrics.progress(tr.step, {"loss": stats["loss"], **shown, "img/s": round(img_s)})
         if tr.step % self.log_every == 0 or tr.step == tr.cfg.train.steps:
             write_heartbeat(tr.out, tr.rank, tr.step)
-            rec = nanmean_by_key(self.acc)
+            rec = read_back(nanmean_by_key(self.acc))
             rec.update({"img_s": img_s, "data/skipped": tr.state.skipped_total,
                         "data/samples": tr.step * self.samples_per_step})
             self.metrics.log("train", tr.step, rec)
             self.acc = {}
+            # the pseudo-label rules' mask rate, or the consistency methods' ramped weight
+            self.shown = {"loss": rec["loss"], **({"mask": rec["mask_rate"]} if "mask_rate" in rec else
+                                                  {"weight": rec["consistency_weight"]}
+                                                  if "consistency_weight" in rec else {})}
+        self.metrics.progress(tr.step, {**self.shown, "img/s": round(img_s)})
 
     def evaluated(self, result: dict) -> None:
         tr = self.trainer

@@ -194,7 +194,7 @@ class Trainer:
                 loss = F.cross_entropy(engine(self._to(x)).float(), y.to(self.device))
                 engine.backward(loss)  # DeepSpeed divides by the accumulation steps
                 engine.step()  # applies the update only at the accumulation boundary
-                per_micro.append({"loss": float(loss.detach()), "loss_x": float(loss.detach())})
+                per_micro.append({"loss": loss.detach(), "loss_x": loss.detach()})
         else:
             # the algorithm weighs each micro-batch with its state (and DA's p_model) as of the step
             # start and updates them once per step from the whole global batch (end_step), so they
