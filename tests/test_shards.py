@@ -349,3 +349,13 @@ def test_shards_are_webdatasets_webdataset_reads_unchanged(tiny_data):
         assert int(s["cls"]) == _json.loads(s["json"])["label"]
     data = shard.read_bytes()
     assert list(webdataset_members(io.BytesIO(data))) == list(tar_members(io.BytesIO(data)))
+
+
+def test_an_eval_fraction_that_holds_out_nothing_is_refused_before_writing(tmp_path):
+    """About 3 images per class at --eval-fraction 0.02: round(0.02 x size) = 0 in every class. Found by a GPU check's
+    set-up, where numpy's split of an empty eval set raised 'number sections must be larger than 0'."""
+    export_digits(tmp_path / "raw", n_train=30, n_eval=0)
+    with pytest.raises(ValueError, match=r"--eval-fraction 0.02 holds out no image.*largest has \d+"):
+        make_shards(str(tmp_path / "raw/train"), str(tmp_path / "out"), labels_per_class=1, eval_fraction=0.02,
+                    min_shards=4, progress=False)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.tar"))

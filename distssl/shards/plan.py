@@ -112,6 +112,8 @@ def plan_shards(listing: Listing, idx: np.ndarray, seed: int, max_count: int,
     near-equal parts (20 inputs in 8: 3,3,3,3,2,2,2,2)."""
     order = _rng(seed, 3, generation).permutation(idx) if len(idx) else idx
     parts = [order]
+    if len(order) == 0:
+        return []
     if min_shards > 1 and -(-len(order) // max_count) < min_shards:
         parts = [p for p in np.array_split(order, min(min_shards, len(order))) if len(p)]
     shards = []
@@ -176,6 +178,11 @@ def plan_first(listing: Listing, opts: SplitOptions, verify: Callable[[list[int]
     seen: dict[str, int] = {}
     if opts.eval_fraction:
         members["eval"], idx = split_eval(listing, idx, opts.eval_fraction, opts.seed)
+        if len(members["eval"]) == 0:  # round(fraction x class size) is 0 for every class
+            largest = max(int((listing.labels[idx] == c).sum()) for c in np.unique(listing.labels[idx]))
+            raise ValueError(f"--eval-fraction {opts.eval_fraction} holds out no image: each class holds out "
+                             f"round({opts.eval_fraction} x its size) and the largest has {largest}; give a fraction "
+                             f"of at least {0.5 / max(1, largest):.3g}, or build the eval set from its own folder")
         if opts.dedup:
             members["eval"], dup_where["eval"] = first_copies(members["eval"], shas, seen)
     if opts.dedup:

@@ -8,15 +8,19 @@
 #                                time data.augment_on=device's views take on the GPU
 #   4. tools/bench/predict.py    distssl-predict's img/s on the GPU (ResNet-50 at 224 px) against the eval
 #                                loop over the same photo JPEGs, decoded in the process and by 8 workers
-#   5. the demo, trained on the GPU through DeepSpeed's launcher (nccl, one rank), then the same with
+#   5. feed: the ImageNet recipe (ResNet-50, 224 px, bf16, 32 + 160 + 160 per step) trained for 30 steps on
+#      photo-JPEG shards, with 4 and with 16 loader workers, decoding in the loader and on the GPU
+#      (data.decode_on=device): end-to-end img/s each (metrics.jsonl's img_s)
+#   6. the demo, trained on the GPU through DeepSpeed's launcher (nccl, one rank), then the same with
 #      data.crop=random_resized at 64 px and data.augment_on=device
 # Logs and the demo's summary go to $OUT (default runs/gpu-check).
 #
-#   bash tools/bench/gpu_check.sh [step] [stream] [imagenet] [predict] [demo]     (default: all five)
+#   bash tools/bench/gpu_check.sh [step] [stream] [imagenet] [predict] [feed] [demo]     (default: all six;
+#   ~14 min in all: give it one part at a time when less device time is left)
 # On a node without deepspeed/timm/mlxtend installed, put wheels in .whl/ first; they are installed
 # to /tmp/site (no network needed).
 set -u
-PARTS=" ${*:-step stream imagenet predict demo} "
+PARTS=" ${*:-step stream imagenet predict feed demo} "
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -47,6 +51,31 @@ if [[ $PARTS == *" predict "* ]]; then
   echo "== predict"
   timeout 150 python3 tools/bench/predict.py --model resnet50 --count 2400 --batch 128 --workers 8 --rounds 2 2>&1 \
     | tail -12 | tee "$OUT/predict.log"
+fi
+if [[ $PARTS == *" feed "* ]]; then
+  echo "== feed: end-to-end img/s, 4 against 16 loader workers, decoding in the loader and on the GPU"
+  timeout 120 python3 - /tmp/feed <<'PY'
+import sys; sys.path.insert(0, "tools/bench")
+from pathlib import Path
+from common import photo_jpegs
+from distssl.shards import ImageOptions, make_shards
+root = Path(sys.argv[1]); photo_jpegs(root / "raw", 3000, classes=100)
+make_shards(str(root / "raw"), str(root / "shards"), labels_per_class=10, eval_fraction=0.02, min_shards=16,
+            image=ImageOptions(max_size=320, format="jpg"), progress=False)
+PY
+  for decode in loader device; do
+    for workers in 4 16; do
+      timeout 110 python3 -m deepspeed.launcher.runner --num_gpus 1 launch/train.py --config configs/imagenet.yaml \
+        run.out_dir=/tmp/feed/run-$decode-$workers data.labeled=/tmp/feed/shards/labeled \
+        data.unlabeled=/tmp/feed/shards/unlabeled data.eval=/tmp/feed/shards/eval model.num_classes=100 \
+        train.batch_size=32 train.steps=30 train.eval_every=0 train.ckpt_every=0 run.log_every=10 \
+        train.num_workers=$workers data.decode_on=$decode data.shuffle_buffer=500 run.loggers=[] \
+        > "$OUT/feed-$decode-$workers.log" 2>&1
+      echo "decode_on=$decode workers=$workers exit $?: $(grep '"train"' /tmp/feed/run-$decode-$workers/metrics.jsonl \
+        2>/dev/null | tail -1 | python3 -c 'import json,sys; d=json.loads(sys.stdin.read() or "{}"); print("img_s", d.get("img_s"))')" \
+        | tee -a "$OUT/feed.log"
+    done
+  done
 fi
 [[ $PARTS == *" demo "* ]] || exit 0
 echo "== demo on the GPU"
