@@ -10,7 +10,7 @@ from conftest import ROOT
 SCRIPTS = {"distssl-train": "launch/train.py", "distssl-tune": "launch/tune.py",
            "distssl-shards": "tools/make_shards.py", "distssl-export": "tools/export_model.py",
            "distssl-inspect": "tools/inspect_shards.py", "distssl-supervise": "launch/supervise.py",
-           "distssl-predict": "launch/predict.py"}
+           "distssl-predict": "launch/predict.py", "distssl-selftrain": "launch/selftrain.py"}
 
 
 @pytest.mark.slow
