@@ -8,10 +8,10 @@ directory with ``fs.walk`` rather than in one recursive call.
 from __future__ import annotations
 
 import csv
-import io as _io
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -41,70 +41,107 @@ def _protocol_prefix(src: str) -> str:
     return src.split("://", 1)[0] + "://" if "://" in src and not src.startswith("file://") else ""
 
 
-def list_folder(src: str, unlabeled: bool) -> Listing:
+@dataclass
+class Rows:
+    """A source listed one input at a time: (key relative to ``base``, listed size or 0, label text or
+    None). ``by_folder``: the labels are class folders, and keys outside one are dropped when labeled.
+    What the in-memory listing (``list_inputs``) and the partitioned one (distssl.shards.partitions) both
+    consume, so they cannot disagree on what a source holds."""
+    base: str
+    rows: Iterator[tuple[str, int, Optional[str]]]
+    by_folder: bool
+
+
+def folder_rows(src: str) -> Rows:
+    """A folder's images, read directory by directory with ``fs.walk`` (never one recursive listing)."""
     fs, root = store.filesystem(src)
     if not fs.isdir(root):
         raise FileNotFoundError(f"{store.redact(src)}: no such folder of images (or the bucket/prefix is empty)")
     root = root.rstrip("/")
-    rels, sizes = [], []
-    for dirpath, _dirs, files in fs.walk(root, detail=True):
-        for name, info in files.items():
-            if os.path.splitext(name)[1].lower() not in IMAGE_EXTS:
-                continue
-            full = info.get("name") or f"{dirpath}/{name}"
-            rels.append(full[len(root) + 1:] if full.startswith(root + "/") else full)
-            sizes.append(int(info.get("size") or 0))
-    order = sorted(range(len(rels)), key=rels.__getitem__)
-    rels = [rels[i] for i in order]
-    sizes_arr = np.asarray(sizes, dtype=np.int64)[order] if rels else np.zeros(0, dtype=np.int64)
-    base = _protocol_prefix(src) + root
-    if unlabeled:
-        return Listing(base, rels, np.full(len(rels), -1, dtype=np.int64), sizes_arr)
-    keep = [i for i, r in enumerate(rels) if "/" in r]
-    if not keep:
-        raise ValueError(f"{store.redact(src)}: no class subfolders (SRC/<class>/*.jpg); pass --unlabeled for a "
-                         f"flat folder of images, or give a CSV/JSONL manifest")
-    rels = [rels[i] for i in keep]
-    classes = sorted({r.split("/", 1)[0] for r in rels})
-    ids = {c: k for k, c in enumerate(classes)}
-    labels = np.asarray([ids[r.split("/", 1)[0]] for r in rels], dtype=np.int64)
-    return Listing(base, rels, labels, sizes_arr[keep], classes)
+
+    def rows():
+        for dirpath, _dirs, files in fs.walk(root, detail=True):
+            for name, info in files.items():
+                if os.path.splitext(name)[1].lower() not in IMAGE_EXTS:
+                    continue
+                full = info.get("name") or f"{dirpath}/{name}"
+                rel = full[len(root) + 1:] if full.startswith(root + "/") else full
+                yield rel, int(info.get("size") or 0), rel.split("/", 1)[0] if "/" in rel else None
+    return Rows(_protocol_prefix(src) + root, rows(), True)
 
 
-def list_manifest(src: str) -> Listing:
+def manifest_rows(src: str) -> Rows:
     """CSV (header with ``path`` or ``url``, optional ``label``), JSONL or Parquet with the same keys, or a
     Parquet table whose image column holds the images themselves (``datasets``' ``{bytes, path}``
     struct, or raw bytes): then each row is an input ``TABLE.parquet#row=N``. Relative paths are taken
-    relative to the manifest's folder; labels may be names or ids."""
+    relative to the manifest's folder; labels may be names or ids. Read as a stream (CSV/JSONL line by
+    line, Parquet a row group at a time)."""
     base = src.rsplit("/", 1)[0] if "/" in src else "."
     if src.lower().endswith(".parquet"):
-        rels, raw_labels = _parquet_rows(src)
-    else:
-        text = store.read_bytes(src).decode("utf-8")
-        if src.lower().endswith(".csv"):
-            rows = list(csv.DictReader(_io.StringIO(text)))
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        if not rows:
-            raise ValueError(f"{store.redact(src)}: the manifest has no rows")
-        key = "path" if "path" in rows[0] else "url" if "url" in rows[0] else None
-        if key is None:
-            raise ValueError(f"{store.redact(src)}: manifest rows need a 'path' or 'url' column "
-                             f"(found {list(rows[0])})")
-        rels = [str(r[key]) for r in rows]
-        raw_labels = [r.get("label") for r in rows]
-    if all(lb is None or lb == "" for lb in raw_labels):
-        return Listing(base, rels, np.full(len(rels), -1, dtype=np.int64), np.zeros(len(rels), dtype=np.int64))
-    names = sorted({str(lb) for lb in raw_labels if lb not in (None, "")},
-                   key=lambda s: (0, int(s)) if s.lstrip("-").isdigit() else (1, s))
-    ids = {n: i for i, n in enumerate(names)}
-    labels = np.asarray([ids[str(lb)] if lb not in (None, "") else -1 for lb in raw_labels], dtype=np.int64)
-    return Listing(base, rels, labels, np.zeros(len(rels), dtype=np.int64), names)
+        return Rows(base, ((rel, 0, label) for rel, label in _parquet_rows(src)), False)
+    fs, path = store.filesystem(src)
+
+    def rows():
+        with store.retry(fs.open, path, "rt", encoding="utf-8", what=src) as f:
+            if src.lower().endswith(".csv"):
+                records = csv.DictReader(f)
+            else:
+                records = (json.loads(line) for line in f if line.strip())
+            key, n = None, 0
+            for r in records:
+                if key is None:
+                    key = "path" if "path" in r else "url" if "url" in r else None
+                    if key is None:
+                        raise ValueError(f"{store.redact(src)}: manifest rows need a 'path' or 'url' column "
+                                         f"(found {list(r)})")
+                label = r.get("label")
+                n += 1
+                yield str(r[key]), 0, None if label in (None, "") else str(label)
+            if n == 0:
+                raise ValueError(f"{store.redact(src)}: the manifest has no rows")
+    return Rows(base, rows(), False)
 
 
-def _parquet_rows(src: str) -> tuple[list[str], list]:
-    """(inputs, raw labels) of a Parquet manifest or image table, read a row group at a time and only
-    the columns needed: a table of embedded images is listed without reading one image."""
+def source_rows(src: str) -> Rows:
+    return manifest_rows(src) if src.lower().endswith(MANIFEST_EXTS) else folder_rows(src)
+
+
+def class_order(names) -> list[str]:
+    """Class names in id order: folders alphabetically, manifest labels numerically where they are ids."""
+    return sorted(names, key=lambda s: (0, int(s)) if s.lstrip("-").isdigit() else (1, s))
+
+
+def no_class_folders(src: str) -> ValueError:
+    return ValueError(f"{store.redact(src)}: no class subfolders (SRC/<class>/*.jpg); pass --unlabeled for a "
+                      f"flat folder of images, or give a CSV/JSONL manifest")
+
+
+def list_inputs(src: str, unlabeled: bool = False) -> Listing:
+    """The whole source in one compact listing: a folder's keys sorted, a manifest's in its order."""
+    listed = source_rows(src)
+    rels, sizes, texts = [], [], []
+    for rel, size, label in listed.rows:
+        if listed.by_folder and label is None and not unlabeled:
+            continue  # outside any class folder
+        rels.append(rel)
+        sizes.append(size)
+        texts.append(None if unlabeled else label)
+    if listed.by_folder and not unlabeled and not rels:
+        if any(True for _ in source_rows(src).rows):
+            raise no_class_folders(src)
+    order = sorted(range(len(rels)), key=rels.__getitem__) if listed.by_folder else list(range(len(rels)))
+    rels = [rels[i] for i in order]
+    sizes_arr = np.asarray(sizes, dtype=np.int64)[order] if rels else np.zeros(0, dtype=np.int64)
+    named = {t for t in texts if t is not None}
+    names = sorted(named) if listed.by_folder else class_order(named)
+    ids = {n: k for k, n in enumerate(names)}
+    labels = np.asarray([ids[texts[i]] if texts[i] is not None else -1 for i in order], dtype=np.int64)
+    return Listing(listed.base, rels, labels.reshape(-1), sizes_arr, names)
+
+
+def _parquet_rows(src: str) -> Iterator[tuple[str, Optional[str]]]:
+    """(input, label text or None) of a Parquet manifest or image table, read a row group at a time and
+    only the columns needed: a table of embedded images is listed without reading one image."""
     import pyarrow.parquet as pq
 
     from distssl.shards.inputs import embedded_ref, image_column
@@ -119,26 +156,16 @@ def _parquet_rows(src: str) -> tuple[list[str], list]:
             raise ValueError(f"{store.redact(src)}: a Parquet input needs a 'path' or 'url' column (a manifest) "
                              f"or an image column (binary, or a struct with binary 'bytes'): found {names}")
         label = "label" if "label" in names else None
-        rels, labels = [], []
+        n = 0
         for g in range(table.metadata.num_row_groups):
             cols = [c for c in (key, label) if c]
             part = table.read_row_group(g, columns=cols) if cols else None
-            n = table.metadata.row_group(g).num_rows
-            if key is not None:
-                rels += [str(v) for v in part.column(key).to_pylist()]
-            else:  # each row is an input of its own, named by its row in the table
-                rels += [embedded_ref(os.path.basename(path), len(rels) + i) for i in range(n)]
-            labels += part.column(label).to_pylist() if label else [None] * n
-    if not rels:
+            rows = table.metadata.row_group(g).num_rows
+            rels = ([str(v) for v in part.column(key).to_pylist()] if key is not None else
+                    [embedded_ref(os.path.basename(path), n + i) for i in range(rows)])  # a row, an input
+            labels = part.column(label).to_pylist() if label else [None] * rows
+            for rel, lb in zip(rels, labels):
+                yield rel, None if lb in (None, "") else str(lb)
+            n += rows
+    if n == 0:
         raise ValueError(f"{store.redact(src)}: the manifest has no rows")
-    return rels, labels
-
-
-def list_inputs(src: str, unlabeled: bool = False) -> Listing:
-    if src.lower().endswith(MANIFEST_EXTS):
-        listing = list_manifest(src)
-        if unlabeled:
-            listing.labels[:] = -1
-            listing.class_names = []
-        return listing
-    return list_folder(src, unlabeled)
