@@ -2,7 +2,6 @@
 each a resumable run folder, and a rerun of finished rounds trains and rewrites nothing."""
 import json
 import subprocess
-import sys
 
 import pytest
 
@@ -10,7 +9,7 @@ from conftest import ROOT, tiny_overrides
 from distssl.config import load_config
 from distssl.data.spec import data_sources
 from distssl.predict.selftrain import PSEUDO, round_config
-from distssl.testing import launch_env
+from distssl.testing import deepspeed_command, launch_env
 
 
 def _base(tmp_path, *extra):
@@ -61,11 +60,13 @@ def test_bad_selftrain_values_are_refused_by_name(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_rounds_run_from_one_command_and_a_rerun_trains_nothing(tiny_data, tmp_path):
+@pytest.mark.distributed
+def test_two_rounds_run_from_one_command_on_two_ranks_and_a_rerun_trains_nothing(tiny_data, tmp_path):
+    """Two ranks: rank 1 must not predict with round 0's model before rank 0 has exported it."""
     root = tmp_path / "st"
     args = tiny_overrides(tiny_data, root, **{"train.steps": 12, "train.eval_every": 0, "train.ckpt_every": 6,
                                               "selftrain.min_confidence": 0.0})
-    cmd = [sys.executable, str(ROOT / "launch/selftrain.py"), "--rounds", "2", *args]
+    cmd = deepspeed_command(ROOT / "launch/selftrain.py", ["--rounds", "2", *args], nproc=2)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=launch_env())
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     record = json.loads((root / "selftrain.json").read_text())["rounds"]

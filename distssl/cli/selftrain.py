@@ -96,6 +96,7 @@ def _rounds(a) -> int:
         code, result = train_with_exit_codes(cfg)
         if code:
             return code
+        torch.distributed.barrier()  # rank 0 exports the round's model after the others are done training
         if rank == 0:
             entry = selftrain.round_entry(cfg, k, result, pseudo)
             record = [r for r in record if r["round"] != k] + [entry]
