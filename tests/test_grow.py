@@ -53,6 +53,13 @@ def _add_images(src: Path, donor: Path, n: int, prefix: str) -> list[Path]:
     return added
 
 
+@pytest.fixture(params=["whole", "partitioned"])
+def part(request) -> list[str]:
+    """The builder's options for one listing in memory, or listed, planned and recorded in partitions of
+    about 60 keys (the path of buckets too large for one process, distssl.shards.partitions)."""
+    return [] if request.param == "whole" else ["--partition-keys", "60"]
+
+
 @pytest.fixture
 def raw(tmp_path):
     export_digits(tmp_path / "raw", n_train=400, n_eval=60, seed=3)
@@ -60,9 +67,10 @@ def raw(tmp_path):
 
 
 @pytest.mark.slow
-def test_source_grown_after_a_killed_build_is_refused_then_extended_exactly_once(raw, tmp_path):
+def test_source_grown_after_a_killed_build_is_refused_then_extended_exactly_once(raw, tmp_path, part):
     src, dst = raw / "train", tmp_path / "shards"
-    cmd = [sys.executable, str(ROOT / "tools/make_shards.py"), src, dst, "--unlabeled", "--max-count", "10", "--quiet"]
+    cmd = [sys.executable, str(ROOT / "tools/make_shards.py"), src, dst, "--unlabeled", "--max-count", "10", "--quiet",
+           *part]
     proc = subprocess.Popen(list(map(str, cmd)))
     deadline = time.time() + 120
     while not list(dst.glob("shard-*.stats.json")) and time.time() < deadline and proc.poll() is None:
@@ -70,16 +78,17 @@ def test_source_grown_after_a_killed_build_is_refused_then_extended_exactly_once
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (dst / "build.json").exists() and not (dst / "index.json").exists(), "the build was not killed mid-way"
+    planned = json.loads((dst / "build.json").read_text())["generations"][0]["sets"][""]["shards"]
     written = len(list(dst.glob("shard-*.stats.json")))
-    assert 0 < written < 40
+    assert 0 < written < planned and planned >= 40
 
     _add_images(src, raw / "eval", 30, "new_")
     before = _tree(dst)
-    r = _cli(src, dst, "--unlabeled", "--max-count", 10)
+    r = _cli(src, dst, "--unlabeled", "--max-count", 10, *part)
     assert r.returncode == 2 and "30 inputs added, 0 removed" in r.stderr and "--extend" in r.stderr, r.stderr
     assert _tree(dst) == before  # refused before writing anything
 
-    r = _cli(src, dst, "--unlabeled", "--max-count", 10, "--extend")
+    r = _cli(src, dst, "--unlabeled", "--max-count", 10, "--extend", *part)
     assert r.returncode == 0, r.stderr
     index = json.loads((dst / "index.json").read_text())
     samples = _samples(dst)
@@ -88,19 +97,20 @@ def test_source_grown_after_a_killed_build_is_refused_then_extended_exactly_once
     assert Counter(s["sha256"] for s in samples) == _source_hashes(src)
     assert all(s["sha256"] == s["stored_sha256"] for s in samples)
     # the killed plan was finished as planned: its shards first, the 30 new images after them
-    assert [s["name"] for s in index["shards"]][:40] == [f"shard-{i:06d}.tar" for i in range(40)]
-    assert sum(s["count"] for s in index["shards"][40:]) == 30
+    assert [s["name"] for s in index["shards"]][:planned] == [f"shard-{i:06d}.tar" for i in range(planned)]
+    assert sum(s["count"] for s in index["shards"][:planned]) == 400
+    assert sum(s["count"] for s in index["shards"][planned:]) == 30
 
     done = _tree(dst)
-    r = _cli(src, dst, "--unlabeled", "--max-count", 10)  # the extended build is now the recorded one
+    r = _cli(src, dst, "--unlabeled", "--max-count", 10, *part)  # the extended build is now the recorded one
     assert r.returncode == 0, r.stderr
     assert _tree(dst) == done
 
 
 @pytest.mark.slow
-def test_extend_a_finished_split_build_keeps_labels_and_reports_removed_and_known_content(raw, tmp_path):
+def test_extend_a_finished_split_build_keeps_labels_and_reports_removed_and_known_content(raw, tmp_path, part):
     src, dst = raw / "train", tmp_path / "shards"
-    args = [src, dst, "--labels-per-class", 2, "--eval-fraction", 0.1, "--max-count", 25]
+    args = [src, dst, "--labels-per-class", 2, "--eval-fraction", 0.1, "--max-count", 25, *part]
     assert _cli(*args).returncode == 0
     labeled_before = _tree(dst / "labeled")
     old_unlabeled = {p.name: p.read_bytes() for p in (dst / "unlabeled").glob("shard-*.tar")}
@@ -108,8 +118,9 @@ def test_extend_a_finished_split_build_keeps_labels_and_reports_removed_and_know
     _add_images(src, raw / "eval", 40, "new_")
     copy_of_existing = src / "5" / "renamed.png"
     shutil.copy(sorted((src / "5").glob("*.png"))[0], copy_of_existing)  # same bytes, new name
-    gone = sorted((src / "7").glob("*.png"))[-1]
-    gone.unlink()
+    labeled = {s["path"] for s in _samples(dst / "labeled")}
+    gone = next(p for p in sorted((src / "7").glob("*.png"))[::-1] if f"7/{p.name}" not in labeled)
+    gone.unlink()  # an unlabeled one: the labeled set, its index included, must stay as it is
     r = _cli(*args)
     assert r.returncode == 2 and "41 inputs added, 1 removed" in r.stderr, r.stderr
     r = _cli(*args, "--extend")
@@ -148,14 +159,14 @@ def test_options_changed_since_the_build_are_refused_with_what_changed(raw, tmp_
 
 
 @pytest.mark.slow
-def test_dedup_keeps_the_eval_copy_then_the_labeled_one_and_counts_the_rest(raw, tmp_path):
+def test_dedup_keeps_the_eval_copy_then_the_labeled_one_and_counts_the_rest(raw, tmp_path, part):
     src = raw / "train"
     originals = sorted(src.rglob("*.png"))[:15]
     for i, p in enumerate(originals):  # exact copies under new names, in the same class
         shutil.copy(p, p.parent / f"copy_{i:02d}.png")
     shutil.copy(originals[0], originals[0].parent / "copy_again.png")
     dst = tmp_path / "dd"
-    r = _cli(src, dst, "--labels-per-class", 3, "--eval-fraction", 0.2, "--max-count", 40, "--dedup")
+    r = _cli(src, dst, "--labels-per-class", 3, "--eval-fraction", 0.2, "--max-count", 40, "--dedup", *part)
     assert r.returncode == 0, r.stderr
     samples = {s: _samples(dst / s) for s in ("eval", "labeled", "unlabeled")}
     where: dict[str, list[str]] = {}

@@ -88,6 +88,10 @@ def _main(argv=None) -> int:
     out.add_argument("--extend", action="store_true",
                      help="add the source's new inputs to an existing build as new shards (existing shards and the "
                           "labeled split stay as they are; index.json gets the new totals)")
+    out.add_argument("--partition-keys", type=int, default=500_000,
+                     help="a source of more keys is listed, planned and recorded in partitions of about this many "
+                          "(by a hash of the key), one in memory at a time, spilled to the local temp folder "
+                          "($TMPDIR; ~100 bytes a key); the splits stay exact and stratified (default 500000)")
     out.add_argument("--dry-run", action="store_true", help="print the plan (counts, shards) and write nothing")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
@@ -99,7 +103,8 @@ def _main(argv=None) -> int:
 
     opts = BuildOptions(labels_per_class=a.labels_per_class, label_fraction=a.label_fraction,
                         eval_fraction=a.eval_fraction, unlabeled=a.unlabeled, seed=a.seed, max_count=a.max_count,
-                        min_shards=a.min_shards,                        labeled_in_unlabeled=not a.exclude_labeled,
+                        min_shards=a.min_shards, labeled_in_unlabeled=not a.exclude_labeled,
+                        partition_keys=a.partition_keys,
                         max_shard_bytes=int(a.max_shard_bytes) if a.max_shard_bytes else None,
                         image=ImageOptions(a.max_size, a.format, a.quality), workers=a.workers,
                         dedup=a.dedup, extend=a.extend, ray_address=a.ray_address,

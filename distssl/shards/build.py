@@ -15,9 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
-from dataclasses import asdict, dataclass
-from typing import Optional
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -25,7 +28,9 @@ from distssl.data import store
 from distssl.data.index import FORMAT, INDEX_NAME
 from distssl.shards.images import ImageOptions, process_image
 from distssl.shards.inputs import read_input
-from distssl.shards.listing import Listing, list_inputs
+from distssl.shards.listing import Listing
+from distssl.shards.partitions import PartitionedListing, diff_partitioned, from_listing, list_partitioned
+from distssl.shards.partplan import PartPlanner
 from distssl.shards.plan import SplitOptions, plan_extension, plan_first, set_order
 from distssl.shards.record import (
     RECORD_NAME,
@@ -35,6 +40,7 @@ from distssl.shards.record import (
     option_changes,
     read_record,
     write_generation,
+    write_partitioned_generation,
 )
 from distssl.shards.runners import make_runner
 from distssl.shards.writer import ShardJob, read_stats, run_job
@@ -60,6 +66,9 @@ class BuildOptions:
     extend: bool = False  # add the source's new inputs to a finished (or unfinished) build
     workers: int = 1
     ray_address: Optional[str] = None  # run the shard jobs as tasks on this Ray cluster ("auto", HOST:PORT)
+    # listings of more keys are listed, planned and recorded in partitions of about this many keys (by a hash
+    # of the key): no process holds more than one partition's (distssl.shards.partitions)
+    partition_keys: int = 500_000
     dry_run: bool = False
     progress: bool = True
 
@@ -82,6 +91,8 @@ class BuildOptions:
             raise ValueError("label and eval splits need classes: they cannot be combined with --unlabeled")
         if self.workers < 1:
             raise ValueError("--workers must be >= 1")
+        if self.partition_keys < 1:
+            raise ValueError("--partition-keys must be >= 1")
         if self.image.format not in (None, "jpg", "png", "webp"):
             raise ValueError("--format must be jpg, png or webp")
         if self.image.max_size is not None and self.image.max_size < 8:
@@ -128,71 +139,94 @@ def is_labeled_set(name: str, options: dict) -> bool:
     return name != "unlabeled" and not options["unlabeled"]
 
 
-def _jobs(dst: str, record: Record, base: str, image: ImageOptions) -> dict[str, list[ShardJob]]:
-    """Every shard of every generation, by set, as the record planned it."""
-    out: dict[str, list[ShardJob]] = {}
-    for gen in record.generations:
-        for name, plan in gen.sets.items():
-            k = plan.first_key
-            for n, members in enumerate(plan.shards):
-                keys = [f"{k + j:09d}" for j in range(len(members))]
-                k += len(members)
-                out.setdefault(name, []).append(ShardJob(
-                    set_url(dst, name), plan.first_shard + n, keys, [input_url(base, gen.rels[i]) for i in members],
-                    [gen.rels[i] for i in members], [gen.labels[i] for i in members],
-                    is_labeled_set(name, record.options), image))
-    return out
+def run_set_job(job: ShardJob) -> dict:
+    """A shard job's stats, with the set it belongs to (shard names repeat from set to set)."""
+    return {**run_job(job), "set_url": job.set_url}
 
 
-def _complete(jobs: dict[str, list[ShardJob]], runner, progress: bool,
-              known: Optional[dict[str, dict[str, dict]]] = None) -> dict[str, dict[str, dict]]:
-    """Write every shard without stats; returns the stats of all shards, by set and shard name
-    (``known``: stats already read, not read again)."""
+def _part_jobs(dst: str, part, options: dict, base: str, image: ImageOptions) -> Iterator[tuple[str, ShardJob]]:
+    """Every shard of one part of the record, (set name, job), as it planned them."""
+    for name in set_order(part.sets):
+        plan = part.sets[name]
+        k = plan.first_key
+        for n, members in enumerate(plan.shards):
+            keys = [f"{k + j:09d}" for j in range(len(members))]
+            k += len(members)
+            yield name, ShardJob(set_url(dst, name), plan.first_shard + n, keys,
+                                 [input_url(base, part.rels[i]) for i in members], [part.rels[i] for i in members],
+                                 [part.labels[i] for i in members], is_labeled_set(name, options), image)
+
+
+@dataclass
+class SetTotals:
+    """What a set's index needs of its shards' stats, summed as they come (no per-shard class counts kept:
+    a 100M-key build has 100k shards)."""
+    shards: list[dict] = field(default_factory=list)  # name, count, bytes
+    hist: dict[int, int] = field(default_factory=dict)
+    failures: list[dict] = field(default_factory=list)
+    done: set = field(default_factory=set)
+
+    def add(self, st: dict) -> None:
+        if st["name"] in self.done:
+            return
+        self.done.add(st["name"])
+        self.shards.append({"name": st["name"], "count": st["count"], "bytes": st["bytes"]})
+        for k, v in st["class_counts"].items():
+            self.hist[int(k)] = self.hist.get(int(k), 0) + v
+        self.failures += st["failures"]
+
+
+def _complete(dst: str, record: Record, base: str, image: ImageOptions, runner, progress: bool,
+              generations: Optional[range] = None) -> dict[str, SetTotals]:
+    """Write every shard of the record without stats, a part at a time (its jobs only in memory); returns
+    each set's totals over all its shards."""
     from tqdm import tqdm
 
-    out: dict[str, dict[str, dict]] = {}
-    for name in set_order(jobs):
-        stats, todo, failed, t0 = {}, [], 0, time.time()
-        label = name or "set"
-        bar = tqdm(total=sum(len(j.keys) for j in jobs[name]), desc=f"shards {label}", unit="img",
-                   disable=not progress, dynamic_ncols=True)
-        for job in jobs[name]:  # complete shards (stats present) are counted, not rewritten
-            st = (known or {}).get(name, {}).get(job.name) or read_stats(job.set_url, job.stats_name)
+    planned: dict[str, int] = {}
+    for head in record.heads:
+        for name, v in head["sets"].items():
+            planned[name] = planned.get(name, 0) + v["planned"]
+    totals = {name: SetTotals() for name in set_order(planned)}
+    bar = tqdm(total=sum(planned.values()), desc="shards", unit="img", disable=not progress, dynamic_ncols=True)
+    failed, written, t0 = 0, 0, time.time()
+    for _, part in record.parts(generations):
+        todo = []
+        for name, job in _part_jobs(dst, part, record.options, base, image):
+            st = read_stats(job.set_url, job.stats_name)  # complete shards are counted, not rewritten
             if st is None:
-                todo.append(job)
+                todo.append((name, job))
             else:
-                stats[job.name] = st
+                totals[name].add(st)
                 bar.update(len(job.keys))
-        for st in runner.unordered(run_job, todo):
-            stats[st["name"]] = st
+        set_of = {job.set_url: name for name, job in todo}
+        for st in runner.unordered(run_set_job, [job for _, job in todo]):
+            totals[set_of[st.pop("set_url")]].add(st)
             failed += len(st["failures"])
+            written += st["count"] + len(st["failures"])
             bar.update(st["count"] + len(st["failures"]))
-            bar.set_postfix(failed=failed, img_s=f"{bar.n / max(1e-9, time.time() - t0):.0f}")
-        bar.close()
-        out[name] = stats
-    return out
+            bar.set_postfix(failed=failed, img_s=f"{written / max(1e-9, time.time() - t0):.0f}")
+    bar.close()
+    return totals
 
 
-def _write_index(url: str, name: str, record: Record, jobs: list[ShardJob], stats: dict[str, dict],
-                 extra: dict) -> dict:
-    ordered = [stats[j.name] for j in jobs]
-    planned = [f for gen in record.generations if name in gen.sets for f in gen.sets[name].failures]
-    failures = planned + [f for st in ordered for f in st["failures"]]
+def _write_index(url: str, name: str, record: Record, totals: SetTotals, extra: dict) -> dict:
+    planned = [f for _, part in record.parts() if name in part.sets for f in part.sets[name].failures]
+    failures = planned + totals.failures
     hist = [0] * len(record.class_names)
-    for st in ordered:
-        for k, v in st["class_counts"].items():
-            hist[int(k)] += v
+    for k, v in totals.hist.items():
+        hist[k] += v
+    shards = sorted(totals.shards, key=lambda st: st["name"])
     reasons = _reason_counts(failures)
     index = {
-        "format": FORMAT, "count": sum(st["count"] for st in ordered), "labeled": is_labeled_set(name, record.options),
+        "format": FORMAT, "count": sum(st["count"] for st in shards), "labeled": is_labeled_set(name, record.options),
         "num_classes": len(record.class_names) or None, "class_names": record.class_names,
         "class_histogram": hist,
-        "shards": [{"name": st["name"], "count": st["count"], "bytes": st["bytes"]} for st in ordered],
-        "bytes": sum(st["bytes"] for st in ordered),
+        "shards": shards,
+        "bytes": sum(st["bytes"] for st in shards),
         "failures": failures, "num_failures": len(failures), "failure_reasons": reasons,
         "duplicates": reasons.get("duplicate", 0),
         "source": record.source, "seed": record.options["seed"], "max_count": record.options["max_count"],
-        "generations": sum(name in gen.sets for gen in record.generations), **extra,
+        "generations": sum(name in head["sets"] for head in record.heads), **extra,
     }
     if failures:
         _write_if_changed(store.join(url, "failures.jsonl"),
@@ -249,19 +283,16 @@ def _refuse_unrecorded(dst: str) -> None:
                          f"or by hand): their plan is unknown, so nothing was written. Build into a new destination")
 
 
-def _labels_in_record_order(record: Record, listing: Listing, dst: str) -> None:
+def _classes_in_record_order(record: Record, pl: PartitionedListing, dst: str) -> None:
     """Class ids as the record numbered them (a class folder that disappeared must not shift them)."""
-    if not record.class_names and not listing.class_names:
+    if not record.class_names and not pl.class_names:
         return
-    ids = {c: k for k, c in enumerate(record.class_names)}
-    new = [c for c in listing.class_names if c not in ids]
+    new = [c for c in pl.class_names if c not in set(record.class_names)]
     if new:
         raise ValueError(f"{store.redact(dst)}: the source has classes the build does not know ({', '.join(new[:5])}"
                          f"{' ...' if len(new) > 5 else ''}); a build's classes are fixed, so nothing was written. "
                          f"Build into a new destination")
-    remap = np.asarray([ids[c] for c in listing.class_names], dtype=np.int64)
-    listing.labels = np.where(listing.labels >= 0, remap[np.maximum(listing.labels, 0)], -1)
-    listing.class_names = list(record.class_names)
+    pl.set_class_names(record.class_names)
 
 
 def _check_same_build(record: Record, source: str, opts: BuildOptions, dst: str) -> None:
@@ -274,30 +305,19 @@ def _check_same_build(record: Record, source: str, opts: BuildOptions, dst: str)
                          f"a new destination")
 
 
-def _existing_hashes(stats: dict[str, dict[str, dict]]) -> dict[str, str]:
-    """Content hash -> SET/KEY of every written sample, eval first, then labeled."""
-    out: dict[str, str] = {}
-    for name in set_order(stats):
-        for st in stats[name].values():
-            for key, sha in st.get("samples", []):
-                out.setdefault(sha, f"{name}/{key}" if name else key)
-    return out
-
-
-def _offsets(record: Record) -> dict[str, tuple[int, int]]:
-    """Each set's next shard number and sample key."""
-    out: dict[str, tuple[int, int]] = {}
-    for gen in record.generations:
-        for name, plan in gen.sets.items():
-            out[name] = (plan.first_shard + len(plan.shards), plan.first_key + plan.planned)
-    return out
-
-
-def _sub_listing(listing: Listing, rels: list[str]) -> Listing:
-    pos = {r: i for i, r in enumerate(listing.rels)}
-    take = np.asarray([pos[r] for r in rels], dtype=np.int64)
-    return Listing(listing.base, list(rels), listing.labels[take] if len(take) else listing.labels[:0],
-                   listing.sizes[take] if len(take) else listing.sizes[:0], listing.class_names)
+def _written_hashes(dst: str, record: Record) -> Iterator[tuple[str, str]]:
+    """(content hash, SET/KEY) of every written sample, eval first, then labeled, read from the shards'
+    stats a shard at a time."""
+    for wanted in set_order({name for head in record.heads for name in head["sets"]}):
+        for _, part in record.parts():
+            if wanted not in part.sets:
+                continue
+            for name, job in _part_jobs(dst, part, record.options, "", ImageOptions()):
+                if name != wanted:
+                    continue
+                st = read_stats(job.set_url, job.stats_name) or {}
+                for key, sha in st.get("samples", []):
+                    yield sha, f"{name}/{key}" if name else key
 
 
 def make_shards(src: str, dst: str, opts: Optional[BuildOptions] = None, **kw) -> dict[str, dict]:
@@ -305,69 +325,155 @@ def make_shards(src: str, dst: str, opts: Optional[BuildOptions] = None, **kw) -
     opts = opts or BuildOptions(**kw)
     opts.check()
     store.check_bucket(dst)
-    listing = list_inputs(src, opts.unlabeled)
-    if len(listing) == 0:
+    work = tempfile.mkdtemp(prefix="distssl-build-")  # the listing's partitions, on local disk
+    try:
+        return _build(src, dst, opts, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _build(src: str, dst: str, opts: BuildOptions, work: str) -> dict[str, dict]:
+    pl = list_partitioned(src, os.path.join(work, "listing"), opts.partition_keys, opts.unlabeled)
+    if len(pl) == 0:
         raise ValueError(f"{store.redact(src)}: no images found")
-    warn_split_folders(src, listing.class_names)
+    warn_split_folders(src, pl.class_names)
     source, split = normalise_source(src), opts.split()
     record = read_record(dst)
     if record is None:
         _refuse_unrecorded(dst)
     else:
         _check_same_build(record, source, opts, dst)
-        _labels_in_record_order(record, listing, dst)
-    diff = diff_listing(record, listing.rels, listing.sizes) if record else None
+        _classes_in_record_order(record, pl, dst)
+    # one partition (and a record of one): the listing in memory, planned whole, as before partitions existed
+    partitioned = pl.partitions > 1 or (record is not None and record.partitioned)
+    listing = None if partitioned else pl.load(0)
+    if record is None:
+        diff = None
+    elif partitioned:
+        diff = diff_partitioned(record, pl, os.path.join(work, "diff"))
+    else:
+        diff = diff_listing(record, listing.rels, listing.sizes)
     if diff and not opts.extend:
         raise ValueError(
             f"{store.redact(src)} has changed since {store.redact(dst)} was planned: {diff.describe()}. Nothing was "
             f"written. To add the new inputs as new shards (existing shards and the labeled split stay as they "
             f"are), rerun with --extend; to build from the new listing, give a new destination")
-    runner = None
+    if opts.dry_run:
+        return _dry_run(pl, listing, record, diff, split, work, opts)
+    runner = make_runner(opts.workers, opts.ray_address, dst)
     try:
         if record is None:
-            if opts.dry_run:
-                gen = plan_first(listing, split, lambda ids: [None] * len(ids), None)
-                return {name: _plan_summary(listing, plan) for name, plan in gen.sets.items()}
-            runner = make_runner(opts.workers, opts.ray_address, dst)
-            verify = lambda ids: runner.map(_verify_one, [listing.url(i) for i in ids])  # noqa: E731
-            hashes = runner.map(_hash_one, [listing.url(i) for i in range(len(listing))]) if opts.dedup else None
-            record = Record(source, opts.plan_options(), list(listing.class_names))
-            write_generation(dst, record, plan_first(listing, split, verify, hashes))
-        elif opts.dry_run:
-            new = _sub_listing(listing, diff.added + diff.changed) if diff else _sub_listing(listing, [])
-            gen = plan_extension(new, split, len(record.generations), _offsets(record), None, {}, [], [])
-            return {name: _plan_summary(new, plan) for name, plan in gen.sets.items()}
-        runner = runner or make_runner(opts.workers, opts.ray_address, dst)
-        stats = _complete(_jobs(dst, record, listing.base, opts.image), runner, opts.progress)
-        if diff:  # --extend: the recorded plan is complete; now the new generation
-            new = _sub_listing(listing, diff.added + diff.changed)
-            hashes = runner.map(_hash_one, [new.url(i) for i in range(len(new))])
-            gen = plan_extension(new, split, len(record.generations), _offsets(record), hashes,
-                                 _existing_hashes(stats), diff.removed, diff.changed)
-            write_generation(dst, record, gen)
-            stats = _complete(_jobs(dst, record, listing.base, opts.image), runner, opts.progress, known=stats)
+            record = Record(source, opts.plan_options(), list(pl.class_names))
+            if partitioned:
+                planner = PartPlanner(pl, split, os.path.join(work, "plan"), _verifier(runner),
+                                      _hasher(runner) if opts.dedup else None)
+                write_partitioned_generation(dst, record, planner.plan(), pl.ranges, pl.digests)
+            else:
+                hashes = _hasher(runner)(listing) if opts.dedup else None
+                write_generation(dst, record, plan_first(listing, split, _verifier(runner, listing), hashes))
+        totals = _complete(dst, record, pl.base, opts.image, runner, opts.progress)
+        if diff:  # --extend: the recorded plan is complete; now the new generation, then its shards
+            _extend(dst, record, pl, listing, diff, split, runner, work, opts.partition_keys)
+            totals = _complete(dst, record, pl.base, opts.image, runner, opts.progress)
             _report_removed(src, diff)
-        jobs = _jobs(dst, record, listing.base, opts.image)
         removed = _removed_by_set(record)
         out = {}
-        for name in set_order(jobs):
+        for name in set_order(totals):
             extra = {"removed_inputs": removed.get(name, 0)}
             if name == "unlabeled":
                 extra["includes_labeled"] = record.options["labeled_in_unlabeled"]
-            out[name] = _write_index(set_url(dst, name), name, record, jobs[name], stats.get(name, {}), extra)
+            out[name] = _write_index(set_url(dst, name), name, record, totals[name], extra)
         return out
     finally:
-        if runner is not None:
-            runner.close()
+        runner.close()
+
+
+def _extend(dst: str, record: Record, pl: PartitionedListing, listing: Optional[Listing], diff, split: SplitOptions,
+            runner, work: str, partition_keys: int) -> None:
+    """The next generation: the inputs the source gained (or that changed), their duplicates of what is
+    written already dropped, planned after the existing shards; the labeled split is never touched."""
+    g = len(record.heads)
+    new = _added(pl, listing, diff, work, partition_keys)
+    if listing is None:  # a partitioned record: the new inputs in partitions too
+        planner = PartPlanner(new, split, os.path.join(work, "plan"), _verifier(runner), _hasher(runner),
+                              generation=g, offsets=record.offsets(), existing=_written_hashes(dst, record),
+                              removed=diff.removed, changed=diff.changed)
+        write_partitioned_generation(dst, record, planner.plan(), new.ranges, new.digests)
+        return
+    new_listing = new.load(0)
+    existing: dict[str, str] = {}
+    for sha, key in _written_hashes(dst, record):
+        existing.setdefault(sha, key)
+    write_generation(dst, record, plan_extension(new_listing, split, g, record.offsets(), _hasher(runner)(new_listing),
+                                                 existing, diff.removed, diff.changed))
+
+
+def _verifier(runner, listing: Optional[Listing] = None):
+    """Candidates checked as images: (partition, ids) -> reasons, or ids -> reasons over ``listing``."""
+    if listing is not None:
+        return lambda ids: runner.map(_verify_one, [listing.url(i) for i in ids])
+    return lambda part, ids: runner.map(_verify_one, [part.url(i) for i in ids])
+
+
+def _hasher(runner):
+    return lambda part: runner.map(_hash_one, [part.url(i) for i in range(len(part))])
+
+
+def _added(pl: PartitionedListing, listing: Optional[Listing], diff, work: str,
+           partition_keys: int) -> PartitionedListing:
+    """The inputs an extension adds (new, or changed in size), partitioned like any listing."""
+    wanted = set(diff.added) | set(diff.changed)
+    parts = [listing] if listing is not None else (pl.load(p) for p in range(pl.partitions))
+    rels, sizes, labels = [], [], []
+    for part in parts:
+        for i, rel in enumerate(part.rels):
+            if rel in wanted:
+                rels.append(rel)
+                sizes.append(int(part.sizes[i]))
+                labels.append(int(part.labels[i]))
+    new = Listing(pl.base, rels, np.asarray(labels, dtype=np.int64), np.asarray(sizes, dtype=np.int64),
+                  list(pl.class_names))
+    return from_listing(new, os.path.join(work, "added"), partition_keys)
+
+
+def _dry_run(pl: PartitionedListing, listing: Optional[Listing], record: Optional[Record], diff,
+             split: SplitOptions, work: str, opts: BuildOptions) -> dict[str, dict]:
+    """What the build would plan, per set, writing nothing (no image read: every candidate taken as good)."""
+    if listing is not None:  # one partition: the whole plan in memory
+        if record is None:
+            gen = plan_first(listing, split, lambda ids: [None] * len(ids), None)
+            return {name: _plan_summary(listing, plan) for name, plan in gen.sets.items()}
+        new = _added(pl, listing, diff, work, opts.partition_keys).load(0) if diff else \
+            Listing(listing.base, [], listing.labels[:0], listing.sizes[:0], listing.class_names)
+        gen = plan_extension(new, split, len(record.heads), record.offsets(), None, {}, [], [])
+        return {name: _plan_summary(new, plan) for name, plan in gen.sets.items()}
+    if record is not None and not diff:
+        return {}
+    if record is not None:
+        pl = _added(pl, None, diff, work, opts.partition_keys)
+    planner = PartPlanner(pl, split, os.path.join(work, "plan"), lambda part, ids: [None] * len(ids),
+                          generation=len(record.heads) if record else 0, offsets=record.offsets() if record else None)
+    out: dict[str, dict] = {}
+    for p, part in enumerate(planner.plan()):
+        for name, plan in part.sets.items():
+            summary = _plan_summary(pl.load(p), plan)
+            o = out.setdefault(name, {"count": 0, "shards": [], "listed_bytes": 0, "num_failures": 0,
+                                      "dry_run": True})
+            o["count"] += summary["count"]
+            o["shards"] += summary["shards"]
+            o["listed_bytes"] += summary["listed_bytes"]
+    return out
 
 
 def _removed_by_set(record: Record) -> dict[str, int]:
     """How many samples of each set come from inputs since removed from the source."""
-    gone = {r for gen in record.generations for r in gen.removed}
+    gone = {r for _, part in record.parts() for r in part.removed}
     out: dict[str, int] = {}
-    for gen in record.generations:
-        for name, plan in gen.sets.items():
-            out[name] = out.get(name, 0) + sum(gen.rels[i] in gone for shard in plan.shards for i in shard)
+    if not gone:
+        return out
+    for _, part in record.parts():
+        for name, plan in part.sets.items():
+            out[name] = out.get(name, 0) + sum(part.rels[i] in gone for shard in plan.shards for i in shard)
     return out
 
 

@@ -106,11 +106,13 @@ def split_labeled(listing: Listing, idx: np.ndarray, per_class: Callable[[int], 
 
 
 def plan_shards(listing: Listing, idx: np.ndarray, seed: int, max_count: int,
-                max_bytes: Optional[int], generation: int = 0, min_shards: int = 1) -> list[np.ndarray]:
+                max_bytes: Optional[int], generation: int = 0, min_shards: int = 1,
+                part: Optional[int] = None) -> list[np.ndarray]:
     """A seeded shuffle of ``idx`` cut into shards of at most ``max_count`` inputs and ``max_bytes``
     listed bytes; with ``min_shards``, a set too small for that many is first cut into min_shards
-    near-equal parts (20 inputs in 8: 3,3,3,3,2,2,2,2)."""
-    order = _rng(seed, 3, generation).permutation(idx) if len(idx) else idx
+    near-equal parts (20 inputs in 8: 3,3,3,3,2,2,2,2). ``part``: a partition's own shuffle."""
+    rng = _rng(seed, 3, generation) if part is None else np.random.default_rng([seed, 3, generation, part])
+    order = rng.permutation(idx) if len(idx) else idx
     parts = [order]
     if len(order) == 0:
         return []

@@ -16,7 +16,7 @@ import gzip
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 from distssl.data import store
 
@@ -65,18 +65,54 @@ class Generation:
 
 @dataclass
 class Record:
+    """build.json and the generations it lists. A generation is one file (``build-gNNN.json.gz``), or, for a
+    partitioned listing (distssl.shards.partitions), one file per partition (``build-gNNN-pPPPPP.json.gz``),
+    each a :class:`Generation` of that partition's inputs whose shards are numbered after the previous
+    part's. Parts are read when iterated, one at a time: a record of 100M keys is never in memory whole."""
     source: str
     options: dict
     class_names: list[str]
-    generations: list[Generation] = field(default_factory=list)
+    heads: list[dict] = field(default_factory=list)  # build.json's "generations"
+    dst: Optional[str] = None
+
+    @property
+    def partitioned(self) -> bool:
+        return any("parts" in h for h in self.heads)
+
+    def part_entries(self, g: int) -> list[dict]:
+        head = self.heads[g]
+        return head["parts"] if "parts" in head else [{"file": head["file"]}]
+
+    def parts(self, generations: Optional[range] = None) -> Iterator[tuple[int, Generation]]:
+        """(generation, part) of every part, in order, each read when reached."""
+        for g in generations if generations is not None else range(len(self.heads)):
+            for entry in self.part_entries(g):
+                yield g, Generation.from_json(store.read_json(store.join(self.dst, entry["file"]), _DAMAGED_RECORD,
+                                                              gzipped=True))
+
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        """Each set's next shard number and sample key (from the summaries, else from the parts)."""
+        out: dict[str, tuple[int, int]] = {}
+        for g in range(len(self.heads)):
+            entries = self.part_entries(g)
+            if all("sets" in e and all("first_shard" in v for v in e["sets"].values()) for e in entries):
+                for e in entries:
+                    for name, v in e["sets"].items():
+                        out[name] = (v["first_shard"] + v["shards"], v["first_key"] + v["planned"])
+                continue
+            for _, part in self.parts(range(g, g + 1)):
+                for name, plan in part.sets.items():
+                    out[name] = (plan.first_shard + len(plan.shards), plan.first_key + plan.planned)
+        return out
 
     def current_inputs(self) -> dict[str, int]:
-        """The source as the record knows it: key -> listed size, after every generation."""
+        """The source as the record knows it: key -> listed size, after every generation (in memory: for
+        records of one partition; a partitioned record is compared bucket by bucket, ``diff_partitioned``)."""
         out: dict[str, int] = {}
-        for gen in self.generations:
-            for rel in gen.removed:
+        for _, part in self.parts():
+            for rel in part.removed:
                 out.pop(rel, None)
-            out.update(zip(gen.rels, gen.sizes))
+            out.update(zip(part.rels, part.sizes))
         return out
 
 
@@ -103,23 +139,60 @@ def read_record(dst: str) -> Optional[Record]:
         return None
     if head.get("format") != FORMAT:
         raise ValueError(f"{store.redact(dst)}/{RECORD_NAME}: unknown build record format {head.get('format')!r}")
-    gens = [Generation.from_json(store.read_json(store.join(dst, _gen_name(g)), _DAMAGED_RECORD, gzipped=True))
-            for g in range(len(head["generations"]))]
-    return Record(head["source"], head["options"], list(head["class_names"]), gens)
+    return Record(head["source"], head["options"], list(head["class_names"]), list(head["generations"]), dst)
+
+
+def _part_name(g: int, p: int) -> str:
+    return f"build-g{g:03d}-p{p:05d}.json.gz"
+
+
+def _summary(gen: Generation) -> dict:
+    return {"inputs": len(gen.rels), "removed": len(gen.removed),
+            "sets": {k: {"first_shard": p.first_shard, "shards": len(p.shards), "first_key": p.first_key,
+                         "planned": p.planned} for k, p in gen.sets.items()}}
+
+
+def _write_gzip_json(url: str, d: dict) -> None:
+    store.write_bytes(url, gzip.compress(json.dumps(d, separators=(",", ":")).encode(), mtime=0))  # same bytes
+
+
+def _write_head(dst: str, record: Record) -> None:
+    head = {"format": FORMAT, "source": record.source, "options": record.options,
+            "class_names": record.class_names, "generations": record.heads}
+    store.write_bytes(store.join(dst, RECORD_NAME), json.dumps(head, indent=1).encode())
 
 
 def write_generation(dst: str, record: Record, gen: Generation) -> None:
     """Append ``gen``: its file first, then build.json, which is what makes it part of the record."""
-    g = len(record.generations)
-    body = json.dumps(gen.to_json(), separators=(",", ":")).encode()
-    store.write_bytes(store.join(dst, _gen_name(g)), gzip.compress(body, mtime=0))  # same bytes on a rerun
-    record.generations.append(gen)
-    summary = [{"file": _gen_name(i), "inputs": len(x.rels), "removed": len(x.removed),
-                "sets": {k: {"shards": len(p.shards), "planned": p.planned} for k, p in x.sets.items()}}
-               for i, x in enumerate(record.generations)]
-    head = {"format": FORMAT, "source": record.source, "options": record.options,
-            "class_names": record.class_names, "generations": summary}
-    store.write_bytes(store.join(dst, RECORD_NAME), json.dumps(head, indent=1).encode())
+    g = len(record.heads)
+    _write_gzip_json(store.join(dst, _gen_name(g)), gen.to_json())
+    record.heads.append({"file": _gen_name(g), **_summary(gen)})
+    record.dst = dst
+    _write_head(dst, record)
+
+
+def write_partitioned_generation(dst: str, record: Record, parts: Iterator[Generation],
+                                 buckets: list[tuple[int, int]], digests: list[str]) -> dict:
+    """Append a generation planned partition by partition: every part's file as it comes, then build.json
+    (so a build killed while planning has no generation, and plans it again). Returns its head."""
+    g = len(record.heads)
+    entries = []
+    for p, part in enumerate(parts):
+        _write_gzip_json(store.join(dst, _part_name(g, p)), part.to_json())
+        entries.append({"file": _part_name(g, p), "buckets": list(buckets[p]), "digest": digests[p],
+                        **_summary(part)})
+    totals: dict[str, dict] = {}
+    for e in entries:
+        for k, v in e["sets"].items():
+            t = totals.setdefault(k, {"shards": 0, "planned": 0})
+            t["shards"] += v["shards"]
+            t["planned"] += v["planned"]
+    head = {"parts": entries, "inputs": sum(e["inputs"] for e in entries),
+            "removed": sum(e["removed"] for e in entries), "sets": totals}
+    record.heads.append(head)
+    record.dst = dst
+    _write_head(dst, record)
+    return head
 
 
 @dataclass
