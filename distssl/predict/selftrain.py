@@ -88,9 +88,15 @@ def write_record(root: str, rounds: list[dict]) -> bool:
 
 
 def round_entry(cfg: Config, k: int, result: dict, pseudo: Optional[dict]) -> dict:
-    """What selftrain.json keeps of a finished round."""
-    entry = {"round": k, "out_dir": cfg.run.out_dir, "model": cfg.model.name, "top1": result.get("top1"),
-             "best_top1": result.get("best_top1"), "ssl_loss": cfg.ssl.lambda_u > 0}
+    """What selftrain.json keeps of a finished round (its summary.json's top-1s where the result lacks them)."""
+    try:
+        summary = json.loads((Path(cfg.run.out_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    entry = {"round": k, "out_dir": cfg.run.out_dir, "model": cfg.model.name,
+             "top1": result.get("top1", summary.get("top1")), "best_top1": result.get("best_top1",
+                                                                                   summary.get("best_top1")),
+             "ssl_loss": cfg.ssl.lambda_u > 0}
     if pseudo is not None:
         labels = pseudo.get("pseudo_labels", {})
         entry.update(teacher=labels.get("teacher"), min_confidence=labels.get("min_confidence"),
