@@ -159,3 +159,33 @@ def test_a_sweep_can_search_the_algorithm_like_any_key():
         load_config("configs/demo.yaml", ["ssl.freematch.fairness_weight=-1"])
     with pytest.raises(ConfigError, match="unknown key 'ssl.softmatch.sigma'"):
         load_config("configs/demo.yaml", ["ssl.softmatch.sigma=2"])
+
+
+def test_adaptive_momenta_keep_the_papers_memory_as_a_share_of_the_run():
+    """The papers' 0.999 on their 2^20-step CIFAR runs; the same 0.1%-of-the-run memory on a longer or
+    shorter run, never under the steps that see 32 weak views of each class."""
+    from distssl.ssl.algorithm import PAPER_RUN, RunShape, run_momentum
+
+    assert run_momentum(PAPER_RUN, 10) == pytest.approx(0.999)
+    assert run_momentum(RunShape(2 ** 21, 448), 10) == pytest.approx(1 - 1 / 2000)  # twice as long: twice the memory
+    imagenet = RunShape(75_000, 5 * 1024, 1_281_167)  # configs/imagenet.yaml
+    assert 1 / (1 - run_momentum(imagenet, 1000)) == pytest.approx(1000 * 75_000 / 2 ** 20)
+    demo = RunShape(400, 7 * 16, 5000)
+    assert 1 / (1 - run_momentum(demo, 10)) == pytest.approx(32 * 10 / 112)  # the floor: 32 views a class
+    # the 0.999 of a 400-step run left 67% of the initial guess in the state; the derived memory leaves none
+    assert 0.999 ** 400 > 0.6 and run_momentum(demo, 10) ** 400 < 1e-9
+
+
+def test_null_keys_are_derived_from_the_run_and_recorded_set_ones_are_kept():
+    from distssl.ssl.algorithm import RunShape
+
+    demo = RunShape(400, 112, 5000)  # 9 epochs of the unlabeled set
+    free = FreeMatch(10, tau=0.95, lambda_u=1.0, shape=demo)
+    assert free.momentum == pytest.approx(1 - 112 / 320) and free.derived == {"ssl.freematch.momentum": free.momentum}
+    assert SoftMatch(10, tau=0.95, lambda_u=1.0, shape=demo).momentum == free.momentum
+    assert FreeMatch(10, tau=0.95, lambda_u=1.0, shape=demo, momentum=0.999).derived == {}
+    flex = FlexMatch(10, tau=0.95, lambda_u=1.0, num_unlabeled=5000, shape=demo)
+    assert flex.warmup is False and flex.derived == {"ssl.flexmatch.warmup": False}
+    long_run = RunShape(2 ** 20, 448, 50_000)  # the paper's 9,400 epochs
+    assert FlexMatch(10, tau=0.95, lambda_u=1.0, num_unlabeled=50_000, shape=long_run).warmup is True
+    assert FlexMatch(10, tau=0.95, lambda_u=1.0, num_unlabeled=5000, shape=demo, warmup=True).warmup is True

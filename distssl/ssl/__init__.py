@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from distssl.ssl.algorithm import Algorithm
+from distssl.ssl.algorithm import Algorithm, RunShape
 from distssl.ssl.distalign import DistributionAlignment
 from distssl.ssl.fixmatch import FixMatch
 from distssl.ssl.flexmatch import FlexMatch
@@ -26,13 +26,15 @@ def config_sections() -> dict[str, type]:
     return {name: a.Config for name, a in ALGORITHMS.items() if a.Config is not None}
 
 
-def build(ssl_cfg, num_classes: int, da: Optional[DistributionAlignment], num_unlabeled: Optional[int]) -> Algorithm:
-    """The algorithm ``ssl_cfg.algorithm`` names, with its own keys (the ``ssl.<name>`` section)."""
+def build(ssl_cfg, num_classes: int, da: Optional[DistributionAlignment], num_unlabeled: Optional[int],
+          shape: Optional[RunShape] = None) -> Algorithm:
+    """The algorithm ``ssl_cfg.algorithm`` names, with its own keys (the ``ssl.<name>`` section); ``shape``:
+    the run it is in, which its null keys are derived from."""
     name = ssl_cfg.algorithm
     own = getattr(ssl_cfg, name, None)
     own = dataclasses.asdict(own) if dataclasses.is_dataclass(own) else {}
     return ALGORITHMS[name](num_classes, tau=ssl_cfg.tau, lambda_u=ssl_cfg.lambda_u, da=da,
-                            num_unlabeled=num_unlabeled, **own)
+                            num_unlabeled=num_unlabeled, shape=shape, **own)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "build", "config_sections"]
+__all__ = ["ALGORITHMS", "Algorithm", "RunShape", "build", "config_sections"]

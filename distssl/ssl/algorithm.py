@@ -38,6 +38,36 @@ VIEW_KINDS = ("weak", "strong", "weak_2")  # what the loader can make of each un
 
 
 @dataclass(frozen=True)
+class RunShape:
+    """The run an algorithm's state lives in. The adaptive rules' momenta and warm-ups were chosen for the
+    papers' runs (``PAPER_RUN``: CIFAR, 2^20 steps of mu 7 x B 64 unlabeled images); ``None`` keys of
+    theirs are derived from this instead (distssl.ssl.algorithm.run_momentum, FlexMatch's warm-up)."""
+    steps: int = 2 ** 20  # train.steps
+    unlabeled_per_step: int = 7 * 64  # global mu x B
+    num_unlabeled: Optional[int] = None  # the unlabeled set's size, when its index counts it
+
+    @property
+    def epochs(self) -> Optional[float]:
+        """How many times the run reads its unlabeled set."""
+        return self.steps * self.unlabeled_per_step / self.num_unlabeled if self.num_unlabeled else None
+
+
+PAPER_RUN = RunShape(2 ** 20, 7 * 64, 50_000)  # FixMatch's CIFAR-10 run, which FlexMatch, FreeMatch and SoftMatch keep
+MIN_VIEWS_PER_CLASS = 32  # an EMA's memory holds at least this many weak views per class
+
+
+def run_momentum(shape: RunShape, num_classes: int, paper: float = 0.999) -> float:
+    """An EMA momentum for ``shape`` that keeps the paper's memory as a share of the run: 1 / (1 - m) =
+    1,000 steps of 2^20 (0.1%) is 1,000 x steps / 2^20 here, but never less than the steps it takes to
+    see ``MIN_VIEWS_PER_CLASS`` weak views of every class (a class-wise estimate from fewer is noise).
+    The paper's run gets the paper's 0.999; the demo's 400 steps of 112 views over 10 classes get
+    0.65 (memory 2.9 steps) where 0.999 left 67% of the initial guess in the state at the end."""
+    memory = shape.steps / (1.0 - paper) / PAPER_RUN.steps
+    floor = MIN_VIEWS_PER_CLASS * num_classes / max(1, shape.unlabeled_per_step)
+    return 1.0 - 1.0 / max(memory, floor, 1.0)
+
+
+@dataclass(frozen=True)
 class StepNeeds:
     """What an algorithm needs forwarded in a step."""
     views: tuple[str, ...] = ("weak", "strong")  # unlabeled views the loader makes (VIEW_KINDS)
@@ -120,10 +150,14 @@ class Algorithm:
     def __init__(self, num_classes: int, *, tau: float, lambda_u: float,
                  da: Optional[DistributionAlignment] = None, num_unlabeled: Optional[int] = None,
                  reduce: Callable[[torch.Tensor], torch.Tensor] = sum_over_ranks,
-                 gather: Callable[[torch.Tensor], torch.Tensor] = gather_cat, **own):
+                 gather: Callable[[torch.Tensor], torch.Tensor] = gather_cat, shape: Optional[RunShape] = None,
+                 **own):
         if own and self.Config is None:
             raise TypeError(f"ssl.algorithm={self.name} has no keys of its own, got {sorted(own)}")
         self.own = self.Config(**own) if self.Config is not None else None  # its ssl.<name> keys
+        # the run it is in (the papers' when not said); ``derived``: the keys left null, as derived from it
+        self.shape = shape or RunShape(num_unlabeled=num_unlabeled)
+        self.derived: dict[str, object] = {}
         self.num_classes, self.tau, self.lambda_u = num_classes, tau, lambda_u
         self.da = da if self.uses_dist_align else None
         self.num_unlabeled, self.reduce, self.gather = num_unlabeled, reduce, gather
@@ -133,6 +167,15 @@ class Algorithm:
 
     def loss(self, fw: Forwarded) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
+
+    def own_key(self, key: str, derive: Callable[[], object]):
+        """The ``ssl.<name>.<key>`` value, or, when it is null, the one ``derive`` gives for this run
+        (recorded in ``derived``: the run logs it and keeps it in summary.json)."""
+        value = getattr(self.own, key)
+        if value is None:
+            value = derive()
+            self.derived[f"ssl.{self.name}.{key}"] = value
+        return value
 
     def end_step(self) -> None:
         """Once per optimizer step, on every rank, after the micro-batches' losses."""

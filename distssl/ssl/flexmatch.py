@@ -6,7 +6,7 @@ confidence >= tau (or none). sigma(c) = samples whose status is c; beta(c) = sig
 sigma, unused) with the paper's threshold warm-up (``unused`` = samples with no status yet, so early
 on every beta is small), or / max_c sigma without it; the threshold of class c is
 tau * M(beta(c)) with the convex mapping M(x) = x / (2 - x) (the paper's default). Defaults from the
-paper and USB's configs: tau 0.95, warm-up on.
+paper and USB's configs: tau 0.95; the warm-up on for runs of at least WARMUP_MIN_EPOCHS epochs.
 """
 from __future__ import annotations
 
@@ -27,10 +27,18 @@ def flex_thresholds(status: torch.Tensor, num_classes: int, tau: float, warmup: 
     return tau * beta / (2.0 - beta)
 
 
+# The warm-up lasts until most unlabeled images have passed tau once, some epochs; under 5% of a run, as in
+# the paper's 9,400-epoch run, needs a run of this many epochs. A shorter run spends a large share of itself
+# with every class at a near-zero threshold (the demo's 9 epochs: pseudo-labels 54% right get full weight).
+WARMUP_MIN_EPOCHS = 100
+
+
 @dataclass
 class FlexMatchConfig:
     """Zhang et al. 2021: per-class thresholds tau * M(beta(c)), M(x) = x / (2 - x)."""
-    warmup: bool = True  # the paper's threshold warm-up: classes start from a low threshold while most are unseen
+    # the paper's threshold warm-up (classes start from a low threshold while most images are unused); null =
+    # on when the run reads its unlabeled set at least WARMUP_MIN_EPOCHS times (the paper's read it 9,400)
+    warmup: Optional[bool] = None
 
     def validate(self, check) -> None:
         pass
@@ -43,7 +51,8 @@ class FlexMatch(ThresholdRule):
 
     def __init__(self, num_classes: int, **kw):
         super().__init__(num_classes, **kw)
-        self.warmup = self.own.warmup
+        self.warmup = self.own_key("warmup", lambda: self.shape.epochs is None or
+                                   self.shape.epochs >= WARMUP_MIN_EPOCHS)
         self.status = torch.full((self.num_unlabeled,), -1, dtype=torch.long)
         self.thresholds = flex_thresholds(self.status, num_classes, self.tau, self.warmup)
 

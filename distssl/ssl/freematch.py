@@ -2,7 +2,8 @@
 
 Self-adaptive thresholds: a global one, tau_t = EMA of the mean max confidence of the weak views, and
 a per-class one, tau_t(c) = MaxNorm(p_t)(c) * tau_t with p_t the EMA of the mean weak-view
-probabilities; both start at 1/C (the paper's initialisation) and move with momentum 0.999. The
+probabilities; both start at 1/C (the paper's initialisation) and move with the paper's momentum 0.999
+on its 2^20-step runs, and by default with the same memory as a share of a shorter run (run_momentum). The
 self-adaptive fairness loss (weight 0.01, as for the paper's CIFAR runs; USB's ``ent_loss_ratio``)
 pushes the mean strong-view prediction of the masked samples, normalised by their predicted-class
 histogram, towards p_t normalised by the EMA histogram of weak-view predictions.
@@ -14,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from distssl.ssl.algorithm import ThresholdRule, ema
+from distssl.ssl.algorithm import ThresholdRule, ema, run_momentum
 
 
 def freematch_mask(probs: torch.Tensor, time_p: float, p_model: torch.Tensor) -> torch.Tensor:
@@ -43,11 +44,14 @@ def fairness_loss(logits_s: torch.Tensor, mask: torch.Tensor, p_model: torch.Ten
 @dataclass
 class FreeMatchConfig:
     """Wang et al. 2023: self-adaptive global and class thresholds and the fairness loss."""
-    momentum: float = 0.999  # EMA of the confidence statistics (the paper's lambda)
+    # EMA of the confidence statistics (the paper's lambda, 0.999 for its 2^20 steps); null = the paper's
+    # memory as a share of this run (distssl.ssl.algorithm.run_momentum)
+    momentum: Optional[float] = None
     fairness_weight: float = 0.01  # self-adaptive fairness loss weight (the paper's CIFAR setting)
 
     def validate(self, check) -> None:
-        check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "0 <= m < 1")
+        check(self.momentum is None or 0.0 <= self.momentum < 1.0, "momentum", self.momentum,
+              "0 <= m < 1, or null (derived from the run)")
         check(self.fairness_weight >= 0, "fairness_weight", self.fairness_weight, ">= 0")
 
 
@@ -57,7 +61,8 @@ class FreeMatch(ThresholdRule):
 
     def __init__(self, num_classes: int, **kw):
         super().__init__(num_classes, **kw)
-        self.momentum, self.fairness_weight = self.own.momentum, self.own.fairness_weight
+        self.momentum = self.own_key("momentum", lambda: run_momentum(self.shape, num_classes))
+        self.fairness_weight = self.own.fairness_weight
         self.p_model = torch.full((num_classes,), 1.0 / num_classes)
         self.label_hist = torch.full((num_classes,), 1.0 / num_classes)
         self.time_p = 1.0 / num_classes

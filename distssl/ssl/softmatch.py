@@ -3,10 +3,11 @@ Semi-supervised Learning").
 
 Every pseudo-label counts, weighted by a truncated Gaussian of its confidence: weight 1 at or above
 mu_t, exp(-(max p - mu_t)^2 / (2 sigma_t^2 / n_sigma^2)) below it, with mu_t and sigma_t^2 the EMAs
-(momentum 0.999) of the mean and the unbiased variance of the weak views' max confidence over the
-global batch, starting at 1/C and 1. Uniform alignment (UA) is distribution alignment towards the
+(momentum 0.999 on the paper's 2^20 steps, by default the same memory as a share of a shorter run:
+run_momentum) of the mean and the unbiased variance of the weak views' max confidence over the global
+batch, starting at 1/C and 1. Uniform alignment (UA) is distribution alignment towards the
 uniform distribution: ``ssl.dist_align=true`` with ``dist_align_target=uniform`` (the paper's
-setting). Defaults from the paper and USB's configs: n_sigma 2, momentum 0.999.
+setting). Defaults from the paper and USB's configs: n_sigma 2; the momentum as said above.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from distssl.ssl.algorithm import ThresholdRule, ema
+from distssl.ssl.algorithm import ThresholdRule, ema, run_momentum
 
 
 def soft_weights(max_p: torch.Tensor, mu: float, var: float, n_sigma: float) -> torch.Tensor:
@@ -26,11 +27,14 @@ def soft_weights(max_p: torch.Tensor, mu: float, var: float, n_sigma: float) -> 
 @dataclass
 class SoftMatchConfig:
     """Chen et al. 2023: truncated-Gaussian weights from the EMA mean/variance of the confidence."""
-    momentum: float = 0.999  # EMA of the confidence mean and variance
+    # EMA of the confidence mean and variance (0.999 in the paper, for its 2^20 steps); null = the paper's
+    # memory as a share of this run (distssl.ssl.algorithm.run_momentum)
+    momentum: Optional[float] = None
     n_sigma: float = 2.0  # the Gaussian's width in standard deviations (the paper's default)
 
     def validate(self, check) -> None:
-        check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "0 <= m < 1")
+        check(self.momentum is None or 0.0 <= self.momentum < 1.0, "momentum", self.momentum,
+              "0 <= m < 1, or null (derived from the run)")
         check(self.n_sigma > 0, "n_sigma", self.n_sigma, "> 0")
 
 
@@ -40,7 +44,8 @@ class SoftMatch(ThresholdRule):
 
     def __init__(self, num_classes: int, **kw):
         super().__init__(num_classes, **kw)
-        self.momentum, self.n_sigma = self.own.momentum, self.own.n_sigma
+        self.momentum = self.own_key("momentum", lambda: run_momentum(self.shape, num_classes))
+        self.n_sigma = self.own.n_sigma
         self.mu, self.var = 1.0 / num_classes, 1.0
 
     def weights(self, probs: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:

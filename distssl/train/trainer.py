@@ -122,10 +122,15 @@ class Trainer:
         # the SSL algorithm (ssl.algorithm): loss and stats from the views' logits, its own state
         # updated once per step from all ranks; DA is a component it uses when ssl.dist_align is on
         try:
+            shape = algorithms.RunShape(t.steps, t.batch_size * cfg.ssl.mu, self.unlabeled.total)
             self.algorithm = algorithms.build(cfg.ssl, cfg.model.num_classes, self.da if cfg.ssl.dist_align else None,
-                                              self.unlabeled.total)
+                                              self.unlabeled.total, shape)
         except ValueError as e:
             raise ConfigError(f"ssl.algorithm={cfg.ssl.algorithm}: {e}") from None
+        if rank == 0 and self.algorithm.derived:
+            log.info("derived from this run (%d steps of %d unlabeled images): %s", t.steps, t.batch_size * cfg.ssl.mu,
+                     ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in self.algorithm.derived.items()))
         self.mean = torch.tensor(cfg.data.mean, device=self.device)
         self.std = torch.tensor(cfg.data.std, device=self.device)
         self.views = Views.from_config(cfg.data)
@@ -412,7 +417,7 @@ class Trainer:
         if self.rank == 0:
             plot(self.out / "metrics.jsonl", self.out / "curves.png")
             summary = {"step": self.step, **last_eval, "best_top1": progress.best_top1, "out_dir": str(self.out),
-                       **details}
+                       **details, **({"derived": self.algorithm.derived} if self.algorithm.derived else {})}
             atomic.write_text(self.out / "summary.json", json.dumps(summary, indent=1))
             if details:  # per class and the calibration, to the trackers too
                 metrics.log("final_eval", self.step, {
