@@ -79,7 +79,6 @@ def test_ray_cluster_build_into_s3_survives_a_lost_node_and_a_rerun_writes_nothi
 
 
 @pytest.mark.slow
-@pytest.mark.ray
 def test_local_destination_on_a_cluster_of_several_machines_is_refused(tmp_path, monkeypatch):
     from distssl.shards.runners import RayRunner
 

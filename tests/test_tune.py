@@ -26,7 +26,6 @@ def _rows(sweep):
 
 
 @pytest.mark.slow
-@pytest.mark.ray
 def test_a_bad_search_key_is_named_before_any_trial_starts(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"base": str(ROOT / "configs/demo.yaml"),

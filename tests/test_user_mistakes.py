@@ -113,7 +113,6 @@ def test_make_shards_warns_when_class_folders_look_like_splits(tiny_data, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.ray
 def test_a_sweep_folder_is_not_resumed_with_other_settings(tiny_data, tmp_path):
     """The settings a sweep started with are kept beside it; a rerun that changes them is refused with
     the keys that differ, before Ray starts (resuming would replay the old sweep's trials)."""
@@ -166,7 +165,6 @@ def test_cpu_ranks_take_the_threads_they_were_given(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.ray
 def test_a_sweep_with_ray_train_v2_switched_off_says_so(tiny_data, tmp_path):
     """A cluster image that exports Ray's V1 switch gets one line naming it, before Ray starts."""
     args = tiny_overrides(tiny_data, tmp_path / "sweep", **{"train.steps": 2})
