@@ -119,3 +119,51 @@ def test_the_guess_forward_leaves_the_running_statistics_to_the_mixed_one():
     assert torch.equal(seen[0], torch.zeros(4))  # the guesses did not move the running mean
     assert not torch.equal(bn.running_mean, torch.zeros(4))  # the mixed forward did
     assert fw.logits_x.shape == (12, 3) and fw.logits_x.requires_grad and not fw.logits_u["weak"].requires_grad
+
+
+def test_remixmatch_anchors_k_strong_views_to_the_aligned_weak_guess_and_adds_its_two_losses():
+    from distssl.ssl.distalign import DistributionAlignment
+    from distssl.ssl.remixmatch import ReMixMatch, rotate_quarters
+
+    torch.manual_seed(0)
+    da = DistributionAlignment(3, momentum=0.9, reduce=lambda t: t)
+    da.p_model = torch.tensor([0.5, 0.3, 0.2])
+    algo = ReMixMatch(3, tau=0.95, lambda_u=1.0, da=da, k=2, rampup=0.5)
+    assert algo.needs.views == ("weak", "strong", "strong_2") and algo.needs.rotation
+    assert algo.needs.no_grad == ("weak",)
+    x_lb, y_lb = torch.randn(2, 3, 4, 4), torch.tensor([0, 2])
+    views = {v: torch.randn(3, 3, 4, 4) for v in algo.needs.views}
+    logits_u = {"weak": torch.randn(3, 3)}
+    aligned = logits_u["weak"].softmax(1) * (torch.ones(3) / 3) / da.p_model
+    guess = sharpen(aligned / aligned.sum(1, keepdim=True), 0.5)
+    inputs, targets = algo.mix(x_lb, y_lb, views, logits_u, torch.Generator().manual_seed(1))
+    assert inputs.shape[0] == 2 + 2 * 3 + 3 and torch.equal(inputs[-3:], views["strong"])  # + the unmixed view
+    assert torch.allclose(targets[-3:], guess)
+    x_rot, quarters = algo.rotate(views, torch.Generator().manual_seed(2))
+    assert torch.equal(x_rot, rotate_quarters(views["strong"], quarters)) and set(quarters.tolist()) <= {0, 1, 2, 3}
+    logits, rot = torch.randn(11, 3), torch.randn(3, 4)
+    fw = Forwarded(logits_x=logits, targets_x=y_lb, logits_u=logits_u, mixed_targets=targets, step=5,
+                   total_steps=20, rotation_logits=rot, rotation_targets=quarters)
+    loss, stats = algo.loss(fw)
+    ce = lambda lg, t: -(t * lg.log_softmax(1)).sum(1).mean()  # noqa: E731
+    want = ce(logits[:2], targets[:2]) + 1.5 * 0.5 * ce(logits[2:8], targets[2:8]) + \
+        0.5 * 0.5 * ce(logits[8:], guess) + 0.5 * F.cross_entropy(rot, quarters)
+    assert torch.allclose(loss, want, atol=1e-6)
+    algo.end_step()  # p_model moved by the raw (unaligned) weak probabilities
+    assert torch.allclose(da.p_model, 0.9 * torch.tensor([0.5, 0.3, 0.2]) + 0.1 * logits_u["weak"].softmax(1).mean(0))
+
+
+def test_the_rotation_head_trains_through_the_models_forward_and_stays_out_of_exports():
+    import timm
+
+    from distssl.models.factory import add_rotation_head, without_aux_heads
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = model(x)
+    add_rotation_head(model)
+    assert torch.equal(model(x), before) and model(x, head="rotation").shape == (2, 4)
+    keys = set(model.state_dict())
+    assert {"rotation_head.weight", "rotation_head.bias"} <= keys
+    assert set(without_aux_heads(model.state_dict())) == keys - {"rotation_head.weight", "rotation_head.bias"}

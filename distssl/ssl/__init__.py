@@ -12,6 +12,7 @@ from distssl.ssl.freematch import FreeMatch
 from distssl.ssl.meanteacher import MeanTeacher
 from distssl.ssl.mixmatch import MixMatch
 from distssl.ssl.pimodel import PiModel
+from distssl.ssl.remixmatch import ReMixMatch
 from distssl.ssl.softmatch import SoftMatch
 from distssl.ssl.temporal_ensembling import TemporalEnsembling
 from distssl.ssl.uda import UDA
@@ -20,7 +21,7 @@ from distssl.ssl.vat import VAT
 ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (
     FixMatch, FlexMatch, FreeMatch, SoftMatch, UDA,  # pseudo-label rules (ThresholdRule)
     PiModel, TemporalEnsembling, MeanTeacher, VAT,  # consistency methods (Consistency)
-    MixMatch)}  # mixing methods (StepNeeds.mixes)
+    MixMatch, ReMixMatch)}  # mixing methods (StepNeeds.mixes)
 
 
 def config_sections() -> dict[str, type]:

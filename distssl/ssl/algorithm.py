@@ -101,6 +101,9 @@ class StepNeeds:
     # the gradient forward is of inputs the algorithm mixes (MixMatch's MixUp) from the labeled batch, the
     # views and the no-grad views' logits: its ``mix`` makes them (tensor arithmetic), the engine forwards them
     mixes: bool = False
+    # the model gets ReMixMatch's 4-way rotation head; the engine forwards the algorithm's ``rotate`` of the
+    # first strong view through it (Forwarded.rotation_logits / rotation_targets)
+    rotation: bool = False
 
 
 @dataclass
@@ -122,6 +125,8 @@ class Forwarded:
     seed: int = 0  # run.seed: per-sample random draws (VAT's direction) depend on it, the step and the id
     mixed_targets: Optional[torch.Tensor] = None  # StepNeeds.mixes: the targets of the mixed inputs (logits_x
     # then holds the mixed batch's logits: its labeled rows first)
+    rotation_logits: Optional[torch.Tensor] = None  # StepNeeds.rotation: the rotation head's, with gradient
+    rotation_targets: Optional[torch.Tensor] = None
 
 
 def random_directions(shape: torch.Size, ids: torch.Tensor, seed: int, step: int, stream: int = 0) -> torch.Tensor:
@@ -197,6 +202,10 @@ class Algorithm:
             logits_u: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """StepNeeds.mixes: (inputs, targets) of the gradient forward, from the labeled batch, the views and
         the no-grad views' logits; ``generator``: the micro-batch's own random draws."""
+        raise NotImplementedError
+
+    def rotate(self, views: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """StepNeeds.rotation: (inputs of the rotation head, their rotation classes 0-3)."""
         raise NotImplementedError
 
     def own_key(self, key: str, derive: Callable[[], object]):

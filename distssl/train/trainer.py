@@ -50,7 +50,7 @@ from distssl.dist.peers import init_distributed, use_cuda, watch_local_peers, wr
 from distssl.dist.preempt import Preempted, PreemptWatch, ignore_in_worker
 from distssl.models import export as outputs
 from distssl.models.export import gather_ema_state, model_meta, write_export
-from distssl.models.factory import create_model, fill_input_defaults
+from distssl.models.factory import add_rotation_head, create_model, fill_input_defaults, without_aux_heads
 from distssl.ssl.distalign import DistributionAlignment, target_from_histogram
 from distssl.tracking.metrics import MetricsWriter, plot
 from distssl.train import preflight
@@ -98,6 +98,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = create_model(cfg.model.name, cfg.model.num_classes, cfg.model.pretrained, cfg.model.drop_path_rate,
                              cfg.model.grad_checkpointing, cfg.model.drop_rate)
+        if algorithms.ALGORITHMS[cfg.ssl.algorithm].needs.rotation:  # ReMixMatch's auxiliary head
+            add_rotation_head(model)
         # NHWC inputs are enough: cuDNN runs a convolution channels_last when its input is. The
         # parameters stay contiguous: DeepSpeed broadcasts them as byte views (which a channels_last
         # weight cannot give: "stride(-1) must be 1", seen on an H200) and ZeRO flattens them anyway.
@@ -215,7 +217,7 @@ class Trainer:
                 if needs.mixes:  # MixMatch: its draws from (seed, step, rank, micro-batch), so a resume repeats them
                     gen = torch.Generator().manual_seed(hash((self.cfg.run.seed, self.step, self.rank, i)) % 2 ** 62)
                     fw = forward_mixed(engine, needs, self._to(x), y.to(self.device), inputs, self.algorithm.mix,
-                                       self.bn_sharing, gen)
+                                       self.bn_sharing, gen, self.algorithm.rotate if needs.rotation else None)
                 else:
                     fw = forward_views(engine, needs, self._to(x), inputs, weak_forward=self.cfg.ssl.weak_forward,
                                        bn_sharing=self.bn_sharing, ema=self.ema, module=engine.module,
@@ -265,6 +267,7 @@ class Trainer:
         state = gather_ema_state(self.engine.module, self.ema)
         if self.rank != 0:
             return None
+        state = without_aux_heads(state)  # the exported model is the plain timm one
         d = self.cfg.data
         meta = model_meta(self.cfg.model.name, self.cfg.model.num_classes, d.image_size, d.mean, d.std,
                           self.evalset.class_names or self.labeled.class_names or [],
