@@ -167,3 +167,32 @@ def test_the_rotation_head_trains_through_the_models_forward_and_stays_out_of_ex
     keys = set(model.state_dict())
     assert {"rotation_head.weight", "rotation_head.bias"} <= keys
     assert set(without_aux_heads(model.state_dict())) == keys - {"rotation_head.weight", "rotation_head.bias"}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("algorithm", ["mixmatch", "remixmatch"])
+def test_a_two_rank_run_trains_saves_and_resumes_exactly_once(tiny_data, tmp_path, algorithm):
+    """2 ranks under ZeRO-2: every step logged once across a resume; ReMixMatch's DA state (the same on
+    both ranks) saved and restored; the export is the plain timm model."""
+    from safetensors.torch import load_file
+
+    from conftest import run_train, tiny_overrides
+    from distssl.checkpoint import layout as ckpt
+
+    out = tmp_path / "run"
+    args = tiny_overrides(tiny_data, out, **{"train.steps": 4, "train.ckpt_every": 2, "train.eval_every": 4,
+                                             "ssl.algorithm": algorithm, "ssl.remixmatch.k": 2})
+    r = run_train(args, nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, tag, _ = ckpt.latest(out / "checkpoints")
+    states = [ckpt.load_rank_state(ckpt.rank_state_path(out / "checkpoints", tag, rank))["algorithm"]
+              for rank in (0, 1)]
+    assert states[0]["algorithm"] == algorithm
+    if algorithm == "remixmatch":
+        assert torch.equal(states[0]["da"]["p_model"], states[1]["da"]["p_model"])
+    r = run_train(args + ["train.steps=6"], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [d["step"] for d in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in d]
+    assert sorted(steps) == list(range(1, 7))
+    assert not any(k.startswith("rotation_head") for k in load_file(str(out / "model.safetensors")))
