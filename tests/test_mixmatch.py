@@ -53,6 +53,12 @@ def test_sharpen_mixup_and_the_ramp_follow_their_formulas():
     assert lam >= 0.5 and torch.allclose(mx, lam * x + (1 - lam) * x[perm])
     assert torch.allclose(my, lam * y + (1 - lam) * y[perm]) and torch.allclose(my.sum(1), torch.ones(4))
     assert (linear_ramp(0, 1024, 1 / 64), linear_ramp(8, 1024, 1 / 64), linear_ramp(500, 1024, 1 / 64)) == (0, 0.5, 1)
+    from distssl.ssl.mixmatch import ramp_fraction
+
+    assert ramp_fraction(2 ** 20) == 1 / 64 and ramp_fraction(400) == 0.4  # the paper's 16,384 steps, capped
+    from distssl.ssl.algorithm import RunShape
+
+    assert MixMatch(10, tau=0.95, lambda_u=1.0, shape=RunShape(400, 112)).derived == {"ssl.mixmatch.rampup": 0.4}
 
 
 def test_the_loss_is_mixed_cross_entropy_plus_ramped_l2_of_the_mixed_guesses():
