@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a timm backbone semi-supervised on DeepSpeed ZeRO, from shard sets: FixMatch (with distribution
-alignment), FlexMatch, FreeMatch, SoftMatch, UDA, Mean Teacher, Pi-Model, Temporal Ensembling or VAT
-(ssl.algorithm).
+alignment), FlexMatch, FreeMatch, SoftMatch, UDA, Mean Teacher, Pi-Model, Temporal Ensembling, VAT,
+MixMatch or ReMixMatch (ssl.algorithm).
 
   deepspeed --num_gpus N launch/train.py --config configs/demo.yaml [key=value ...]
   python launch/train.py --config configs/demo.yaml [key=value ...]      # one process

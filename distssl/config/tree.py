@@ -59,7 +59,8 @@ class SSLKeys:
     """The keys every algorithm reads; SSLConfig adds each algorithm's own section (distssl.ssl)."""
     # the method: a pseudo-label rule, fixmatch (fixed tau), flexmatch, freematch (adaptive thresholds),
     # softmatch (soft weights), uda (sharpened soft targets), on which distribution alignment
-    # (dist_align) works; or a consistency method: pimodel, temporal_ensembling, meanteacher, vat
+    # (dist_align) works; or a consistency method: pimodel, temporal_ensembling, meanteacher, vat; or
+    # mixmatch / remixmatch (K views, guesses, MixUp)
     algorithm: Literal[ALGORITHM_NAMES] = "fixmatch"  # type: ignore[valid-type]
     tau: float = 0.95  # confidence threshold of a pseudo-label (FixMatch's tau; the threshold rules' base)
     # weight of the unlabeled loss; the consistency methods multiply their own weight by it

@@ -16,7 +16,7 @@ from distssl.data.device_decode import encoded_base
 from distssl.data.index import IMAGE_KEYS, SampleIds
 from distssl.data.streams import Raw
 from distssl.data.transforms import Views, to_uint8
-from distssl.ssl.algorithm import VIEW_KINDS
+from distssl.ssl.algorithm import is_strong, view_order
 
 
 def _image_bytes(raw: Raw) -> Optional[bytes]:
@@ -80,10 +80,7 @@ def sample_id(raw: Raw, ids: Optional[SampleIds]) -> int:
 def _in_draw_order(wanted: tuple[str, ...]) -> list[str]:
     """The views in the order their random choices are drawn from the sample's rng, whichever an
     algorithm asks for: weak, strong, then a second weak view (Pi-Model, Mean Teacher)."""
-    unknown = set(wanted) - set(VIEW_KINDS)
-    if unknown:
-        raise ValueError(f"unknown unlabeled views {sorted(unknown)}; the loader makes {list(VIEW_KINDS)}")
-    return [v for v in VIEW_KINDS if v in wanted]
+    return sorted(set(wanted), key=view_order)  # raises on a name the loader cannot make
 
 
 def unlabeled_item(views: Views, label_maps: LabelMaps = None, ids: Optional[SampleIds] = None,
@@ -95,7 +92,7 @@ def unlabeled_item(views: Views, label_maps: LabelMaps = None, ids: Optional[Sam
         img = _decode_or_none(raw, lambda data: views.base(data, rng))
         if img is None:
             return None
-        item = {v: views.strong(img, rng) if v == "strong" else views.weak(img, rng) for v in order}
+        item = {v: views.strong(img, rng) if is_strong(v) else views.weak(img, rng) for v in order}
         return {**item, "y_true": _meta_label(raw, label_maps), "idx": sample_id(raw, ids)}
     return make
 
@@ -112,7 +109,7 @@ def unlabeled_plan_item(views: Views, label_maps: LabelMaps = None, ids: Optiona
         img = _decode_or_none(raw, lambda data: views.base(data, rng))
         if img is None:
             return None
-        plans = {f"plan_{v}": torch.tensor(strong_plan(views, rng) if v == "strong" else weak_plan(views, rng))
+        plans = {f"plan_{v}": torch.tensor(strong_plan(views, rng) if is_strong(v) else weak_plan(views, rng))
                  for v in order}
         return {"base": to_uint8(img), **plans, "y_true": _meta_label(raw, label_maps),
                 "idx": sample_id(raw, ids)}
@@ -141,7 +138,7 @@ def unlabeled_encoded_item(views: Views, label_maps: LabelMaps = None, ids: Opti
         base = _decode_or_none(raw, lambda data: encoded_base(views, data, rng))
         if base is None:
             return None
-        plans = {f"plan_{v}": torch.tensor(strong_plan(views, rng) if v == "strong" else weak_plan(views, rng))
+        plans = {f"plan_{v}": torch.tensor(strong_plan(views, rng) if is_strong(v) else weak_plan(views, rng))
                  for v in order}
         return {**base, **plans, "y_true": _meta_label(raw, label_maps), "idx": sample_id(raw, ids)}
     return make

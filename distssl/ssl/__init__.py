@@ -4,13 +4,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from distssl.ssl.algorithm import Algorithm, RunShape
+from distssl.ssl.algorithm import Algorithm, RunShape, is_strong, views_of
 from distssl.ssl.distalign import DistributionAlignment
 from distssl.ssl.fixmatch import FixMatch
 from distssl.ssl.flexmatch import FlexMatch
 from distssl.ssl.freematch import FreeMatch
 from distssl.ssl.meanteacher import MeanTeacher
+from distssl.ssl.mixmatch import MixMatch
 from distssl.ssl.pimodel import PiModel
+from distssl.ssl.remixmatch import ReMixMatch
 from distssl.ssl.softmatch import SoftMatch
 from distssl.ssl.temporal_ensembling import TemporalEnsembling
 from distssl.ssl.uda import UDA
@@ -18,7 +20,8 @@ from distssl.ssl.vat import VAT
 
 ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (
     FixMatch, FlexMatch, FreeMatch, SoftMatch, UDA,  # pseudo-label rules (ThresholdRule)
-    PiModel, TemporalEnsembling, MeanTeacher, VAT)}  # consistency methods (Consistency)
+    PiModel, TemporalEnsembling, MeanTeacher, VAT,  # consistency methods (Consistency)
+    MixMatch, ReMixMatch)}  # mixing methods (StepNeeds.mixes)
 
 
 def config_sections() -> dict[str, type]:
@@ -37,4 +40,4 @@ def build(ssl_cfg, num_classes: int, da: Optional[DistributionAlignment], num_un
                             num_unlabeled=num_unlabeled, shape=shape, **own)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "RunShape", "build", "config_sections"]
+__all__ = ["ALGORITHMS", "Algorithm", "RunShape", "build", "config_sections", "is_strong", "views_of"]

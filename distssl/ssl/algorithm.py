@@ -34,7 +34,27 @@ import torch.nn.functional as F
 from distssl.dist.collectives import gather_cat, sum_over_ranks
 from distssl.ssl.distalign import DistributionAlignment
 
-VIEW_KINDS = ("weak", "strong", "weak_2")  # what the loader can make of each unlabeled image, in its draw order
+VIEW_KINDS = ("weak", "strong", "weak_2")  # the first views; any ``weak_K`` / ``strong_K`` (K >= 2) too
+MAX_VIEWS = 16  # K at most, per kind (MixMatch's K guesses, ReMixMatch's K strong views)
+
+
+def view_order(name: str) -> tuple[int, int]:
+    """A view's place in the loader's draw order: weak, strong, weak_2, strong_2, weak_3 ... (the order the
+    first three always had), so adding views to an algorithm leaves the earlier ones' draws as they were."""
+    kind, _, k = name.partition("_")
+    if kind not in ("weak", "strong") or (k and not (k.isdigit() and 2 <= int(k) <= MAX_VIEWS)):
+        raise ValueError(f"unknown unlabeled view {name!r}: weak, strong, or weak_K / strong_K with 2 <= K <= "
+                         f"{MAX_VIEWS}")
+    return (int(k) if k else 1, 0 if kind == "weak" else 1)
+
+
+def is_strong(name: str) -> bool:
+    return name.split("_", 1)[0] == "strong"
+
+
+def views_of(kind: str, k: int) -> tuple[str, ...]:
+    """K views of a kind by name: ``views_of("weak", 3)`` = (weak, weak_2, weak_3)."""
+    return tuple(kind if i == 1 else f"{kind}_{i}" for i in range(1, k + 1))
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,12 @@ class StepNeeds:
     # sigma of Gaussian noise added to the normalised inputs of the unlabeled views forwarded with gradient
     # (Laine & Aila's input noise), drawn per sample from (seed, step, id, view): world-size independent
     input_noise: float = 0.0
+    # the gradient forward is of inputs the algorithm mixes (MixMatch's MixUp) from the labeled batch, the
+    # views and the no-grad views' logits: its ``mix`` makes them (tensor arithmetic), the engine forwards them
+    mixes: bool = False
+    # the model gets ReMixMatch's 4-way rotation head; the engine forwards the algorithm's ``rotate`` of the
+    # first strong view through it (Forwarded.rotation_logits / rotation_targets)
+    rotation: bool = False
 
 
 @dataclass
@@ -97,6 +123,10 @@ class Forwarded:
     step: int = 0  # optimizer steps before this one
     total_steps: int = 1  # train.steps
     seed: int = 0  # run.seed: per-sample random draws (VAT's direction) depend on it, the step and the id
+    mixed_targets: Optional[torch.Tensor] = None  # StepNeeds.mixes: the targets of the mixed inputs (logits_x
+    # then holds the mixed batch's logits: its labeled rows first)
+    rotation_logits: Optional[torch.Tensor] = None  # StepNeeds.rotation: the rotation head's, with gradient
+    rotation_targets: Optional[torch.Tensor] = None
 
 
 def random_directions(shape: torch.Size, ids: torch.Tensor, seed: int, step: int, stream: int = 0) -> torch.Tensor:
@@ -166,6 +196,16 @@ class Algorithm:
                              f"index.json counts (a shard set, not a brace pattern)")
 
     def loss(self, fw: Forwarded) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def mix(self, x_lb: torch.Tensor, y_lb: torch.Tensor, views: dict[str, torch.Tensor],
+            logits_u: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """StepNeeds.mixes: (inputs, targets) of the gradient forward, from the labeled batch, the views and
+        the no-grad views' logits; ``generator``: the micro-batch's own random draws."""
+        raise NotImplementedError
+
+    def rotate(self, views: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """StepNeeds.rotation: (inputs of the rotation head, their rotation classes 0-3)."""
         raise NotImplementedError
 
     def own_key(self, key: str, derive: Callable[[], object]):

@@ -9,6 +9,8 @@
   trains come from the same function.
 - ``ssl.weak_forward=concat``: FixMatch's reference step, every view in one forward with gradients;
   the no-grad views' logits are detached (they still pay for the backward).
+- An algorithm that mixes its inputs (MixMatch) gets its no-grad views forwarded first, then the batch its
+  ``mix`` makes of them and the labeled batch, in one gradient forward (``forward_mixed``).
 - An algorithm that perturbs its inputs (VAT) gets ``perturbed``: the student's forward of other
   inputs, BatchNorm normalising with the perturbed batch's own statistics and leaving the running
   ones as they were (USB's ``freeze_bn``); and ``probe``, the same through the bare module, for
@@ -31,6 +33,29 @@ from distssl.train.ema import EMA
 
 def _split(logits: torch.Tensor, names: list[str], sizes: list[int]) -> dict[str, torch.Tensor]:
     return dict(zip(names, logits.split(sizes))) if names else {}
+
+
+def forward_mixed(model: Callable[[torch.Tensor], torch.Tensor], needs: StepNeeds, x_lb: torch.Tensor,
+                  y_lb: torch.Tensor, views: dict[str, torch.Tensor], mix: Callable, bn_sharing: BatchStatsSharing,
+                  generator: torch.Generator, rotate: Optional[Callable] = None) -> Forwarded:
+    """StepNeeds.mixes (MixMatch): the no-grad views first (their guesses; each batch normalised with its
+    own statistics, the running ones untouched), then ``mix`` makes the gradient forward's inputs and
+    targets, forwarded as one batch. One forward of the whole mixed batch gives BatchNorm the statistics of
+    labeled and unlabeled rows alike, which is what the paper's code gets by interleaving its separate
+    labeled and unlabeled batches before their forwards. ``rotate`` (ReMixMatch): its rotated inputs go
+    through the model's rotation head, with gradient."""
+    no_grad = list(needs.no_grad)
+    with torch.no_grad(), bn_sharing.frozen():
+        out = model(torch.cat([views[v] for v in no_grad])).float()
+    logits_u = _split(out, no_grad, [views[v].shape[0] for v in no_grad])
+    inputs, targets = mix(x_lb, y_lb, views, logits_u, generator)
+    logits = model(inputs).float()
+    rotation_logits = rotation_targets = None
+    if rotate is not None:  # ReMixMatch: the rotation head's forward, with gradient, through the engine
+        x_rot, rotation_targets = rotate(views, generator)
+        rotation_logits = model(x_rot, head="rotation").float()
+    return Forwarded(logits_x=logits, targets_x=y_lb, logits_u=logits_u, mixed_targets=targets,
+                     rotation_logits=rotation_logits, rotation_targets=rotation_targets)
 
 
 def forward_views(model: Callable[[torch.Tensor], torch.Tensor], needs: StepNeeds, x_lb: torch.Tensor,

@@ -50,14 +50,14 @@ from distssl.dist.peers import init_distributed, use_cuda, watch_local_peers, wr
 from distssl.dist.preempt import Preempted, PreemptWatch, ignore_in_worker
 from distssl.models import export as outputs
 from distssl.models.export import gather_ema_state, model_meta, write_export
-from distssl.models.factory import create_model, fill_input_defaults
+from distssl.models.factory import add_rotation_head, create_model, fill_input_defaults, without_aux_heads
 from distssl.ssl.distalign import DistributionAlignment, target_from_histogram
 from distssl.tracking.metrics import MetricsWriter, plot
 from distssl.train import preflight
 from distssl.train.bnstats import BatchStatsSharing
 from distssl.train.ema import EMA
 from distssl.train.evaluate import evaluate_ema
-from distssl.train.forward import forward_views
+from distssl.train.forward import forward_mixed, forward_views
 from distssl.train.optim import accumulation, build_optimizer, deepspeed_config
 from distssl.train.progress import Progress, nanmean_by_key
 
@@ -98,6 +98,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = create_model(cfg.model.name, cfg.model.num_classes, cfg.model.pretrained, cfg.model.drop_path_rate,
                              cfg.model.grad_checkpointing, cfg.model.drop_rate)
+        if algorithms.ALGORITHMS[cfg.ssl.algorithm].needs.rotation:  # ReMixMatch's auxiliary head
+            add_rotation_head(model)
         # NHWC inputs are enough: cuDNN runs a convolution channels_last when its input is. The
         # parameters stay contiguous: DeepSpeed broadcasts them as byte views (which a channels_last
         # weight cannot give: "stride(-1) must be 1", seen on an H200) and ZeRO flattens them anyway.
@@ -161,16 +163,18 @@ class Trainer:
         x = normalize(t.to(self.device, non_blocking=True), self.mean, self.std).to(self.dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def views_on_device(self, b: dict, strong: tuple[str, ...] = ("strong",)) -> dict:
+    def views_on_device(self, b: dict, strong: Optional[tuple[str, ...]] = None) -> dict:
         """data.augment_on=device: the views made here from the loader's base crops and the random choices
-        it drew for them (``plan_NAME`` -> ``NAME``; the ``strong`` names get the strong view)."""
+        it drew for them (``plan_NAME`` -> ``NAME``; ``strong``: the names that get the strong view, by
+        default strong, strong_2, ...)."""
         v = self.views
         base = b.pop("base").to(self.device, non_blocking=True)
         pad = device_augment.pad_pixels(v)
         for name in [k[len("plan_"):] for k in list(b) if k.startswith("plan_")]:
             plan = b.pop(f"plan_{name}")
+            strong_view = name in strong if strong is not None else algorithms.is_strong(name)
             b[name] = (device_augment.apply_strong(base, plan, pad, v.randaugment_ops, v.cutout_fraction)
-                       if name in strong else device_augment.apply_weak(base, plan, pad))
+                       if strong_view else device_augment.apply_weak(base, plan, pad))
         return b
 
     def decode_on_device(self, b: Optional[dict]) -> Optional[dict]:
@@ -209,9 +213,15 @@ class Trainer:
             views = {v: ub[v].chunk(n) for v in needs.views}
             ids = ub["idx"].chunk(n) if "idx" in ub else [None] * n
             for i, (x, y, y_true, idx) in enumerate(zip(xs, ys, ub["y_true"].chunk(n), ids)):
-                fw = forward_views(engine, needs, self._to(x), {v: self._to(views[v][i]) for v in needs.views},
-                                   weak_forward=self.cfg.ssl.weak_forward, bn_sharing=self.bn_sharing, ema=self.ema,
-                                   module=engine.module, noise_key=(self.cfg.run.seed, self.step, idx))
+                inputs = {v: self._to(views[v][i]) for v in needs.views}
+                if needs.mixes:  # MixMatch: its draws from (seed, step, rank, micro-batch), so a resume repeats them
+                    gen = torch.Generator().manual_seed(hash((self.cfg.run.seed, self.step, self.rank, i)) % 2 ** 62)
+                    fw = forward_mixed(engine, needs, self._to(x), y.to(self.device), inputs, self.algorithm.mix,
+                                       self.bn_sharing, gen, self.algorithm.rotate if needs.rotation else None)
+                else:
+                    fw = forward_views(engine, needs, self._to(x), inputs, weak_forward=self.cfg.ssl.weak_forward,
+                                       bn_sharing=self.bn_sharing, ema=self.ema, module=engine.module,
+                                       noise_key=(self.cfg.run.seed, self.step, idx))
                 fw.targets_x, fw.ids, fw.true_u = y.to(self.device), idx, y_true.to(self.device)
                 fw.step, fw.total_steps, fw.seed = self.step, self.cfg.train.steps, self.cfg.run.seed
                 loss, stats = self.algorithm.loss(fw)
@@ -257,6 +267,7 @@ class Trainer:
         state = gather_ema_state(self.engine.module, self.ema)
         if self.rank != 0:
             return None
+        state = without_aux_heads(state)  # the exported model is the plain timm one
         d = self.cfg.data
         meta = model_meta(self.cfg.model.name, self.cfg.model.num_classes, d.image_size, d.mean, d.std,
                           self.evalset.class_names or self.labeled.class_names or [],

@@ -20,7 +20,9 @@ read, shard mixing, shuffle, decode, crop, views, collate; one thread), times th
 consumes per step (32 labeled + 32 x mu unlabeled) over --step-ms. Options: the loader path,
 ``device_*`` (data.augment_on=device: workers decode and crop only), ``decode_device_*``
 (data.decode_on=device: workers read, parse the JPEG header and draw the crop and view choices; the
-trainer decodes), ``pad_orig`` (the old CIFAR-style path at 224 px, for comparison); and the trainer's
+trainer decodes), ``k8_*`` / ``k8_device_*`` (a weak and K = 8 strong views of each unlabeled image, as
+ReMixMatch's augmentation anchoring asks: in the loader, or their plans for the device), ``pad_orig``
+(the old CIFAR-style path at 224 px, for comparison); and the trainer's
 own time per step with decode_on=device on this machine's device. Ends with RESULT
 cores_per_gpu=<the recipe's shards, loader path> cores_per_gpu_decode_device=<the same shards, decoded
 on the device> cores_per_gpu_<option>=... trainer_decode_ms_per_step=...
@@ -297,6 +299,7 @@ def imagenet(a) -> int:
     )
     from distssl.data.transforms import Views
     from distssl.shards import ImageOptions, make_shards
+    from distssl.ssl import views_of
 
     torch.set_num_threads(1)  # as in a loader worker
     count = a.count or (480 if a.quick else 2000)
@@ -313,8 +316,12 @@ def imagenet(a) -> int:
     recipe = dict(crop="random_resized", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic")
     pipelines = {"": Views(224, **recipe), "device": Views(224, **recipe), "decode_device": Views(224, **recipe),
                  "pad": Views(224, flip=True, pad_fraction=0.125, crop="pad", interpolation="bilinear")}
+    pipelines.update({"k8": Views(224, **recipe), "k8_device": Views(224, **recipe)})
+    eight = ("weak",) + views_of("strong", 8)  # ReMixMatch's K = 8 strong views and the weak one, from one decode
     builders = {"device": (labeled_item, unlabeled_plan_item),
-                "decode_device": (lambda v: labeled_encoded_item(v), unlabeled_encoded_item)}
+                "decode_device": (lambda v: labeled_encoded_item(v), unlabeled_encoded_item),
+                "k8": (labeled_item, lambda v: unlabeled_item(v, wanted=eight)),
+                "k8_device": (labeled_item, lambda v: unlabeled_plan_item(v, wanted=eight))}
     lab_batch, unl_batch = a.micro_batch, a.micro_batch * a.mu
     step_s = a.step_ms / 1e3
     batches = 3 if a.quick else 10
@@ -323,6 +330,8 @@ def imagenet(a) -> int:
         for pname, views in pipelines.items():
             if pname == "pad" and name != "orig":
                 continue  # the old path, once, for comparison
+            if pname.startswith("k8") and name != f"max{a.recipe_max_size}":
+                continue  # K views: on the recipe's shards only
             key = f"{pname}_{name}" if pname else name
             make_labeled, make_unlabeled = builders.get(pname, (labeled_item, unlabeled_item))
             lab = cpu_ms_per_sample(str(folder / "labeled"), make_labeled(views), lab_batch, 4 * batches, 16)
