@@ -154,7 +154,7 @@ def test_a_sweep_can_search_the_algorithm_like_any_key():
 
     check_space({"ssl.algorithm": {"choice": list(ALGORITHM_NAMES)}}, base)  # the whole family
     with pytest.raises(ConfigError, match="space.ssl.algorithm"):
-        check_space({"ssl.algorithm": {"choice": ["fixmatch", "mixmatch"]}}, base)
+        check_space({"ssl.algorithm": {"choice": ["fixmatch", "simmatch"]}}, base)
     with pytest.raises(ConfigError, match="ssl.freematch.fairness_weight"):
         load_config("configs/demo.yaml", ["ssl.freematch.fairness_weight=-1"])
     with pytest.raises(ConfigError, match="unknown key 'ssl.softmatch.sigma'"):
