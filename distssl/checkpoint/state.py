@@ -63,13 +63,14 @@ class Checkpoints:
     def path(self, step: int) -> Path:
         return self.folder / ckpt.tag_for(step)
 
-    def save(self, run: RunState, engine, ema, algorithm) -> None:
+    def save(self, run: RunState, engine, ema, algorithm, augment=None) -> None:
         """Collective: one complete checkpoint of every rank (tmp_step_N, renamed and marked COMPLETE
         by rank 0), with the state gathered whole for an elastic resume."""
         tmp_tag = f"tmp_{ckpt.tag_for(run.step)}"
         engine.save_checkpoint(str(self.folder), tag=tmp_tag, save_latest=False)
         ckpt.save_rank_state(ckpt.rank_state_path(self.folder, tmp_tag, self.rank),
                              {**run.to_saved(), "ema": ema.state_dict(), "algorithm": algorithm.state_dict(),
+                              **({"augment": augment.state_dict()} if augment is not None else {}),
                               "torch_rng": torch.get_rng_state(), "world_size": self.world})
         elastic.save(self.folder / tmp_tag / elastic.ELASTIC_NAME,
                      elastic.gather(engine, ema, engine.lr_scheduler, run.step))
@@ -81,9 +82,10 @@ class Checkpoints:
         dist.barrier()
 
     def resume(self, run: RunState, engine, ema, algorithm, replan: Replan, seed: int,
-               global_batch: int) -> Optional[RunState]:
-        """The newest complete checkpoint loaded into ``engine``, ``ema`` and ``algorithm``; returns its
-        run state (``run`` is the fresh one of this launch), or None when there is none."""
+               global_batch: int, augment=None) -> Optional[RunState]:
+        """The newest complete checkpoint loaded into ``engine``, ``ema``, ``algorithm`` and ``augment``
+        (CTAugment's policy, or None); returns its run state (``run`` is the fresh one of this launch),
+        or None when there is none."""
         found = ckpt.latest(self.folder)
         if found is None:
             return None
@@ -92,16 +94,17 @@ class Checkpoints:
         old_readers = int(info["readers"])
         if old_world != self.world or old_readers != run.readers:
             return self._resume_elastic(run, tag, old_world, old_readers, engine, ema, algorithm, replan, seed,
-                                        global_batch)
+                                        global_batch, augment)
         engine.load_checkpoint(str(self.folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         saved = ckpt.load_rank_state(ckpt.rank_state_path(self.folder, tag, self.rank))
         ema.load_state_dict(saved["ema"])
         _load_algorithm(algorithm, saved)
+        _load_augment(augment, saved)
         torch.set_rng_state(saved["torch_rng"])
         return RunState.from_saved(saved, run.readers)
 
     def _resume_elastic(self, run: RunState, tag: str, old_world: int, old_readers: int, engine, ema, algorithm,
-                        replan: Replan, seed: int, global_batch: int) -> RunState:
+                        replan: Replan, seed: int, global_batch: int, augment=None) -> RunState:
         """Resume what ``old_world`` ranks (``old_readers`` loader readers per stream) saved on this
         launch's: weights, optimizer state, EMA, the algorithm's state and the lr schedule exactly
         (elastic.pt), and each stream's position as a plan that reads the rest of the interrupted
@@ -111,6 +114,7 @@ class Checkpoints:
         elastic.restore(engine, ema, engine.lr_scheduler, state)
         old = [ckpt.load_rank_state(ckpt.rank_state_path(self.folder, tag, r)) for r in range(old_world)]
         _load_algorithm(algorithm, old[0])  # the same on every rank: its updates are global
+        _load_augment(augment, old[0])  # likewise
         resumed = RunState(readers=run.readers, step=int(state["step"]), skipped_total=int(old[0]["skipped_total"]))
         for which in STREAMS:
             cursors = {int(w): int(c) for saved in old for w, c in saved["cursors"].get(which, {}).items()}
@@ -136,3 +140,19 @@ def _load_algorithm(algorithm, saved: dict) -> None:
         algorithm.load_state_dict(saved["algorithm"])
     except ValueError as e:
         raise ConfigError(f"ssl.algorithm: {e}: resume with the same algorithm") from None
+
+
+def _load_augment(augment, saved: dict) -> None:
+    """CTAugment's policy, when this run learns one: from the checkpoint, which must have it."""
+    if augment is None:
+        if "augment" in saved:
+            raise ConfigError("data.strong_aug: the checkpoint was saved by a run with CTAugment; resume with "
+                              "data.strong_aug=ctaugment, or start a new run.out_dir")
+        return
+    if "augment" not in saved:
+        raise ConfigError("data.strong_aug=ctaugment: the checkpoint was saved by a run with RandAugment; resume "
+                          "with data.strong_aug=randaugment, or start a new run.out_dir")
+    try:
+        augment.load_state_dict(saved["augment"])
+    except ValueError as e:
+        raise ConfigError(f"data.ctaugment: {e}") from None

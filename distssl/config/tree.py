@@ -130,6 +130,17 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class CTAugmentConfig:
+    """CTAugment's policy (data.strong_aug=ctaugment): defaults of FixMatch's libml/ctaugment.py."""
+    depth: int = 2  # ops per strong view (and per probe)
+    threshold: float = 0.85  # bins weighted under this fraction of the op's best are not drawn
+    decay: float = 0.99  # each probe moves its bins' weights by 1 - decay towards its proximity
+    # the batch of step s is drawn with the policy of step s - lag, so loader workers may run this many
+    # batches ahead without waiting for it (and a resume draws the same views)
+    lag: int = 32
+
+
+@dataclass
 class DataConfig:
     # one shard set (folder/URL with index.json, or a brace pattern), or several with weights (DataSpec)
     labeled: DataSpec = ""
@@ -175,6 +186,10 @@ class DataConfig:
     # Noisy Student's input noise on a student's labels and pseudo-labels)
     labeled_view: Literal["weak", "strong"] = "weak"
     randaugment_ops: int = 2  # RandAugment operations per strong view
+    # the strong views' augmentation: RandAugment (random magnitudes) or CTAugment (Berthelot et al. 2020:
+    # magnitudes learned from probes of the labeled images, the same policy on every rank); Cutout follows both
+    strong_aug: Literal["randaugment", "ctaugment"] = "randaugment"
+    ctaugment: CTAugmentConfig = field(default_factory=CTAugmentConfig)
     cutout_fraction: float = 0.5  # Cutout square side, as a fraction of the image side (at most)
     mean: Optional[list[float]] = None  # null = from the model's pretrained config, like image_size
     std: Optional[list[float]] = None
@@ -320,6 +335,14 @@ def validate(cfg: Config) -> None:
     _check(d.interleave_shards >= 1, "data.interleave_shards", d.interleave_shards, ">= 1 (1 = one shard at a time)")
     _check(0.0 <= d.cutout_fraction <= 1.0, "data.cutout_fraction", d.cutout_fraction, "0..1")
     _check(d.randaugment_ops >= 0, "data.randaugment_ops", d.randaugment_ops, ">= 0")
+    c = d.ctaugment
+    _check(c.depth >= 1, "data.ctaugment.depth", c.depth, ">= 1")
+    _check(0.0 <= c.threshold <= 1.0, "data.ctaugment.threshold", c.threshold, "0..1")
+    _check(0.0 < c.decay < 1.0, "data.ctaugment.decay", c.decay, "0 < decay < 1")
+    _check(c.lag >= 0, "data.ctaugment.lag", c.lag, ">= 0 (0 = the loader waits for every step's policy)")
+    if d.strong_aug == "ctaugment" and d.decode_on == "device":
+        raise ConfigError("data.strong_aug=ctaugment needs data.decode_on=loader: its probes of the labeled images "
+                          "are made in the loader (data.augment_on=device is fine)")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, ">= 1")
     _check(d.mean is None or len(d.mean) == 3, "data.mean", d.mean, "three numbers, or null")
     _check(d.std is None or (len(d.std) == 3 and min(d.std) > 0), "data.std", d.std, "three numbers > 0, or null")

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
+from distssl.data.ctaugment import CTAViews
 from distssl.data.device_augment import strong_plan, weak_plan
 from distssl.data.device_decode import encoded_base
 from distssl.data.index import IMAGE_KEYS, SampleIds
@@ -61,14 +62,23 @@ def _decode_or_none(raw: Raw, decode_bytes: Callable[[bytes], "object"]):
         return None
 
 
-def labeled_item(views: Views, label_maps: LabelMaps = None, strong: bool = False) -> Callable:
-    """The weak view and the label (``strong``: the strong view, a self-training student's input noise)."""
+def labeled_item(views: Views, label_maps: LabelMaps = None, strong: bool = False,
+                 probe: Optional[CTAViews] = None) -> Callable:
+    """The weak view and the label (``strong``: the strong view, a self-training student's input noise);
+    with ``probe`` (data.strong_aug=ctaugment) also CTAugment's probe of the weak view (``x_probe``) and
+    the ops and levels that made it (``probe_choices``), drawn after the view's own choices."""
     view = views.strong if strong else views.weak
 
     def make(raw: Raw, rng: random.Random) -> Optional[dict]:
         label = _mapped(_label(raw), raw, label_maps)
         img = _decode_or_none(raw, lambda data: views.base(data, rng)) if label is not None else None
-        return None if img is None else {"x": view(img, rng), "y": label}
+        if img is None:
+            return None
+        item = {"x": view(img, rng), "y": label}
+        if probe is not None:
+            weak = item["x"] if not strong else views.weak(img, rng)
+            item["x_probe"], item["probe_choices"] = probe.probe(weak, rng)
+        return item
     return make
 
 
@@ -83,37 +93,47 @@ def _in_draw_order(wanted: tuple[str, ...]) -> list[str]:
     return sorted(set(wanted), key=view_order)  # raises on a name the loader cannot make
 
 
+def _with_policy(make: Callable, cta: Optional[CTAViews]) -> Callable:
+    """A builder whose strong views follow CTAugment's policy learns each batch's step (TrainStream)."""
+    if cta is not None:
+        make.at_step = cta.at_step
+    return make
+
+
 def unlabeled_item(views: Views, label_maps: LabelMaps = None, ids: Optional[SampleIds] = None,
-                   wanted: tuple[str, ...] = ("weak", "strong")) -> Callable:
-    """The ``wanted`` views come from one decode (and, with data.crop=random_resized, one crop) of the image."""
+                   wanted: tuple[str, ...] = ("weak", "strong"), cta: Optional[CTAViews] = None) -> Callable:
+    """The ``wanted`` views come from one decode (and, with data.crop=random_resized, one crop) of the
+    image; the strong ones by RandAugment, or by CTAugment's policy with ``cta``."""
     order = _in_draw_order(wanted)
+    strong = cta.strong if cta is not None else views.strong
 
     def make(raw: Raw, rng: random.Random) -> Optional[dict]:
         img = _decode_or_none(raw, lambda data: views.base(data, rng))
         if img is None:
             return None
-        item = {v: views.strong(img, rng) if is_strong(v) else views.weak(img, rng) for v in order}
+        item = {v: strong(img, rng) if is_strong(v) else views.weak(img, rng) for v in order}
         return {**item, "y_true": _meta_label(raw, label_maps), "idx": sample_id(raw, ids)}
-    return make
+    return _with_policy(make, cta)
 
 
 def unlabeled_plan_item(views: Views, label_maps: LabelMaps = None, ids: Optional[SampleIds] = None,
-                        wanted: tuple[str, ...] = ("weak", "strong")) -> Callable:
+                        wanted: tuple[str, ...] = ("weak", "strong"), cta: Optional[CTAViews] = None) -> Callable:
     """``data.augment_on=device``: the decoded (and cropped) base image and the random choices of the
     ``wanted`` views, drawn from the sample's rng in the loader path's order; the views are made on the
     device (distssl.data.device_augment)."""
 
     order = _in_draw_order(wanted)
+    strong = (lambda v, rng: cta.strong_plan(rng)) if cta is not None else strong_plan
 
     def make(raw: Raw, rng: random.Random) -> Optional[dict]:
         img = _decode_or_none(raw, lambda data: views.base(data, rng))
         if img is None:
             return None
-        plans = {f"plan_{v}": torch.tensor(strong_plan(views, rng) if is_strong(v) else weak_plan(views, rng))
+        plans = {f"plan_{v}": torch.tensor(strong(views, rng) if is_strong(v) else weak_plan(views, rng))
                  for v in order}
         return {"base": to_uint8(img), **plans, "y_true": _meta_label(raw, label_maps),
                 "idx": sample_id(raw, ids)}
-    return make
+    return _with_policy(make, cta)
 
 
 def labeled_encoded_item(views: Views, label_maps: LabelMaps = None, strong: bool = False) -> Callable:

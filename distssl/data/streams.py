@@ -182,8 +182,9 @@ class TrainStream(IterableDataset):
     def __init__(self, shards: ShardSet, *, rank: int, world_size: int, batch_size: int, seed: int,
                  shuffle_buffer: int, make_item: Callable, cursors: Optional[dict[int, int]] = None,
                  trace_dir: Optional[str] = None, name: str = "train", interleave_shards: int = 1,
-                 plan: Optional[StreamPlan] = None):
+                 plan: Optional[StreamPlan] = None, first_step: int = 0):
         self.shards, self.rank, self.world_size = shards, rank, world_size
+        self.first_step = first_step  # the step of the first batch this stream hands over (its resume step)
         self.plan = plan or StreamPlan()  # what an earlier run with another reader count left to read first
         self.trace_dir, self.name = trace_dir, name
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
@@ -282,7 +283,13 @@ class TrainStream(IterableDataset):
         g, per_rank = _worker_id(self.rank)
         G = self.world_size * per_rank
         items, skipped, warned = [], 0, set()
+        # a builder that draws from a policy learned in training (CTAugment) is told each batch's step: the
+        # loader hands over its workers' batches in turn, so this worker's k-th is step first + k x workers + w
+        at_step = getattr(self.make_item, "at_step", None)
+        step, every = self.first_step + g - self.rank * per_rank, per_rank
         for pos, s, raw in self._raw_sequence(g, G, self.cursors.get(g, 0)):
+            if at_step is not None and not items:
+                at_step(step)
             raw.source, raw.shard = self.shards.source_of(s), s
             rng = random.Random(sample_seed(self.seed, g, pos))
             item = self.make_item(raw, rng)
@@ -301,6 +308,7 @@ class TrainStream(IterableDataset):
                 batch["worker"], batch["cursor"], batch["skipped"] = g, pos + 1, skipped
                 yield batch
                 items, skipped = [], 0
+                step += every
 
 
 class EvalStream(IterableDataset):

@@ -58,12 +58,7 @@ class EMA:
         differ between ranks: averaged over ranks before an eval (timm's distribute_bn "reduce"), every
         rank evaluates, and the export holds, one model (else the reported top-1 mixes per-rank models
         and the exported rank-0 weights score differently)."""
-        floats = [b for b in self.buffers.values() if b.is_floating_point()]
-        if world_size() == 1 or not floats:
-            return
-        flat = mean_over_ranks(torch.cat([b.reshape(-1) for b in floats]))  # one all-reduce for all of them
-        parts = flat.split([b.numel() for b in floats])
-        torch._foreach_copy_(floats, [part.view_as(b) for part, b in zip(parts, floats)])
+        average_over_ranks(self.buffers.values())
 
     @contextlib.contextmanager
     @torch.no_grad()
@@ -95,3 +90,15 @@ class EMA:
             self.shadow[n].copy_(t)
         for n, t in state["buffers"].items():
             self.buffers[n].copy_(t)
+
+
+@torch.no_grad()
+def average_over_ranks(buffers) -> None:
+    """The floating-point ``buffers`` (BatchNorm running statistics) replaced by their mean over ranks,
+    in one all-reduce."""
+    floats = [b for b in buffers if b.is_floating_point()]
+    if world_size() == 1 or not floats:
+        return
+    flat = mean_over_ranks(torch.cat([b.reshape(-1) for b in floats]))
+    parts = flat.split([b.numel() for b in floats])
+    torch._foreach_copy_(floats, [part.view_as(b) for part, b in zip(parts, floats)])

@@ -32,7 +32,7 @@ from distssl import ssl as algorithms
 from distssl.checkpoint import layout as ckpt
 from distssl.checkpoint.state import Checkpoints, RunState
 from distssl.config import Config, ConfigError, dump_yaml, redacted_dict, resume_conflicts
-from distssl.data import device_augment, device_decode
+from distssl.data import ctaugment, device_augment, device_decode
 from distssl.data.cache import cache_for
 from distssl.data.index import ShardSet, resolve
 from distssl.data.samples import (
@@ -45,7 +45,7 @@ from distssl.data.samples import (
 )
 from distssl.data.streams import DataError, EvalStream, StreamPlan, TrainStream, loader
 from distssl.data.transforms import Views, normalize
-from distssl.dist.collectives import sum_numbers
+from distssl.dist.collectives import sum_numbers, sum_over_ranks
 from distssl.dist.peers import init_distributed, use_cuda, watch_local_peers, write_heartbeat
 from distssl.dist.preempt import Preempted, PreemptWatch, ignore_in_worker
 from distssl.models import export as outputs
@@ -55,7 +55,7 @@ from distssl.ssl.distalign import DistributionAlignment, target_from_histogram
 from distssl.tracking.metrics import MetricsWriter, plot
 from distssl.train import preflight
 from distssl.train.bnstats import BatchStatsSharing
-from distssl.train.ema import EMA
+from distssl.train.ema import EMA, average_over_ranks
 from distssl.train.evaluate import evaluate_ema
 from distssl.train.forward import forward_mixed, forward_views
 from distssl.train.optim import accumulation, build_optimizer, deepspeed_config
@@ -136,6 +136,14 @@ class Trainer:
         self.mean = torch.tensor(cfg.data.mean, device=self.device)
         self.std = torch.tensor(cfg.data.std, device=self.device)
         self.views = Views.from_config(cfg.data)
+        # data.strong_aug=ctaugment: the policy (its recent history, saved and shared with the loader) and
+        # the views drawn from it; its probes ride in the labeled batch
+        self.cta, self.cta_views = None, None
+        if cfg.data.strong_aug == "ctaugment":
+            c = cfg.data.ctaugment
+            self.cta = ctaugment.PolicyHistory(c.depth, c.threshold, c.decay, c.lag)
+            self.cta_views = ctaugment.CTAViews(self.views, c.depth, c.threshold, c.decay, self.cta.board, c.lag)
+        self.strong_ops = cfg.data.ctaugment.depth if self.cta is not None else cfg.data.randaugment_ops
         self.sets = {"labeled": self.labeled, "unlabeled": self.unlabeled}
         self.state = RunState(readers=world * max(1, t.num_workers))
         self.checkpoints = Checkpoints(self.ckpt_dir, rank, world, cfg.deepspeed.zero_stage, t.keep_checkpoints)
@@ -150,7 +158,7 @@ class Trainer:
                            seed=self.cfg.run.seed + (0 if which == "labeled" else 1),
                            shuffle_buffer=self.cfg.data.shuffle_buffer, make_item=make,
                            cursors=self.state.cursors[which], name=which,
-                           interleave_shards=self.cfg.data.interleave_shards, plan=plan,
+                           interleave_shards=self.cfg.data.interleave_shards, plan=plan, first_step=self.step,
                            trace_dir=str(self.out / "trace") if self.cfg.run.trace_shards else None)
 
     def _train_batches(self, which: str, shards: ShardSet, batch: int, make) -> Iterator[dict]:
@@ -173,7 +181,7 @@ class Trainer:
         for name in [k[len("plan_"):] for k in list(b) if k.startswith("plan_")]:
             plan = b.pop(f"plan_{name}")
             strong_view = name in strong if strong is not None else algorithms.is_strong(name)
-            b[name] = (device_augment.apply_strong(base, plan, pad, v.randaugment_ops, v.cutout_fraction)
+            b[name] = (device_augment.apply_strong(base, plan, pad, self.strong_ops, v.cutout_fraction)
                        if strong_view else device_augment.apply_weak(base, plan, pad))
         return b
 
@@ -193,6 +201,7 @@ class Trainer:
     def train_step(self, lb: dict, ub: Optional[dict]) -> dict:
         """One step: forward the views, the algorithm's loss, backward/step; returns its stats (plus lr)."""
         engine, n = self.engine, self.grad_accum
+        probes = (lb.pop("x_probe"), lb.pop("probe_choices")) if "x_probe" in lb else None
         engine.train()
         if ub is not None and "base" in ub:
             ub = self.views_on_device(ub)
@@ -231,9 +240,27 @@ class Trainer:
             self.algorithm.end_step()
         stats = nanmean_by_key({k: [m[k] for m in per_micro] for k in per_micro[0]})
         self.state.step += 1
+        if probes is not None:
+            stats["cta_proximity"] = self._update_policy(*probes, lb["y"])
         stats["ema_decay"] = self.ema.update(self.step)
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         return stats
+
+    @torch.no_grad()
+    def _update_policy(self, x_probe: torch.Tensor, choices: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """CTAugment: the model (eval mode, as the reference classifies its probes) on this rank's probes;
+        every rank's per-bin sums added exactly, the same update on each, the next step's policy published.
+        The ranks' BatchNorm running statistics are averaged first (timm's distribute_bn): each rank's
+        come from its share of the batch, and DeepSpeed saves rank 0's, so without it a resumed rank
+        would classify its probes with other statistics than an uninterrupted one."""
+        average_over_ranks(self.engine.module.buffers())
+        self.engine.eval()
+        probs = torch.cat([self.engine(self._to(x)).float().softmax(1) for x in x_probe.chunk(self.grad_accum)])
+        self.engine.train()
+        prox = ctaugment.proximity(probs, y.to(self.device))
+        sums = sum_over_ranks(ctaugment.probe_sums(choices, prox).to(self.device)).cpu()
+        self.cta.step_done(self.step, sums.numpy())
+        return prox.mean()
 
     def _sum_over_ranks(self, values) -> torch.Tensor:
         return sum_numbers(values, self.device)
@@ -321,7 +348,7 @@ class Trainer:
 
     # -- checkpoints (distssl.checkpoint.state) --
     def save(self) -> None:
-        self.checkpoints.save(self.state, self.engine, self.ema, self.algorithm)
+        self.checkpoints.save(self.state, self.engine, self.ema, self.algorithm, self.cta)
 
     def resume(self) -> Optional[int]:
         """Load the newest complete checkpoint; its step, or None when the run starts fresh."""
@@ -329,7 +356,7 @@ class Trainer:
             return self._stream(which, self.sets[which], 1, None, plan).replan(cursors, old_readers)
 
         resumed = self.checkpoints.resume(self.state, self.engine, self.ema, self.algorithm, replan,
-                                          self.cfg.run.seed, self.cfg.train.batch_size)
+                                          self.cfg.run.seed, self.cfg.train.batch_size, self.cta)
         if resumed is None:
             return None
         self.state = resumed
@@ -369,17 +396,22 @@ class Trainer:
         """(labeled batch, unlabeled batch or None) per step, from where the run state says each stream is."""
         cfg = self.cfg
         on_device = cfg.data.decode_on == "device"  # the JPEGs decoded here, so the views made here too
+        if self.cta is not None:  # the policies the loader may still draw with: the restored ones on a resume
+            self.cta.publish_all()
+        strong_labeled = cfg.data.labeled_view == "strong"
         labeled = self._train_batches("labeled", self.labeled, self.B,
-                                      (labeled_encoded_item if on_device else labeled_item)(
-                                          self.views, self.label_maps.get("labeled"),
-                                          strong=cfg.data.labeled_view == "strong"))
+                                      labeled_encoded_item(self.views, self.label_maps.get("labeled"), strong_labeled)
+                                      if on_device else
+                                      labeled_item(self.views, self.label_maps.get("labeled"), strong_labeled,
+                                                   probe=self.cta_views))
         if not self.uses_unlabeled:
             return ((lb, None) for lb in labeled)
         make = unlabeled_encoded_item if on_device else \
             unlabeled_plan_item if cfg.data.augment_on == "device" else unlabeled_item
+        extra = {"cta": self.cta_views} if self.cta_views is not None else {}
         unlabeled = self._train_batches("unlabeled", self.unlabeled, self.B * cfg.ssl.mu,
                                         make(self.views, self.label_maps.get("unlabeled"),
-                                             self.unlabeled.sample_ids(), self.algorithm.needs.views))
+                                             self.unlabeled.sample_ids(), self.algorithm.needs.views, **extra))
         return zip(labeled, unlabeled)
 
     def _watch_peers(self) -> None:
@@ -427,6 +459,13 @@ class Trainer:
                             f"the best eval's ({100 * progress.best_top1:.2f}%) to {self.out / outputs.BEST_NAME}")
         if self.rank == 0:
             plot(self.out / "metrics.jsonl", self.out / "curves.png")
+            if self.cta is not None:  # the policy learned: each op's bin probabilities, pictured and in numbers
+                ctaugment.picture(self.cta, str(self.out / "ctaugment.png"), self.step)
+                atomic.write_text(self.out / "ctaugment.json", json.dumps(
+                    {"step": self.step, "ops": list(ctaugment.OP_NAMES), "bins": list(ctaugment.BINS),
+                     "probabilities": self.cta.probabilities().round(4).tolist(),
+                     "relative_weights": ctaugment.relative_weights(self.cta).round(4).tolist(),
+                     "weights": self.cta.rates.round(4).tolist()}, indent=1))
             summary = {"step": self.step, **last_eval, "best_top1": progress.best_top1, "out_dir": str(self.out),
                        **details, **({"derived": self.algorithm.derived} if self.algorithm.derived else {})}
             atomic.write_text(self.out / "summary.json", json.dumps(summary, indent=1))
@@ -436,6 +475,7 @@ class Trainer:
                        for k in ("accuracy", "precision")},
                     **{k: v for k, v in details["calibration"].items() if isinstance(v, (int, float))}})
             metrics.artifacts([self.out / n for n in ("config.yaml", "summary.json", "curves.png", "confusion.png",
+                                                      "ctaugment.png", "ctaugment.json",
                                                       outputs.WEIGHTS_NAME,
                                                       outputs.META_NAME, outputs.BEST_NAME, outputs.BEST_META_NAME)])
         metrics.close()
