@@ -82,10 +82,16 @@ def run_one(out: Path, nproc: int, seed: int, steps: int, extra: list[str]) -> d
     return {"top1": summary["top1"], "train": train}
 
 
+def algorithm_keys(name: str) -> list[str]:
+    """``fixmatch`` -> its ssl.algorithm; ``fixmatch+ctaugment``: with CTAugment as its strong augmentation."""
+    algorithm, _, strong_aug = name.partition("+")
+    return [f"ssl.algorithm={algorithm}", *([f"data.strong_aug={strong_aug}"] if strong_aug else [])]
+
+
 def seconds_per_step(name: str, train: list[dict]) -> float:
     """From the last logged img/s (the run's average since it started) and the images one step reads."""
     demo = load_config(str(ROOT / "configs/demo.yaml"), ["data.demo_root=null"])
-    views = 0 if name == "supervised" else len(algorithms.ALGORITHMS[name].needs.views)
+    views = 0 if name == "supervised" else len(algorithms.ALGORITHMS[name.split("+")[0]].needs.views)
     images = demo.train.batch_size * (1 + views * demo.ssl.mu)
     rates = [d["img_s"] for d in train if d.get("img_s")]
     return images / rates[-1] if rates else float("nan")
@@ -104,7 +110,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", default="1000", help="comma-separated train.steps values (default 1000)")
     p.add_argument("--datasets", default="demo", help="comma-separated: demo, digits8, demo64 (default demo)")
     p.add_argument("--nproc", type=int, default=2, help="ranks per run (default 2)")
-    p.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS),
+                   help="comma-separated ssl.algorithm names; NAME+ctaugment runs NAME with data.strong_aug=ctaugment")
     p.add_argument("--out", default=str(ROOT / "runs/bench-algorithms"))
     p.add_argument("--quick", action="store_true",
                    help="a smoke run (about a minute): one seed, 60 steps, fixmatch and flexmatch, into a temp folder")
@@ -134,7 +141,7 @@ def main(argv=None) -> int:
 def table_for(out: Path, tag: str, names: list[str], seeds: list[int], steps: int, keys: list[str], nproc: int,
               res: dict) -> list[tuple]:
     """One data set and length: every algorithm (and supervised) over the seeds, as table rows."""
-    runs = {name: [run_one(out / f"{tag}{name}-s{s}", nproc, s, steps, [f"ssl.algorithm={name}", *keys])
+    runs = {name: [run_one(out / f"{tag}{name}-s{s}", nproc, s, steps, [*algorithm_keys(name), *keys])
                    for s in seeds] for name in names}
     runs["supervised"] = [run_one(out / f"{tag}supervised-s{s}", nproc, s, steps, ["ssl.lambda_u=0", *keys])
                           for s in seeds]
