@@ -114,7 +114,7 @@ def test_a_probe_is_the_weak_view_under_its_recorded_choices(photo):
     assert choices.shape == (2, 2) and choices.dtype == torch.float64
     again = Image.fromarray(weak.permute(1, 2, 0).numpy())
     for op, level in choices.tolist():
-        again = cta.apply_op(again, int(op), *cta.op_value(int(op), level, 48))
+        again = cta.apply_op(again, int(op), *cta.op_value(int(op), level))
     assert torch.equal(probe, to_uint8(again))
 
 

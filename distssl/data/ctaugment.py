@@ -57,12 +57,17 @@ def initial_rates() -> np.ndarray:
     return rates
 
 
-def bin_probabilities(rates_of_op: np.ndarray, threshold: float, decay: float) -> np.ndarray:
+def bin_weights(rates_of_op: np.ndarray, threshold: float, decay: float) -> np.ndarray:
     """The reference's rate_to_p: weights (+ 1 - decay, so never all zero) over their maximum, those
-    under ``threshold`` zeroed, normalised."""
+    under ``threshold`` zeroed (never drawn)."""
     p = rates_of_op + (1 - decay)
     p = p / p.max()
-    p[p < threshold] = 0
+    return np.where(p < threshold, 0, p)
+
+
+def bin_probabilities(rates_of_op: np.ndarray, threshold: float, decay: float) -> np.ndarray:
+    """:func:`bin_weights` normalised: each bin's chance of being drawn."""
+    p = bin_weights(rates_of_op, threshold, decay)
     return p / p.sum()
 
 
@@ -87,7 +92,7 @@ def bin_of(op: int, level: float) -> int:
     return int(level * BINS[op] * 0.999)
 
 
-def op_value(op: int, level: float, size: int) -> tuple[float, float]:
+def op_value(op: int, level: float) -> tuple[float, float]:
     """(value, sign) of an op at ``level`` in the pool's convention (transforms.POOL /
     device_augment._apply_op): the value is what the op is given, the sign the direction of the
     geometric ones."""
@@ -122,11 +127,11 @@ def apply_op(img: Image.Image, op: int, value: float, sign: float) -> Image.Imag
     return POOL[op][0](img, value, None)  # the unsigned ops do not touch the rng
 
 
-def plan_rows(choices: Sequence[tuple[int, float]], size: int) -> list[float]:
+def plan_rows(choices: Sequence[tuple[int, float]]) -> list[float]:
     """The choices as device_augment's strong-plan rows: (op, value, applied, sign) each."""
     rows: list[float] = []
     for op, level in choices:
-        value, sign = op_value(op, level, size)
+        value, sign = op_value(op, level)
         rows += [float(op), value, 1.0, sign]
     return rows
 
@@ -180,7 +185,7 @@ class CTAViews:
 
     def _ops(self, img: Image.Image, choices) -> Image.Image:
         for op, level in choices:
-            value, sign = op_value(op, level, img.size[0])
+            value, sign = op_value(op, level)
             img = apply_op(img, op, value, sign)
         return img
 
@@ -196,7 +201,7 @@ class CTAViews:
 
         v = self.views
         plan = _flip_and_pad(rng, v.flip, pad_pixels(v))
-        plan += plan_rows(draw(self.rates, rng, self.depth, self.threshold, self.decay), v.image_size)
+        plan += plan_rows(draw(self.rates, rng, self.depth, self.threshold, self.decay))
         if int(v.cutout_fraction * v.image_size) > 0:
             return plan + [rng.uniform(0, v.image_size), rng.uniform(0, v.image_size)]
         return plan + [-1.0, -1.0]
@@ -268,11 +273,11 @@ class PolicyHistory:
             del self.history[old]
         self.board.publish(step, self.history[step])
 
-    def probabilities(self) -> np.ndarray:
-        """(ops, MAX_BINS) the bins' sampling probabilities now (0 past an op's bins)."""
+    def per_bin(self, f) -> np.ndarray:
+        """(ops, MAX_BINS) ``f(weights of an op, threshold, decay)`` per op, 0 past its bins."""
         out = np.zeros((len(POOL), MAX_BINS))
         for op, n in enumerate(BINS):
-            out[op, :n] = bin_probabilities(self.rates[op, :n], self.threshold, self.decay)
+            out[op, :n] = f(self.rates[op, :n], self.threshold, self.decay)
         return out
 
     def state_dict(self) -> dict:
@@ -286,15 +291,20 @@ class PolicyHistory:
         self.history = {int(s): np.asarray(r, dtype=np.float64) for s, r in state["history"].items()}
 
 
-def relative_weights(history: PolicyHistory) -> np.ndarray:
-    """(ops, MAX_BINS) the reference's rate_to_p before normalising (what its stats() prints): each bin's
-    weight over its op's best, 0 where it is under the threshold and never drawn (0 past an op's bins)."""
-    out = np.zeros((len(POOL), MAX_BINS))
-    for op, n in enumerate(BINS):
-        p = history.rates[op, :n] + (1 - history.decay)
-        p = p / p.max()
-        out[op, :n] = np.where(p < history.threshold, 0, p)
-    return out
+def write_outputs(history: PolicyHistory, out_dir, step: int) -> None:
+    """The run folder's ctaugment.png and ctaugment.json: the policy learned, pictured and in numbers."""
+    import json
+    from pathlib import Path
+
+    from distssl import atomic
+
+    out = Path(out_dir)
+    picture(history, str(out / "ctaugment.png"), step)
+    atomic.write_text(out / "ctaugment.json", json.dumps(
+        {"step": step, "ops": list(OP_NAMES), "bins": list(BINS),
+         "probabilities": history.per_bin(bin_probabilities).round(4).tolist(),
+         "relative_weights": history.per_bin(bin_weights).round(4).tolist(),
+         "weights": history.rates.round(4).tolist()}, indent=1))
 
 
 def picture(history: PolicyHistory, path: str, step: int) -> None:
@@ -304,7 +314,8 @@ def picture(history: PolicyHistory, path: str, step: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    masked = np.ma.masked_where(np.array([[b >= n for b in range(MAX_BINS)] for n in BINS]), relative_weights(history))
+    masked = np.ma.masked_where(np.array([[b >= n for b in range(MAX_BINS)] for n in BINS]),
+                                history.per_bin(bin_weights))
     fig, ax = plt.subplots(figsize=(7, 5))
     im = ax.imshow(masked, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_yticks(range(len(OP_NAMES)), OP_NAMES)

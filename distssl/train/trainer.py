@@ -459,13 +459,8 @@ class Trainer:
                             f"the best eval's ({100 * progress.best_top1:.2f}%) to {self.out / outputs.BEST_NAME}")
         if self.rank == 0:
             plot(self.out / "metrics.jsonl", self.out / "curves.png")
-            if self.cta is not None:  # the policy learned: each op's bin probabilities, pictured and in numbers
-                ctaugment.picture(self.cta, str(self.out / "ctaugment.png"), self.step)
-                atomic.write_text(self.out / "ctaugment.json", json.dumps(
-                    {"step": self.step, "ops": list(ctaugment.OP_NAMES), "bins": list(ctaugment.BINS),
-                     "probabilities": self.cta.probabilities().round(4).tolist(),
-                     "relative_weights": ctaugment.relative_weights(self.cta).round(4).tolist(),
-                     "weights": self.cta.rates.round(4).tolist()}, indent=1))
+            if self.cta is not None:  # the policy learned, pictured and in numbers
+                ctaugment.write_outputs(self.cta, self.out, self.step)
             summary = {"step": self.step, **last_eval, "best_top1": progress.best_top1, "out_dir": str(self.out),
                        **details, **({"derived": self.algorithm.derived} if self.algorithm.derived else {})}
             atomic.write_text(self.out / "summary.json", json.dumps(summary, indent=1))
