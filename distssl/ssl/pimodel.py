@@ -5,9 +5,9 @@ branches get gradients"), and the mean squared difference of their softmax outpu
 consistency term, weighted by w(t) = weight * exp(-5 (1 - T)^2) over the first ``rampup`` fraction of
 train.steps. Both views are the weak augmentation (flip and translation, the paper's), drawn twice.
 Defaults: weight 100 (the paper's w_max; USB's is 10; on the demo Pi-Model gains the least of the
-family, 4.7 points over supervised on three seeds, and neither weight gains in a run resumed at
-half way: docs/benchmarks.md), ramp-up over 0.4 of the run (USB's unsup_warm_up; the paper ramps
-over its first 80 of 300 epochs); the paper's Gaussian input noise is ``noise``, off.
+family: 4.7 points over supervised on three seeds of straight runs, 3.5 to 6.7 resumed at half way:
+docs/benchmarks.md), ramp-up over 0.4 of the run (USB's unsup_warm_up; the paper ramps over its
+first 80 of 300 epochs); the paper's Gaussian input noise is ``noise``, off.
 ``augment=strong`` trains the second view with RandAugment + Cutout; with both views carrying
 gradient that lost 9 points on the demo.
 """
