@@ -11,7 +11,33 @@ from distssl.testing import free_port, launch_env, train_command  # noqa: F401 (
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Under pytest-xdist (the README's -n 2) the tests that start Ray run one at a time: two clusters on one
-# 2-core machine starve each other's trials (xdist's own xdist_group is not honoured under pytest 9).
+# 2-core machine starve each other's trials. xdist's own xdist_group is not honoured under pytest 9 (it
+# renames item._nodeid, which pytest 9 no longer reads), so the scheduler below sends every test of these
+# modules to one worker as one unit, first: no worker waits for the other's Ray (the lock below, kept
+# for other --dist modes, cost a worker 3 minutes of waiting per suite).
+RAY_MODULES = ("test_ray_build.py", "test_tune.py", "test_tune_cluster.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "load":  # the default of -n; an explicit --dist is the user's choice
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayOnOneWorker(LoadScopeScheduling):
+        """Each test its own unit of work, but the Ray modules' tests one unit together (the largest,
+        so xdist's reordering by size sends it out first)."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return "ray" if nodeid.split("::")[0].rsplit("/", 1)[-1] in RAY_MODULES else nodeid
+
+    return RayOnOneWorker(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    strays = [i.nodeid for i in items if i.get_closest_marker("ray") and i.path.name not in RAY_MODULES]
+    if strays:
+        raise pytest.UsageError(f"tests marked ray outside {RAY_MODULES} (tests/conftest.py): {strays}; "
+                                f"move them there, or add their module to RAY_MODULES")
 
 
 @pytest.fixture(autouse=True)

@@ -143,7 +143,8 @@ def train_with_exit_codes(cfg) -> tuple[int, dict]:
 
 def _report_dead_peers_on_sigterm(out_dir: str) -> None:
     """Until the step loop installs its own handler (distssl.dist.preempt), a SIGTERM from the launcher because
-    a peer died names that peer; any other SIGTERM ends the process as by default."""
+    a peer died names that peer; any other SIGTERM ends the process as by default (during the rendezvous
+    itself SIGTERM is at its default: distssl.dist.peers.init_distributed)."""
     import signal
 
     from distssl.dist.peers import exit_if_a_peer_died

@@ -9,9 +9,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Optional
@@ -103,7 +106,8 @@ def init_distributed(timeout_minutes: float) -> tuple[int, int, int]:
     c10d.default_pg_timeout = timeout
     c10d.default_pg_nccl_timeout = timeout
     try:
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda() else "gloo", timeout=timeout)
+        with _sigterm_ends_the_process():
+            deepspeed.init_distributed(dist_backend="nccl" if use_cuda() else "gloo", timeout=timeout)
     except RuntimeError as e:  # taken between the check above and the bind
         if _is_address_in_use(e):
             raise _port_in_use(int(os.environ.get("MASTER_PORT", 0))) from None
@@ -115,6 +119,21 @@ def init_distributed(timeout_minutes: float) -> tuple[int, int, int]:
     else:
         torch.set_num_threads(cpu_threads(world))
     return rank, world, local_rank
+
+
+@contextmanager
+def _sigterm_ends_the_process():
+    """SIGTERM at its default (the process ends) while the rendezvous blocks in C++: a Python handler
+    would run only when the rendezvous returns, so a rank waiting for a peer that failed (a taken port)
+    sat out its launcher's 30-s grace until SIGKILL. There is nothing to save yet, nor a peer to name."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cpu_threads(world: int) -> int:
