@@ -15,8 +15,11 @@ Load the result with timm (no hub access):
 import argparse
 import sys
 
+from distssl.cli import skip_the_final_collections
+
 
 def main(argv=None) -> int:
+    skip_the_final_collections()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a run folder, its checkpoints/ folder, or one checkpoints/step_N folder")
     p.add_argument("out", help="output folder or .safetensors path")

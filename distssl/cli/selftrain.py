@@ -25,8 +25,11 @@ import logging
 import os
 import sys
 
+from distssl.cli import skip_the_final_collections
+
 
 def main(argv=None) -> int:
+    skip_the_final_collections()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a YAML path or a shipped recipe's name (as distssl-train's)")
     p.add_argument("--rounds", type=int, help="rounds in all, round 0 included (selftrain.rounds; default 2)")

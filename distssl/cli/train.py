@@ -20,6 +20,8 @@ import logging
 import os
 import sys
 
+from distssl.cli import skip_the_final_collections
+
 
 def print_keys(prefix: str = "") -> None:
     """Every config key with its type, default and meaning (from the schema's own comments)."""
@@ -41,6 +43,7 @@ def print_keys(prefix: str = "") -> None:
 
 
 def main(argv=None) -> int:
+    skip_the_final_collections()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a YAML path, or a recipe shipped in the package by name: demo, starter, cifar10, "
                                     "imagenet, vit_finetune (configs/NAME.yaml in a checkout)")

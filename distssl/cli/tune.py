@@ -16,8 +16,11 @@ import json
 import logging
 import sys
 
+from distssl.cli import skip_the_final_collections
+
 
 def main(argv=None) -> int:
+    skip_the_final_collections()
     try:
         return _main(argv)
     except KeyboardInterrupt:
