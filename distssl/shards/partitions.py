@@ -101,10 +101,13 @@ class Spill:
         names = ["b", "seq", "size", "label", "rel"]
         types = {"b": pa.int32(), "seq": pa.int64(), "size": pa.int64(), "label": pa.string(), "rel": pa.string()}
         parts = []
+        # use_threads=False: the reader's pool threads outlived the build and, torn down at exit, aborted
+        # the process now and then ('terminate called without an active exception', exit -6: apache/arrow
+        # #34314); the builder's parallelism is its writer processes, not this read
         for f in range(b0 * self.FILES // BUCKETS, (b1 - 1) * self.FILES // BUCKETS + 1):
             if not os.path.exists(self.path(f)) or os.path.getsize(self.path(f)) == 0:
                 continue
-            t = pacsv.read_csv(self.path(f), read_options=pacsv.ReadOptions(column_names=names),
+            t = pacsv.read_csv(self.path(f), read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
                                parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False,
                                                                 invalid_row_handler=escaped),
                                convert_options=pacsv.ConvertOptions(column_types=types, null_values=[""],
