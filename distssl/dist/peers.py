@@ -133,7 +133,8 @@ def _sigterm_ends_the_process():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:  # None: a handler set outside Python, which Python cannot put back
+            signal.signal(signal.SIGTERM, previous)
 
 
 def cpu_threads(world: int) -> int:
