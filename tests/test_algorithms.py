@@ -66,16 +66,35 @@ def test_freematch_thresholds_are_the_ema_of_confidence_scaled_per_class():
     assert torch.allclose(algo.label_hist, 0.5 / 3 + 0.5 * torch.tensor([1 / 3, 1 / 3, 1 / 3]))
 
 
-def test_freematch_fairness_loss_penalises_masked_predictions_that_collapse_onto_one_class():
-    p_model, hist = torch.tensor([0.5, 0.3, 0.2]), torch.full((3,), 1 / 3)
-    spread = torch.log(torch.tensor([[8.0, 1, 1], [1, 8, 1], [1, 1, 8]]))  # each class predicted once
-    collapsed = torch.log(torch.tensor([[8.0, 1, 1], [8, 1, 1], [8, 1, 1]]))
-    mask = torch.ones(3)
-    fair_spread = fairness_loss(spread, mask, p_model, hist)
-    assert fair_spread < fairness_loss(collapsed, mask, p_model, hist)
-    entropy_of_target = -(p_model * p_model.log()).sum()
-    assert fair_spread >= entropy_of_target - 1e-6  # a cross-entropy against the target: never below H(target)
-    assert float(fairness_loss(spread, torch.zeros(3), p_model, hist)) == 0.0  # nothing masked in: no loss
+def test_freematch_fairness_loss_is_the_papers_eq_11_with_its_sign():
+    """L_f = -H(SumNorm(p_t / h_t), SumNorm(p_s / h_s)) over the masked strong views (Wang et al. 2023, Eq. 11;
+    the sign the authors confirm in USB issue #182), written out here from the paper."""
+    p_model, hist = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.5, 0.3])
+    logits = torch.log(torch.tensor([[8.0, 1, 1], [1, 8, 1], [6, 3, 1], [1, 1, 8]]))
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0])  # the last sample is not masked in
+    kept = logits[:3].softmax(dim=1)
+    # predicted classes of the kept: 0, 1, 0, so h_s = [2/3, 1/3, 0]: divided by it, the empty class dropped
+    mean_s = kept.mean(dim=0) * torch.tensor([1.5, 3.0, 0.0])
+    mean_s = mean_s / mean_s.sum()
+    target = p_model / hist
+    target = target / target.sum()
+    cross_entropy = -(target * torch.log(mean_s + 1e-12)).sum()
+    assert torch.allclose(fairness_loss(logits, mask, p_model, hist), -cross_entropy)
+    assert float(fairness_loss(logits, torch.zeros(4), p_model, hist)) == 0.0  # nothing masked in: no loss
+
+
+def test_freematch_fairness_target_drops_a_class_the_histogram_never_saw():
+    """A class whose EMA histogram is 0 (momentum 0, or underflow) leaves the target, as USB's
+    replace_inf_to_zero does; dividing by a clamped 0 put the whole target on it."""
+    p_model, hist = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.6, 0.4, 0.0])
+    logits = torch.log(torch.tensor([[8.0, 1, 1], [1, 8, 1]]))
+    probs = logits.softmax(dim=1)
+    mean_s = probs.mean(dim=0) * torch.tensor([2.0, 2.0, 0.0])
+    mean_s = mean_s / mean_s.sum()
+    target = torch.tensor([0.5 / 0.6, 0.3 / 0.4, 0.0])
+    target = target / target.sum()
+    want = (target * torch.log(mean_s + 1e-12)).sum()
+    assert torch.allclose(fairness_loss(logits, torch.ones(2), p_model, hist), want)
 
 
 def test_softmatch_weights_are_one_above_the_mean_and_gaussian_below():

@@ -143,17 +143,19 @@ def test_remixmatch_anchors_k_strong_views_to_the_aligned_weak_guess_and_adds_it
     aligned = logits_u["weak"].softmax(1) * (torch.ones(3) / 3) / da.p_model
     guess = sharpen(aligned / aligned.sum(1, keepdim=True), 0.5)
     inputs, targets = algo.mix(x_lb, y_lb, views, logits_u, torch.Generator().manual_seed(1))
-    assert inputs.shape[0] == 2 + 2 * 3 + 3 and torch.equal(inputs[-3:], views["strong"])  # + the unmixed view
+    # labeled + K strong + the weak view mixed (the reference mixes the weak view too), + the unmixed strong view
+    assert inputs.shape[0] == 2 + 3 * 3 + 3 and torch.equal(inputs[-3:], views["strong"])
     assert torch.allclose(targets[-3:], guess)
     x_rot, quarters = algo.rotate(views, torch.Generator().manual_seed(2))
     assert torch.equal(x_rot, rotate_quarters(views["strong"], quarters)) and set(quarters.tolist()) <= {0, 1, 2, 3}
-    logits, rot = torch.randn(11, 3), torch.randn(3, 4)
+    assert torch.allclose(targets[2:11].sum(1), torch.ones(9))  # mixed rows of guesses and one-hots
+    logits, rot = torch.randn(14, 3), torch.randn(3, 4)
     fw = Forwarded(logits_x=logits, targets_x=y_lb, logits_u=logits_u, mixed_targets=targets, step=5,
                    total_steps=20, rotation_logits=rot, rotation_targets=quarters)
     loss, stats = algo.loss(fw)
     ce = lambda lg, t: -(t * lg.log_softmax(1)).sum(1).mean()  # noqa: E731
-    want = ce(logits[:2], targets[:2]) + 1.5 * 0.5 * ce(logits[2:8], targets[2:8]) + \
-        0.5 * 0.5 * ce(logits[8:], guess) + 0.5 * F.cross_entropy(rot, quarters)
+    want = ce(logits[:2], targets[:2]) + 1.5 * 0.5 * ce(logits[2:11], targets[2:11]) + \
+        0.5 * 0.5 * ce(logits[11:], guess) + 0.5 * F.cross_entropy(rot, quarters)
     assert torch.allclose(loss, want, atol=1e-6)
     algo.end_step()  # p_model moved by the raw (unaligned) weak probabilities
     assert torch.allclose(da.p_model, 0.9 * torch.tensor([0.5, 0.3, 0.2]) + 0.1 * logits_u["weak"].softmax(1).mean(0))

@@ -250,6 +250,9 @@ class ThresholdRule(Algorithm):
     """FixMatch's loss structure: CE(labeled) + lambda_u * mean_u[ w * CE(strong, argmax weak) ]."""
 
     uses_dist_align = True
+    # the pseudo-labels (the unlabeled loss's targets) come from the aligned probabilities; False: from the
+    # raw ones, alignment shaping the weights alone (SoftMatch's uniform alignment, as its authors' code)
+    labels_from_aligned: ClassVar[bool] = True
 
     def __init__(self, num_classes: int, **kw):
         super().__init__(num_classes, **kw)
@@ -272,9 +275,10 @@ class ThresholdRule(Algorithm):
                      ) -> tuple[torch.Tensor, dict]:
         return F.cross_entropy(logits_x, targets_x), {}
 
-    def unlabeled_loss(self, logits_s: torch.Tensor, probs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Averaged over the whole unlabeled batch, masked or not, as in the papers."""
-        return (F.cross_entropy(logits_s, probs.argmax(dim=1), reduction="none") * w).mean()
+    def unlabeled_loss(self, logits_s: torch.Tensor, targets: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Averaged over the whole unlabeled batch, masked or not, as in the papers; ``targets``: the weak
+        view's probabilities the pseudo-labels are taken from."""
+        return (F.cross_entropy(logits_s, targets.argmax(dim=1), reduction="none") * w).mean()
 
     # -- the shared part --
     def loss(self, fw: Forwarded) -> tuple[torch.Tensor, dict[str, float]]:
@@ -292,12 +296,13 @@ class ThresholdRule(Algorithm):
         if ids is not None:
             self._ids.append(ids)
         loss_x, x_stats = self.labeled_loss(logits_x, targets_x, step, total_steps)
-        pseudo = probs.argmax(dim=1)
+        targets = probs if self.labels_from_aligned else probs_w
+        pseudo = targets.argmax(dim=1)
         w = self.weights(probs, ids) if probs.shape[0] else probs.new_zeros(0)
         if logits_s.shape[0] == 0:  # no unlabeled images: a plain supervised step, not NaN
             loss_u = logits_x.new_zeros(())
         else:
-            loss_u = self.unlabeled_loss(logits_s, probs, w)
+            loss_u = self.unlabeled_loss(logits_s, targets, w)
         extra, extra_stats = self.extra_loss(logits_s, w)
         loss = loss_x + self.lambda_u * loss_u + extra
         # stats stay tensors on the device: the loop reads them back once per log interval, not per step

@@ -15,7 +15,9 @@ from distssl.dist.collectives import sum_over_ranks
 
 
 def align(probs: torch.Tensor, p_model: torch.Tensor, p_target: torch.Tensor) -> torch.Tensor:
-    aligned = probs * (p_target / p_model.clamp_min(1e-6))
+    """probs x (1e-6 + p_target) / (1e-6 + p_model), renormalised: the reference's ratio (ReMixMatch's code,
+    and USB's DistAlignEMAHook), which a class the model never predicts cannot blow up."""
+    aligned = probs * ((p_target + 1e-6) / (p_model + 1e-6))
     return aligned / aligned.sum(dim=1, keepdim=True)
 
 

@@ -4,9 +4,10 @@ Self-adaptive thresholds: a global one, tau_t = EMA of the mean max confidence o
 a per-class one, tau_t(c) = MaxNorm(p_t)(c) * tau_t with p_t the EMA of the mean weak-view
 probabilities; both start at 1/C (the paper's initialisation) and move with the paper's momentum 0.999
 on its 2^20-step runs, and by default with the same memory as a share of a shorter run (run_momentum). The
-self-adaptive fairness loss (weight 0.01, as for the paper's CIFAR runs; USB's ``ent_loss_ratio``)
-pushes the mean strong-view prediction of the masked samples, normalised by their predicted-class
-histogram, towards p_t normalised by the EMA histogram of weak-view predictions.
+self-adaptive fairness loss (weight 0.01, as for the paper's CIFAR runs; USB's ``ent_loss_ratio``) is
+the paper's Eq. 11 with its sign: minus the cross-entropy between p_t normalised by the EMA histogram of
+weak-view predictions and the mean strong-view prediction of the masked samples normalised by their
+predicted-class histogram (classes with an empty histogram drop out, as in the authors' code).
 """
 from __future__ import annotations
 
@@ -24,21 +25,29 @@ def freematch_mask(probs: torch.Tensor, time_p: float, p_model: torch.Tensor) ->
     return (max_p >= time_p * class_scale.to(probs.device)[pseudo]).float()
 
 
+def inverse_or_zero(h: torch.Tensor) -> torch.Tensor:
+    """1 / h, with 0 where h is 0: a class never predicted drops out of its SumNorm (USB's
+    ``replace_inf_to_zero``) instead of taking the whole mass."""
+    return torch.where(h > 0, 1.0 / h, torch.zeros_like(h))
+
+
 def fairness_loss(logits_s: torch.Tensor, mask: torch.Tensor, p_model: torch.Tensor,
                   label_hist: torch.Tensor) -> torch.Tensor:
-    """Self-adaptive fairness: -sum( SumNorm(p_t / h_t) * log SumNorm(mean p_s / hist_s) ) over the masked."""
+    """The paper's Eq. 11, L_f = -H(SumNorm(p_t / h_t), SumNorm(mean p_s / hist_s)) over the masked strong
+    views, H the cross-entropy: sum(target * log mean_s), negative. Minimising it raises the cross-entropy,
+    i.e. pushes the masked mean prediction away from collapsing (the authors, USB issue #182: "it
+    corresponds to maximizing the entropy"; USB's ``entropy_loss``)."""
     keep = mask > 0
     if not keep.any():
         return logits_s.new_zeros(())
     probs_s = logits_s[keep].softmax(dim=1)
-    hist_s = torch.bincount(probs_s.argmax(dim=1), minlength=probs_s.shape[1]).float()
+    hist_s = torch.bincount(probs_s.argmax(dim=1), minlength=probs_s.shape[1]).to(probs_s.dtype)
     hist_s = hist_s / hist_s.sum()
-    scale = torch.nan_to_num(1.0 / hist_s, nan=0.0, posinf=0.0).detach()
-    mean_s = probs_s.mean(dim=0) * scale
+    mean_s = probs_s.mean(dim=0) * inverse_or_zero(hist_s).detach()
     mean_s = mean_s / mean_s.sum()
-    target = (p_model / label_hist.clamp_min(1e-12)).to(logits_s.device)
+    target = (p_model * inverse_or_zero(label_hist)).to(logits_s.device)
     target = target / target.sum()
-    return -(target * torch.log(mean_s + 1e-12)).sum()
+    return (target * torch.log(mean_s + 1e-12)).sum()
 
 
 @dataclass

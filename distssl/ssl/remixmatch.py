@@ -3,8 +3,9 @@ Augmentation Anchoring").
 
 The guess of each unlabeled image comes from its weak view alone (no gradient): its softmax, distribution
 aligned (p_target / p_model, ``ssl.dist_align``: DA is part of the method) and sharpened at T. Augmentation
-anchoring: K strong views of the image are all trained towards that guess. The labeled batch (one-hot)
-and the K strong batches (the guess) are MixUp'd as in MixMatch (lambda' = max(lambda, 1 - lambda),
+anchoring: K strong views of the image are all trained towards that guess. The labeled batch (one-hot),
+the K strong batches and the weak batch (each with the guess as its target, as the reference code and USB
+mix them) are MixUp'd as in MixMatch (lambda' = max(lambda, 1 - lambda),
 lambda ~ Beta(alpha, alpha)) and forwarded once with gradient. The losses: cross-entropy of the mixed
 labeled rows; ``weight`` x the cross-entropy of the mixed unlabeled rows against their soft targets;
 ``pre_mixup_weight`` x the cross-entropy of the first strong view, unmixed (forwarded with the mixed
@@ -83,8 +84,9 @@ class ReMixMatch(Algorithm):
 
     def mix(self, x_lb, y_lb, views, logits_u, generator):
         q = self.guess(logits_u["weak"]).detach()
-        inputs = torch.cat([x_lb] + [views[v] for v in self.strong])
-        targets = torch.cat([F.one_hot(y_lb, self.num_classes).float()] + [q] * self.k)
+        # the reference's augment([x] + [y[:, i] for i in range(K + 1)]): the weak view is mixed too
+        inputs = torch.cat([x_lb] + [views[v] for v in self.strong] + [views["weak"]])
+        targets = torch.cat([F.one_hot(y_lb, self.num_classes).float()] + [q] * (self.k + 1))
         mixed_inputs, mixed_targets, _, _ = mixup(inputs, targets, self.alpha, generator)
         # the first strong view, unmixed, rides in the same forward for the pre-mixup loss
         return torch.cat([mixed_inputs.to(x_lb.dtype), views[self.strong[0]]]), torch.cat([mixed_targets, q])
@@ -97,7 +99,7 @@ class ReMixMatch(Algorithm):
     def loss(self, fw: Forwarded) -> tuple[torch.Tensor, dict]:
         n, u = fw.targets_x.shape[0], fw.logits_u["weak"].shape[0]
         logits, targets = fw.logits_x, fw.mixed_targets
-        mixed_end = n + self.k * u
+        mixed_end = n + (self.k + 1) * u  # labeled, K strong and the weak rows, mixed
         loss_x = soft_cross_entropy(logits[:n], targets[:n])
         loss_u = soft_cross_entropy(logits[n:mixed_end], targets[n:mixed_end])
         loss_u1 = soft_cross_entropy(logits[mixed_end:], targets[mixed_end:])

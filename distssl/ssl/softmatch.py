@@ -7,7 +7,9 @@ mu_t, exp(-(max p - mu_t)^2 / (2 sigma_t^2 / n_sigma^2)) below it, with mu_t and
 run_momentum) of the mean and the unbiased variance of the weak views' max confidence over the global
 batch, starting at 1/C and 1. Uniform alignment (UA) is distribution alignment towards the
 uniform distribution: ``ssl.dist_align=true`` with ``dist_align_target=uniform`` (the paper's
-setting). Defaults from the paper and USB's configs: n_sigma 2; the momentum as said above.
+setting); it shapes the weights alone, the pseudo-labels stay the argmax of the raw prediction (the
+authors' code: "do not use aligned probs for generating pseudo labels"). Defaults from the paper and USB's
+configs: n_sigma 2; the momentum as said above.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class SoftMatchConfig:
 class SoftMatch(ThresholdRule):
     name = "softmatch"
     Config = SoftMatchConfig
+    labels_from_aligned = False
 
     def __init__(self, num_classes: int, **kw):
         super().__init__(num_classes, **kw)
