@@ -37,3 +37,21 @@ class PortInUse(UserError):
     """The rendezvous port is held by another process: rerunning the same command fails the same way."""
 
     label = "port in use"
+
+
+class MissingExtra(UserError):
+    """An optional part of the install the input needs (a cloud store's filesystem, the device decoder):
+    the message names the input and the ``pip install "distssl[...]"`` that brings it."""
+
+    label = "missing package"
+
+
+def require(module: str, extra: str, needed_by: str):
+    """``module`` imported, or MissingExtra naming ``needed_by`` (a key and its value, a URL) and the extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtra(f"{needed_by} needs {module.split('.')[0]}, which is not installed: "
+                           f'pip install "distssl[{extra}]"') from None

@@ -134,7 +134,7 @@ def s3fs_fresh():
 def _fast_tier_starts_no_process(request, monkeypatch):
     """The fast tier (-m "not slow") stays fast: a test that starts a process (itself, or through
     distssl) must be marked slow. A library's own calls (a version probe at import) pass through."""
-    if request.node.get_closest_marker("slow") is not None:
+    if request.node.get_closest_marker("slow") is not None or request.node.get_closest_marker("tool") is not None:
         return
     real_popen_init = subprocess.Popen.__init__
 

@@ -7,6 +7,7 @@ import io
 import json
 import random
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,28 @@ def test_the_same_seeds_give_the_same_choices_and_the_loader_paths_pixels(digits
     diff = (base.int() - loader.int()).abs()
     assert bad == 0 and (torch.equal(base, loader) if crop == "random_resized" else diff.max() <= 1)
     assert [r.random() for r in rngs_device] == [r.random() for r in rngs_loader]
+
+
+def test_the_device_decoder_is_torchcodecs_and_warns_of_nothing(digits):
+    """TorchCodec's decode_jpeg, not torchvision's (deprecated in 0.29 "in favour of TorchCodec"): no warning
+    of any kind is raised by a batch's decode."""
+    views = Views(32, crop="pad", flip=False)
+    batch = _batch([encoded_base(views, d, random.Random(i)) for i, d in enumerate(digits)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, bad = _decode(batch, views)
+    assert bad == 0
+
+
+def test_without_the_decode_extra_a_device_decode_run_is_refused_in_one_line(monkeypatch):
+    from distssl.config import load_config
+    from distssl.errors import MissingExtra
+    from distssl.train import preflight
+
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # as if not installed: its import fails
+    cfg = load_config("configs/demo.yaml", ["data.decode_on=device", "data.demo_root=null"])
+    with pytest.raises(MissingExtra, match=r'data.decode_on=device needs torchcodec.*pip install "distssl\[decode\]"'):
+        preflight.check(cfg)
 
 
 def test_large_photos_agree_within_the_dct_scaling_tolerance(photos):

@@ -103,7 +103,7 @@ def test_a_peer_that_stops_answering_fails_the_run_within_the_timeout(tiny_data,
 def test_the_peer_watch_names_a_local_rank_the_moment_it_dies(tmp_path, capfd):
     """The thread every rank runs: a peer process on this host that dies is named (rank, pid, step)
     within a fraction of a second, before DeepSpeed's launcher (which polls once a second) stops the rest."""
-    from distssl.dist.peers import watch_local_peers, write_heartbeat
+    from distssl.distributed.peers import watch_local_peers, write_heartbeat
 
     peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     write_heartbeat(tmp_path, 0, 7)
@@ -127,7 +127,7 @@ def test_the_peer_watch_names_a_local_rank_the_moment_it_dies(tmp_path, capfd):
 def test_a_peer_that_finished_its_run_first_is_not_named_dead(tmp_path, capfd):
     """In a Ray Train trial rank 1 ends while rank 0 still exports and plots: its exit, after its heartbeat
     said done, is no death (a 'rerun the same command' after a finished trial would mislead)."""
-    from distssl.dist.peers import watch_local_peers, write_heartbeat
+    from distssl.distributed.peers import watch_local_peers, write_heartbeat
 
     peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     host = __import__("socket").gethostname()

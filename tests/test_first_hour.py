@@ -74,7 +74,7 @@ def _hold_port() -> tuple[socket.socket, int]:
 def test_a_taken_port_is_named_by_rank_0_and_not_called_a_dead_peer(monkeypatch):
     import torch.distributed as dist
 
-    from distssl.dist.peers import check_rendezvous_port, is_peer_failure
+    from distssl.distributed.peers import check_rendezvous_port, is_peer_failure
 
     holder, port = _hold_port()
     with holder:

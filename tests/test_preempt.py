@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT, run_train, tiny_overrides
 from distssl.checkpoint import layout as ckpt
-from distssl.dist.preempt import PREEMPTED_EXIT
+from distssl.distributed.preempt import PREEMPTED_EXIT
 from distssl.testing import free_port, launch_env, train_command
 
 
@@ -182,8 +182,8 @@ def test_a_rank_watches_its_launchers_but_not_the_shell_above_them(tmp_path):
     ... &`, which may exit) is not watched."""
     import os
 
-    from distssl.dist.preempt import Launcher, launcher_chain, lost_launcher
-    from distssl.dist.procs import parent_of
+    from distssl.distributed.preempt import Launcher, launcher_chain, lost_launcher
+    from distssl.distributed.procs import parent_of
 
     me = os.getpid()
     assert launcher_chain(me) == []

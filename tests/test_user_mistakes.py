@@ -154,7 +154,7 @@ def test_a_failed_or_unfinished_trial_is_reported_plainly(tmp_path):
 def test_cpu_ranks_take_the_threads_they_were_given(monkeypatch):
     """Ray sets OMP_NUM_THREADS to the CPUs a trial's worker was given: two trials side by side must not
     each take every core."""
-    from distssl.dist.peers import cpu_threads
+    from distssl.distributed.peers import cpu_threads
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert cpu_threads(world=1) == 1

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from distssl.dist.collectives import (
+from distssl.distributed.collectives import (
     full_shape,
     gather_partitioned,
     is_partitioned,

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from distssl.checkpoint import elastic
 from distssl.checkpoint import layout as ckpt
 from distssl.config import ConfigError
 from distssl.data.position import StreamPlan
+from distssl.distributed.collectives import barrier
 
 log = logging.getLogger("distssl")
 STREAMS = ("labeled", "unlabeled")
@@ -74,12 +74,12 @@ class Checkpoints:
                               "torch_rng": torch.get_rng_state(), "world_size": self.world})
         elastic.save(self.folder / tmp_tag / elastic.ELASTIC_NAME,
                      elastic.gather(engine, ema, engine.lr_scheduler, run.step))
-        dist.barrier()
+        barrier()
         if self.rank == 0:
             ckpt.finalize(self.folder, tmp_tag, run.step,
                           {"world_size": self.world, "readers": run.readers, "zero_stage": self.zero_stage},
                           self.keep)
-        dist.barrier()
+        barrier()
 
     def resume(self, run: RunState, engine, ema, algorithm, replan: Replan, seed: int,
                global_batch: int, augment=None) -> Optional[RunState]:

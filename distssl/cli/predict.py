@@ -61,7 +61,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from distssl.dist.peers import init_distributed, use_cuda
+    from distssl.distributed.collectives import end_group
+    from distssl.distributed.peers import init_distributed, use_cuda
     from distssl.errors import UserError
     from distssl.predict.job import PredictJob, run_job
 
@@ -77,9 +78,7 @@ def main(argv=None) -> int:
         return 2
     if rank == 0:
         report(summary, job, world)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_group()
     return 0
 
 

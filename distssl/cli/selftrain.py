@@ -58,7 +58,8 @@ def _rounds(a) -> int:
     from distssl.cli.predict import report
     from distssl.cli.train import train_with_exit_codes
     from distssl.config import check_paths, load_config
-    from distssl.dist.peers import init_distributed, use_cuda
+    from distssl.distributed.collectives import barrier, end_group
+    from distssl.distributed.peers import init_distributed, use_cuda
     from distssl.errors import UserError
     from distssl.predict import selftrain
     from distssl.predict.job import PredictJob, run_job
@@ -93,13 +94,13 @@ def _rounds(a) -> int:
                 print(f"round {k}: teacher {teacher}")
                 report(summary, job, world)
                 pseudo = summary["pseudo_index"]
-            torch.distributed.barrier()  # the pseudo-labeled set's index.json is written before anyone trains
+            barrier()  # the pseudo-labeled set's index.json is written before anyone trains
         if rank == 0:
             print(f"round {k}: training {cfg.model.name} in {cfg.run.out_dir}", flush=True)
         code, result = train_with_exit_codes(cfg)
         if code:
             return code
-        torch.distributed.barrier()  # rank 0 exports the round's model after the others are done training
+        barrier()  # rank 0 exports the round's model after the others are done training
         if rank == 0:
             entry = selftrain.round_entry(cfg, k, result, pseudo)
             record = [r for r in record if r["round"] != k] + [entry]
@@ -108,8 +109,7 @@ def _rounds(a) -> int:
     if rank == 0:
         print("self-training: " + "; ".join(f"round {r['round']} {100 * r['top1']:.2f}%" for r in record
                                             if r["round"] < rounds) + f" ({root}/{selftrain.RECORD})")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    end_group()
     return 0
 
 

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 
-from distssl.dist.procs import PR_SET_CHILD_SUBREAPER, prctl
+from distssl.distributed.procs import PR_SET_CHILD_SUBREAPER, prctl
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 

@@ -108,8 +108,8 @@ def train_with_exit_codes(cfg) -> tuple[int, dict]:
 
     silence_known_notices()
     _report_dead_peers_on_sigterm(cfg.run.out_dir)
-    from distssl.dist.peers import describe_dead_peers, is_peer_failure
-    from distssl.dist.preempt import Preempted
+    from distssl.distributed.peers import describe_dead_peers, is_peer_failure
+    from distssl.distributed.preempt import Preempted
     from distssl.train.trainer import DataError, run
 
     rank = os.environ.get("RANK", "0")
@@ -145,12 +145,12 @@ def train_with_exit_codes(cfg) -> tuple[int, dict]:
 
 
 def _report_dead_peers_on_sigterm(out_dir: str) -> None:
-    """Until the step loop installs its own handler (distssl.dist.preempt), a SIGTERM from the launcher because
+    """Until the step loop installs its own handler (distssl.distributed.preempt), a SIGTERM from the launcher because
     a peer died names that peer; any other SIGTERM ends the process as by default (during the rendezvous
-    itself SIGTERM is at its default: distssl.dist.peers.init_distributed)."""
+    itself SIGTERM is at its default: distssl.distributed.peers.init_distributed)."""
     import signal
 
-    from distssl.dist.peers import exit_if_a_peer_died
+    from distssl.distributed.peers import exit_if_a_peer_died
 
     def handler(signum, frame):
         rank = os.environ.get("RANK", "?")

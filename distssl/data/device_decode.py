@@ -8,12 +8,13 @@ path makes: the same seed gives the same choices, and exact and elastic resume h
 ``decoded`` False. An image that is not a JPEG (PNG, WebP...) is decoded and cropped in the loader as
 before and travels as its base's pixels with ``decoded`` True, so a batch may mix the two.
 
-Device side (``decode_batch``): torchvision's batched ``decode_jpeg`` (nvJPEG on a GPU; the same call on
-the CPU decodes one by one with libjpeg-turbo), then per image the box's pixels resized to the view size
-with antialiasing, as the loader path resizes them. The loader path decodes a large JPEG at a reduced
-DCT scale first (PIL's draft), nvJPEG at full scale, so pixels agree up to that rounding
-(tests/test_device_decode.py states the tolerance). A JPEG the device cannot decode is tried with PIL
-on the CPU; one that neither decodes is replaced by another sample of the batch and counted as skipped.
+Device side (``decode_batch``): TorchCodec's batched ``decode_jpeg`` (nvJPEG on a GPU in one call for the
+batch; on the CPU libjpeg-turbo, one by one; torchvision 0.29 deprecated its own image decoding for it), then
+per image the box's pixels resized to the view size with antialiasing, as the loader path resizes them. The
+loader path decodes a large JPEG at a reduced DCT scale first (PIL's draft), nvJPEG at full scale, so pixels
+agree up to that rounding (tests/test_device_decode.py states the tolerance). A JPEG the device cannot decode
+is tried with PIL on the CPU; one that neither decodes is replaced by another sample of the batch and counted
+as skipped.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from distssl.data.transforms import random_resized_box, to_uint8
+from distssl.errors import require
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -83,8 +85,7 @@ def decode_batch(flat: torch.Tensor, lengths: torch.Tensor, decoded: torch.Tenso
                  size: int, interpolation: str, device: torch.device) -> tuple[torch.Tensor, int]:
     """(the batch's bases, N x 3 x size x size uint8 on ``device``; how many samples could not be decoded
     and were replaced by another of the batch)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    decode_jpeg = require("torchcodec.decoders", "decode", "data.decode_on=device").decode_jpeg
     chunks = flat.split(lengths.tolist())
     n = len(chunks)
     out = torch.empty((n, 3, size, size), dtype=torch.uint8, device=device)
@@ -95,12 +96,12 @@ def decode_batch(flat: torch.Tensor, lengths: torch.Tensor, decoded: torch.Tenso
     images: list[Optional[torch.Tensor]] = []
     if jpegs:
         try:
-            images = decode_jpeg([chunks[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+            images = decode_jpeg([chunks[i] for i in jpegs], mode="RGB", device=device)
         except RuntimeError:  # one bad file fails the batched call: each on its own, then PIL
             images = []
             for i in jpegs:
                 try:
-                    images.append(decode_jpeg(chunks[i], mode=ImageReadMode.RGB, device=device))
+                    images.append(decode_jpeg(chunks[i], mode="RGB", device=device))
                 except RuntimeError:
                     img = _decode_one_on_cpu(chunks[i])
                     images.append(None if img is None else img.to(device))

@@ -10,7 +10,6 @@ of a source is read equally often and an epoch's shard list is a pure function o
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional

@@ -3,9 +3,10 @@
 Why: a DataLoader worker hands each batch tensor over by copying it into a fresh shared-memory
 segment and passing its file descriptor through an authenticated socket connection, one per
 tensor, and fresh pages cost a page fault each: worker and trainer CPU per batch that the ring saves
-(measured with tools/bench/stream.py: docs/benchmarks.md, two-view stream). Here each worker collates straight into one of ``slots`` shared buffers it
-allocated once, and sends only the slot number and the tensors' layout; the training process
-copies the batch out (so a caller may keep batches as long as it likes) and counts it consumed.
+(measured with tools/bench/stream.py: docs/benchmarks.md, two-view stream). Here each worker collates
+straight into one of ``slots`` shared buffers it allocated once, and sends only the slot number and the
+tensors' layout; the training process copies the batch out (so a caller may keep batches as long as it
+likes) and counts it consumed.
 
 Flow control does not rely on the DataLoader's prefetch accounting: a worker reuses a slot only
 after the training process has copied out the batch that was in it (it waits otherwise), so a

@@ -5,8 +5,8 @@ import contextlib
 import json
 import logging
 import os
-import time
 import re
+import time
 import uuid
 from typing import IO, Iterator, Optional
 

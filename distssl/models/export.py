@@ -19,7 +19,7 @@ import torch
 
 from distssl import atomic
 from distssl.checkpoint import layout as ckpt
-from distssl.dist.collectives import from_partitions, full_shape, gather_partitioned, is_partitioned, rank
+from distssl.distributed.collectives import from_partitions, full_shape, gather_partitioned, is_partitioned, rank
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"

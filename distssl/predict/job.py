@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from distssl.data import store
+from distssl.distributed.collectives import sum_numbers
 from distssl.predict.calibrate import calibrate
 from distssl.predict.model import load_predictor
 from distssl.predict.parts import make_parts
@@ -44,13 +45,6 @@ def default_workers() -> int:
     return min(8, max(1, (os.cpu_count() or 1) // ranks_here - 1))
 
 
-def _sum(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t)  # also: every rank's parts are written before the summary
-    return t.tolist()
-
-
 def run_job(job: PredictJob, rank: int, world: int, device: torch.device) -> Optional[dict]:
     """Predict ``job``; rank 0 returns the summary (with ``pseudo_index`` when --to-shards), others None.
     Raises UserError / FileNotFoundError / ValueError for bad input, before any part is written."""
@@ -79,7 +73,9 @@ def run_job(job: PredictJob, rank: int, world: int, device: torch.device) -> Opt
             if part.number % world == rank and not shard_done(job.to_shards, part):
                 write_pseudo_shard(job.out, job.to_shards, part, job.min_confidence, str(job.model))
                 new_shards += 1
-    images, written = _sum([sum(r.rows for r in results), sum(r.written for r in results) + new_shards], device)
+    # reduced on the device (NCCL sums only GPU tensors); also: every rank's parts are written before the summary
+    images, written = sum_numbers([sum(r.rows for r in results), sum(r.written for r in results) + new_shards],
+                                  device).tolist()
     if rank != 0:
         return None
     summary_url = store.join(job.out, "summary.json")

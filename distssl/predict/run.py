@@ -98,7 +98,7 @@ def batches_of(predictor: Predictor, parts: list[Part], batch_size: int, workers
     workers = min(workers, len(parts))
     if workers == 0:
         return iter(dataset)
-    from distssl.dist.preempt import ignore_in_worker
+    from distssl.distributed.preempt import ignore_in_worker
 
     return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4,
                                             collate_fn=lambda b: b, worker_init_fn=ignore_in_worker))

@@ -31,7 +31,7 @@ from typing import Callable, ClassVar, Optional
 import torch
 import torch.nn.functional as F
 
-from distssl.dist.collectives import gather_cat, sum_over_ranks
+from distssl.distributed.collectives import gather_cat, sum_over_ranks
 from distssl.ssl.distalign import DistributionAlignment
 
 VIEW_KINDS = ("weak", "strong", "weak_2")  # the first views; any ``weak_K`` / ``strong_K`` (K >= 2) too

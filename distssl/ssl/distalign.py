@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from distssl.dist.collectives import sum_over_ranks
+from distssl.distributed.collectives import sum_over_ranks
 
 
 def align(probs: torch.Tensor, p_model: torch.Tensor, p_target: torch.Tensor) -> torch.Tensor:

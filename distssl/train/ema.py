@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from distssl.dist.collectives import mean_over_ranks, owned, world_size
+from distssl.distributed.collectives import mean_over_ranks, owned, world_size
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool, gamma: float = 1.0, power: float = 0.75) -> float:

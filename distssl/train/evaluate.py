@@ -6,7 +6,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from distssl.dist.collectives import gather_rows, sum_numbers
+from distssl.distributed.collectives import gather_rows, sum_numbers
 
 
 @torch.no_grad()

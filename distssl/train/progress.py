@@ -8,7 +8,7 @@ import time
 import numpy as np
 import torch
 
-from distssl.dist.peers import write_heartbeat
+from distssl.distributed.peers import write_heartbeat
 from distssl.models import export as outputs
 from distssl.tracking.metrics import MetricsWriter
 

@@ -1,7 +1,7 @@
 """The training loop: DeepSpeed ZeRO around a timm backbone. Each step forwards what the SSL
 algorithm asks for (distssl.train.forward) and hands it the logits (distssl.ssl); backward, step, EMA.
 ``fit`` is the loop with its phases: resume, steps (train, report, eval, save, preemption), outputs.
-The process group and the peer watch (distssl.dist), the optimizer and DeepSpeed config
+The process group and the peer watch (distssl.distributed), the optimizer and DeepSpeed config
 (distssl.train.optim), the eval (distssl.train.evaluate), checkpoints and resuming (distssl.checkpoint)
 live in their own modules.
 
@@ -10,7 +10,7 @@ ranks. By default (ssl.weak_forward=shared_bn) labeled + strong go through one f
 gradients and the weak view through one without, normalised by BatchNorm with the statistics of the
 first (distssl.train.bnstats); ssl.weak_forward=concat is FixMatch's reference step, one forward of
 cat(labeled, weak, strong) with gradients, which also pays a backward for the weak view. Anything
-that crosses ranks (p_model, eval counts, skipped samples) is summed by distssl.dist.collectives so
+that crosses ranks (p_model, eval counts, skipped samples) is summed by distssl.distributed.collectives so
 that results do not depend on the world size.
 """
 from __future__ import annotations
@@ -45,9 +45,9 @@ from distssl.data.samples import (
 )
 from distssl.data.streams import DataError, EvalStream, StreamPlan, TrainStream, loader
 from distssl.data.transforms import Views, normalize
-from distssl.dist.collectives import sum_numbers, sum_over_ranks
-from distssl.dist.peers import init_distributed, use_cuda, watch_local_peers, write_heartbeat
-from distssl.dist.preempt import Preempted, PreemptWatch, ignore_in_worker
+from distssl.distributed.collectives import end_group, sum_numbers, sum_over_ranks
+from distssl.distributed.peers import init_distributed, use_cuda, watch_local_peers, write_heartbeat
+from distssl.distributed.preempt import Preempted, PreemptWatch, ignore_in_worker
 from distssl.models import export as outputs
 from distssl.models.export import gather_ema_state, model_meta, write_export
 from distssl.models.factory import add_rotation_head, create_model, fill_input_defaults, without_aux_heads
@@ -511,7 +511,6 @@ def run(cfg: Config, on_eval: Optional[Callable] = None) -> dict:
     trainer = Trainer(cfg, rank, world, local_rank, on_eval, label_maps)
     result = trainer.fit()  # on failure no barrier: a dead peer would make the error wait for a second timeout
     write_heartbeat(trainer.out, rank, trainer.step, done=True)  # peers still exporting must not mourn it
-    if owns_group and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if owns_group:
+        end_group()
     return result

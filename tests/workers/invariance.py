@@ -15,7 +15,7 @@ def main() -> None:
     B, mu, size = cfg.train.batch_size, cfg.ssl.mu, cfg.data.image_size
     per, uper = B // world, B * mu // world
     from distssl import ssl as algorithms
-    from distssl.dist.collectives import sum_numbers
+    from distssl.distributed.collectives import sum_numbers
 
     records = []
     names = os.environ.get("INVARIANCE_ALGORITHMS", "fixmatch").split(",")

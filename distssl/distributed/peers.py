@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from distssl import atomic
-from distssl.dist.procs import process_state
+from distssl.distributed.procs import process_state
 from distssl.errors import PortInUse
 
 # a heartbeat older than this process is an earlier run's: its ranks are not this run's peers (every

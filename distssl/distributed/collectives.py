@@ -2,7 +2,9 @@
 
 The rule they keep (DESIGN.md): anything that crosses ranks is reduced or gathered here, so that a
 result does not depend on the world size beyond floating-point noise. Each is a no-op in a world of
-one (or before a process group exists), so the maths that calls them is tested without a cluster.
+one (or before a process group exists), so the maths that calls them is tested without a cluster. No
+other module calls a ``torch.distributed`` collective (tests/test_collectives.py checks): NCCL reduces
+only tensors on the GPU, which the CPU tests (gloo) cannot see, so the device is chosen here.
 """
 from __future__ import annotations
 
@@ -11,6 +13,19 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+
+
+def barrier() -> None:
+    """Every rank waits here for the others (nothing in a world of one)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def end_group() -> None:
+    """The run's last collective: wait for every rank, then end the process group (if one is up)."""
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
 
 
 def world_size() -> int:

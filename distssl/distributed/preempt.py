@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from distssl.dist.peers import exit_if_a_peer_died
-from distssl.dist.procs import PR_SET_PDEATHSIG, parent_of, prctl
+from distssl.distributed.peers import exit_if_a_peer_died
+from distssl.distributed.procs import PR_SET_PDEATHSIG, parent_of, prctl
 
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT = 75  # sysexits' EX_TEMPFAIL: a temporary failure, the same command may be retried
