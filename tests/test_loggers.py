@@ -35,6 +35,20 @@ def test_a_run_reports_to_mlflow_and_wandb_and_keeps_its_best_eval(tiny_data, tm
     assert evals[-1]["best_top1"] == best["top1"]
     final, kept = load_file(str(out / "model.safetensors")), load_file(str(out / "model_best.safetensors"))
     assert set(final) == set(kept)
+    # model_best is calibrated on the eval that chose it: the same fit on its weights' eval logits gives its T
+    import torch
+
+    from distssl.predict.calibrate import fit_temperature
+    from distssl.predict.model import load_predictor
+    from distssl.predict.parts import make_parts
+    from distssl.predict.run import labeled_logits
+
+    predictor = load_predictor(str(out / "model_best.safetensors"), torch.device("cpu"))  # fingerprints agree
+    assert meta["fingerprint"]["step"] == str(best["step"]) and f"at step {best['step']}" in meta["temperature_fitted_on"]
+    logits, labels = labeled_logits(predictor, make_parts(tiny_data["eval"]), 64, torch.device("cpu"))
+    assert abs(fit_temperature(logits, labels) - meta["temperature"]) < 1e-3 * meta["temperature"]
+    assert meta["eval_nll_after"] <= meta["eval_nll_before"] + 1e-9 and "eval_ece_after" in meta
+    assert (out / "reliability.png").exists()
 
     from mlflow.tracking import MlflowClient
 

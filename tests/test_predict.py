@@ -30,7 +30,7 @@ def exported(tmp_path_factory):
     model = timm.create_model("test_resnet", num_classes=10)
     out = tmp_path_factory.mktemp("model")
     write_export(model.state_dict(), model_meta("test_resnet", 10, 28, [0.5] * 3, [0.25] * 3,
-                                                [str(i) for i in range(10)]), out)
+                                                [str(i) for i in range(10)], run="tests/model", step=0), out)
     return out
 
 

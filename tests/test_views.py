@@ -77,7 +77,7 @@ def test_eval_view_is_what_timm_builds_from_the_exported_model_json(size, crop_p
     views = Views(size, crop="random_resized", interpolation=interpolation, eval_crop_pct=crop_pct)
     ours = views.eval(views.eval_image(data)).float() / 255
     meta = model_meta("test_resnet", 10, size, [0, 0, 0], [1, 1, 1], [], crop_pct=crop_pct,
-                      interpolation=interpolation)
+                      interpolation=interpolation, run="tests/views", step=0)
     model = timm.create_model("test_resnet", pretrained=False, num_classes=10,
                               pretrained_cfg_overlay=meta["pretrained_cfg"])
     cfg = timm.data.resolve_data_config({}, model=model)

@@ -92,6 +92,9 @@ def report(summary: dict, job, world: int) -> None:
     print(f"predicted {summary['predicted']} images in {summary['parts']} parts ({summary['unreadable']} unreadable)"
           f"{agree}; {world} rank(s); " + (f"{written} file(s) written this launch" if written else
                                           "already finished: nothing rewritten") + f"; {job.out}/summary.json")
+    cal = summary.get("calibration") or {}
+    print(f"confidences at temperature {cal['temperature']:.4g} (fitted on {cal.get('fitted_on')})"
+          if cal.get("temperature") is not None else f"confidences not calibrated: {cal.get('note', 'no temperature')}")
     index = summary.get("pseudo_index")
     if job.to_shards and index is not None:
         print(f"{store.redact(job.to_shards)}: {index['count']} of {index['pseudo_labels']['predicted']} images "

@@ -20,6 +20,7 @@ import torch
 from distssl import atomic
 from distssl.checkpoint import layout as ckpt
 from distssl.distributed.collectives import from_partitions, full_shape, gather_partitioned, is_partitioned, rank
+from distssl.models.identity import fingerprint
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"
@@ -43,10 +44,12 @@ def gather_ema_state(module: torch.nn.Module, ema) -> Optional[dict[str, torch.T
 
 
 def model_meta(model_name: str, num_classes: int, image_size: int, mean, std, class_names: list[str],
-               extra: Optional[dict] = None, crop_pct: float = 1.0, interpolation: str = "bilinear") -> dict:
+               extra: Optional[dict] = None, crop_pct: float = 1.0, interpolation: str = "bilinear", *,
+               run: str, step: int, temperature: Optional[float] = None) -> dict:
     """model.json: what a user needs to load and feed the model, including how the run evaluated it
     (centre crop of ``crop_pct`` of the shorter side, ``interpolation``): timm's resolve_data_config +
-    create_transform on the loaded model rebuild that eval transform."""
+    create_transform on the loaded model rebuild that eval transform. Its ``fingerprint`` (run, step,
+    ``temperature``: the calibration, or None) is written into the weights' header too (distssl.models.identity)."""
     import timm
 
     probe = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
@@ -63,7 +66,9 @@ def model_meta(model_name: str, num_classes: int, image_size: int, mean, std, cl
     return {"architecture": model_name, "num_classes": num_classes, "input_size": [3, image_size, image_size],
             "mean": list(mean), "std": list(std), "crop_pct": float(crop_pct), "interpolation": interpolation,
             "class_names": list(class_names),
-            "pretrained_cfg": pretrained_cfg, **(extra or {})}
+            "pretrained_cfg": pretrained_cfg, "step": int(step), **(extra or {}),
+            **({"temperature": float(temperature)} if temperature is not None else {}),
+            "fingerprint": fingerprint(model_name, num_classes, class_names, run, step, temperature)}
 
 
 def write_export(state: dict[str, torch.Tensor], meta: dict, out: str | Path) -> Path:
@@ -77,7 +82,7 @@ def write_export(state: dict[str, torch.Tensor], meta: dict, out: str | Path) ->
     weights.parent.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_path(weights) as tmp:  # safetensors creates it 0600: atomic gives it the umask's mode
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
-                  metadata={"format": "pt", "architecture": meta["architecture"]})
+                  metadata={"format": "pt", **meta["fingerprint"]})  # the same fingerprint as the JSON's
     atomic.write_text(weights.with_suffix(".json"), json.dumps(meta, indent=1))
     return weights
 

@@ -12,6 +12,7 @@ import distssl.models.wrn  # noqa: F401  (registers wrn28_2 with timm)
 from distssl.config import ConfigError
 from distssl.data import store
 from distssl.data.store import redact
+from distssl.models import identity
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +47,21 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
 
 
 def pretrained_meta(path: Optional[str]) -> dict:
-    """The JSON written next to an exported ``model.safetensors`` (input size, mean/std, classes), if any."""
+    """The JSON written next to an exported ``model.safetensors`` (input size, mean/std, classes), if any:
+    checked to be the weights' own (distssl.models.identity) before its input size or classes are used."""
     if not path or _is_checkpoint_dir(path):
         return {}
-
+    json_path = posixpath.splitext(path)[0] + ".json"
     try:
-        meta = store.read_json(posixpath.splitext(path)[0] + ".json",
-                               "export the model again (distssl-export RUN_DIR OUT), or remove the file to take "
-                               "the input size and mean/std from the timm model's pretrained config")
+        meta = store.read_json(json_path, "export the model again (distssl-export RUN_DIR OUT), or remove the file to "
+                               "take the input size and mean/std from the timm model's pretrained config")
     except OSError:  # no JSON beside it (FileNotFoundError is an OSError)
         return {}
-    return meta if isinstance(meta, dict) else {}  # valid JSON, but not ours
+    if not isinstance(meta, dict) or "architecture" not in meta:
+        return {}  # valid JSON, but not ours
+    if path.endswith(".safetensors"):
+        identity.check(path, meta, json_path)
+    return meta
 
 
 def default_input_config(name: str, pretrained: Optional[str]) -> dict:

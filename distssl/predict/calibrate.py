@@ -55,8 +55,10 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
                if b["count"]) if n else float("nan")
 
 
-def reliability_png(path: str, before: list[dict], after: Optional[list[dict]], temperature: float) -> None:
-    """The reliability diagram: accuracy against confidence per bin, before and after scaling."""
+def reliability_png(path: str, before: list[dict], after: Optional[list[dict]], temperature: float,
+                    ece_before: Optional[float] = None, ece_after: Optional[float] = None) -> None:
+    """The reliability diagram: accuracy against confidence per bin, before and after scaling, each curve
+    labelled with its expected calibration error."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -65,9 +67,10 @@ def reliability_png(path: str, before: list[dict], after: Optional[list[dict]], 
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
-    for rows, label in ((before, "T = 1"), (after, f"T = {temperature:.3g}")):
+    for rows, label, e in ((before, "T = 1", ece_before), (after, f"T = {temperature:.3g}", ece_after)):
         if rows is None:
             continue
+        label += f", ECE {e:.3f}" if e is not None else ""
         pts = [(b["confidence"], b["accuracy"]) for b in rows if b["count"]]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="reliability")
@@ -84,10 +87,10 @@ def calibrate(logits: torch.Tensor, labels: torch.Tensor, png: Optional[str] = N
     t = fit_temperature(logits, labels)
     before, after = logits.double().softmax(dim=1), (logits.double() / t).softmax(dim=1)
     rel_before, rel_after = reliability(before, labels, bins), reliability(after, labels, bins)
+    ece_before, ece_after = ece(before, labels, bins), ece(after, labels, bins)
     if png:
-        reliability_png(png, rel_before, rel_after, t)
+        reliability_png(png, rel_before, rel_after, t, ece_before, ece_after)
     return {"temperature": t, "samples": int(labels.numel()),
             "top1": float((before.argmax(1) == labels).double().mean()),
             "nll_before": nll(logits, labels), "nll_after": nll(logits, labels, t),
-            "ece_before": ece(before, labels, bins), "ece_after": ece(after, labels, bins),
-            "reliability_after": rel_after}
+            "ece_before": ece_before, "ece_after": ece_after, "reliability_after": rel_after}

@@ -63,6 +63,10 @@ def run_job(job: PredictJob, rank: int, world: int, device: torch.device) -> Opt
     elif "temperature" in predictor.meta:
         calibration = {"temperature": predictor.temperature, "fitted_on": predictor.meta.get(
             "temperature_fitted_on", "the run's eval set, at the end of training")}
+    else:  # said plainly: these confidences are not calibrated
+        calibration = {"temperature": None, "fitted_on": None,
+                       "note": "no temperature: the model's raw softmax (its model.json has none); "
+                               "--calibrate-on a labeled set fits one"}
     check_temperature(job.out, parts, predictor.temperature)
     start = time.perf_counter()
     results = predict_parts(predictor, parts, job.out, rank, world, job.batch_size, job.topk, device,

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from distssl.data.transforms import Views
-from distssl.errors import UserError
+from distssl.errors import DamagedFile, UserError
+from distssl.models import identity
 from distssl.models.export import META_NAME, WEIGHTS_NAME
 
 
@@ -43,18 +44,39 @@ def find_export(path: str) -> Path:
 
 
 def load_predictor(path: str, device: torch.device) -> Predictor:
-    import timm
+    """The export at ``path``, its weights and model.json checked to be one export (distssl.models.identity)
+    before anything is read with them."""
     from safetensors.torch import load_file
+
+    weights = find_export(path)
+    meta_path = weights.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError:
+        raise DamagedFile(f"{meta_path} is not JSON (cut short?): export the model again with distssl-export") from None
+    identity.check(str(weights), meta, str(meta_path))
+    return predictor_from(load_file(str(weights)), meta, device, str(weights))
+
+
+def predictor_from(state: dict[str, torch.Tensor], meta: dict, device: torch.device, where: str = "the weights"
+                   ) -> Predictor:
+    """A Predictor of weights in memory and their model.json (an export being written, or one just read)."""
+    import timm
 
     import distssl.models.wrn  # noqa: F401 (registers the WideResNets with timm)
 
-    weights = find_export(path)
-    meta = json.loads(weights.with_suffix(".json").read_text())
     model = timm.create_model(meta["architecture"], pretrained=False, num_classes=int(meta["num_classes"]))
-    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    own = model.state_dict()
+    shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if shapes:
+        k = shapes[0]
+        raise UserError(f"{where} do not fit {meta['architecture']} with {meta['num_classes']} classes ({k}: "
+                        f"{tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model; {len(shapes)} "
+                        f"tensors differ): give the weights beside the model.json they were exported with")
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise UserError(f"{weights} does not fit {meta['architecture']}: missing {missing[:3]}, unexpected "
-                          f"{unexpected[:3]}")
+        raise UserError(f"{where} do not fit {meta['architecture']}: missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}")
     model.eval().to(device)
     size = int(meta["input_size"][-1])
     views = Views(size, interpolation=meta.get("interpolation", "bilinear"), eval_crop_pct=meta.get("crop_pct", 1.0))

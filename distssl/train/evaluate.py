@@ -11,12 +11,14 @@ from distssl.distributed.collectives import gather_rows, sum_numbers
 
 @torch.no_grad()
 def evaluate_ema(engine, ema, batches: Iterable[dict], to_input: Callable[[torch.Tensor], torch.Tensor],
-                 dummy: torch.Tensor, zero3: bool, keep_logits: int = 0) -> dict:
+                 dummy: torch.Tensor, zero3: bool, keep_logits: int = 0
+                 ) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
     """Collective. ``batches``: this rank's share of the eval set (each with ``x``, ``y``, and the
     ``skipped`` images a worker could not decode); ``dummy``: one input of the model's shape, forwarded
     by a rank that ran out while others have not, because under ZeRO-3 every forward gathers
-    parameters and so every rank must run the same number of them. ``keep_logits`` (the class count, 0 =
-    off): the result also holds every rank's ``logits`` and ``labels`` (the temperature fit at the end)."""
+    parameters and so every rank must run the same number of them. Returns (the counts, this rank's eval
+    logits and labels); ``keep_logits`` is the class count (0: none kept). The logits stay on their rank:
+    :func:`gathered` collects them only when they are wanted (a new best, the end of the run)."""
     device = dummy.device
     counts = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, seen, skipped
     kept: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -48,15 +50,16 @@ def evaluate_ema(engine, ema, batches: Iterable[dict], to_input: Callable[[torch
                 kept.append((logits.detach(), y))
     counts = sum_numbers(counts, device)
     n = max(1.0, counts[2].item())
-    return {"top1": counts[0].item() / n, "top5": counts[1].item() / n, "eval_images": int(counts[2].item()),
-            "eval_skipped": int(counts[3].item()), **(_gathered(kept, keep_logits, device) if keep_logits else {})}
-
-
-def _gathered(kept: list[tuple[torch.Tensor, torch.Tensor]], classes: int, device: torch.device) -> dict:
-    """Collective: every rank's eval logits and labels, in rank order."""
-    logits = torch.cat([lg for lg, _ in kept]) if kept else torch.zeros(0, classes, device=device)
+    logits = torch.cat([lg for lg, _ in kept]) if kept else torch.zeros(0, max(1, keep_logits), device=device)
     labels = torch.cat([y for _, y in kept]) if kept else torch.zeros(0, dtype=torch.long, device=device)
-    return {"logits": gather_rows(logits.float()).cpu(), "labels": gather_rows(labels.long()).cpu()}
+    return ({"top1": counts[0].item() / n, "top5": counts[1].item() / n, "eval_images": int(counts[2].item()),
+             "eval_skipped": int(counts[3].item())}, (logits, labels))
+
+
+def gathered(local: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collective: every rank's eval logits and labels (from :func:`evaluate_ema`), in rank order, on the CPU."""
+    logits, labels = local
+    return gather_rows(logits.float()).cpu(), gather_rows(labels.long()).cpu()
 
 
 def per_class(logits: torch.Tensor, labels: torch.Tensor, names: list[str]) -> tuple[dict, torch.Tensor]:

@@ -76,7 +76,7 @@ class Progress:
         self.last_eval = result
         if result["top1"] > self.best_top1:  # the same on every rank: top-1 is all-reduced
             self.best_top1 = result["top1"]
-            tr.export(result, outputs.BEST_NAME)
+            tr.export(result, outputs.BEST_NAME, calibration=tr.calibration()[0])  # calibrated on this eval
         self.metrics.log("eval", tr.step, {**result, "best_top1": self.best_top1})
         self.metrics.message(f"step {tr.step}: eval top-1 {100 * result['top1']:.2f}% "
                              f"top-5 {100 * result['top5']:.2f}% ({result['eval_images']} images, EMA)")

@@ -43,6 +43,7 @@ from distssl.data.samples import (
     unlabeled_item,
     unlabeled_plan_item,
 )
+from distssl.data.store import redact
 from distssl.data.streams import DataError, EvalStream, StreamPlan, TrainStream, loader
 from distssl.data.transforms import Views, normalize
 from distssl.distributed.collectives import end_group, sum_numbers, sum_over_ranks
@@ -56,7 +57,7 @@ from distssl.tracking.metrics import MetricsWriter, plot
 from distssl.train import preflight
 from distssl.train.bnstats import BatchStatsSharing
 from distssl.train.ema import EMA, average_over_ranks
-from distssl.train.evaluate import evaluate_ema
+from distssl.train.evaluate import evaluate_ema, gathered
 from distssl.train.forward import forward_mixed, forward_views
 from distssl.train.optim import accumulation, build_optimizer, deepspeed_config
 from distssl.train.progress import Progress, nanmean_by_key
@@ -78,6 +79,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fixed batch shapes: time cuDNN's algorithms once, keep the fastest
         self.out = Path(cfg.run.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
+        self.eval_logits, self.eval_logits_step = None, None  # this rank's of the last eval (calibrate an export)
         t = cfg.train
         self.micro, self.grad_accum = accumulation(cfg, world)
         self.B = self.micro * self.grad_accum  # per-rank labeled batch of one optimizer step
@@ -266,16 +268,35 @@ class Trainer:
         return sum_numbers(values, self.device)
 
     # -- eval and outputs --
-    def evaluate(self, keep_logits: bool = False) -> dict:
-        """Collective: top-1/top-5 of the EMA weights on the eval set (and its logits and labels)."""
+    def evaluate(self) -> dict:
+        """Collective: top-1/top-5 of the EMA weights on the eval set; this rank's logits and labels are kept
+        (``eval_logits``) for the calibration of an export made from this eval."""
         stream = EvalStream(self.evalset, rank=self.rank, world_size=self.world,
                             batch_size=max(1, self.cfg.train.eval_batch_size // self.world),
                             make_item=eval_item(self.views, self.label_maps.get("eval")))
         size = self.cfg.data.image_size
         dummy = torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype)
         batches = loader(stream, self.cfg.train.num_workers, worker_init=ignore_in_worker)
-        return evaluate_ema(self.engine, self.ema, batches, self._to, dummy, self.zero3,
-                            keep_logits=self.cfg.model.num_classes if keep_logits else 0)
+        result, self.eval_logits = evaluate_ema(self.engine, self.ema, batches, self._to, dummy, self.zero3,
+                                                keep_logits=self.cfg.model.num_classes)
+        self.eval_logits_step = self.step
+        return result
+
+    def calibration(self, png: Optional[Path] = None) -> tuple[dict, Optional[tuple]]:
+        """Collective: the softmax temperature of the last eval's weights, fitted by temperature scaling on
+        that eval's logits (gathered from every rank), with its NLL and ECE before and after, and ``png`` its
+        reliability diagram (rank 0); also the gathered (logits, labels). ({}, None) on an empty eval set."""
+        from distssl.predict.calibrate import calibrate
+
+        logits, labels = gathered(self.eval_logits)
+        if labels.numel() == 0:
+            return {}, None
+        report = calibrate(logits, labels, str(png) if png is not None and self.rank == 0 else None)
+        return {"temperature": report["temperature"],
+                "temperature_fitted_on": f"data.eval ({redact(str(self.cfg.data.eval))}) at step "
+                                         f"{self.eval_logits_step}, the eval this export was made from",
+                **{f"eval_{k}": report[k] for k in ("nll_before", "nll_after", "ece_before", "ece_after")}}, \
+            (logits, labels)
 
     def _best_top1(self) -> float:
         """The best eval top-1 so far (model_best.json, read by rank 0 and shared), -1 before any."""
@@ -296,31 +317,30 @@ class Trainer:
             return None
         state = without_aux_heads(state)  # the exported model is the plain timm one
         d = self.cfg.data
+        calibration = dict(calibration or {})
+        temperature = calibration.pop("temperature", None)
         meta = model_meta(self.cfg.model.name, self.cfg.model.num_classes, d.image_size, d.mean, d.std,
                           self.evalset.class_names or self.labeled.class_names or [],
-                          {"step": self.step, "eval_top1": last_eval.get("top1"), "weights": "ema",
-                           **(calibration or {})},
-                          crop_pct=self.views.eval_crop_pct, interpolation=self.views.interpolation)
+                          {"eval_top1": last_eval.get("top1"), "weights": "ema", **calibration},
+                          crop_pct=self.views.eval_crop_pct, interpolation=self.views.interpolation,
+                          run=redact(str(self.out)), step=self.step, temperature=temperature)
         return write_export(state, meta, self.out / name)
 
     def _final_details(self) -> dict:
         """Collective: the final EMA weights on the eval set, per class (accuracy, precision, the confusion
         matrix, on rank 0 as confusion.png) and their softmax temperature, fitted by temperature scaling
-        (distssl-predict applies it), with the eval's NLL and ECE before and after."""
-        from distssl.predict.calibrate import calibrate
+        (distssl-predict applies it), with the eval's NLL and ECE before and after (reliability.png)."""
         from distssl.train.evaluate import per_class, plot_confusion
 
-        got = self.evaluate(keep_logits=True)
-        if got["labels"].numel() == 0:
+        if self.eval_logits_step != self.step:  # the last step's eval is the final one
+            self.evaluate()
+        calibration, got = self.calibration(self.out / "reliability.png")
+        if got is None:
             return {}
         names = self.evalset.class_names or self.labeled.class_names or []
-        classes, confusion = per_class(got["logits"], got["labels"], names)
-        report = calibrate(got["logits"], got["labels"])
+        classes, confusion = per_class(*got, names)
         if self.rank == 0:
             plot_confusion(confusion, names, self.out / "confusion.png")
-        calibration = {"temperature": report["temperature"],
-                       "temperature_fitted_on": f"data.eval ({self.cfg.data.eval})",
-                       **{f"eval_{k}": report[k] for k in ("nll_before", "nll_after", "ece_before", "ece_after")}}
         return {"calibration": calibration, "per_class": classes}
 
     def _check_bad_fraction(self, samples_per_step: int, min_samples: int = 1000) -> None:

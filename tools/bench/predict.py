@@ -68,7 +68,8 @@ def main() -> int:
         model = timm.create_model(a.model, num_classes=10)
         mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
         write_export(model.state_dict(), model_meta(a.model, 10, a.size, mean, std, [f"c{i}" for i in range(10)],
-                                                    crop_pct=0.875, interpolation="bilinear"), tmp / "model")
+                                                    crop_pct=0.875, interpolation="bilinear", run="bench/predict",
+                                                    step=0), tmp / "model")
         predictor = load_predictor(str(tmp / "model"), device)
         parts = make_parts(str(tmp / "shards"))
         shards = resolve(str(tmp / "shards"))
