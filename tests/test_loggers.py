@@ -44,7 +44,8 @@ def test_a_run_reports_to_mlflow_and_wandb_and_keeps_its_best_eval(tiny_data, tm
     from distssl.predict.run import labeled_logits
 
     predictor = load_predictor(str(out / "model_best.safetensors"), torch.device("cpu"))  # fingerprints agree
-    assert meta["fingerprint"]["step"] == str(best["step"]) and f"at step {best['step']}" in meta["temperature_fitted_on"]
+    assert meta["fingerprint"]["step"] == str(best["step"])
+    assert f"at step {best['step']}" in meta["temperature_fitted_on"]
     logits, labels = labeled_logits(predictor, make_parts(tiny_data["eval"]), 64, torch.device("cpu"))
     assert abs(fit_temperature(logits, labels) - meta["temperature"]) < 1e-3 * meta["temperature"]
     assert meta["eval_nll_after"] <= meta["eval_nll_before"] + 1e-9 and "eval_ece_after" in meta

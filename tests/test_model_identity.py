@@ -68,7 +68,8 @@ def test_an_export_from_before_fingerprints_loads_with_a_notice_and_another_arch
     meta.pop("fingerprint")
     old = tmp_path / "old"
     old.mkdir()
-    save_file(model.state_dict(), str(old / "model.safetensors"), metadata={"format": "pt", "architecture": "test_resnet"})
+    save_file(model.state_dict(), str(old / "model.safetensors"),
+              metadata={"format": "pt", "architecture": "test_resnet"})
     (old / "model.json").write_text(json.dumps(meta))  # what exports wrote before 2026-12
     with caplog.at_level(logging.WARNING, logger="distssl.models.identity"):
         assert load_predictor(str(old), CPU).meta["architecture"] == "test_resnet"
@@ -98,7 +99,7 @@ def test_weights_of_another_class_count_are_one_line_not_a_size_mismatch_traceba
     save_file(twenty.state_dict(), str(tmp_path / "model.safetensors"),
               metadata={"format": "pt", "architecture": "test_resnet"})
     (tmp_path / "model.json").write_text(json.dumps(meta))
-    with pytest.raises(UserError, match=r"do not fit test_resnet with 10 classes \(fc.bias: \(20,\) in the file, \(10,\)"):
+    with pytest.raises(UserError, match=r"do not fit test_resnet with 10 classes \(fc.bias: \(20,\) in the file"):
         load_predictor(str(tmp_path), CPU)
 
 
