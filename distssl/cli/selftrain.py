@@ -6,18 +6,22 @@ human labels plus the confident pseudo-labels, and again with the student as the
   deepspeed --num_gpus 8 $(which distssl-selftrain) --rounds 3 --config my.yaml run.out_dir=runs/st
 
 Round 0 is the run the config describes, in run.out_dir/round-0. Each later round K:
-  1. predicts data.unlabeled with round K-1's exported EMA weights and calibrated confidences
-     (run.out_dir/round-K/teacher_predictions, as distssl-predict writes it);
-  2. keeps the predictions at confidence >= selftrain.min_confidence as a labeled shard set
-     (run.out_dir/round-K/pseudo_labeled);
-  3. trains a student in run.out_dir/round-K on data.labeled + that set, with the SSL loss
-     (selftrain.ssl=true) or without it (false, the paper's), noised: the strong view on its labeled
-     images, dropout (selftrain.drop_rate) and stochastic depth (selftrain.drop_path_rate), and the
-     model selftrain.student_model (null: the teacher's);
-  4. hands over: the student is the next round's teacher.
-run.out_dir/selftrain.json keeps each finished round's top-1. Every round is a resumable run folder:
-killing the command and rerunning it continues the round in progress; finished rounds are passed over
-and nothing of theirs is rewritten. `distssl-train --keys selftrain.` lists the section's keys.
+  1. its teachers predict data.unlabeled with their calibrated confidences: round K-1's export, every earlier
+     round's too with selftrain.ensemble=all, and the models in selftrain.teachers (their probabilities
+     averaged; run.out_dir/round-K/teacher_predictions, as distssl-predict writes it);
+  2. the predictions at confidence >= selftrain.min_confidence, balanced per class (each class's most
+     confident up to selftrain.per_class, a rarer class's duplicated up to it), become a labeled shard set
+     (run.out_dir/round-K/pseudo_labeled), hard labels or soft (selftrain.targets);
+  3. a student trains in run.out_dir/round-K on data.labeled + that set for selftrain.epochs passes over it
+     (in batches of selftrain.batch_size), with the SSL loss (selftrain.ssl=true) or without it (false, the
+     paper's), noised: the strong view on its labeled images, dropout (selftrain.drop_rate) and stochastic
+     depth (selftrain.drop_path_rate), and the model selftrain.student_model (null: the teacher's);
+  4. hands over: the student is the next round's teacher. A student below its teacher is said in a warning.
+run.out_dir/selftrain.json keeps each finished round's top-1 and names the best round, whose export is
+copied to run.out_dir/model.safetensors + model.json: the command's model, never worse than round 0's.
+Every round is a resumable run folder: killing the command and rerunning it continues the round in
+progress; finished rounds are passed over and nothing of theirs is rewritten. `distssl-train --keys
+selftrain.` lists the section's keys.
 Exit codes as distssl-train's (2 config or data mistake, 3 bad data, 4 dead peer, 75 preempted).
 """
 import argparse
@@ -55,14 +59,12 @@ def main(argv=None) -> int:
 def _rounds(a) -> int:
     import torch
 
-    from distssl.cli.predict import report
     from distssl.cli.train import train_with_exit_codes
     from distssl.config import check_paths, load_config
-    from distssl.distributed.collectives import barrier, end_group
+    from distssl.distributed.collectives import end_group
     from distssl.distributed.peers import init_distributed, use_cuda
     from distssl.errors import UserError
-    from distssl.predict import selftrain
-    from distssl.predict.job import PredictJob, run_job
+    from distssl.selftrain.rounds import run_rounds
     from distssl.shards import demo
 
     is_rank0 = os.environ.get("RANK", "0") == "0"
@@ -73,44 +75,18 @@ def _rounds(a) -> int:
     except UserError as e:
         print(f"{e.label}: {e}", file=sys.stderr)
         return 2
-    root, rounds = base.run.out_dir, base.selftrain.rounds
     rank, world, local_rank = init_distributed(base.deepspeed.timeout_minutes)  # one group for every round
     device = torch.device(f"cuda:{local_rank}") if use_cuda() else torch.device("cpu")
-    record = selftrain.read_record(root)
-    for k in range(rounds):
-        cfg = selftrain.round_config(base, k, root)
-        pseudo = None
-        if k > 0:
-            teacher = selftrain.round_dir(root, k - 1)
-            job = PredictJob(teacher, base.data.unlabeled, str(os.path.join(cfg.run.out_dir, selftrain.PREDICTIONS)),
-                             batch_size=a.batch_size, to_shards=os.path.join(cfg.run.out_dir, selftrain.PSEUDO),
-                             min_confidence=base.selftrain.min_confidence, progress=is_rank0)
-            try:
-                summary = run_job(job, rank, world, device)
-            except (UserError, FileNotFoundError, ValueError) as e:
-                print(f"round {k}: predicting with the teacher {teacher}: {e}", file=sys.stderr)
-                return 2
-            if rank == 0:
-                print(f"round {k}: teacher {teacher}")
-                report(summary, job, world)
-                pseudo = summary["pseudo_index"]
-            barrier()  # the pseudo-labeled set's index.json is written before anyone trains
+    try:
+        code = run_rounds(base, rank, world, device, train_with_exit_codes, a.batch_size,
+                          say=lambda line: print(line, flush=True))
+    except (UserError, FileNotFoundError, ValueError) as e:
         if rank == 0:
-            print(f"round {k}: training {cfg.model.name} in {cfg.run.out_dir}", flush=True)
-        code, result = train_with_exit_codes(cfg)
-        if code:
-            return code
-        barrier()  # rank 0 exports the round's model after the others are done training
-        if rank == 0:
-            entry = selftrain.round_entry(cfg, k, result, pseudo)
-            record = [r for r in record if r["round"] != k] + [entry]
-            selftrain.write_record(root, sorted(record, key=lambda r: r["round"]))
-            print(f"round {k}: eval top-1 {100 * result['top1']:.2f}%", flush=True)
-    if rank == 0:
-        print("self-training: " + "; ".join(f"round {r['round']} {100 * r['top1']:.2f}%" for r in record
-                                            if r["round"] < rounds) + f" ({root}/{selftrain.RECORD})")
-    end_group()
-    return 0
+            print(f"distssl-selftrain: error: {e}", file=sys.stderr)
+        return 2
+    if code == 0:
+        end_group()
+    return code
 
 
 if __name__ == "__main__":

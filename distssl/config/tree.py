@@ -15,7 +15,7 @@ import yaml
 
 from distssl import atomic
 from distssl.config.recipes import resolve_config
-from distssl.config.typed_tree import ConfigError, build, changed_keys, parse_override, set_path
+from distssl.config.typed_tree import ConfigError, build, changed_keys, flatten, parse_override, set_path
 from distssl.data.index import describe_missing
 from distssl.data.spec import DataSpec, data_sources  # noqa: F401 - the schema's data keys, re-exported
 from distssl.data.store import redact
@@ -185,6 +185,10 @@ class DataConfig:
     # the labeled images' view: "weak" (flip and crop, FixMatch's) or "strong" (RandAugment + Cutout on top:
     # Noisy Student's input noise on a student's labels and pseudo-labels)
     labeled_view: Literal["weak", "strong"] = "weak"
+    # the labeled images' targets: "hard" (cls), or "soft": a sample whose json carries ``soft`` (class ids and
+    # probabilities, a teacher's calibrated prediction: distssl-selftrain's pseudo-labels) is trained towards
+    # that distribution, the others towards their one-hot cls (the supervised step: ssl.lambda_u=0)
+    labeled_targets: Literal["hard", "soft"] = "hard"
     randaugment_ops: int = 2  # RandAugment operations per strong view
     # the strong views' augmentation: RandAugment (random magnitudes) or CTAugment (Berthelot et al. 2020:
     # magnitudes learned from probes of the labeled images, the same policy on every rank); Cutout follows both
@@ -211,6 +215,21 @@ class SelfTrainConfig:
     # the pseudo-labeled set's share beside the human labels in data.labeled (human weight 1);
     # null = one list, every image once per epoch (the paper's combined set)
     pseudo_weight: Optional[float] = None
+    # the student's length: this many passes over its labeled set (human + pseudo-labeled), in batches of
+    # batch_size (null = train.batch_size x (1 + ssl.mu), the images a teacher's step reads; the labeled
+    # batch when the student keeps the SSL loss): the paper's students train longer on the larger set
+    epochs: float = 20.0
+    batch_size: Optional[int] = None
+    # the pseudo-labeled set, class-balanced (the paper's): each class's most confident predictions up to
+    # per_class, fewer duplicated at random up to it; null = the unlabeled set's size / classes; 0 = unbalanced
+    per_class: Optional[int] = None
+    # the student's targets: "hard" (the teachers' argmax) or "soft" (their calibrated probabilities;
+    # students without the SSL loss)
+    targets: Literal["hard", "soft"] = "hard"
+    # the pseudo-labels from several teachers: "last" (the round before), or "all" (every earlier round, their
+    # calibrated probabilities averaged); plus the exported models or run folders listed in teachers
+    ensemble: Literal["last", "all"] = "last"
+    teachers: list[str] = field(default_factory=list)
     # the student's noise, the paper's: RandAugment on its inputs (data.labeled_view=strong), dropout 0.5
     # before the classifier, stochastic depth 0.2 (its survival probability 0.8 at the last layer)
     strong_view: bool = True
@@ -320,6 +339,13 @@ def validate(cfg: Config) -> None:
            "> 0, or null (every image once per epoch)")
     _check(0.0 <= st.drop_rate < 1.0, "selftrain.drop_rate", st.drop_rate, "0..1")
     _check(0.0 <= st.drop_path_rate < 1.0, "selftrain.drop_path_rate", st.drop_path_rate, "0..1")
+    _check(st.epochs > 0, "selftrain.epochs", st.epochs, "> 0 (passes over the student's labeled set)")
+    _check(st.batch_size is None or st.batch_size >= 1, "selftrain.batch_size", st.batch_size, ">= 1, or null")
+    _check(st.per_class is None or st.per_class >= 0, "selftrain.per_class", st.per_class,
+           ">= 0 (0 = unbalanced), or null (the unlabeled set's size / classes)")
+    if st.targets == "soft" and st.ssl:
+        raise ConfigError("selftrain.targets=soft trains students without the SSL loss: set selftrain.ssl=false, "
+                          "or selftrain.targets=hard")
     _check(t.micro_batch_size >= 0, "train.micro_batch_size", t.micro_batch_size, ">= 0 (0 = no accumulation)")
     _check(cfg.model.freeze_backbone_steps >= 0, "model.freeze_backbone_steps", cfg.model.freeze_backbone_steps, ">= 0")
     _check(o.backbone_lr_scale >= 0, "optim.backbone_lr_scale", o.backbone_lr_scale, ">= 0")
@@ -340,6 +366,9 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= c.threshold <= 1.0, "data.ctaugment.threshold", c.threshold, "0..1")
     _check(0.0 < c.decay < 1.0, "data.ctaugment.decay", c.decay, "0 < decay < 1")
     _check(c.lag >= 0, "data.ctaugment.lag", c.lag, ">= 0 (0 = the loader waits for every step's policy)")
+    if d.labeled_targets == "soft" and (s.lambda_u > 0 or d.decode_on == "device"):
+        raise ConfigError("data.labeled_targets=soft is read by the supervised step: it needs ssl.lambda_u=0 and "
+                          "data.decode_on=loader (or keep data.labeled_targets=hard)")
     if d.strong_aug == "ctaugment" and d.decode_on == "device":
         raise ConfigError("data.strong_aug=ctaugment needs data.decode_on=loader: its probes of the labeled images "
                           "are made in the loader (data.augment_on=device is fine)")
@@ -394,5 +423,8 @@ def _redacted(tree: Any) -> Any:
 
 
 def resume_conflicts(saved: dict, cfg: Config) -> list[str]:
-    """Keys whose values differ from the saved run in a way that breaks resuming it."""
-    return [f"{k}: {a!r} -> {b!r}" for k, a, b in changed_keys(saved, redacted_dict(cfg), RESUMABLE_CHANGES)]
+    """Keys whose values differ from the saved run in a way that breaks resuming it. A key the saved config
+    lacks (the run predates it) at its default value is no change: that run behaved as the default."""
+    had, defaults = flatten(saved), flatten(redacted_dict(Config()))
+    return [f"{k}: {a!r} -> {b!r}" for k, a, b in changed_keys(saved, redacted_dict(cfg), RESUMABLE_CHANGES)
+            if k in had or b != defaults.get(k)]

@@ -16,6 +16,7 @@ from distssl.data.device_augment import strong_plan, weak_plan
 from distssl.data.device_decode import encoded_base
 from distssl.data.index import IMAGE_KEYS, SampleIds
 from distssl.data.streams import Raw
+from distssl.data.targets import dense
 from distssl.data.transforms import Views, to_uint8
 from distssl.ssl.algorithm import is_strong, view_order
 
@@ -62,11 +63,26 @@ def _decode_or_none(raw: Raw, decode_bytes: Callable[[bytes], "object"]):
         return None
 
 
+def soft_target(raw: Raw, label: int, num_classes: int, label_maps: LabelMaps = None) -> torch.Tensor:
+    """The sample's target distribution: its json's ``soft`` (``ids`` and ``probs``: a teacher's top classes,
+    the rest of the mass spread evenly over the other classes), else the one-hot ``label``."""
+    try:
+        soft = json.loads(raw.fields["json"]).get("soft") if "json" in raw.fields else None
+        ids = [_mapped(int(i), raw, label_maps) for i in soft["ids"]]
+        probs = [float(p) for p in soft["probs"]]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        soft = None
+    if soft is None or not ids or len(ids) != len(probs) or not all(0 <= i < num_classes for i in ids):
+        return torch.nn.functional.one_hot(torch.tensor(label), num_classes).float()
+    return torch.from_numpy(dense(ids, probs, num_classes)).float()
+
+
 def labeled_item(views: Views, label_maps: LabelMaps = None, strong: bool = False,
-                 probe: Optional[CTAViews] = None) -> Callable:
+                 probe: Optional[CTAViews] = None, soft_classes: int = 0) -> Callable:
     """The weak view and the label (``strong``: the strong view, a self-training student's input noise);
     with ``probe`` (data.strong_aug=ctaugment) also CTAugment's probe of the weak view (``x_probe``) and
-    the ops and levels that made it (``probe_choices``), drawn after the view's own choices."""
+    the ops and levels that made it (``probe_choices``), drawn after the view's own choices; with
+    ``soft_classes`` (data.labeled_targets=soft: the class count) the target distribution ``y_soft``."""
     view = views.strong if strong else views.weak
 
     def make(raw: Raw, rng: random.Random) -> Optional[dict]:
@@ -75,6 +91,8 @@ def labeled_item(views: Views, label_maps: LabelMaps = None, strong: bool = Fals
         if img is None:
             return None
         item = {"x": view(img, rng), "y": label}
+        if soft_classes:
+            item["y_soft"] = soft_target(raw, label, soft_classes, label_maps)
         if probe is not None:
             weak = item["x"] if not strong else views.weak(img, rng)
             item["x_probe"], item["probe_choices"] = probe.probe(weak, rng)

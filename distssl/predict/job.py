@@ -18,7 +18,7 @@ from distssl.distributed.collectives import sum_numbers
 from distssl.predict.calibrate import calibrate
 from distssl.predict.model import load_predictor
 from distssl.predict.parts import make_parts
-from distssl.predict.pseudo import shard_done, write_pseudo_index, write_pseudo_shard
+from distssl.predict.pseudo import confident_rows, shard_done, write_pseudo_index, write_pseudo_shard
 from distssl.predict.run import check_temperature, labeled_logits, predict_parts, summarise
 
 
@@ -75,7 +75,8 @@ def run_job(job: PredictJob, rank: int, world: int, device: torch.device) -> Opt
     if job.to_shards:
         for part in parts:
             if part.number % world == rank and not shard_done(job.to_shards, part):
-                write_pseudo_shard(job.out, job.to_shards, part, job.min_confidence, str(job.model))
+                chosen, predicted = confident_rows(job.out, part, job.min_confidence)
+                write_pseudo_shard(job.to_shards, part, chosen, str(job.model), predicted)
                 new_shards += 1
     # reduced on the device (NCCL sums only GPU tensors); also: every rank's parts are written before the summary
     images, written = sum_numbers([sum(r.rows for r in results), sum(r.written for r in results) + new_shards],
@@ -101,7 +102,8 @@ def run_job(job: PredictJob, rank: int, world: int, device: torch.device) -> Opt
             except FileNotFoundError:
                 pass
         if index is None:
-            index = write_pseudo_index(job.to_shards, parts, predictor.class_names, job.min_confidence,
-                                       str(job.model), store.redact(str(job.data)))
+            index = write_pseudo_index(job.to_shards, parts, predictor.class_names,
+                                       {"teacher": str(job.model), "data": store.redact(str(job.data)),
+                                        "min_confidence": job.min_confidence})
         summary["pseudo_index"] = index
     return summary

@@ -1,8 +1,9 @@
 """Pseudo-labeled shard sets: the confident predictions of a prediction run become a labeled set.
 
-Part n's confident rows (confidence >= P) become shard n of DST, written by the rank that predicted
-part n: the image bytes exactly as read, ``cls`` the prediction, and a ``json`` that keeps the
-provenance (teacher, confidence, source, key, sha256, and the true label when the sample had one). A
+Part n's chosen rows (distssl-predict --to-shards: confidence >= P; distssl-selftrain: its class-balanced
+selection, a row possibly several times) become shard n of DST, written by the rank that owns part n: the
+image bytes exactly as read, ``cls`` the prediction, and a ``json`` that keeps the provenance (teacher,
+confidence, source, key, sha256, the true label when the sample had one, and the soft target if any). A
 shard is complete when its stats file exists (the builder's rule); ``index.json`` comes last, from
 every shard's stats, so the set is usable as ``data.labeled`` (alone, or weighted beside the human
 labels) only once it is whole.
@@ -10,6 +11,7 @@ labels) only once it is whole.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Optional
 
 from distssl.data import store
@@ -32,19 +34,37 @@ def shard_done(dst: str, part: Part) -> bool:
     return store.exists(_stats_url(dst, part))
 
 
-def write_pseudo_shard(out: str, dst: str, part: Part, min_confidence: float, teacher: str) -> dict:
-    """Shard ``part.number`` of DST from part n's confident predictions; its stats (a shard with stats is
-    not written again)."""
+@dataclass
+class PseudoRow:
+    """One chosen prediction: its class, confidence, how many times it enters the set (class balancing
+    duplicates a rare class's), its soft target (``{"ids": [...], "probs": [...]}``) and true label if known."""
+    cls: int
+    confidence: float
+    copies: int = 1
+    soft: Optional[dict] = None
+    true_label: Optional[int] = None
+
+
+def confident_rows(out: str, part: Part, min_confidence: float) -> tuple[dict[tuple[str, str], PseudoRow], int]:
+    """(part n's predictions at confidence >= P by (key, source), how many it predicted): distssl-predict
+    --to-shards."""
     import pyarrow.parquet as pq
 
+    fs, path = store.filesystem(part_url(out, part))
+    with fs.open(path, "rb") as f:
+        rows = pq.read_table(f, columns=["key", "source", "pred", "confidence", "true_label"]).to_pylist()
+    return {(r["key"], r["source"]): PseudoRow(r["pred"], r["confidence"], true_label=r["true_label"])
+            for r in rows if r["confidence"] >= min_confidence}, len(rows)
+
+
+def write_pseudo_shard(dst: str, part: Part, chosen: dict[tuple[str, str], PseudoRow], teacher: str,
+                       predicted: int) -> dict:
+    """Shard ``part.number`` of DST from the ``chosen`` rows of part n (each ``copies`` times, under keys of its
+    own); its stats (a shard with stats is not written again)."""
     try:
         return store.read_json(_stats_url(dst, part), "remove it and rerun: the shard beside it is written again")
     except FileNotFoundError:
         pass
-    fs, path = store.filesystem(part_url(out, part))
-    with fs.open(path, "rb") as f:
-        rows = pq.read_table(f, columns=["key", "source", "sha256", "pred", "confidence", "true_label"]).to_pylist()
-    chosen = {(r["key"], r["source"]): r for r in rows if r["confidence"] >= min_confidence}
     count, hist = 0, {}
     with store.atomic_write(store.join(dst, shard_name(part))) as f, tar_writer(f) as tar:
         for s in part_samples(part):
@@ -52,15 +72,17 @@ def write_pseudo_shard(out: str, dst: str, part: Part, min_confidence: float, te
             if row is None or s.data is None:
                 continue
             ext = _image_ext(s.data)
-            meta = {"teacher": teacher, "confidence": row["confidence"], "source": s.source, "source_key": s.key,
-                    "sha256": s.sha256, **({"true_label": row["true_label"]} if row["true_label"] is not None else {})}
-            tar.write({"__key__": f"{part.number:06d}{count:06d}", ext: s.data, "cls": str(row["pred"]).encode(),
-                       "json": json.dumps(meta, sort_keys=True).encode()})
-            count += 1
-            hist[row["pred"]] = hist.get(row["pred"], 0) + 1
+            meta = {"teacher": teacher, "confidence": row.confidence, "source": s.source, "source_key": s.key,
+                    "sha256": s.sha256, **({"true_label": row.true_label} if row.true_label is not None else {}),
+                    **({"soft": row.soft} if row.soft is not None else {})}
+            for copy in range(row.copies):
+                tar.write({"__key__": f"{part.number:06d}{count:06d}", ext: s.data, "cls": str(row.cls).encode(),
+                           "json": json.dumps({**meta, **({"copy": copy} if copy else {})}, sort_keys=True).encode()})
+                count += 1
+            hist[row.cls] = hist.get(row.cls, 0) + row.copies
     fs, path = store.filesystem(store.join(dst, shard_name(part)))
     stats = {"name": shard_name(part), "count": count, "bytes": int(fs.info(path)["size"]),
-             "class_counts": {str(k): v for k, v in sorted(hist.items())}, "predicted": len(rows)}
+             "class_counts": {str(k): v for k, v in sorted(hist.items())}, "predicted": predicted}
     store.write_bytes(_stats_url(dst, part), json.dumps(stats, sort_keys=True).encode())
     return stats
 
@@ -75,9 +97,9 @@ def _image_ext(data: bytes) -> str:
     return "jpg"  # what the stream tries first; PIL reads the bytes whatever they are
 
 
-def write_pseudo_index(dst: str, parts: list[Part], class_names: list[str], min_confidence: float,
-                       teacher: str, data: str) -> Optional[dict]:
-    """index.json from every shard's stats (None while a shard is missing its stats)."""
+def write_pseudo_index(dst: str, parts: list[Part], class_names: list[str], info: dict) -> Optional[dict]:
+    """index.json from every shard's stats (None while a shard is missing its stats); ``info`` (teacher, data,
+    min_confidence, ...) is kept under ``pseudo_labels`` with the count predicted."""
     stats = []
     for part in parts:
         try:
@@ -94,8 +116,7 @@ def write_pseudo_index(dst: str, parts: list[Part], class_names: list[str], min_
              "num_classes": len(class_names) or None, "class_names": class_names, "class_histogram": hist,
              "shards": [{"name": st["name"], "count": st["count"], "bytes": st["bytes"]} for st in kept],
              "bytes": sum(st["bytes"] for st in kept), "failures": [], "num_failures": 0,
-             "pseudo_labels": {"teacher": teacher, "data": data, "min_confidence": min_confidence,
-                               "predicted": sum(st["predicted"] for st in stats)}}
+             "pseudo_labels": {**info, "predicted": sum(st["predicted"] for st in stats)}}
     with store.atomic_write(store.join(dst, INDEX_NAME)) as f:
         f.write(json.dumps(index, indent=1).encode())
     return index

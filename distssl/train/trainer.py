@@ -210,7 +210,9 @@ class Trainer:
         xs, ys = lb["x"].chunk(n), lb["y"].chunk(n)
         if ub is None:  # lambda_u = 0: the supervised-only baseline of the same recipe
             per_micro = []
-            for x, y in zip(xs, ys):
+            # data.labeled_targets=soft: each sample's target distribution (a teacher's calibrated prediction)
+            targets = lb["y_soft"].chunk(n) if "y_soft" in lb else ys
+            for x, y in zip(xs, targets):
                 loss = F.cross_entropy(engine(self._to(x)).float(), y.to(self.device))
                 engine.backward(loss)  # DeepSpeed divides by the accumulation steps
                 engine.step()  # applies the update only at the accumulation boundary
@@ -423,7 +425,9 @@ class Trainer:
                                       labeled_encoded_item(self.views, self.label_maps.get("labeled"), strong_labeled)
                                       if on_device else
                                       labeled_item(self.views, self.label_maps.get("labeled"), strong_labeled,
-                                                   probe=self.cta_views))
+                                                   probe=self.cta_views,
+                                                   soft_classes=cfg.model.num_classes
+                                                   if cfg.data.labeled_targets == "soft" else 0))
         if not self.uses_unlabeled:
             return ((lb, None) for lb in labeled)
         make = unlabeled_encoded_item if on_device else \

@@ -1,0 +1,1 @@
+"""Self-training rounds (Noisy Student): plan (pure), the pseudo-labeled set, the loop."""
