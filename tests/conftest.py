@@ -117,6 +117,22 @@ def run_train(args: list[str], nproc: int = 1, timeout: int = 300, **kw) -> subp
 
 
 @pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """A test_resnet export for prediction tests (random weights: the predictions are arbitrary but deterministic)."""
+    import timm
+    import torch
+
+    from distssl.models.export import model_meta, write_export
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10)
+    out = tmp_path_factory.mktemp("model")
+    write_export(model.state_dict(), model_meta("test_resnet", 10, 28, [0.5] * 3, [0.25] * 3,
+                                                [str(i) for i in range(10)], run="tests/model", step=0), out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real S3-protocol server (moto's server mode) on a free localhost port, for the whole session."""
     from distssl.testing import local_s3

@@ -8,30 +8,17 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-import timm
 import torch
 
 from conftest import ROOT
 from distssl.data.index import resolve
 from distssl.data.streams import tar_samples
-from distssl.models.export import model_meta, write_export
 from distssl.predict.model import load_predictor
 from distssl.predict.parts import make_parts
 from distssl.predict.run import COLUMNS, predict_parts, summarise
 from distssl.testing import deepspeed_command, launch_env
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A test_resnet export (random weights: the predictions are arbitrary but deterministic)."""
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", num_classes=10)
-    out = tmp_path_factory.mktemp("model")
-    write_export(model.state_dict(), model_meta("test_resnet", 10, 28, [0.5] * 3, [0.25] * 3,
-                                                [str(i) for i in range(10)], run="tests/model", step=0), out)
-    return out
 
 
 def _rows(out) -> list[dict]:
@@ -186,7 +173,7 @@ def test_calibrate_on_a_labeled_set_scales_the_parts_and_refuses_to_mix_two_temp
 
 
 def test_confident_predictions_become_a_labeled_shard_set_with_their_provenance(tiny_data, exported, tmp_path):
-    from distssl.predict.pseudo import write_pseudo_index, write_pseudo_shard
+    from distssl.predict.pseudo import confident_rows, write_pseudo_index, write_pseudo_shard
 
     predictor = load_predictor(str(exported), CPU)
     parts = make_parts(tiny_data["unlabeled"])
@@ -195,19 +182,23 @@ def test_confident_predictions_become_a_labeled_shard_set_with_their_provenance(
     rows = _rows(out)
     p = sorted(r["confidence"] for r in rows)[len(rows) // 2]  # the median: about half the images pass
     want = {r["sha256"]: r for r in rows if r["confidence"] >= p}
-    assert write_pseudo_index(str(dst), parts, predictor.class_names, p, "teacher", "u") is None  # nothing yet
+    info = {"teacher": "teacher-run", "data": "u", "min_confidence": p}
+    assert write_pseudo_index(str(dst), parts, predictor.class_names, info) is None  # nothing yet
     for part in parts[:2]:
-        write_pseudo_shard(str(out), str(dst), part, p, "teacher-run")
+        chosen, predicted = confident_rows(str(out), part, p)
+        write_pseudo_shard(str(dst), part, chosen, "teacher-run", predicted)
     assert not (dst / "index.json").exists()  # not usable while shards are missing
-    assert write_pseudo_index(str(dst), parts, predictor.class_names, p, "teacher", "u") is None
+    assert write_pseudo_index(str(dst), parts, predictor.class_names, info) is None
     first = {f.name: f.stat().st_mtime_ns for f in dst.glob("*.tar")}
     for part in parts:
-        write_pseudo_shard(str(out), str(dst), part, p, "teacher-run")
+        chosen, predicted = confident_rows(str(out), part, p)
+        write_pseudo_shard(str(dst), part, chosen, "teacher-run", predicted)
     assert {n: (dst / n).stat().st_mtime_ns for n in first} == first  # a shard with stats is not written again
-    index = write_pseudo_index(str(dst), parts, predictor.class_names, p, "teacher-run", "u")
+    index = write_pseudo_index(str(dst), parts, predictor.class_names, info)
     shards = resolve(str(dst))
     assert shards.labeled and index["count"] == len(want) == sum(shards.counts)
-    assert sum(index["class_histogram"]) == len(want)
+    assert sum(index["class_histogram"]) == len(want) and index["pseudo_labels"]["min_confidence"] == p
+    assert index["pseudo_labels"]["predicted"] == len(rows)
     got = [raw for url in shards.urls for raw in tar_samples(url)]
     for raw in got:
         meta = json.loads(raw.fields["json"])

@@ -49,13 +49,19 @@ def main(argv=None) -> int:
                         "json keeps teacher, confidence, source, key and sha256): usable as data.labeled")
     p.add_argument("--min-confidence", type=float, default=0.95,
                    help="with --to-shards: the calibrated confidence a prediction needs (default 0.95)")
+    p.add_argument("--select", type=int, default=0, metavar="N",
+                   help="also list the N images most worth labelling in OUT/to_label.csv (smallest margin between "
+                        "the top two calibrated classes, spread over the predicted classes, duplicates once) with a "
+                        "contact sheet OUT/to_label.png; fill its label column and give it to distssl-shards")
     p.add_argument("--workers", type=int, default=-1,
                    help="loader processes decoding images for each rank (0: in the rank's own process; default: "
                         "the node's cores shared by its ranks, one kept for each rank, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a, _ = p.parse_known_args(argv)  # the deepspeed launcher adds --local_rank
-    if a.batch_size < 1 or a.topk < 1 or a.part_size < 1:
-        p.error("--batch-size, --topk and --part-size must be at least 1")
+    if a.batch_size < 1 or a.topk < 1 or a.part_size < 1 or a.select < 0:
+        p.error("--batch-size, --topk and --part-size must be at least 1, --select at least 0")
+    if a.select and a.topk < 2:
+        a.topk = 2  # the margin needs the top two classes
     if not 0.0 <= a.min_confidence <= 1.0:
         p.error(f"--min-confidence {a.min_confidence}: a probability, 0..1")
 
@@ -78,6 +84,14 @@ def main(argv=None) -> int:
         return 2
     if rank == 0:
         report(summary, job, world)
+        if a.select:
+            from distssl.predict.parts import make_parts
+            from distssl.predict.select import CSV_NAME, SHEET_NAME, write_selection
+
+            rows = write_selection(a.out, make_parts(a.data, a.part_size), a.select)
+            classes = len({r["pred_name"] for r in rows})
+            print(f"{len(rows)} images to label, over {classes} predicted classes: {a.out}/{CSV_NAME} (fill its label "
+                  f"column, then distssl-shards it) and {a.out}/{SHEET_NAME}")
     end_group()
     return 0
 
