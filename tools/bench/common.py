@@ -79,3 +79,25 @@ def s3_server():
 def upload_folder(local: Path, bucket: str, prefix: str = "") -> None:
     from distssl.testing import upload_folder as upload
     upload(local, f"s3://{bucket}/{prefix}")
+
+
+def digits8(root: Path) -> list[str]:
+    """scikit-learn's 8x8 digits as shard sets (4 labels a class, a fifth held out), once; their data keys."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from distssl.shards import make_shards
+
+    if not (root / "shards/eval/index.json").exists():
+        digits = load_digits()
+        for split, keep in (("train", lambda i: i % 5 != 0), ("eval", lambda i: i % 5 == 0)):
+            for i, (img, y) in enumerate(zip(digits.images, digits.target)):
+                if keep(i):
+                    d = root / "raw" / split / str(int(y))
+                    d.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray((img * 255 / 16).astype("uint8")).save(d / f"{i:05d}.png")
+        make_shards(str(root / "raw/train"), str(root / "shards/train"), labels_per_class=4, max_count=100,
+                    min_shards=4, progress=False)
+        make_shards(str(root / "raw/eval"), str(root / "shards/eval"), max_count=100, progress=False)
+    return [f"data.labeled={root}/shards/train/labeled", f"data.unlabeled={root}/shards/train/unlabeled",
+            f"data.eval={root}/shards/eval", "data.demo_root=null"]
