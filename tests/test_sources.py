@@ -130,6 +130,26 @@ def test_sets_that_order_their_classes_differently_are_mapped_per_set(tiny_data,
     assert maps == {"labeled": {1: list(range(9, -1, -1))}}
 
 
+def test_a_set_of_some_of_the_classes_joins_by_name(tiny_data, tmp_path):
+    """A few new labels (distssl-predict --select, labelled) name only the classes they hold: by name they map
+    into the labeled set's order; strict, they are refused for their class count."""
+    few = tmp_path / "few"
+    shutil.copytree(tiny_data["labeled"], few)
+    index = json.loads((few / "index.json").read_text())
+    index.update(class_names=["7", "2", "9"], num_classes=3)
+    (few / "index.json").write_text(json.dumps(index))
+    from distssl.train.preflight import check_classes
+    base = [f"data.labeled=[{tiny_data['labeled']}, {few}]", f"data.unlabeled={tiny_data['unlabeled']}",
+            f"data.eval={tiny_data['eval']}", "data.demo_root=null"]
+    with pytest.raises(ConfigError, match=r"model.num_classes=10 but data.labeled\[1\] has 3 classes"):
+        check_classes(load_config(DEMO, base))
+    assert check_classes(load_config(DEMO, base + ["data.class_match=by_name"])) == {"labeled": {1: [7, 2, 9]}}
+    index["class_names"] = ["7", "2", "cat"]
+    (few / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match=r"only in data.labeled\[1\]: \[cat\]"):
+        check_classes(load_config(DEMO, base + ["data.class_match=by_name"]))
+
+
 @pytest.mark.slow
 def test_a_run_reads_two_weighted_unlabeled_sets_and_resumes(tiny_data, second_set, tmp_path):
     out = tmp_path / "run"

@@ -100,8 +100,8 @@ def class_label_map(reference: list[str], names: list[str]) -> list[int]:
 def check_classes(cfg: Config) -> Optional[LabelMaps]:
     """Every set that names its classes names the same ones, in the same order (label i is one class
     everywhere), and as many as the model has; with several sets under one key, each of them.
-    ``data.class_match=by_name`` accepts the same names in another order (returns the label maps,
-    by key and source, that put them in the labeled set's order); ``by_index`` accepts any names,
+    ``data.class_match=by_name`` accepts the same names, or some of them, in another order (returns the label
+    maps, by key and source, that put them in the labeled set's order); ``by_index`` accepts any names,
     trusting the label numbers."""
 
     sets = []  # (key, source, how the user named it, its shard set)
@@ -113,14 +113,17 @@ def check_classes(cfg: Config) -> Optional[LabelMaps]:
             except FileNotFoundError:
                 continue  # a missing set is check_paths' to report (or the demo's, still to be built)
             sets.append((key, i, f"data.{key}" + (f"[{i}]" if len(sources) > 1 else ""), shards))
+    named = [(key, i, where, s.class_names) for key, i, where, s in sets if s.class_names]
+    ref_where, ref = next(((w, n) for k, _, w, n in named if k == "labeled"), named[0][2:] if named else (None, None))
+    subset_ok = cfg.data.class_match == "by_name" and ref is not None
     for key, _, where, s in sets:
+        if subset_ok and where != ref_where and s.class_names:
+            continue  # matched by name below: some of the classes are fine (a few new labels from --select)
         if key != "unlabeled" and s.num_classes is not None and s.num_classes != cfg.model.num_classes:
             raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {where} has {s.num_classes} classes "
                               f"({', '.join(s.class_names[:5])}{'...' if len(s.class_names) > 5 else ''})")
-    named = [(key, i, where, s.class_names) for key, i, where, s in sets if s.class_names]
     if len(named) < 2:
         return None
-    _, _, ref_where, ref = next((x for x in named if x[0] == "labeled"), named[0])
     maps: LabelMaps = {}
     for key, i, where, names in named:
         if names == ref:
@@ -130,7 +133,7 @@ def check_classes(cfg: Config) -> Optional[LabelMaps]:
             log.warning("%s names its classes %s, %s %s: data.class_match=by_index trusts the label "
                         "numbers", where, _short(names), ref_where, _short(ref))
             continue
-        if match == "by_name" and sorted(names) == sorted(ref):
+        if match == "by_name" and set(names) <= set(ref):  # the same names, or some of them, in any order
             maps.setdefault(key, {})[i] = class_label_map(ref, names)
             continue
         only_here, only_ref = [n for n in names if n not in ref], [n for n in ref if n not in names]
