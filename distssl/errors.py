@@ -46,6 +46,13 @@ class MissingExtra(UserError):
     label = "missing package"
 
 
+class MissingCredentials(UserError):
+    """An object store that answered "no credentials": final at once (not an outage to retry); the message names
+    the input and the credential chain of its store."""
+
+    label = "no credentials"
+
+
 def require(module: str, extra: str, needed_by: str):
     """``module`` imported, or MissingExtra naming ``needed_by`` (a key and its value, a URL) and the extra."""
     import importlib

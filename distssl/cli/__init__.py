@@ -4,7 +4,10 @@ launch/train.py, launch/tune.py, tools/make_shards.py, tools/export_model.py, to
 launch/supervise.py, launch/predict.py and launch/selftrain.py."""
 
 import atexit
+import functools
 import gc
+import os
+import sys
 
 _registered = False
 
@@ -19,3 +22,31 @@ def skip_the_final_collections() -> None:
     if not _registered:
         atexit.register(gc.freeze)
         _registered = True
+
+
+def command(main):
+    """A console script's ``main``: its final collections skipped (above), and a closed pipe (``| head``) ends it
+    quietly, as a Unix command does, instead of a BrokenPipeError traceback (exit 141, 128 + SIGPIPE)."""
+    @functools.wraps(main)
+    def run(argv=None) -> int:
+        skip_the_final_collections()
+        try:
+            return main(argv)
+        except BrokenPipeError:
+            # the interpreter flushes stdout again at exit: point it at /dev/null so that flush is silent too
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
+    return run
+
+
+def is_rank0() -> bool:
+    """This process prints the run's lines: rank 0 of a launch (RANK as the launchers set it), or the only one."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def refuse(e, exit_code: int = 2) -> int:
+    """A mistake the user can fix (distssl.errors.UserError): its one line, ``label: message``, printed by rank 0
+    alone (every rank finds the same mistake), and the exit code (2)."""
+    if is_rank0():
+        print(f"{e.label}: {e}", file=sys.stderr, flush=True)
+    return exit_code

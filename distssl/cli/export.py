@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Export a run's EMA weights from any of its checkpoints as model.safetensors + model.json.
 
-  python tools/export_model.py RUN_DIR OUT            # latest complete checkpoint of RUN_DIR
-  python tools/export_model.py RUN_DIR/checkpoints/step_00000500 OUT.safetensors
+  distssl-export RUN_DIR OUT            # latest complete checkpoint of RUN_DIR
+  distssl-export RUN_DIR/checkpoints/step_00000500 OUT.safetensors
 
 OUT is a folder (gets model.safetensors) or a .safetensors path; the JSON lands beside it. Works
 for every ZeRO stage (ZeRO-3's per-rank slices are reassembled) and needs no GPU or process group.
@@ -19,11 +19,11 @@ Load the result with timm (no hub access):
 import argparse
 import sys
 
-from distssl.cli import skip_the_final_collections
+from distssl.cli import command
 
 
+@command
 def main(argv=None) -> int:
-    skip_the_final_collections()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a run folder, its checkpoints/ folder, or one checkpoints/step_N folder")
     p.add_argument("out", help="output folder or .safetensors path")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What is in a shard set: counts, class histogram, bytes, failures; optionally verify or draw it.
 
-  python tools/inspect_shards.py URL [--verify] [--grid out.png] [--json]
+  distssl-inspect URL [--verify] [--grid out.png] [--json]
 
 URL is a shard-set folder or fsspec URL holding index.json (s3://bucket/shards/train/unlabeled, ...).
 --verify reads every shard and decodes every image, and compares with the index.
@@ -10,7 +10,10 @@ import argparse
 import json
 import sys
 
+from distssl.cli import command
 
+
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("url", help="shard-set folder or URL with index.json")

@@ -29,11 +29,11 @@ beside the human labels (data.labeled=[{path: HUMAN, weight: 1}, {path: DST, wei
 import argparse
 import sys
 
-from distssl.cli import skip_the_final_collections
+from distssl.cli import command
 
 
+@command
 def main(argv=None) -> int:
-    skip_the_final_collections()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a finished run's folder, or an exported model.safetensors")
     p.add_argument("--data", required=True, help="shard set / pattern / weighted list, or a raw folder or manifest")

@@ -29,11 +29,11 @@ import logging
 import os
 import sys
 
-from distssl.cli import skip_the_final_collections
+from distssl.cli import command, refuse
 
 
+@command
 def main(argv=None) -> int:
-    skip_the_final_collections()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a YAML path or a shipped recipe's name (as distssl-train's)")
     p.add_argument("--rounds", type=int, help="rounds in all, round 0 included (selftrain.rounds; default 2)")
@@ -73,14 +73,15 @@ def _rounds(a) -> int:
         demo.prepare(base.data, progress=is_rank0)
         check_paths(base)
     except UserError as e:
-        print(f"{e.label}: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
     rank, world, local_rank = init_distributed(base.deepspeed.timeout_minutes)  # one group for every round
     device = torch.device(f"cuda:{local_rank}") if use_cuda() else torch.device("cpu")
     try:
         code = run_rounds(base, rank, world, device, train_with_exit_codes, a.batch_size,
                           say=lambda line: print(line, flush=True))
-    except (UserError, FileNotFoundError, ValueError) as e:
+    except UserError as e:
+        return refuse(e)
+    except (FileNotFoundError, ValueError) as e:
         if rank == 0:
             print(f"distssl-selftrain: error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build WebDataset shard sets from a bucket or folder of raw images.
 
-  python tools/make_shards.py SRC DST [--labels-per-class N | --label-fraction F] [--eval-fraction F]
+  distssl-shards SRC DST [--labels-per-class N | --label-fraction F] [--eval-fraction F]
                               [--unlabeled] [--workers N] [--max-size S] [--format jpg|webp|png]
                               [--max-count K] [--min-shards N] [--max-shard-bytes B] [--seed S] [--dedup] [--extend]
                               [--ray-address auto|HOST:PORT] [--dry-run]
@@ -40,9 +40,12 @@ import argparse
 import os
 import sys
 
+from distssl.cli import command
+
 # `distssl-shards index SPEC --out DIR`: see INDEX_DOC below
 
 
+@command
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["index"]:  # `distssl-shards index SPEC --out DIR` (a source folder named index: ./index)
@@ -134,6 +137,12 @@ def _main(argv=None) -> int:
                        if idx.get("removed_inputs") else "")
             print(f"{where}: {idx['count']} images in {len(idx['shards'])} shards ({idx['bytes'] / 1e6:.1f} MB), "
                   f"{idx['num_failures']} inputs skipped{f' ({reasons})' if reasons else ''}{removed}")
+    passed = next(iter(sets.values()), {}).get("source_skipped") or {}
+    if passed.get("count") and not a.dry_run:  # the same listing for every set: said once
+        why = ", ".join(f"{k} {v}" for k, v in passed["reasons"].items())
+        files = ", ".join(passed["files"][:5]) + (" ..." if passed["count"] > 5 else "")
+        print(f"{redact(a.src)}: {passed['count']} files are not inputs and were left out ({why}): {files} "
+              f"(all in each set's index.json, source_skipped)")
     return 0
 
 

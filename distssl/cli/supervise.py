@@ -21,11 +21,13 @@ import signal
 import subprocess
 import sys
 
+from distssl.cli import command
 from distssl.distributed.procs import PR_SET_CHILD_SUBREAPER, prctl
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
 
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run (a launcher and its arguments)")

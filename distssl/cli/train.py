@@ -20,11 +20,13 @@ import logging
 import os
 import sys
 
-from distssl.cli import skip_the_final_collections
+from distssl.cli import command, refuse
 
 
-def print_keys(prefix: str = "") -> None:
-    """Every config key with its type, default and meaning (from the schema's own comments)."""
+def print_keys(prefix: str = "") -> int:
+    """Every config key with its type, default and meaning (from the schema's own comments); 2 when no key
+    starts with ``prefix``."""
+    import dataclasses
     import json
 
     from distssl.config import Config
@@ -32,18 +34,38 @@ def print_keys(prefix: str = "") -> None:
 
     rows = [r for r in describe_keys(Config) if r[0].startswith(prefix)]
     if not rows:
-        print(f"no key starts with {prefix!r}; sections: run, train, ssl, model, optim, deepspeed, data",
-              file=sys.stderr)
-        return
+        sections = [f.name for f in dataclasses.fields(Config)]
+        print(f"distssl-train --keys {prefix}: no key starts with {prefix!r}; the sections are "
+              f"{', '.join(sections)} (e.g. --keys ssl.)", file=sys.stderr)
+        return 2
     for key, type_name, default, meaning in rows:
         if type_name == "section":
             print(f"\n{key}: {meaning}")
             continue
         print(f"{key} = {json.dumps(default)}  ({type_name})" + (f"\n    {meaning}" if meaning else ""))
+    return 0
 
 
+def print_config(cfg) -> None:
+    """The resolved config as YAML; a data key still to be filled in says so on its line."""
+    import yaml
+
+    from distssl.config import redacted_dict
+    from distssl.config.tree import unset_data_keys
+
+    unset = {key.split(".", 1)[1] for key in unset_data_keys(cfg)}
+    section = None
+    for line in yaml.safe_dump(redacted_dict(cfg), sort_keys=False).splitlines():
+        if not line.startswith(" "):
+            section = line.rstrip(":")
+        name = line.strip().split(":", 1)[0]
+        if section == "data" and line.startswith("  ") and not line.startswith("   ") and name in unset:
+            line += "  # NOT SET: a shard set (folder or URL with index.json) before training"
+        print(line)
+
+
+@command
 def main(argv=None) -> int:
-    skip_the_final_collections()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a YAML path, or a recipe shipped in the package by name: demo, starter, cifar10, "
                                     "imagenet, vit_finetune (configs/NAME.yaml in a checkout)")
@@ -56,8 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. ssl.tau=0.9")
     args = p.parse_args(argv)
     if args.keys is not None:
-        print_keys(args.keys)
-        return 0
+        return print_keys(args.keys)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
@@ -75,13 +96,9 @@ def _train(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("distssl").setLevel(logging.INFO)  # ours: what was loaded, from where
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, require_data=not args.print_config)
         if args.print_config:
-            import yaml
-
-            from distssl.config import redacted_dict
-
-            print(yaml.safe_dump(redacted_dict(cfg), sort_keys=False), end="")
+            print_config(cfg)
             return 0
         from distssl.config import check_paths
         from distssl.shards import demo
@@ -89,11 +106,10 @@ def _train(args) -> int:
         demo.prepare(cfg.data, progress=os.environ.get("RANK", "0") == "0")
         check_paths(cfg)
     except UserError as e:
-        print(f"{e.label}: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
 
     code, result = train_with_exit_codes(cfg)
-    if code == 0 and os.environ.get("RANK", "0") == "0":
+    if code == 0 and os.environ.get("RANK", "0") == "0" and not result.get("already_finished"):
         print(f"done: step {cfg.train.steps}, eval top-1 {100 * result['top1']:.2f}% "
               f"(EMA weights), outputs in {cfg.run.out_dir}")
     return code
@@ -115,16 +131,13 @@ def train_with_exit_codes(cfg) -> tuple[int, dict]:
     rank = os.environ.get("RANK", "0")
     try:
         return 0, run(cfg)
-    except Preempted as e:
-        if rank == "0":
-            print(str(e), file=sys.stderr, flush=True)
+    except Preempted as e:  # rank 0 has said it (the trainer's last line): say nothing twice
         # the checkpoint is complete on every rank: leave now, inside the grace period, without
         # waiting on loader workers or the process group's teardown
         sys.stdout.flush()
         os._exit(e.exit_code)
     except UserError as e:
-        print(f"{e.label}: {e}", file=sys.stderr)
-        return 2, {}
+        return refuse(e), {}
     except DataError as e:
         msg = str(e).strip()
         if "Original Traceback" in msg:  # raised in a loader worker: the message is its last line

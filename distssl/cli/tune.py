@@ -16,11 +16,11 @@ import json
 import logging
 import sys
 
-from distssl.cli import skip_the_final_collections
+from distssl.cli import command, refuse
 
 
+@command
 def main(argv=None) -> int:
-    skip_the_final_collections()
     try:
         return _main(argv)
     except KeyboardInterrupt:
@@ -49,13 +49,11 @@ def _main(argv=None) -> int:
         from distssl.train import preflight
         preflight.check(sweep.base)  # the base config's mistakes, before Ray starts
     except UserError as e:
-        print(f"{e.label}: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
     try:
         summary = run_sweep(sweep)
     except UserError as e:
-        print(f"{e.label}: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
     print(json.dumps(summary, indent=1, default=str))
     return 0 if "best_config" in summary else 1
 

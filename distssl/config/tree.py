@@ -16,9 +16,11 @@ import yaml
 from distssl import atomic
 from distssl.config.recipes import resolve_config
 from distssl.config.typed_tree import ConfigError, build, changed_keys, flatten, parse_override, set_path
+from distssl.data import store
 from distssl.data.index import describe_missing
 from distssl.data.spec import DataSpec, data_sources  # noqa: F401 - the schema's data keys, re-exported
 from distssl.data.store import redact
+from distssl.errors import MissingCredentials, MissingExtra
 from distssl.ssl import ALGORITHMS, config_sections
 
 
@@ -90,7 +92,7 @@ SSLConfig.__doc__ = "The SSL method: ssl.algorithm, the keys every algorithm rea
 @dataclass
 class ModelConfig:
     name: str = "resnet10t"  # any timm model name (timm.list_models()), or wrn28_2
-    num_classes: int = 10
+    num_classes: int = 10  # classes of the classifier: the labeled set's (its index.json names them)
     # weights to start from: a safetensors / torch state dict file or URL, or a run folder of ours
     pretrained: Optional[str] = None
     drop_path_rate: float = 0.0  # stochastic depth, for the models that have it (ViT, ConvNeXt, ResNet, ...)
@@ -196,7 +198,7 @@ class DataConfig:
     ctaugment: CTAugmentConfig = field(default_factory=CTAugmentConfig)
     cutout_fraction: float = 0.5  # Cutout square side, as a fraction of the image side (at most)
     mean: Optional[list[float]] = None  # null = from the model's pretrained config, like image_size
-    std: Optional[list[float]] = None
+    std: Optional[list[float]] = None  # per channel, like mean; null = from the model's pretrained config
     shuffle_buffer: int = 500  # samples each loader reader shuffles among (on top of the shard order)
 
 
@@ -219,7 +221,7 @@ class SelfTrainConfig:
     # batch_size (null = train.batch_size x (1 + ssl.mu), the images a teacher's step reads; the labeled
     # batch when the student keeps the SSL loss): the paper's students train longer on the larger set
     epochs: float = 20.0
-    batch_size: Optional[int] = None
+    batch_size: Optional[int] = None  # the student's global batch; null = as said under epochs
     # the pseudo-labeled set, class-balanced (the paper's): each class's most confident predictions up to
     # per_class, fewer duplicated at random up to it; null = the unlabeled set's size / classes; 0 = unbalanced
     per_class: Optional[int] = None
@@ -229,12 +231,12 @@ class SelfTrainConfig:
     # the pseudo-labels from several teachers: "last" (the round before), or "all" (every earlier round, their
     # calibrated probabilities averaged); plus the exported models or run folders listed in teachers
     ensemble: Literal["last", "all"] = "last"
-    teachers: list[str] = field(default_factory=list)
+    teachers: list[str] = field(default_factory=list)  # more teachers: exported models or run folders
     # the student's noise, the paper's: RandAugment on its inputs (data.labeled_view=strong), dropout 0.5
     # before the classifier, stochastic depth 0.2 (its survival probability 0.8 at the last layer)
     strong_view: bool = True
-    drop_rate: float = 0.5
-    drop_path_rate: float = 0.2
+    drop_rate: float = 0.5  # the student's dropout before the classifier (model.drop_rate)
+    drop_path_rate: float = 0.2  # the student's stochastic depth (model.drop_path_rate)
     # true: a student of the teacher's architecture starts from the teacher's weights; false (the paper's):
     # from model.pretrained, or from scratch
     init_from_teacher: bool = False
@@ -262,8 +264,10 @@ RESUMABLE_CHANGES = {
 } | {f"selftrain.{f.name}" for f in dataclasses.fields(SelfTrainConfig)}  # distssl-selftrain's, not a run's
 
 
-def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    """YAML file (optional) + overrides -> validated :class:`Config`."""
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = (), *,
+                require_data: bool = True) -> Config:
+    """YAML file (optional) + overrides -> validated :class:`Config`; ``require_data`` False lets the data keys
+    be unset (a recipe printed before it is filled in: ``--print-config``)."""
     tree: dict = {}
     if path:
         path = resolve_config(path)  # a file, or a recipe shipped in the package by name (demo, cifar10, ...)
@@ -276,8 +280,15 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
         key, value = parse_override(text)
         set_path(tree, key, value)
     cfg = build(Config, tree, "")
-    validate(cfg)
+    validate(cfg, require_data)
     return cfg
+
+
+REQUIRED_DATA = ("labeled", "unlabeled", "eval")
+
+
+def unset_data_keys(cfg: Config) -> list[str]:
+    return [f"data.{key}" for key in REQUIRED_DATA if not getattr(cfg.data, key)]
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -285,7 +296,7 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is out of range: allowed {allowed}")
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, require_data: bool = True) -> None:
     """Range checks that types alone do not catch. Paths are checked by :func:`check_paths`."""
     s, t, o, d = cfg.ssl, cfg.train, cfg.optim, cfg.data
     _check(0.0 < s.tau <= 1.0, "ssl.tau", s.tau, "0 < tau <= 1")
@@ -375,10 +386,9 @@ def validate(cfg: Config) -> None:
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, ">= 1")
     _check(d.mean is None or len(d.mean) == 3, "data.mean", d.mean, "three numbers, or null")
     _check(d.std is None or (len(d.std) == 3 and min(d.std) > 0), "data.std", d.std, "three numbers > 0, or null")
-    for key in ("labeled", "unlabeled", "eval"):
-        if not getattr(d, key):
-            raise ConfigError(f"data.{key} is not set: give a shard-set folder/URL with index.json "
-                              f"or a brace pattern such as shards/train-{{000000..000009}}.tar")
+    for key in unset_data_keys(cfg) if require_data else ():
+        raise ConfigError(f"{key} is not set: give a shard-set folder/URL with index.json "
+                          f"or a brace pattern such as shards/train-{{000000..000009}}.tar")
 
 
 def check_paths(cfg: Config) -> None:
@@ -387,9 +397,15 @@ def check_paths(cfg: Config) -> None:
     for key in ("labeled", "unlabeled", "eval"):
         sources = data_sources(getattr(cfg.data, key))
         for i, (path, _) in enumerate(sources):
-            problem = describe_missing(path)
+            where = f"data.{key}{f'[{i}]' if len(sources) > 1 else ''}"
+            if "://" in path and not path.startswith("file://"):
+                try:  # its filesystem installed, and credentials for it: said now, in one line
+                    store.check_access(path.split("{", 1)[0])
+                except (MissingExtra, MissingCredentials) as e:
+                    raise type(e)(f"{where}={e}") from None
+            problem = describe_missing(path, key)
             if problem:
-                raise ConfigError(f"data.{key}{f'[{i}]' if len(sources) > 1 else ''}: {problem}")
+                raise ConfigError(f"{where}: {problem}")
     if cfg.model.pretrained and "://" not in cfg.model.pretrained and not os.path.exists(cfg.model.pretrained):
         raise ConfigError(f"model.pretrained: {cfg.model.pretrained} does not exist (give a local file or URL)")
     out = Path(cfg.run.out_dir)

@@ -5,6 +5,7 @@ or an annotation class with ``coerce_value``/``type_name``), and every mistake r
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Any, Literal
@@ -78,7 +79,9 @@ def build(cls: type, data: dict, prefix: str) -> Any:
     unknown = [k for k in data if k not in names]
     if unknown:
         where = f"section '{prefix}'" if prefix else "the top level"
-        raise ConfigError(f"unknown key '{_join(prefix, unknown[0])}': {where} allows {', '.join(names)}")
+        close = nearest(str(unknown[0]), names)
+        hint = f"did you mean {_join(prefix, close)}? " if close else ""
+        raise ConfigError(f"unknown key '{_join(prefix, unknown[0])}': {hint}{where} allows {', '.join(names)}")
     kwargs = {}
     for name in names:
         if name not in data:
@@ -89,6 +92,16 @@ def build(cls: type, data: dict, prefix: str) -> Any:
         else:
             kwargs[name] = coerce(key, data[name], tp)
     return cls(**kwargs)
+
+
+def nearest(word: str, names: list[str]) -> str | None:
+    """The name a typo most likely meant: one with the same letters (a transposition: tua -> tau) first, else
+    the closest by difflib's ratio (at least 0.6), else None."""
+    same = [n for n in names if sorted(n) == sorted(word)]
+    if same:
+        return same[0]
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def _join(prefix: str, name: str) -> str:

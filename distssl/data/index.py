@@ -151,8 +151,9 @@ def is_pattern(spec: str) -> bool:
     return "{" in spec or spec.endswith(".tar")
 
 
-def describe_missing(spec: str) -> Optional[str]:
-    """None when ``spec`` looks readable, else a sentence saying what is missing and what to do."""
+def describe_missing(spec: str, key: str = "") -> Optional[str]:
+    """None when ``spec`` looks readable, else a sentence saying what is missing and what to do; ``key`` (labeled,
+    unlabeled, eval) picks which of a parent folder's sets to suggest."""
     if "://" in spec and not spec.startswith("file://"):
         return None  # remote: checked when opened, with retries
     if is_pattern(spec):
@@ -162,17 +163,23 @@ def describe_missing(spec: str) -> Optional[str]:
             return f"{len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})"
         return None
     if not store.exists(spec):
-        return f"{spec} does not exist (build it with tools/make_shards.py SRC {spec})"
+        return f"{spec} does not exist (build it with distssl-shards SRC {spec})"
     if not store.exists(store.join(spec, INDEX_NAME)):
-        return why_not_a_shard_set(spec)
+        return why_not_a_shard_set(spec, key)
     return None
 
 
-def why_not_a_shard_set(spec: str) -> str:
-    """What a folder or prefix without index.json holds instead (raw images, unfinished shards, nothing
-    of ours) and what to do: one sentence for check_paths and for read_index alike."""
+def why_not_a_shard_set(spec: str, key: str = "") -> str:
+    """What a folder or prefix without index.json holds instead (shard sets one level down, raw images,
+    unfinished shards, nothing of ours) and what to do: one sentence for check_paths and for read_index alike."""
     where = store.redact(spec)
     names = _names(spec)
+    sets = [n for n in sorted(names) if "." not in n and store.exists(store.join(spec, n, INDEX_NAME))]
+    if sets:  # the parent of a build's labeled/ and unlabeled/
+        best = key if key in sets else sets[0]
+        others = [s for s in sets if s != best]
+        return (f"{where} is not a shard set but holds {len(sets)}: did you mean {store.join(where, best)}?"
+                + (f" (also there: {', '.join(others)})" if others else ""))
     images = describe_raw_images(spec, names)
     if images:
         return (f"{where} holds {images}, not shards: build a shard set from it first, e.g. "
@@ -182,7 +189,7 @@ def why_not_a_shard_set(spec: str) -> str:
         return (f"{where} has no {INDEX_NAME}: it is not a complete shard set, and holds no .tar shards: give a "
                 f"shard-set folder built by distssl-shards (it holds {INDEX_NAME}), or a brace pattern of .tar files")
     return (f"{where} has no {INDEX_NAME}: it is not a complete shard set "
-            f"(rerun tools/make_shards.py to finish it, or give a brace pattern of .tar files)")
+            f"(rerun the same distssl-shards command to finish it, or give a brace pattern of .tar files)")
 
 
 def _names(folder: str) -> list[str]:

@@ -1,10 +1,11 @@
-"""Summaries, verification and a picture of a shard set (used by tools/inspect_shards.py)."""
+"""Summaries, verification and a picture of a shard set (used by distssl-inspect)."""
 from __future__ import annotations
 
 from distssl.data import store
 from distssl.data.index import IMAGE_KEYS
 from distssl.data.streams import tar_samples
 from distssl.data.transforms import decode
+from distssl.tracking.progress import bar as progress_bar
 
 
 def summarize(index: dict) -> dict:
@@ -20,10 +21,9 @@ def summarize(index: dict) -> dict:
 
 
 def verify(url: str, index: dict) -> dict:
-    from tqdm import tqdm
-
     decoded, bad, counts_match = 0, 0, True
-    for shard in tqdm(index["shards"], desc="verify", unit="shard"):
+    shown = progress_bar(total=len(index["shards"]), desc="verify", unit="shard")
+    for shard in index["shards"]:
         n = 0
         for raw in tar_samples(store.join(url, shard["name"])):
             n += 1
@@ -34,6 +34,8 @@ def verify(url: str, index: dict) -> dict:
             except Exception:
                 bad += 1
         counts_match &= n == shard["count"]
+        shown.update(1)
+    shown.close()
     return {"decoded": decoded, "bad": bad, "counts_match": bool(counts_match)}
 
 

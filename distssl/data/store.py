@@ -14,7 +14,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from distssl import atomic
-from distssl.errors import DamagedFile
+from distssl.errors import DamagedFile, MissingCredentials, MissingExtra
 
 log = logging.getLogger(__name__)
 _SECRET_IN_URL = re.compile(r"(://)([^/@:]+):([^/@]+)@")
@@ -33,10 +33,61 @@ def _gcs_emulator_settings(url: str) -> None:
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
+          "adl": "azure"}  # a URL scheme -> the distssl extra that installs its filesystem
+CREDENTIAL_CHAINS = {
+    "s3": "AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY, or AWS_PROFILE / ~/.aws/credentials, or the instance's role "
+          "(AWS_ENDPOINT_URL for an S3-compatible store)",
+    "gcs": "GOOGLE_APPLICATION_CREDENTIALS, or `gcloud auth application-default login`, or the instance's service "
+           "account (STORAGE_EMULATOR_HOST for an emulator)",
+    "azure": "AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME with a key, SAS token or managed "
+             "identity",
+}
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
+                   "CredentialUnavailableError", "ClientAuthenticationError")
+
+
+def scheme_of(url: str) -> str:
+    return str(url).split("://", 1)[0].lower() if "://" in str(url) else "file"
+
+
 def filesystem(url: str):
-    """(fs, path) for ``url``; local paths stay local."""
+    """(fs, path) for ``url``; local paths stay local. A store whose filesystem package is not installed is a
+    MissingExtra naming the URL and the ``pip install "distssl[...]"`` that brings it."""
     _gcs_emulator_settings(str(url))
-    return url_to_fs(str(url))
+    try:
+        return url_to_fs(str(url))
+    except ImportError:
+        scheme = scheme_of(url)
+        extra = EXTRAS.get(scheme)
+        if extra is None:
+            raise
+        raise MissingExtra(f"{redact(url)}: {scheme}:// needs the [{extra}] extra, which is not installed: "
+                           f'pip install "distssl[{extra}]"') from None
+
+
+def no_credentials(e: BaseException, url: str) -> Optional[MissingCredentials]:
+    """``e`` as MissingCredentials when the store said it has no credentials (never worth a retry), else None."""
+    names = {c.__name__ for c in type(e).__mro__}
+    if not names & set(_NO_CREDENTIALS):
+        return None
+    chain = CREDENTIAL_CHAINS.get(EXTRAS.get(scheme_of(url), ""), "the store's credential variables")
+    return MissingCredentials(f"{redact(url)}: no credentials for it were found ({type(e).__name__}); set {chain}")
+
+
+def check_access(url: str) -> None:
+    """One quick look at a remote ``url`` before a run starts: a missing extra or missing credentials are
+    the user's to fix and raised at once (MissingExtra / MissingCredentials); anything else (not there yet, a
+    passing outage) is left to the reads that follow, with their retries."""
+    fs, path = filesystem(url)
+    if is_local(fs):
+        return
+    try:
+        fs.info(path)
+    except Exception as e:  # noqa: BLE001 - only the credential refusal is decided here
+        err = no_credentials(e, url)
+        if err is not None:
+            raise err from None
 
 
 _MAKE_BUCKET = {"s3": "aws s3 mb s3://{b}", "gs": "gcloud storage buckets create gs://{b}",
@@ -165,6 +216,9 @@ def retry(fn, *args, attempts: Optional[int] = None, base_delay: float = 0.5, wh
         except (FileNotFoundError, PermissionError, IsADirectoryError):
             raise
         except Exception as e:  # network errors come as many types (OSError, botocore, aiohttp)
+            missing = no_credentials(e, what or str(args[:1]))
+            if missing is not None:  # not an outage: no retry can find credentials
+                raise missing from None
             if i == attempts - 1:
                 if isinstance(e, OSError):
                     raise

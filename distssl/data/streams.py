@@ -255,7 +255,7 @@ class TrainStream(IterableDataset):
             raise DataError(f"data.{self.name}: not one sample could be read in a whole epoch of this reader's "
                             f"{len(opened)} shard(s) (e.g. {store.redact(self.shards.urls[opened[0]])}: "
                             f"{self._first_error or 'no samples'}). The shards are damaged or unreachable: check "
-                            f"them with tools/inspect_shards.py --verify, or rebuild them")
+                            f"them with distssl-inspect --verify, or rebuild them")
 
     def _shard_failed(self, shard: int, read: int, e: Exception) -> None:
         """A damaged shard (or one unreachable after retries) is skipped, not fatal, and the samples it

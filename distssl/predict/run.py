@@ -21,6 +21,7 @@ from distssl.data import store
 from distssl.data.transforms import normalize
 from distssl.predict.model import Predictor
 from distssl.predict.parts import Part, Sample, part_samples
+from distssl.tracking.progress import bar as progress_bar
 
 COLUMNS = ("key", "source", "sha256", "pred", "pred_name", "confidence", "topk_ids", "topk_probs", "true_label")
 
@@ -191,13 +192,11 @@ def check_temperature(out: str, parts: list[Part], temperature: float) -> None:
 def predict_parts(predictor: Predictor, parts: list[Part], out: str, rank: int, world: int, batch_size: int,
                   topk: int, device: torch.device, progress: bool = True, workers: int = 0) -> list[PartResult]:
     """Predict this rank's parts that have no file yet (``workers`` loader processes decode them)."""
-    from tqdm import tqdm
-
     mine = [p for p in parts if p.number % world == rank]
     todo = [p for p in mine if not store.exists(part_url(out, p))]
     left = {p.number for p in todo}
     results = [PartResult(p.name, 0, 0, 0.0, False) for p in mine if p.number not in left]  # an earlier launch's
-    bar = tqdm(total=len(mine), initial=len(results), desc=f"predict rank {rank}" if world > 1 else "predict",
+    bar = progress_bar(total=len(mine), initial=len(results), desc=f"predict rank {rank}" if world > 1 else "predict",
                unit="part", disable=not progress, position=rank if world > 1 else None)
     by_number = {p.number: p for p in todo}
     open_parts: dict[int, PartRows] = {}

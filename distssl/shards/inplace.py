@@ -29,6 +29,7 @@ from distssl.data import store
 from distssl.data.index import FORMAT, IMAGE_KEYS, INDEX_NAME
 from distssl.data.tar import tar_members
 from distssl.shards.runners import make_runner
+from distssl.tracking.progress import bar as progress_bar
 
 LIST_EXTS = (".txt", ".list", ".lst")
 
@@ -138,9 +139,7 @@ def index_shards(spec: str, out: str, class_names: Optional[list[str]] = None, w
     runner = make_runner(workers, ray_address, out)
     scanned: dict[str, dict] = {}
     try:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(urls), desc="index", unit="shard", disable=not progress)
+        bar = progress_bar(total=len(urls), desc="index", unit="shard", disable=not progress)
         for st in runner.unordered(scan_shard, urls):
             scanned[st["url"]] = st
             bar.update(1)

@@ -28,6 +28,7 @@ class Listing:
     labels: np.ndarray  # int64, -1 = unknown
     sizes: np.ndarray  # int64 bytes as listed, 0 = unknown
     class_names: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason): not listed (Rows.skipped)
 
     def url(self, i: int) -> str:
         rel = self.rels[i]
@@ -50,24 +51,60 @@ class Rows:
     base: str
     rows: Iterator[tuple[str, int, Optional[str]]]
     by_folder: bool
+    # files the listing passed over, (key, reason): not an image by its extension, a dangling link; filled as
+    # ``rows`` is read, so the build counts and names them instead of losing them without a word
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _not_an_image(name: str) -> Optional[str]:
+    ext = os.path.splitext(name)[1].lower()
+    return None if ext in IMAGE_EXTS else f"not an image ({ext or 'no extension'})"
 
 
 def folder_rows(src: str) -> Rows:
-    """A folder's images, read directory by directory with ``fs.walk`` (never one recursive listing)."""
+    """A folder's images, read directory by directory (never one recursive listing). A local folder's links
+    to folders and files are followed, each real folder once (no loops: the usual way to make a subset or a
+    class split without copying); a link to nothing is skipped and counted, as is every file that is not an
+    image."""
     fs, root = store.filesystem(src)
     if not fs.isdir(root):
         raise FileNotFoundError(f"{store.redact(src)}: no such folder of images (or the bucket/prefix is empty)")
     root = root.rstrip("/")
+    out = Rows(_protocol_prefix(src) + root, iter(()), True)
 
-    def rows():
+    def label_of(rel: str) -> Optional[str]:
+        return rel.split("/", 1)[0] if "/" in rel else None
+
+    def local_rows():
+        seen = set()
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen:  # a link back up the tree, or a second link to a folder already read
+                dirnames[:] = []
+                continue
+            seen.add(real)
+            dirnames.sort()
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, root).replace(os.sep, "/")
+                why = (None if os.path.exists(full) else "a link to nothing") or _not_an_image(name)
+                if why:
+                    out.skipped.append((rel, why))
+                    continue
+                yield rel, os.path.getsize(full), label_of(rel)
+
+    def store_rows():
         for dirpath, _dirs, files in fs.walk(root, detail=True):
             for name, info in files.items():
-                if os.path.splitext(name)[1].lower() not in IMAGE_EXTS:
-                    continue
                 full = info.get("name") or f"{dirpath}/{name}"
                 rel = full[len(root) + 1:] if full.startswith(root + "/") else full
-                yield rel, int(info.get("size") or 0), rel.split("/", 1)[0] if "/" in rel else None
-    return Rows(_protocol_prefix(src) + root, rows(), True)
+                why = _not_an_image(name)
+                if why:
+                    out.skipped.append((rel, why))
+                    continue
+                yield rel, int(info.get("size") or 0), label_of(rel)
+    out.rows = local_rows() if store.is_local(fs) else store_rows()
+    return out
 
 
 def manifest_rows(src: str) -> Rows:
@@ -122,7 +159,8 @@ def list_inputs(src: str, unlabeled: bool = False) -> Listing:
     rels, sizes, texts = [], [], []
     for rel, size, label in listed.rows:
         if listed.by_folder and label is None and not unlabeled:
-            continue  # outside any class folder
+            listed.skipped.append((rel, "outside any class folder"))
+            continue
         rels.append(rel)
         sizes.append(size)
         texts.append(None if unlabeled else label)
@@ -136,7 +174,7 @@ def list_inputs(src: str, unlabeled: bool = False) -> Listing:
     names = sorted(named) if listed.by_folder else class_order(named)
     ids = {n: k for k, n in enumerate(names)}
     labels = np.asarray([ids[texts[i]] if texts[i] is not None else -1 for i in order], dtype=np.int64)
-    return Listing(listed.base, rels, labels.reshape(-1), sizes_arr, names)
+    return Listing(listed.base, rels, labels.reshape(-1), sizes_arr, names, listed.skipped)
 
 
 def _parquet_rows(src: str) -> Iterator[tuple[str, Optional[str]]]:

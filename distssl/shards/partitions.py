@@ -161,6 +161,7 @@ class PartitionedListing:
     digests: list[str] = field(default_factory=list)
     unlabeled: bool = False
     by_key: bool = True  # a partition's inputs sorted by key (folders), else in listing order (manifests)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason): files the listing passed over
 
     def __len__(self) -> int:
         return int(self.spill.counts.sum())
@@ -228,6 +229,7 @@ def spill_rows(listed: Rows, folder: str, unlabeled: bool) -> tuple[Spill, set[s
     for seq, (rel, size, label) in enumerate(listed.rows):
         if listed.by_folder and label is None and not unlabeled:
             outside += 1
+            listed.skipped.append((rel, "outside any class folder"))
             continue
         if unlabeled:
             label = None
@@ -247,7 +249,8 @@ def list_partitioned(src: str, folder: str, partition_keys: int, unlabeled: bool
     if listed.by_folder and not unlabeled and outside and not spill.counts.sum():
         raise no_class_folders(src)
     class_names = sorted(names) if listed.by_folder else class_order(names)
-    out = PartitionedListing(listed.base, class_names, spill, [], unlabeled=unlabeled, by_key=listed.by_folder)
+    out = PartitionedListing(listed.base, class_names, spill, [], unlabeled=unlabeled, by_key=listed.by_folder,
+                             skipped=listed.skipped)
     out.regroup(ranges or group_buckets(spill.counts, partition_keys))
     return out
 

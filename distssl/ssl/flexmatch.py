@@ -37,7 +37,7 @@ WARMUP_MIN_EPOCHS = 100
 class FlexMatchConfig:
     """Zhang et al. 2021: per-class thresholds tau * M(beta(c)), M(x) = x / (2 - x)."""
     # the paper's threshold warm-up (classes start from a low threshold while most images are unused); null =
-    # on when the run reads its unlabeled set at least WARMUP_MIN_EPOCHS times (the paper's read it 9,400)
+    # on when the run reads its unlabeled set at least 100 times (the paper's read it 9,400)
     warmup: Optional[bool] = None
 
     def validate(self, check) -> None:

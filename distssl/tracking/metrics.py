@@ -8,6 +8,7 @@ from typing import Optional
 
 from distssl import atomic
 from distssl.tracking.loggers import numbers, open_loggers
+from distssl.tracking.progress import bar as progress_bar
 
 
 def truncate_after(path: Path, step: int) -> None:
@@ -42,15 +43,12 @@ class MetricsWriter:
         self.trackers: list = []
         if not enabled:
             return
-        from tqdm import tqdm
-
-
         self.jsonl_path = self.out / "metrics.jsonl"
         truncate_after(self.jsonl_path, start_step)
         self.jsonl = open(self.jsonl_path, "a")
         self.trackers = open_loggers(list(loggers), self.out, start_step, params or {})
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                        mininterval=1.0)
+        self.bar = progress_bar(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                                mininterval=1.0)
 
     def log(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:
@@ -143,7 +141,9 @@ def plot(metrics_path: str | Path, out_png: str | Path) -> bool:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    ax.set_title(Path(metrics_path).parent.name)
+    last = f": eval top-1 {100 * evals[-1]['top1']:.2f}% at step {evals[-1]['step']}" if evals else ""
+    ax.set_title(f"accuracy{last}")
+    fig.suptitle(str(Path(metrics_path).parent), fontsize=9)
     fig.tight_layout()
     with atomic.atomic_path(out_png) as tmp:
         fig.savefig(tmp, dpi=100)

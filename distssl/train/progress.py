@@ -71,6 +71,15 @@ class Progress:
                                                   if "consistency_weight" in rec else {})}
         self.metrics.progress(tr.step, {**self.shown, "img/s": round(img_s)})
 
+    def throughput(self) -> dict:
+        """This launch's wall time, steps and images per second (summary.json)."""
+        tr = self.trainer
+        seconds = max(1e-9, time.time() - self.t0)
+        steps = tr.step - self.step0
+        return {"wall_seconds_this_launch": round(seconds, 1), "steps_this_launch": steps,
+                "steps_per_s": round(steps / seconds, 3),
+                "images_per_s": round(self.images_per_step * steps / seconds, 1)}
+
     def evaluated(self, result: dict) -> None:
         tr = self.trainer
         self.last_eval = result

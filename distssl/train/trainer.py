@@ -352,7 +352,7 @@ class Trainer:
         if seen >= min_samples and skipped > self.cfg.train.max_bad_fraction * seen:
             raise DataError(f"{skipped} of {seen} samples were unusable (undecodable image, missing cls "
                             f"or unreadable shard), more than train.max_bad_fraction="
-                            f"{self.cfg.train.max_bad_fraction}: check the shards with tools/inspect_shards.py "
+                            f"{self.cfg.train.max_bad_fraction}: check the shards with distssl-inspect "
                             f"--verify, or raise train.max_bad_fraction")
 
     def _finished_outputs(self) -> Optional[dict]:
@@ -486,6 +486,7 @@ class Trainer:
             if self.cta is not None:  # the policy learned, pictured and in numbers
                 ctaugment.write_outputs(self.cta, self.out, self.step)
             summary = {"step": self.step, **last_eval, "best_top1": progress.best_top1, "out_dir": str(self.out),
+                       **progress.throughput(),
                        **details, **({"derived": self.algorithm.derived} if self.algorithm.derived else {})}
             atomic.write_text(self.out / "summary.json", json.dumps(summary, indent=1))
             if details:  # per class and the calibration, to the trackers too
@@ -515,7 +516,28 @@ def prepare_out_dir(cfg: Config) -> None:
 
 
 def write_config(cfg: Config) -> None:
-    dump_yaml(cfg, Path(cfg.run.out_dir) / "config.yaml")
+    """config.yaml, rewritten only when it changes (a resume with the same config leaves its mtime alone)."""
+    import yaml
+
+    path = Path(cfg.run.out_dir) / "config.yaml"
+    if path.exists() and path.read_text() == yaml.safe_dump(redacted_dict(cfg), sort_keys=False):
+        return
+    dump_yaml(cfg, path)
+
+
+def finished(cfg: Config) -> Optional[dict]:
+    """The result of a run that already reached train.steps (summary.json at that step, its export and its
+    last checkpoint beside it), else None: a finished run is read, not written."""
+    out = Path(cfg.run.out_dir)
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    found = ckpt.latest(out / "checkpoints")
+    if summary.get("step") != cfg.train.steps or not (out / outputs.WEIGHTS_NAME).exists() or found is None \
+            or found[0] != cfg.train.steps or "top1" not in summary:
+        return None
+    return summary
 
 
 def run(cfg: Config, on_eval: Optional[Callable] = None) -> dict:
@@ -526,6 +548,12 @@ def run(cfg: Config, on_eval: Optional[Callable] = None) -> dict:
         log.warning("from the model's pretrained config: %s", ", ".join(filled))
     label_maps = preflight.check(cfg)  # the user's mistakes, before any process group starts
     prepare_out_dir(cfg)
+    done = finished(cfg) if on_eval is None else None  # a restored sweep trial reports its result again instead
+    if done is not None:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"already finished at step {done['step']}: eval top-1 {100 * done['top1']:.2f}% (from "
+                  f"{Path(cfg.run.out_dir) / 'summary.json'}); nothing was written", flush=True)
+        return {**done, "already_finished": True}
     owns_group = not dist.is_initialized()  # Ray Train brings its own process group: not ours to end
     rank, world, local_rank = init_distributed(cfg.deepspeed.timeout_minutes)
     random.seed(cfg.run.seed + rank)
