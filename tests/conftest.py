@@ -110,10 +110,11 @@ def tiny_overrides(data: dict, out_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in kv.items()]
 
 
-def run_train(args: list[str], nproc: int = 1, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
+def run_train(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None,
+              **kw) -> subprocess.CompletedProcess:
     """launch/train.py as a user runs it: plain python (1 process) or the deepspeed launcher."""
     return subprocess.run(train_command(args, nproc), capture_output=True, text=True, timeout=timeout,
-                          env=launch_env(), cwd=ROOT, **kw)
+                          env=env or launch_env(), cwd=ROOT, **kw)
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,7 @@ from distssl.models import export as outputs
 from distssl.models.export import gather_ema_state, model_meta, write_export
 from distssl.models.factory import add_rotation_head, create_model, fill_input_defaults, without_aux_heads
 from distssl.ssl.distalign import DistributionAlignment, target_from_histogram
+from distssl.tracking import environment
 from distssl.tracking.metrics import MetricsWriter, plot
 from distssl.train import preflight
 from distssl.train.bnstats import BatchStatsSharing
@@ -560,6 +561,7 @@ def run(cfg: Config, on_eval: Optional[Callable] = None) -> dict:
     np.random.seed(cfg.run.seed + rank)
     if rank == 0:
         write_config(cfg)
+        environment.record(cfg.run.out_dir)  # env.json, or what differs from it on a resume
     trainer = Trainer(cfg, rank, world, local_rank, on_eval, label_maps)
     result = trainer.fit()  # on failure no barrier: a dead peer would make the error wait for a second timeout
     write_heartbeat(trainer.out, rank, trainer.step, done=True)  # peers still exporting must not mourn it
