@@ -246,10 +246,12 @@ def test_files_written_atomically_get_the_mode_the_umask_gives(tmp_path, mask, w
 
     from distssl import atomic
     from distssl.models.export import write_export
+    from distssl.models.identity import fingerprint
 
     old = os.umask(mask)
     try:
-        weights = write_export({"w": torch.zeros(3)}, {"architecture": "test_resnet"}, tmp_path / "model.safetensors")
+        meta = {"architecture": "test_resnet", "fingerprint": fingerprint("test_resnet", 10, [], "run", 0, None)}
+        weights = write_export({"w": torch.zeros(3)}, meta, tmp_path / "model.safetensors")
         atomic.write_text(tmp_path / "summary.json", "{}")
     finally:
         os.umask(old)

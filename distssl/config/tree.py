@@ -26,6 +26,8 @@ from distssl.ssl import ALGORITHMS, config_sections
 
 @dataclass
 class RunConfig:
+    """Where the run writes, its seed, logging, trackers and the signals it saves on."""
+
     out_dir: str = "runs/default"  # config.yaml, metrics, checkpoints/, the exports; rerun = resume
     seed: int = 0  # initial weights, data order and every augmentation choice
     log_every: int = 10  # steps between metrics.jsonl lines (and heartbeats)
@@ -40,6 +42,8 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
+    """The loop: steps, the global batch, evals and checkpoints, loader workers, precision."""
+
     steps: int = 1000  # optimizer steps; a larger value on a finished run continues it
     batch_size: int = 16  # global labeled batch; each rank gets batch_size / world_size
     eval_every: int = 250  # steps between evals of the EMA weights (0 = only at the end)
@@ -91,6 +95,8 @@ SSLConfig.__doc__ = "The SSL method: ssl.algorithm, the keys every algorithm rea
 
 @dataclass
 class ModelConfig:
+    """The timm backbone: its name, classes, starting weights and regularisation."""
+
     name: str = "resnet10t"  # any timm model name (timm.list_models()), or wrn28_2
     num_classes: int = 10  # classes of the classifier: the labeled set's (its index.json names them)
     # weights to start from: a safetensors / torch state dict file or URL, or a run folder of ours
@@ -103,6 +109,8 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    """The optimizer (any of timm's) and the learning-rate schedule."""
+
     # any name of timm's optimizer factory (timm.optim.list_optimizers()): sgd, adamw, lamb, lion, ...
     name: str = "sgd"
     lr: float = 0.03  # peak learning rate, then the cosine decay
@@ -125,6 +133,8 @@ PER_TENSOR_OPTIMIZERS = ("lamb", "lars", "larc", "novograd", "adafactor", "kron"
 
 @dataclass
 class DeepSpeedConfig:
+    """DeepSpeed: the ZeRO stage, its JSON template and the collective timeout."""
+
     zero_stage: int = 2  # DeepSpeed ZeRO: 0 plain data parallel, 1 optimizer, 2 + gradients, 3 + parameters
     # JSON template: a path, or a shipped one by name (zero2_bf16); null or empty = zero{zero_stage}.json
     template: Optional[str] = None
@@ -144,6 +154,8 @@ class CTAugmentConfig:
 
 @dataclass
 class DataConfig:
+    """The shard sets, the views and where they are made, and the shard cache."""
+
     # one shard set (folder/URL with index.json, or a brace pattern), or several with weights (DataSpec)
     labeled: DataSpec = ""
     unlabeled: DataSpec = ""  # the unlabeled images (a labeled set's images may be among them)
@@ -180,9 +192,9 @@ class DataConfig:
     augment_on: Literal["loader", "device"] = "loader"
     # where the training images' JPEGs are decoded: "loader" (worker processes), or "device": workers read
     # the shards and draw each sample's crop box and view choices, and ship the JPEG bytes; the trainer
-    # decodes each batch with torchvision's batched decode_jpeg (nvJPEG on a GPU), crops, resizes and makes
-    # the views there (so it implies augment_on=device, for the labeled stream too). Images that are not
-    # JPEG are decoded in the loader as before. On a CPU-only machine keep "loader" (docs/benchmarks.md)
+    # decodes each batch with TorchCodec's batched decode_jpeg (nvJPEG on a GPU; the [decode] extra), crops,
+    # resizes and makes the views there (so it implies augment_on=device, for the labeled stream too). Images
+    # that are not JPEG are decoded in the loader as before. On a CPU-only machine keep "loader"
     decode_on: Literal["loader", "device"] = "loader"
     # the labeled images' view: "weak" (flip and crop, FixMatch's) or "strong" (RandAugment + Cutout on top:
     # Noisy Student's input noise on a student's labels and pseudo-labels)
@@ -204,9 +216,10 @@ class DataConfig:
 
 @dataclass
 class SelfTrainConfig:
-    """Noisy Student self-training (Xie et al. 2020), read by distssl-selftrain only: round 0 is the run
-    the rest of the config describes; each later round's teacher (the round before) labels data.unlabeled,
-    its confident predictions join the human labels, and a noised student trains on both."""
+    """Noisy Student self-training (Xie et al. 2020), read by distssl-selftrain only.
+
+    Round 0 is the run the rest of the config describes; each later round's teachers label data.unlabeled,
+    their confident, class-balanced predictions join the human labels, and a noised student trains on both."""
     rounds: int = 2  # round 0 (the configured run) and rounds - 1 students; --rounds sets it
     student_model: Optional[str] = None  # the students' timm model (null = model.name); the paper's grow
     # a teacher's calibrated confidence a pseudo-label needs: the paper keeps ImageNet predictions above 0.3

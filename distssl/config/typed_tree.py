@@ -205,8 +205,9 @@ def describe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]
         tp, key = hints[f.name], _join(prefix, f.name)
         if dataclasses.is_dataclass(tp):
             doc = (tp.__doc__ or "").strip()
-            if doc and not doc.startswith(f"{tp.__name__}("):  # dataclasses' own generated signature
-                rows.append((key, "section", None, doc.splitlines()[0]))
+            if doc.startswith(f"{tp.__name__}("):  # dataclasses' own generated signature: no doc of its own
+                doc = ""
+            rows.append((key, "section", None, " ".join(doc.split("\n\n")[0].split())))
             rows.extend(describe_keys(tp, key))
         else:
             rows.append((key, _type_name(tp), getattr(default_tree, f.name), comments.get(f.name, "")))
