@@ -134,6 +134,14 @@ def exported(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def ref():
+    """The authors' code (USB, semilearn 0.3.2) for the parity tests (tests/parity/, tests/support/usb.py)."""
+    from support import usb
+
+    return usb.load(usb.source_dir())
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real S3-protocol server (moto's server mode) on a free localhost port, for the whole session."""
     from distssl.testing import local_s3
