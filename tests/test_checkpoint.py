@@ -52,15 +52,29 @@ def test_a_pickle_payload_in_a_checkpoint_is_not_executed(tmp_path):
     assert not _Payload.target.exists()
 
 
-def test_the_run_state_round_trips_through_the_rank_file_torch_loads_safely(tmp_path):
-    from distssl.checkpoint.state import RunState
+def test_the_run_and_feed_state_round_trip_through_the_rank_file_torch_loads_safely(tmp_path):
+    import torch
+
+    from distssl.checkpoint.state import RunState, by_name
+    from distssl.config import load_config
+    from distssl.data.feed import Feed
     from distssl.data.position import StreamPlan, Unit
 
-    run = RunState(readers=4, step=37, skipped_total=5,
-                   cursors={"labeled": {0: 12, 3: 9}, "unlabeled": {1: 40}},
-                   plans={"labeled": StreamPlan([Unit(2, frozenset({0, 5}))], next_epoch=3), "unlabeled": StreamPlan()})
+    def feed():
+        cfg = load_config("configs/demo.yaml", ["data.demo_root=null"])
+        return Feed(cfg, rank=0, world=1, batch=4, device=torch.device("cpu"), dtype=torch.float32,
+                    channels_last=False, wanted=("weak", "strong"), sets={})
+
+    run, first = RunState(step=37, skipped_total=5), feed()
+    first.cursors = {"labeled": {0: 12, 3: 9}, "unlabeled": {1: 40}}
+    first.plans = {"labeled": StreamPlan([Unit(2, frozenset({0, 5}))], next_epoch=3), "unlabeled": StreamPlan()}
     path = tmp_path / "distssl_rank00000.pt"
-    ckpt.save_rank_state(path, run.to_saved())
-    back = RunState.from_saved(ckpt.load_rank_state(path), readers=4)  # weights_only: plain types only
-    assert back == run
-    assert RunState.from_saved(run.to_saved(), readers=8).readers == 8  # the readers are this launch's
+    ckpt.save_rank_state(path, {"run": run.state_dict(), "feed": first.state_dict()})
+    saved = ckpt.load_rank_state(path)  # weights_only: plain types only
+    back, again = RunState(), feed()
+    back.load_state_dict(saved["run"])
+    again.load_state_dict(saved["feed"])
+    assert back == run and again.cursors == first.cursors and again.plans == first.plans
+    # a checkpoint from before the state was kept by name: the run's and the streams' fields flat
+    flat = {**run.state_dict(), **first.state_dict(), "ema": {}}
+    assert by_name(flat)["run"] == run.state_dict() and by_name(flat)["feed"] == first.state_dict()

@@ -14,12 +14,12 @@ from distssl.ssl.algorithm import Forwarded, ramp_up
 from distssl.ssl.fixmatch import FixMatch
 from distssl.ssl.meanteacher import MeanTeacher
 from distssl.ssl.pimodel import PiModel
+from distssl.ssl.step import StepInputs
 from distssl.ssl.temporal_ensembling import TemporalEnsembling, dense_ensemble
 from distssl.ssl.uda import UDA, sharpen, tsa_threshold
 from distssl.ssl.vat import VAT, adversarial_direction, kl_with_logits, random_directions
 from distssl.train.bnstats import BatchStatsSharing
 from distssl.train.ema import EMA
-from distssl.train.forward import forward_views
 
 C = 4
 
@@ -253,7 +253,9 @@ def test_the_threshold_rules_are_forwarded_as_before_the_seam(weak_forward):
         with torch.no_grad(), old_bn.replay():
             probs_w = torch.softmax(old_model(views["weak"]), 1)
         logits_s = logits[b:]
-    fw = forward_views(new_model, FixMatch.needs, x_lb, views, weak_forward=weak_forward, bn_sharing=new_bn)
+    fw = FixMatch(C, tau=0.95, lambda_u=1.0).forward(StepInputs(
+        model=new_model, x_lb=x_lb, y_lb=torch.zeros(b, dtype=torch.long), views=views, bn_sharing=new_bn,
+        weak_forward=weak_forward))
     assert torch.equal(fw.logits_x, logits[:b]) and torch.equal(fw.logits_u["strong"], logits_s)
     assert torch.equal(torch.softmax(fw.logits_u["weak"], 1), probs_w)
     assert not fw.logits_u["weak"].requires_grad and fw.logits_u["strong"].requires_grad
@@ -273,9 +275,9 @@ def test_the_teacher_forwards_its_view_with_the_ema_weights_and_the_student_only
     teacher_model.load_state_dict({**{n: t for n, t in ema.shadow.items()}, **ema.buffers})
     seen = []
     model.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
-    needs = MeanTeacher(C, tau=0.95, lambda_u=1.0, augment="weak").needs
-    fw = forward_views(model, needs, x_lb, views, weak_forward="shared_bn",
-                       bn_sharing=BatchStatsSharing(model), ema=ema)
+    algo = MeanTeacher(C, tau=0.95, lambda_u=1.0, augment="weak")
+    fw = algo.forward(StepInputs(model=model, x_lb=x_lb, y_lb=torch.zeros(3, dtype=torch.long), views=views,
+                                 bn_sharing=BatchStatsSharing(model), ema=ema))
     assert torch.allclose(fw.teacher_u["weak"], teacher_model(views["weak"]), atol=1e-6)
     assert seen == [5, 3 + 5]  # the teacher's view, then labeled + the student's view: nothing else
     assert set(fw.logits_u) == {"weak_2"} and fw.logits_u["weak_2"].requires_grad
@@ -288,7 +290,7 @@ def test_input_noise_is_each_samples_own_draw_on_the_views_with_gradient():
     noise whichever rank or micro-batch holds it, and the two views get different noise."""
     g = torch.Generator().manual_seed(12)
     x_lb, views = _inputs(g, b=2, u=4)
-    needs = PiModel(C, tau=0.95, lambda_u=1.0, noise=0.5).needs
+    algo = PiModel(C, tau=0.95, lambda_u=1.0, noise=0.5)
     got = {}
 
     def record(x):  # the views as the forward sees them: [labeled, weak, weak_2]
@@ -296,13 +298,14 @@ def test_input_noise_is_each_samples_own_draw_on_the_views_with_gradient():
         return x.flatten(1)[:, :C]
 
     ids, bn = torch.tensor([11, 12, 13, 14]), BatchStatsSharing(torch.nn.Identity())
-    forward_views(record, needs, x_lb, views, weak_forward="shared_bn", bn_sharing=bn, noise_key=(3, 7, ids))
+    y = torch.zeros(2, dtype=torch.long)
+    algo.forward(StepInputs(model=record, x_lb=x_lb, y_lb=y, views=views, bn_sharing=bn, ids=ids, seed=3, step=7))
     whole = got.pop("x")[0]
     noise_weak, noise_weak2 = whole[2:6] - views["weak"], whole[6:10] - views["weak_2"]
     assert torch.equal(whole[:2], x_lb)  # the labeled batch is never noised
     assert 0.3 < float(noise_weak.std()) < 0.7 and not torch.allclose(noise_weak, noise_weak2)
     half = {v: t[2:] for v, t in views.items()}  # the last two samples alone, as another rank would hold them
-    forward_views(record, needs, x_lb, half, weak_forward="shared_bn", bn_sharing=bn, noise_key=(3, 7, ids[2:]))
+    algo.forward(StepInputs(model=record, x_lb=x_lb, y_lb=y, views=half, bn_sharing=bn, ids=ids[2:], seed=3, step=7))
     part = got.pop("x")[0]
     assert torch.allclose(part[2:4] - half["weak"], noise_weak[2:], atol=1e-6)
     assert torch.allclose(part[4:6] - half["weak_2"], noise_weak2[2:], atol=1e-6)

@@ -155,8 +155,9 @@ def test_every_loader_worker_knows_the_step_of_the_batch_it_fills(tiny_data):
             return {"step": self.step}
 
     for workers in (0, 1, 3):
+        recording = Recording()
         stream = TrainStream(resolve(tiny_data["unlabeled"]), rank=0, world_size=1, batch_size=5, seed=0,
-                             shuffle_buffer=10, make_item=Recording(), first_step=7)
+                             shuffle_buffer=10, make_item=recording, first_step=7, on_step=recording.at_step)
         steps = []
         for batch in loader(stream, workers, prefetch_factor=2):
             assert len(set(batch["step"].tolist())) == 1

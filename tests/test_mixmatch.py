@@ -11,8 +11,9 @@ from distssl.data.samples import unlabeled_item, unlabeled_plan_item
 from distssl.data.streams import Raw
 from distssl.data.transforms import Views
 from distssl.ssl import build
-from distssl.ssl.algorithm import Forwarded, view_order, views_of
+from distssl.ssl.algorithm import Algorithm, Forwarded, view_order, views_of
 from distssl.ssl.mixmatch import MixMatch, linear_ramp, mixup, sharpen
+from distssl.ssl.remixmatch import ReMixMatch
 
 
 def test_views_are_drawn_in_one_order_whatever_an_algorithm_asks_for():
@@ -64,7 +65,8 @@ def test_sharpen_mixup_and_the_ramp_follow_their_formulas():
 def test_the_loss_is_mixed_cross_entropy_plus_ramped_l2_of_the_mixed_guesses():
     torch.manual_seed(0)
     algo = MixMatch(3, tau=0.95, lambda_u=2.0, k=2, temperature=0.5, alpha=0.75, weight=75, rampup=0.5)
-    assert algo.needs.views == ("weak", "weak_2") and algo.needs.mixes and algo.needs.with_grad == ()
+    assert algo.needs.views == ("weak", "weak_2") and algo.needs.with_grad == () and type(algo).forward is not \
+        Algorithm.forward  # a step of its own: the mixing one
     x_lb, y_lb = torch.randn(2, 4), torch.tensor([0, 2])
     views = {"weak": torch.randn(3, 4), "weak_2": torch.randn(3, 4)}
     logits_u = {"weak": torch.randn(3, 3), "weak_2": torch.randn(3, 3)}
@@ -102,11 +104,11 @@ def test_mixmatch_is_built_from_its_config_section():
 
 
 def test_the_guess_forward_leaves_the_running_statistics_to_the_mixed_one():
-    """forward_mixed: the K views' forward normalises with their own batch statistics and leaves BatchNorm's
-    running ones as they were; the mixed batch's forward moves them (one batch of labeled and unlabeled
-    rows, as the paper's interleaving intends)."""
+    """MixMatch's step (forward_mixed): the K views' forward normalises with their own batch statistics and
+    leaves BatchNorm's running ones as they were; the mixed batch's forward moves them (one batch of labeled
+    and unlabeled rows, as the paper's interleaving intends)."""
+    from distssl.ssl.step import StepInputs
     from distssl.train.bnstats import BatchStatsSharing
-    from distssl.train.forward import forward_mixed
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3)).train()
@@ -119,9 +121,10 @@ def test_the_guess_forward_leaves_the_running_statistics_to_the_mixed_one():
         seen.append(bn.running_mean.clone())  # when mix runs, only the guess forward has happened
         return real(*a)
 
-    fw = forward_mixed(model, algo.needs, torch.randn(2, 4), torch.tensor([0, 1]),
-                       {"weak": torch.randn(5, 4) + 3, "weak_2": torch.randn(5, 4) + 3}, mix,
-                       BatchStatsSharing(model), torch.Generator().manual_seed(0))
+    algo.mix = mix
+    fw = algo.forward(StepInputs(model=model, x_lb=torch.randn(2, 4), y_lb=torch.tensor([0, 1]),
+                                 views={"weak": torch.randn(5, 4) + 3, "weak_2": torch.randn(5, 4) + 3},
+                                 bn_sharing=BatchStatsSharing(model), generator=torch.Generator().manual_seed(0)))
     assert torch.equal(seen[0], torch.zeros(4))  # the guesses did not move the running mean
     assert not torch.equal(bn.running_mean, torch.zeros(4))  # the mixed forward did
     assert fw.logits_x.shape == (12, 3) and fw.logits_x.requires_grad and not fw.logits_u["weak"].requires_grad
@@ -135,7 +138,7 @@ def test_remixmatch_anchors_k_strong_views_to_the_aligned_weak_guess_and_adds_it
     da = DistributionAlignment(3, momentum=0.9, reduce=lambda t: t)
     da.p_model = torch.tensor([0.5, 0.3, 0.2])
     algo = ReMixMatch(3, tau=0.95, lambda_u=1.0, da=da, k=2, rampup=0.5)
-    assert algo.needs.views == ("weak", "strong", "strong_2") and algo.needs.rotation
+    assert algo.needs.views == ("weak", "strong", "strong_2") and algo.heads == {"rotation": 4}
     assert algo.needs.no_grad == ("weak",)
     x_lb, y_lb = torch.randn(2, 3, 4, 4), torch.tensor([0, 2])
     views = {v: torch.randn(3, 3, 4, 4) for v in algo.needs.views}
@@ -151,7 +154,7 @@ def test_remixmatch_anchors_k_strong_views_to_the_aligned_weak_guess_and_adds_it
     assert torch.allclose(targets[2:11].sum(1), torch.ones(9))  # mixed rows of guesses and one-hots
     logits, rot = torch.randn(14, 3), torch.randn(3, 4)
     fw = Forwarded(logits_x=logits, targets_x=y_lb, logits_u=logits_u, mixed_targets=targets, step=5,
-                   total_steps=20, rotation_logits=rot, rotation_targets=quarters)
+                   total_steps=20, head_logits={"rotation": rot}, head_targets={"rotation": quarters})
     loss, stats = algo.loss(fw)
     ce = lambda lg, t: -(t * lg.log_softmax(1)).sum(1).mean()  # noqa: E731
     want = ce(logits[:2], targets[:2]) + 1.5 * 0.5 * ce(logits[2:11], targets[2:11]) + \
@@ -164,17 +167,18 @@ def test_remixmatch_anchors_k_strong_views_to_the_aligned_weak_guess_and_adds_it
 def test_the_rotation_head_trains_through_the_models_forward_and_stays_out_of_exports():
     import timm
 
-    from distssl.models.factory import add_rotation_head, without_aux_heads
+    from distssl.models.factory import add_heads, without_aux_heads
 
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
     before = model(x)
-    add_rotation_head(model)
+    add_heads(model, ReMixMatch.heads)
     assert torch.equal(model(x), before) and model(x, head="rotation").shape == (2, 4)
     keys = set(model.state_dict())
     assert {"rotation_head.weight", "rotation_head.bias"} <= keys
-    assert set(without_aux_heads(model.state_dict())) == keys - {"rotation_head.weight", "rotation_head.bias"}
+    assert set(without_aux_heads(model.state_dict(), ReMixMatch.heads)) == keys - {"rotation_head.weight",
+                                                                                   "rotation_head.bias"}
 
 
 @pytest.mark.slow

@@ -75,9 +75,10 @@ def test_zero2_resume_continues_step_count_and_da_state(zero2_run):
     assert any("running_mean" in k for k in buffers[0])
     assert all(torch.equal(buffers[0][k], buffers[1][k]) for k in buffers[0])
     s6 = _rank_states(out, 6)
-    assert s6[0]["step"] == 6 and torch.equal(s6[0]["algorithm"]["da"]["p_model"], s6[1]["algorithm"]["da"]["p_model"])
+    assert s6[0]["run"]["step"] == 6
+    assert torch.equal(s6[0]["algorithm"]["da"]["p_model"], s6[1]["algorithm"]["da"]["p_model"])
     assert not torch.equal(s6[0]["algorithm"]["da"]["p_model"], s4[0]["algorithm"]["da"]["p_model"])
-    assert all(s6[r]["cursors"]["unlabeled"] != s4[r]["cursors"]["unlabeled"] for r in (0, 1))
+    assert all(s6[r]["feed"]["cursors"]["unlabeled"] != s4[r]["feed"]["cursors"]["unlabeled"] for r in (0, 1))
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
 
 

@@ -124,9 +124,10 @@ def train_with_exit_codes(cfg) -> tuple[int, dict]:
 
     silence_known_notices()
     _report_dead_peers_on_sigterm(cfg.run.out_dir)
+    from distssl.data.streams import DataError
     from distssl.distributed.peers import describe_dead_peers, is_peer_failure
     from distssl.distributed.preempt import Preempted
-    from distssl.train.trainer import DataError, run
+    from distssl.train.run import run
 
     rank = os.environ.get("RANK", "0")
     try:

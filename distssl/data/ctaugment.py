@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from distssl.data.transforms import FILL, POOL, _affine, cutout, flip_and_crop, to_uint8
+from distssl.distributed.collectives import sum_over_ranks
 
 # op indices: the order of transforms.POOL (device_augment names them the same way)
 AUTOCONTRAST, BRIGHTNESS, COLOR, CONTRAST, EQUALIZE, IDENTITY, POSTERIZE, ROTATE, SHARPNESS, SHEAR_X, SHEAR_Y, \
@@ -286,13 +287,55 @@ class PolicyHistory:
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["lag"]) != self.lag:
-            raise ValueError(f"the checkpoint's CTAugment drew with data.ctaugment.lag={state['lag']}, this run "
-                             f"has {self.lag}: resume with the same lag")
+            raise ValueError(f"data.ctaugment.lag: the checkpoint's CTAugment drew with lag {state['lag']}, this "
+                             f"run has {self.lag}: resume with data.ctaugment.lag={state['lag']}")
         self.history = {int(s): np.asarray(r, dtype=np.float64) for s, r in state["history"].items()}
 
 
-def write_outputs(history: PolicyHistory, out_dir, step: int) -> None:
-    """The run folder's ctaugment.png and ctaugment.json: the policy learned, pictured and in numbers."""
+class CTAugment:
+    """CTAugment as a component of a run, like distribution alignment: built when data.strong_aug=ctaugment,
+    it holds the policy (:class:`PolicyHistory`) and the views the loader draws with it (:class:`CTAViews`),
+    updates the policy once per step from that step's probes (:meth:`end_step`), is saved and restored with
+    the run (``state_dict``), and pictures itself (:meth:`write_outputs`)."""
+
+    enabled_by = "data.strong_aug=ctaugment"  # a checkpoint with this component resumes only with it
+
+    def __init__(self, views, depth: int, threshold: float, decay: float, lag: int):
+        self.history = PolicyHistory(depth, threshold, decay, lag)
+        self.views = CTAViews(views, depth, threshold, decay, self.history.board, lag)
+        self.depth = depth
+
+    @classmethod
+    def from_config(cls, views, c) -> "CTAugment":
+        return cls(views, c.depth, c.threshold, c.decay, c.lag)
+
+    def start(self) -> None:
+        """Before the loader starts: every policy it may still draw with (the restored ones on a resume)."""
+        self.history.publish_all()
+
+    @torch.no_grad()
+    def end_step(self, step: int, choices: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """After step ``step - 1``: the probes' class probabilities (the model in eval mode) move the bins they
+        used; every rank's per-bin sums are added exactly (fixed-point integers), so the policy of ``step`` is
+        the same on every rank and world size. Returns the probes' mean proximity."""
+        prox = proximity(probs, labels.to(probs.device))
+        sums = sum_over_ranks(probe_sums(choices, prox).to(probs.device)).cpu()
+        self.history.step_done(step, sums.numpy())
+        return prox.mean()
+
+    def state_dict(self) -> dict:
+        return self.history.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.load_state_dict(state)
+
+    def write_outputs(self, out_dir, step: int) -> list:
+        return write_outputs(self.history, out_dir, step)
+
+
+def write_outputs(history: PolicyHistory, out_dir, step: int) -> list:
+    """The run folder's ctaugment.png and ctaugment.json: the policy learned, pictured and in numbers; returns
+    their paths."""
     import json
     from pathlib import Path
 
@@ -305,6 +348,7 @@ def write_outputs(history: PolicyHistory, out_dir, step: int) -> None:
          "probabilities": history.per_bin(bin_probabilities).round(4).tolist(),
          "relative_weights": history.per_bin(bin_weights).round(4).tolist(),
          "weights": history.rates.round(4).tolist()}, indent=1))
+    return [out / "ctaugment.png", out / "ctaugment.json"]
 
 
 def picture(history: PolicyHistory, path: str, step: int) -> None:

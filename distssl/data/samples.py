@@ -18,7 +18,7 @@ from distssl.data.index import IMAGE_KEYS, SampleIds
 from distssl.data.streams import Raw
 from distssl.data.targets import dense
 from distssl.data.transforms import Views, to_uint8
-from distssl.ssl.algorithm import is_strong, view_order
+from distssl.data.views import is_strong, view_order
 
 
 def _image_bytes(raw: Raw) -> Optional[bytes]:
@@ -111,13 +111,6 @@ def _in_draw_order(wanted: tuple[str, ...]) -> list[str]:
     return sorted(set(wanted), key=view_order)  # raises on a name the loader cannot make
 
 
-def _with_policy(make: Callable, cta: Optional[CTAViews]) -> Callable:
-    """A builder whose strong views follow CTAugment's policy learns each batch's step (TrainStream)."""
-    if cta is not None:
-        make.at_step = cta.at_step
-    return make
-
-
 def unlabeled_item(views: Views, label_maps: LabelMaps = None, ids: Optional[SampleIds] = None,
                    wanted: tuple[str, ...] = ("weak", "strong"), cta: Optional[CTAViews] = None) -> Callable:
     """The ``wanted`` views come from one decode (and, with data.crop=random_resized, one crop) of the
@@ -131,7 +124,7 @@ def unlabeled_item(views: Views, label_maps: LabelMaps = None, ids: Optional[Sam
             return None
         item = {v: strong(img, rng) if is_strong(v) else views.weak(img, rng) for v in order}
         return {**item, "y_true": _meta_label(raw, label_maps), "idx": sample_id(raw, ids)}
-    return _with_policy(make, cta)
+    return make
 
 
 def unlabeled_plan_item(views: Views, label_maps: LabelMaps = None, ids: Optional[SampleIds] = None,
@@ -151,7 +144,7 @@ def unlabeled_plan_item(views: Views, label_maps: LabelMaps = None, ids: Optiona
                  for v in order}
         return {"base": to_uint8(img), **plans, "y_true": _meta_label(raw, label_maps),
                 "idx": sample_id(raw, ids)}
-    return _with_policy(make, cta)
+    return make
 
 
 def labeled_encoded_item(views: Views, label_maps: LabelMaps = None, strong: bool = False) -> Callable:

@@ -177,18 +177,21 @@ def _worker_id(rank: int) -> tuple[int, int]:
 
 
 class TrainStream(IterableDataset):
-    """Infinite batches for one rank; ``make_item(raw, rng) -> dict | None`` builds one sample."""
+    """Infinite batches for one rank; ``make_item(raw, rng) -> dict | None`` builds one sample; ``on_step(s)``,
+    when given, is told the step of the batch a worker starts filling (a builder that draws from a policy
+    learned in training: CTAugment)."""
 
     def __init__(self, shards: ShardSet, *, rank: int, world_size: int, batch_size: int, seed: int,
                  shuffle_buffer: int, make_item: Callable, cursors: Optional[dict[int, int]] = None,
                  trace_dir: Optional[str] = None, name: str = "train", interleave_shards: int = 1,
-                 plan: Optional[StreamPlan] = None, first_step: int = 0):
+                 plan: Optional[StreamPlan] = None, first_step: int = 0,
+                 on_step: Optional[Callable[[int], None]] = None):
         self.shards, self.rank, self.world_size = shards, rank, world_size
         self.first_step = first_step  # the step of the first batch this stream hands over (its resume step)
         self.plan = plan or StreamPlan()  # what an earlier run with another reader count left to read first
         self.trace_dir, self.name = trace_dir, name
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
-        self.make_item, self.cursors = make_item, dict(cursors or {})
+        self.make_item, self.cursors, self.on_step = make_item, dict(cursors or {}), on_step
         self.interleave_shards = interleave_shards
         self._unread = 0  # samples of damaged shards never read, counted into the next batch's "skipped"
         self._first_error: Optional[str] = None
@@ -285,7 +288,7 @@ class TrainStream(IterableDataset):
         items, skipped, warned = [], 0, set()
         # a builder that draws from a policy learned in training (CTAugment) is told each batch's step: the
         # loader hands over its workers' batches in turn, so this worker's k-th is step first + k x workers + w
-        at_step = getattr(self.make_item, "at_step", None)
+        at_step = self.on_step
         step, every = self.first_step + g - self.rank * per_rank, per_rank
         for pos, s, raw in self._raw_sequence(g, G, self.cursors.get(g, 0)):
             if at_step is not None and not items:

@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 
 from distssl import atomic
-from distssl.checkpoint import layout as ckpt
-from distssl.distributed.collectives import from_partitions, full_shape, gather_partitioned, is_partitioned, rank
+from distssl.checkpoint import reader
+from distssl.distributed.collectives import full_shape, gather_partitioned, is_partitioned, rank
 from distssl.models.identity import fingerprint
 
 WEIGHTS_NAME = "model.safetensors"
@@ -87,41 +87,21 @@ def write_export(state: dict[str, torch.Tensor], meta: dict, out: str | Path) ->
     return weights
 
 
-def _find_checkpoint(path: Path) -> tuple[Path, Path]:
-    """(run folder, step folder) for a run folder, its checkpoints/ folder, or one step_N folder."""
-    if (path / ckpt.MARKER).exists():
-        return path.parent.parent, path
-    ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = ckpt.latest(ckpt_dir)
-    if found is None:
-        raise FileNotFoundError(f"{path}: no complete checkpoint (looked for {ckpt_dir}/step_*/"
-                                f"{ckpt.MARKER})")
-    run_dir = ckpt_dir.parent if ckpt_dir.name == "checkpoints" else ckpt_dir
-    return run_dir, ckpt_dir / found[1]
-
-
 def ema_weights_from_run(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Reassemble the full EMA state dict from a run's per-rank checkpoint files (any ZeRO stage)."""
+    """The full EMA state dict of a run's newest complete checkpoint (any ZeRO stage), as the plain timm model
+    of its config has it, and where it came from."""
     import timm
     import yaml
 
     import distssl.models.wrn  # noqa: F401
 
-    run_dir, step_dir = _find_checkpoint(Path(path))
+    run_dir, step_dir = reader.find(Path(path))
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{run_dir}: no config.yaml beside the checkpoints (needed for the model name)")
     cfg = yaml.safe_load(cfg_path.read_text())
-    rank_files = sorted(step_dir.glob("distssl_rank*.pt"))
-    if not rank_files:
-        raise FileNotFoundError(f"{step_dir}: no distssl_rank*.pt files (not a distssl checkpoint)")
-    states = [ckpt.load_rank_state(f) for f in rank_files]
+    states = reader.rank_states(step_dir)
     model = timm.create_model(cfg["model"]["name"], pretrained=False, num_classes=cfg["model"]["num_classes"])
-    out: dict[str, torch.Tensor] = {}
-    for name, ref in model.state_dict().items():
-        if name in states[0]["ema"]["shadow"]:
-            out[name] = from_partitions([s["ema"]["shadow"][name] for s in states], ref.shape)
-        elif name in states[0]["ema"]["buffers"]:
-            out[name] = states[0]["ema"]["buffers"][name].clone()
-    info = {"config": cfg, "step": int(states[0]["step"]), "run_dir": str(run_dir), "checkpoint": str(step_dir)}
+    out = reader.ema_weights(states, model.state_dict())
+    info = {"config": cfg, "step": reader.saved_step(states), "run_dir": str(run_dir), "checkpoint": str(step_dir)}
     return out, info

@@ -126,32 +126,34 @@ def create_model(name: str, num_classes: int, pretrained: str | None = None, dro
     return model
 
 
-ROTATION_HEAD = "rotation_head"  # ReMixMatch's 4-way head: trained, checkpointed, never exported
-
-
-def add_rotation_head(model: torch.nn.Module) -> torch.nn.Module:
-    """Give a timm model ReMixMatch's rotation head: a linear 4-way classifier on the pooled features, reached
-    through the model's own forward (``model(x, head="rotation")``), so a DeepSpeed engine forwards it and
-    reduces its gradients like any other; ``model(x)`` is unchanged. Its weights sit under
-    ``rotation_head.`` in the state dict, which the exports leave out."""
+def add_heads(model: torch.nn.Module, heads: dict[str, int]) -> torch.nn.Module:
+    """Give a timm model an algorithm's extra heads (``name -> outputs``: ReMixMatch's 4-way rotation head),
+    each a linear classifier on the pooled features, reached through the model's own forward
+    (``model(x, head=name)``), so a DeepSpeed engine forwards them and reduces their gradients like any other
+    weight; ``model(x)`` is unchanged. Head ``name``'s weights sit under ``{name}_head.`` in the state dict,
+    which the exports leave out (:func:`without_aux_heads`)."""
+    if not heads:
+        return model
     if not hasattr(model, "forward_features") or not hasattr(model, "forward_head"):
-        raise ConfigError(f"model {type(model).__name__} has no forward_features/forward_head: a rotation head "
+        raise ConfigError(f"model {type(model).__name__} has no forward_features/forward_head: an extra head "
                           "needs the pooled features (every timm model has them)")
-    model.add_module(ROTATION_HEAD, torch.nn.Linear(model.num_features, 4))
+    for name, outputs in heads.items():
+        model.add_module(f"{name}_head", torch.nn.Linear(model.num_features, outputs))
     classify = model.forward
 
     def forward(x: torch.Tensor, head: str | None = None) -> torch.Tensor:
-        if head == "rotation":
-            return model.rotation_head(model.forward_head(model.forward_features(x), pre_logits=True))
+        if head is not None:
+            return getattr(model, f"{head}_head")(model.forward_head(model.forward_features(x), pre_logits=True))
         return classify(x)
 
     model.forward = forward
     return model
 
 
-def without_aux_heads(state: dict) -> dict:
-    """A state dict as the plain timm model has it (what an export holds)."""
-    return {k: v for k, v in state.items() if not k.startswith(ROTATION_HEAD + ".")}
+def without_aux_heads(state: dict, heads) -> dict:
+    """A state dict as the plain timm model has it (what an export holds): ``heads``' weights left out."""
+    prefixes = tuple(f"{name}_head." for name in heads)
+    return {k: v for k, v in state.items() if not (prefixes and k.startswith(prefixes))}
 
 
 def load_pretrained(model: torch.nn.Module, path: str) -> dict:

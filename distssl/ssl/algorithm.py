@@ -1,15 +1,15 @@
 """The seam every SSL algorithm implements, and the parts they share.
 
-An algorithm declares what it needs from a step (:class:`StepNeeds`: which unlabeled views the loader
-makes, which of them are forwarded with gradient, which the EMA teacher forwards, whether it forwards
-perturbed inputs of its own making); the engine forwards exactly that, in one place
-(distssl/train/forward.py), and hands the algorithm a :class:`Forwarded` per micro-batch: the labeled
-logits and labels, each view's logits, the teacher's, and each unlabeled sample's stable id. The
-algorithm returns the loss and its stats; it contains no forward code. Once per optimizer step
-:meth:`Algorithm.end_step` updates its state from the whole global batch (all-reduced or
-all-gathered over ranks), so the state is the same on every rank and does not depend on the world
-size or on gradient accumulation; within a step the state as of the step's start is used (as
-distribution alignment always has here). The state is saved in and restored from the checkpoint
+An algorithm declares what it needs from a step (:class:`StepNeeds`: which unlabeled views the loader makes,
+which of them are forwarded with gradient, which the EMA teacher forwards, whether it forwards perturbed
+inputs of its own making); its :meth:`Algorithm.forward` runs the default step (distssl/ssl/step.py) on
+exactly that, or a family's own step kept in its file, and gives a :class:`Forwarded` per micro-batch to its
+loss: the labeled logits and labels, each view's logits, the teacher's, and each unlabeled sample's stable
+id. Its ``loss`` returns the loss and its stats from those, with no forward code. Once per optimizer step
+:meth:`Algorithm.end_step` updates its state from the whole global batch (all-reduced or all-gathered over
+ranks), so the state is the same on every rank and does not depend on the world size or on gradient
+accumulation; within a step the state as of the step's start is used (as distribution alignment always has
+here). The state is saved in and restored from the checkpoint
 through :meth:`state_dict` / :meth:`load_state_dict`.
 
 Two families share code here. The pseudo-label rules (:class:`ThresholdRule`: FixMatch, FlexMatch,
@@ -25,36 +25,22 @@ that registry).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 
+from distssl.data.views import MAX_VIEWS, VIEW_KINDS, is_strong, view_order, views_of  # noqa: F401 - the views, by name
 from distssl.distributed.collectives import gather_cat, sum_over_ranks
 from distssl.ssl.distalign import DistributionAlignment
-
-VIEW_KINDS = ("weak", "strong", "weak_2")  # the first views; any ``weak_K`` / ``strong_K`` (K >= 2) too
-MAX_VIEWS = 16  # K at most, per kind (MixMatch's K guesses, ReMixMatch's K strong views)
-
-
-def view_order(name: str) -> tuple[int, int]:
-    """A view's place in the loader's draw order: weak, strong, weak_2, strong_2, weak_3 ... (the order the
-    first three always had), so adding views to an algorithm leaves the earlier ones' draws as they were."""
-    kind, _, k = name.partition("_")
-    if kind not in ("weak", "strong") or (k and not (k.isdigit() and 2 <= int(k) <= MAX_VIEWS)):
-        raise ValueError(f"unknown unlabeled view {name!r}: weak, strong, or weak_K / strong_K with 2 <= K <= "
-                         f"{MAX_VIEWS}")
-    return (int(k) if k else 1, 0 if kind == "weak" else 1)
-
-
-def is_strong(name: str) -> bool:
-    return name.split("_", 1)[0] == "strong"
-
-
-def views_of(kind: str, k: int) -> tuple[str, ...]:
-    """K views of a kind by name: ``views_of("weak", 3)`` = (weak, weak_2, weak_3)."""
-    return tuple(kind if i == 1 else f"{kind}_{i}" for i in range(1, k + 1))
+from distssl.ssl.step import (  # noqa: F401 - the seam's types, imported from here by the algorithms
+    Forwarded,
+    StepInputs,
+    StepNeeds,
+    forward_views,
+    random_directions,
+)
 
 
 @dataclass(frozen=True)
@@ -85,60 +71,6 @@ def run_momentum(shape: RunShape, num_classes: int, paper: float = 0.999) -> flo
     memory = shape.steps / (1.0 - paper) / PAPER_RUN.steps
     floor = MIN_VIEWS_PER_CLASS * num_classes / max(1, shape.unlabeled_per_step)
     return 1.0 - 1.0 / max(memory, floor, 1.0)
-
-
-@dataclass(frozen=True)
-class StepNeeds:
-    """What an algorithm needs forwarded in a step."""
-    views: tuple[str, ...] = ("weak", "strong")  # unlabeled views the loader makes (VIEW_KINDS)
-    with_grad: tuple[str, ...] = ("strong",)  # the student forwards these with gradient, beside the labeled batch
-    no_grad: tuple[str, ...] = ("weak",)  # and these without (pseudo-labels)
-    teacher: tuple[str, ...] = ()  # the EMA weights forward these (no gradient): Mean Teacher
-    perturbs: bool = False  # forwards inputs it perturbs itself (VAT): gets Forwarded.perturbed
-    # sigma of Gaussian noise added to the normalised inputs of the unlabeled views forwarded with gradient
-    # (Laine & Aila's input noise), drawn per sample from (seed, step, id, view): world-size independent
-    input_noise: float = 0.0
-    # the gradient forward is of inputs the algorithm mixes (MixMatch's MixUp) from the labeled batch, the
-    # views and the no-grad views' logits: its ``mix`` makes them (tensor arithmetic), the engine forwards them
-    mixes: bool = False
-    # the model gets ReMixMatch's 4-way rotation head; the engine forwards the algorithm's ``rotate`` of the
-    # first strong view through it (Forwarded.rotation_logits / rotation_targets)
-    rotation: bool = False
-
-
-@dataclass
-class Forwarded:
-    """One micro-batch as forwarded for the algorithm."""
-    logits_x: torch.Tensor  # labeled, with gradient
-    targets_x: torch.Tensor
-    logits_u: dict[str, torch.Tensor] = field(default_factory=dict)  # the student's, per view; no_grad ones detached
-    teacher_u: dict[str, torch.Tensor] = field(default_factory=dict)  # the EMA weights' logits per view
-    inputs_u: dict[str, torch.Tensor] = field(default_factory=dict)  # the normalised view inputs (perturbs)
-    # the student's forward of other inputs, BatchNorm normalising with this step's batch statistics
-    perturbed: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    # the same through the bare module: only for gradients with respect to the input (VAT's power iteration)
-    probe: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    ids: Optional[torch.Tensor] = None  # each unlabeled sample's stable id
-    true_u: Optional[torch.Tensor] = None  # labels of unlabeled images (-1 unknown): pseudo-label accuracy only
-    step: int = 0  # optimizer steps before this one
-    total_steps: int = 1  # train.steps
-    seed: int = 0  # run.seed: per-sample random draws (VAT's direction) depend on it, the step and the id
-    mixed_targets: Optional[torch.Tensor] = None  # StepNeeds.mixes: the targets of the mixed inputs (logits_x
-    # then holds the mixed batch's logits: its labeled rows first)
-    rotation_logits: Optional[torch.Tensor] = None  # StepNeeds.rotation: the rotation head's, with gradient
-    rotation_targets: Optional[torch.Tensor] = None
-
-
-def random_directions(shape: torch.Size, ids: torch.Tensor, seed: int, step: int, stream: int = 0) -> torch.Tensor:
-    """One standard normal draw per sample from its own generator, seeded by (seed, step, sample id,
-    stream), so a sample's draw does not depend on its batch or the world size (VAT's random start,
-    Pi-Model's input noise)."""
-    out = torch.empty(shape)
-    for i, sample in enumerate(ids.tolist()):
-        key = ((seed * 1_000_003 + step) * 2_654_435_761 + sample) * 97 + stream if stream else \
-            (seed * 1_000_003 + step) * 2_654_435_761 + sample  # stream 0: VAT's draws as they always were
-        out[i] = torch.randn(shape[1:], generator=torch.Generator().manual_seed(key % (2 ** 63)))
-    return out
 
 
 def second_view(augment: str) -> str:
@@ -173,7 +105,12 @@ class Algorithm:
     # the dataclass of its own keys (the ``ssl.<name>`` section), beside it in its file: each key's
     # default cited, and ``validate(check)`` for the ranges its type does not say
     Config: ClassVar[Optional[type]] = None
-    needs: ClassVar[StepNeeds] = StepNeeds()
+    # what its step needs: the class's default; an instance's ``needs`` (set from it, or by its own keys) is
+    # the one the feed and the step read
+    NEEDS: ClassVar[StepNeeds] = StepNeeds()
+    # extra heads on the backbone's pooled features, by name -> outputs (ReMixMatch's 4-way rotation head):
+    # attached to the model, trained through its forward (``model(x, head=name)``), saved, never exported
+    heads: ClassVar[dict[str, int]] = {}
     needs_ids = False  # per-sample state (FlexMatch, Temporal Ensembling): the unlabeled set needs index.json counts
     uses_dist_align = False  # whether ssl.dist_align applies (it aligns weak-view pseudo-label probabilities)
 
@@ -185,6 +122,7 @@ class Algorithm:
         if own and self.Config is None:
             raise TypeError(f"ssl.algorithm={self.name} has no keys of its own, got {sorted(own)}")
         self.own = self.Config(**own) if self.Config is not None else None  # its ssl.<name> keys
+        self.needs = self.NEEDS
         # the run it is in (the papers' when not said); ``derived``: the keys left null, as derived from it
         self.shape = shape or RunShape(num_unlabeled=num_unlabeled)
         self.derived: dict[str, object] = {}
@@ -195,17 +133,12 @@ class Algorithm:
             raise ValueError(f"ssl.algorithm={self.name} keeps state per unlabeled sample: data.unlabeled needs "
                              f"index.json counts (a shard set, not a brace pattern)")
 
+    def forward(self, inp: StepInputs) -> Forwarded:
+        """The step's forwards for this micro-batch: the default step (distssl.ssl.step.forward_views) of what
+        ``needs`` names; a family with a step of its own overrides this in its file."""
+        return forward_views(inp, self.needs)
+
     def loss(self, fw: Forwarded) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
-
-    def mix(self, x_lb: torch.Tensor, y_lb: torch.Tensor, views: dict[str, torch.Tensor],
-            logits_u: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """StepNeeds.mixes: (inputs, targets) of the gradient forward, from the labeled batch, the views and
-        the no-grad views' logits; ``generator``: the micro-batch's own random draws."""
-        raise NotImplementedError
-
-    def rotate(self, views: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """StepNeeds.rotation: (inputs of the rotation head, their rotation classes 0-3)."""
         raise NotImplementedError
 
     def own_key(self, key: str, derive: Callable[[], object]):
@@ -232,7 +165,8 @@ class Algorithm:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("algorithm", self.name) != self.name:
-            raise ValueError(f"the checkpoint was made by ssl.algorithm={state['algorithm']}, this run is {self.name}")
+            raise ValueError(f"ssl.algorithm: the checkpoint was made by ssl.algorithm={state['algorithm']}, this run "
+                             f"is {self.name}: resume with ssl.algorithm={state['algorithm']}")
         if self.da is not None and state.get("da") is not None:
             self.da.load_state_dict(state["da"])
         self.load_own_state(state)

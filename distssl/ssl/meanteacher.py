@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from distssl.ssl.algorithm import Consistency, RampedConfig, StepNeeds, second_view, softmax_mse
+from distssl.ssl.algorithm import Consistency, RampedConfig, StepNeeds, forward_views, second_view, softmax_mse
 
 
 @dataclass
@@ -31,12 +31,16 @@ class MeanTeacherConfig(RampedConfig):
 class MeanTeacher(Consistency):
     name = "meanteacher"
     Config = MeanTeacherConfig
-    needs = StepNeeds(views=("weak", "strong"), with_grad=("strong",), no_grad=(), teacher=("weak",))  # the default
+    NEEDS = StepNeeds(views=("weak", "strong"), with_grad=("strong",), no_grad=())  # the default
 
     def __init__(self, num_classes: int, **kw):
         super().__init__(num_classes, **kw)
         self.student = second_view(self.own.augment)
-        self.needs = StepNeeds(views=("weak", self.student), with_grad=(self.student,), no_grad=(), teacher=("weak",))
+        self.needs = StepNeeds(views=("weak", self.student), with_grad=(self.student,), no_grad=())
+
+    def forward(self, inp):
+        """The default step, and the teacher (the EMA weights, swapped in) forwarding the weak view first."""
+        return forward_views(inp, self.needs, teacher=("weak",))
 
     def consistency(self, fw):
         student, teacher = fw.logits_u[self.student], fw.teacher_u["weak"]

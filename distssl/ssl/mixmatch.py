@@ -4,8 +4,8 @@ Each unlabeled image is augmented K times (weak views: flip and crop); the guess
 softmax predictions (no gradient), sharpened at temperature T. The labeled batch (one-hot targets) and
 the K unlabeled batches (the guess as target, once per view) are concatenated, shuffled, and MixUp'd
 with the shuffled copy at lambda' = max(lambda, 1 - lambda), lambda ~ Beta(alpha, alpha), so each mixed
-sample stays closer to its own. The mixed batch is forwarded once with gradient (the engine's
-``forward_mixed``; BatchNorm sees labeled and unlabeled rows in one batch, which is what the paper's
+sample stays closer to its own. The mixed batch is forwarded once with gradient (:func:`forward_mixed`, this
+family's step; BatchNorm sees labeled and unlabeled rows in one batch, which is what the paper's
 code gets by interleaving); the loss is the cross-entropy of the mixed labeled rows against their mixed
 targets plus weight x ramp x the mean squared error between the softmax of the mixed unlabeled rows and
 their mixed targets. Defaults, the paper's CIFAR-10 settings: K 2, T 0.5, alpha 0.75, weight (lambda_U)
@@ -14,13 +14,14 @@ their mixed targets. Defaults, the paper's CIFAR-10 settings: K 2, T 0.5, alpha 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from distssl.ssl.algorithm import Algorithm, Forwarded, StepNeeds, share, views_of
+from distssl.ssl.step import StepInputs, about, split_views
 
 
 def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -76,6 +77,29 @@ def ramp_fraction(steps: int) -> float:
     return min(PAPER_RAMP_STEPS / max(1, steps), 0.4)
 
 
+def forward_mixed(inp: StepInputs, needs: StepNeeds, mix: Callable,
+                  heads: Optional[dict[str, Callable]] = None) -> Forwarded:
+    """A mixing step (MixMatch): the no-grad views first (their guesses; each batch normalised with its own
+    statistics, the running ones untouched), then ``mix(x_lb, y_lb, views, logits_u, generator)`` makes the
+    gradient forward's inputs and targets, forwarded as one batch. One forward of the whole mixed batch gives
+    BatchNorm the statistics of labeled and unlabeled rows alike, which is what the paper's code gets by
+    interleaving its separate labeled and unlabeled batches before their forwards. ``heads`` (ReMixMatch's
+    rotation): name -> ``f(views, generator) -> (inputs, targets)`` forwarded through that head, with gradient."""
+    model, views = inp.model, inp.views
+    no_grad = list(needs.no_grad)
+    with torch.no_grad(), inp.bn_sharing.frozen():
+        out = model(torch.cat([views[v] for v in no_grad])).float()
+    logits_u = split_views(out, no_grad, [views[v].shape[0] for v in no_grad])
+    inputs, targets = mix(inp.x_lb, inp.y_lb, views, logits_u, inp.generator)
+    logits = model(inputs).float()
+    head_logits, head_targets = {}, {}
+    for name, make in (heads or {}).items():  # through the engine: DeepSpeed reduces the head's gradients too
+        x_head, head_targets[name] = make(views, inp.generator)
+        head_logits[name] = model(x_head, head=name).float()
+    return Forwarded(logits_x=logits, logits_u=logits_u, mixed_targets=targets, head_logits=head_logits,
+                     head_targets=head_targets, **about(inp))
+
+
 class MixMatch(Algorithm):
     name = "mixmatch"
     Config = MixMatchConfig
@@ -87,7 +111,11 @@ class MixMatch(Algorithm):
         self.rampup = self.own_key("rampup", lambda: ramp_fraction(self.shape.steps))
         guesses = views_of("weak", o.k)
         # an instance's needs: its K weak views, all without gradient; the gradient forward is the mixed batch
-        self.needs = StepNeeds(views=guesses, with_grad=(), no_grad=guesses, mixes=True)
+        self.needs = StepNeeds(views=guesses, with_grad=(), no_grad=guesses)
+
+    def forward(self, inp):
+        """Its own step: the K guesses' forward, then one gradient forward of the batch ``mix`` makes."""
+        return forward_mixed(inp, self.needs, self.mix)
 
     def guess(self, logits_u: dict[str, torch.Tensor]) -> torch.Tensor:
         """The K views' mean softmax, sharpened: each image's target."""

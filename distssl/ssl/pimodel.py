@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from distssl.ssl.algorithm import Consistency, RampedConfig, StepNeeds, second_view, softmax_mse
+from distssl.ssl.algorithm import Consistency, RampedConfig, StepNeeds, forward_views, second_view, softmax_mse
 
 
 @dataclass
@@ -37,13 +37,16 @@ class PiModelConfig(RampedConfig):
 class PiModel(Consistency):
     name = "pimodel"
     Config = PiModelConfig
-    needs = StepNeeds(views=("weak", "weak_2"), with_grad=("weak", "weak_2"), no_grad=())
+    NEEDS = StepNeeds(views=("weak", "weak_2"), with_grad=("weak", "weak_2"), no_grad=())
 
     def __init__(self, num_classes: int, **kw):
         super().__init__(num_classes, **kw)
         self.second = second_view(self.own.augment)
-        self.needs = StepNeeds(views=("weak", self.second), with_grad=("weak", self.second), no_grad=(),
-                               input_noise=self.own.noise)
+        self.needs = StepNeeds(views=("weak", self.second), with_grad=("weak", self.second), no_grad=())
+
+    def forward(self, inp):
+        """The default step, with the paper's Gaussian input noise (``noise``) on both views."""
+        return forward_views(inp, self.needs, input_noise=self.own.noise)
 
     def consistency(self, fw):
         a, b = fw.logits_u["weak"], fw.logits_u[self.second]

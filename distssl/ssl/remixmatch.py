@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from distssl.ssl.algorithm import Algorithm, Forwarded, StepNeeds, share, views_of
-from distssl.ssl.mixmatch import linear_ramp, mixup, sharpen
+from distssl.ssl.mixmatch import forward_mixed, linear_ramp, mixup, sharpen
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -62,16 +62,15 @@ class ReMixMatch(Algorithm):
     name = "remixmatch"
     Config = ReMixMatchConfig
     uses_dist_align = True
-    needs = StepNeeds(views=("weak",) + views_of("strong", 8), with_grad=(), no_grad=("weak",), mixes=True,
-                      rotation=True)
+    NEEDS = StepNeeds(views=("weak",) + views_of("strong", 8), with_grad=(), no_grad=("weak",))
+    heads = {"rotation": 4}  # the 4-way rotation classifier on the pooled features (0, 90, 180, 270 degrees)
 
     def __init__(self, num_classes: int, **kw):
         super().__init__(num_classes, **kw)
         o = self.own
         self.k, self.temperature, self.alpha = o.k, o.temperature, o.alpha
         self.strong = views_of("strong", o.k)
-        self.needs = StepNeeds(views=("weak",) + self.strong, with_grad=(), no_grad=("weak",), mixes=True,
-                               rotation=True)
+        self.needs = StepNeeds(views=("weak",) + self.strong, with_grad=(), no_grad=("weak",))
         self._raw: list[torch.Tensor] = []
 
     def guess(self, logits_weak: torch.Tensor) -> torch.Tensor:
@@ -81,6 +80,11 @@ class ReMixMatch(Algorithm):
         if self.da is not None:
             probs = self.da.align_with_current(probs)
         return sharpen(probs, self.temperature)
+
+    def forward(self, inp):
+        """Its own step: the weak view's guess, one gradient forward of the MixUp batch (with the first strong
+        view unmixed), and the rotation head's forward of that view rotated."""
+        return forward_mixed(inp, self.needs, self.mix, heads={"rotation": self.rotate})
 
     def mix(self, x_lb, y_lb, views, logits_u, generator):
         q = self.guess(logits_u["weak"]).detach()
@@ -103,8 +107,9 @@ class ReMixMatch(Algorithm):
         loss_x = soft_cross_entropy(logits[:n], targets[:n])
         loss_u = soft_cross_entropy(logits[n:mixed_end], targets[n:mixed_end])
         loss_u1 = soft_cross_entropy(logits[mixed_end:], targets[mixed_end:])
-        loss_rot = (F.cross_entropy(fw.rotation_logits, fw.rotation_targets) if fw.rotation_logits is not None
-                    and fw.rotation_logits.shape[0] else loss_x.new_zeros(()))
+        rot_logits, rot_targets = fw.head_logits.get("rotation"), fw.head_targets.get("rotation")
+        loss_rot = (F.cross_entropy(rot_logits, rot_targets) if rot_logits is not None and rot_logits.shape[0]
+                    else loss_x.new_zeros(()))
         ramp = linear_ramp(fw.step, fw.total_steps, self.own.rampup)
         w_u, w_u1 = self.lambda_u * self.own.weight * ramp, self.lambda_u * self.own.pre_mixup_weight * ramp
         loss = loss_x + w_u * loss_u + w_u1 * loss_u1 + self.own.rotation_weight * loss_rot

@@ -91,7 +91,7 @@ class TemporalEnsemblingConfig(RampedConfig):
 class TemporalEnsembling(Consistency):
     name = "temporal_ensembling"
     Config = TemporalEnsemblingConfig
-    needs = StepNeeds(views=("weak", "strong"), with_grad=("strong",), no_grad=("weak",))  # the default
+    NEEDS = StepNeeds(views=("weak", "strong"), with_grad=("strong",), no_grad=("weak",))  # the default
     needs_ids = True
 
     def __init__(self, num_classes: int, **kw):
@@ -151,7 +151,8 @@ class TemporalEnsembling(Consistency):
 
     def load_own_state(self, state: dict) -> None:
         if tuple(state["values"].shape) != tuple(self.values.shape):
-            raise ValueError(f"the saved ensemble is {tuple(state['values'].shape)} (samples x top_k), this run's "
+            raise ValueError(f"data.unlabeled: the saved ensemble is {tuple(state['values'].shape)} (samples x top_k), "
+                             f"this run's "
                              f"{tuple(self.values.shape)}: resume with the same data.unlabeled and "
                              f"ssl.temporal_ensembling.top_k")
         self.values = state["values"].to(torch.float16).clone()

@@ -53,7 +53,7 @@ class UDAConfig:
 class UDA(ThresholdRule):
     name = "uda"
     Config = UDAConfig
-    needs = StepNeeds(views=("weak", "strong"), with_grad=("strong",), no_grad=("weak",))
+    NEEDS = StepNeeds(views=("weak", "strong"), with_grad=("strong",), no_grad=("weak",))
 
     def __init__(self, num_classes: int, **kw):
         super().__init__(num_classes, **kw)

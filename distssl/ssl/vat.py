@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distssl.ssl.algorithm import Consistency, RampedConfig, StepNeeds, random_directions
+from distssl.ssl.algorithm import Consistency, RampedConfig, StepNeeds, forward_views, random_directions
 
 
 def kl_with_logits(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,11 @@ class VATConfig(RampedConfig):
 class VAT(Consistency):
     name = "vat"
     Config = VATConfig
-    needs = StepNeeds(views=("weak",), with_grad=("weak",), no_grad=(), perturbs=True)
+    NEEDS = StepNeeds(views=("weak",), with_grad=("weak",), no_grad=())
+
+    def forward(self, inp):
+        """The default step, with the forwards of perturbed inputs VAT makes itself (``perturbed``, ``probe``)."""
+        return forward_views(inp, self.needs, perturbs=True)
 
     def __init__(self, num_classes: int, **kw):
         super().__init__(num_classes, **kw)

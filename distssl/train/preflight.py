@@ -3,7 +3,7 @@ one line naming the key, what is wrong and what to do (launchers print it and ex
 
 - ``model.name`` that timm does not know (with the nearest names it does know);
 - ``model.pretrained`` that is not weights (an image, a text file) or a folder that is not a run;
-- ``data.decode_on=device`` without the ``decode`` extra (TorchCodec);
+- the extras the data settings need and lack (distssl.data.feed.check_extras);
 - shard sets whose class names differ (names or order: label i must mean one class in every set),
   or whose class count is not ``model.num_classes``.
 """
@@ -15,9 +15,9 @@ from typing import Optional
 
 from distssl.config import Config, ConfigError
 from distssl.data import store
+from distssl.data.feed import check_extras
 from distssl.data.index import resolve_one
 from distssl.data.spec import data_sources
-from distssl.errors import require
 from distssl.shards.demo import check_not_mixed
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,7 @@ def check(cfg: Config) -> LabelMaps:
     check_not_mixed(cfg.data)
     check_model_name(cfg.model.name)
     check_optimizer_name(cfg.optim.name)
-    if cfg.data.decode_on == "device":  # the decoder is an extra: say so before any rank starts
-        require("torchcodec.decoders", "decode", "data.decode_on=device")
+    check_extras(cfg.data)
     if cfg.model.pretrained:
         check_pretrained(cfg.model.pretrained)
     return check_classes(cfg) or {}

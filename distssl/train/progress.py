@@ -41,11 +41,11 @@ class Progress:
     def __init__(self, trainer, metrics: MetricsWriter):
         cfg = trainer.cfg
         self.trainer, self.metrics, self.log_every = trainer, metrics, cfg.run.log_every
-        mu = cfg.ssl.mu if trainer.uses_unlabeled else 0
+        mu = cfg.ssl.mu if cfg.ssl.lambda_u > 0 else 0
         views_per_image = len(trainer.algorithm.needs.views)  # images the loader makes of each unlabeled one
         self.images_per_step = cfg.train.batch_size * (1 + views_per_image * mu)
         self.samples_per_step = cfg.train.batch_size * (1 + mu)
-        self.best_top1 = trainer._best_top1()
+        self.best_top1 = trainer.outputs.best_top1()
         self.last_eval: dict = {}
         self.acc: dict[str, list] = {}
         self.shown: dict = {}
@@ -85,7 +85,7 @@ class Progress:
         self.last_eval = result
         if result["top1"] > self.best_top1:  # the same on every rank: top-1 is all-reduced
             self.best_top1 = result["top1"]
-            tr.export(result, outputs.BEST_NAME, calibration=tr.calibration()[0])  # calibrated on this eval
+            tr.outputs.export(result, outputs.BEST_NAME, calibration=tr.outputs.calibration()[0])  # on this eval
         self.metrics.log("eval", tr.step, {**result, "best_top1": self.best_top1})
         self.metrics.message(f"step {tr.step}: eval top-1 {100 * result['top1']:.2f}% "
                              f"top-5 {100 * result['top5']:.2f}% ({result['eval_images']} images, EMA)")

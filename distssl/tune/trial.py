@@ -1,5 +1,5 @@
 """One trial, as Ray Train V2 with Tune runs it: a Tune function trainable (the trial's *driver*) starts a
-Train ``TorchTrainer`` whose workers are the trial's DeepSpeed ranks, each running :func:`distssl.train.trainer.run`.
+Train ``TorchTrainer`` whose workers are the trial's DeepSpeed ranks, each running :func:`distssl.train.run.run`.
 
 - The driver takes no CPU of its own (``tune.with_resources(..., {"CPU": 0})`` in :mod:`distssl.tune.sweep`):
   it only waits on its Train run, so a 2-CPU machine still runs a 2-worker trial.
@@ -63,7 +63,7 @@ def worker_loop(loop_config: dict) -> None:
     from ray.train import Checkpoint
 
     from distssl.notices import silence_known_notices
-    from distssl.train import trainer as engine
+    from distssl.train import run as engine
 
     base = build(Config, loop_config["base"], "")
     out_dir = os.path.join(loop_config["sweep_dir"], "trials", loop_config["trial_name"])

@@ -6,7 +6,7 @@ sample ids and hyperparameters over several steps with state, gives the losses, 
 and state USB's own ``train_step`` and hooks give, to 1e-5.
 
 Both sides forward one model (a linear map of 3 x 3 one-channel "images", no BatchNorm), ours through the
-engine's own forward functions (distssl.train.forward), USB's through its ``train_step`` (tests/support/usb.py
+algorithm's own forward (distssl.ssl.step), USB's through its ``train_step`` (tests/support/usb.py
 loads it). Where we depart from the authors by design, the test checks the departure by the formula
 docs/algorithms.md states for it:
 - the state a step reads: ours is the state as of the step's start, updated once after the step from the
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from distssl.ssl.mixmatch import mixup
+from distssl.ssl.step import StepInputs
 from distssl.train.bnstats import BatchStatsSharing
-from distssl.train.forward import forward_mixed, forward_views
 
 C, SHAPE, STEPS = 5, (1, 3, 3), 4
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -76,16 +76,12 @@ def batch(seed: int, views=("weak", "strong"), n_lb: int = 8, n_ulb: int = 16, n
 
 
 def ours_step(algo, net: Net, b: dict, step: int, total: int, ema=None, generator=None):
-    """One step of ours as the trainer runs it: forward what the algorithm needs, its loss, end_step."""
-    needs, bn = algo.needs, BatchStatsSharing(net)
-    views = {v: b[v] for v in needs.views}
-    if needs.mixes:
-        fw = forward_mixed(net, needs, b["x_lb"], b["y_lb"], views, algo.mix, bn, generator,
-                           algo.rotate if needs.rotation else None)
-    else:
-        fw = forward_views(net, needs, b["x_lb"], views, weak_forward="shared_bn", bn_sharing=bn, ema=ema, module=net)
-    fw.targets_x, fw.ids, fw.step, fw.total_steps = b["y_lb"], b["ids"], step, total
-    loss, stats = algo.loss(fw)
+    """One step of ours as the trainer runs it: the algorithm's own forward of the micro-batch, its loss,
+    end_step."""
+    inp = StepInputs(model=net, module=net, x_lb=b["x_lb"], y_lb=b["y_lb"], views={v: b[v] for v in algo.needs.views},
+                     bn_sharing=BatchStatsSharing(net), ema=ema, ids=b["ids"], step=step, total_steps=total,
+                     generator=generator)
+    loss, stats = algo.loss(algo.forward(inp))
     algo.end_step()
     return loss, stats
 

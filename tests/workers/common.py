@@ -10,8 +10,9 @@ def trainer_from_argv():
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
     out_json, overrides = args[0], args[1:]
     from distssl.config import load_config
+    from distssl.distributed.peers import init_distributed
     from distssl.models.factory import fill_input_defaults
-    from distssl.train.trainer import Trainer, init_distributed
+    from distssl.train.trainer import Trainer
 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml"), overrides)
     fill_input_defaults(cfg)

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from distssl.config import load_config
+from distssl.distributed.peers import init_distributed
 from distssl.train.optim import build_optimizer, deepspeed_config
-from distssl.train.trainer import init_distributed
 
 
 def model() -> torch.nn.Module:

@@ -68,8 +68,11 @@ def algorithm_keys(name: str) -> list[str]:
 
 def seconds_per_step(name: str, train: list[dict]) -> float:
     """From the last logged img/s (the run's average since it started) and the images one step reads."""
-    demo = load_config(str(ROOT / "configs/demo.yaml"), ["data.demo_root=null"])
-    views = 0 if name == "supervised" else len(algorithms.ALGORITHMS[name.split("+")[0]].needs.views)
+    algorithm = name.split("+")[0]
+    demo = load_config(str(ROOT / "configs/demo.yaml"), ["data.demo_root=null", *(
+        [f"ssl.algorithm={algorithm}"] if name != "supervised" else [])])
+    # the instance's needs (its keys may name more views than the class's default: MixMatch's k)
+    views = 0 if name == "supervised" else len(algorithms.build(demo.ssl, 10, None, 10_000).needs.views)
     images = demo.train.batch_size * (1 + views * demo.ssl.mu)
     rates = [d["img_s"] for d in train if d.get("img_s")]
     return images / rates[-1] if rates else float("nan")

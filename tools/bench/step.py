@@ -36,9 +36,10 @@ def make_trainer(overrides: list[str]):
     """A real Trainer (DeepSpeed engine, EMA, DA) in a world of one; data resolves to the demo shards."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from distssl.config import load_config
+    from distssl.distributed.peers import init_distributed
     from distssl.models.factory import fill_input_defaults
     from distssl.shards.demo import ensure_demo_data
-    from distssl.train.trainer import Trainer, init_distributed
+    from distssl.train.trainer import Trainer
 
     cfg = load_config(str(ROOT / "configs/demo.yaml"), overrides)
     cfg.data.demo_root = str(ROOT / cfg.data.demo_root)
