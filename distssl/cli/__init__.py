@@ -8,8 +8,10 @@ import functools
 import gc
 import os
 import sys
+import time
 
 _registered = False
+RANK0_GRACE_S = 20.0  # longest a silent rank waits for rank 0's line before exiting itself
 
 
 def skip_the_final_collections() -> None:
@@ -49,4 +51,8 @@ def refuse(e, exit_code: int = 2) -> int:
     alone (every rank finds the same mistake), and the exit code (2)."""
     if is_rank0():
         print(f"{e.label}: {e}", file=sys.stderr, flush=True)
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # a launcher stops every rank when the first one exits: the silent ranks wait for rank 0 to have said
+        # the line and exited (the launcher then ends them), so the user never gets the exit code alone
+        time.sleep(RANK0_GRACE_S)
     return exit_code

@@ -21,7 +21,7 @@ from distssl.ssl.vat import VAT
 ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (
     FixMatch, FlexMatch, FreeMatch, SoftMatch, UDA,  # pseudo-label rules (ThresholdRule)
     PiModel, TemporalEnsembling, MeanTeacher, VAT,  # consistency methods (Consistency)
-    MixMatch, ReMixMatch)}  # mixing methods (their own step: mixmatch.forward_mixed)
+    MixMatch, ReMixMatch)}  # mixing methods (their own step, in mixmatch.py)
 
 
 def config_sections() -> dict[str, type]:
