@@ -54,7 +54,8 @@ def main(argv=None) -> int:
             break
     def meta_with(temperature=None, calibration=None):
         return model_meta(cfg["model"]["name"], cfg["model"]["num_classes"], d["image_size"], d["mean"], d["std"],
-                          class_names, {"weights": "ema", "checkpoint": info["checkpoint"], **(calibration or {})},
+                          class_names, {"weights": "ema", "checkpoint": info["checkpoint"], **info["meta"],
+                           **(calibration or {})},
                           # runs saved before these keys existed evaluated a full-image bilinear crop
                           crop_pct=d.get("eval_crop_pct") or 1.0, interpolation=d.get("interpolation") or "bilinear",
                           run=redact(info["run_dir"]), step=info["step"], temperature=temperature)

@@ -102,6 +102,8 @@ def report(summary: dict, job, world: int) -> None:
 
     agree = f", {100 * summary['agreement']:.2f}% agree with the true labels" if summary["agreement"] is not None \
         else ""
+    if summary.get("unknown") is not None:  # the model has an outlier head (ssl.open_set)
+        agree += f", {summary['unknown']} named unknown (outside the label set)"
     written = summary["parts_written_this_launch"]
     print(f"predicted {summary['predicted']} images in {summary['parts']} parts ({summary['unreadable']} unreadable)"
           f"{agree}; {world} rank(s); " + (f"{written} file(s) written this launch" if written else

@@ -74,7 +74,9 @@ class SSLKeys:
     lambda_u: float = 1.0
     mu: int = 7  # unlabeled batch = mu x labeled batch
     dist_align: bool = True  # distribution alignment (ReMixMatch): weak probabilities x p_target / p_model
-    dist_align_target: Literal["uniform", "labeled"] = "uniform"  # p_target: uniform, or the labeled set's classes
+    # p_target: uniform, the labeled set's classes, or the unlabeled set's as estimated during the run (EM on the
+    # model's predictions: a bucket whose class mix nobody knows)
+    dist_align_target: Literal["uniform", "labeled", "estimated"] = "uniform"
     dist_align_momentum: float = 0.99  # ~100-batch memory, like ReMixMatch's 128-batch window
     ema_decay: float = 0.999  # EMA of the weights, evaluated and exported
     ema_warmup: bool = True  # decay min(ema_decay, 1 - (1 + step) ** -0.75) (timm): early EMA follows the model
@@ -83,6 +85,12 @@ class SSLKeys:
     # view's backward, which "concat" (FixMatch's reference cat(labeled, weak, strong) forward with
     # gradients) pays; step times and the demo's top-1 over seeds: docs/benchmarks.md
     weak_forward: Literal["shared_bn", "concat"] = "shared_bn"
+    # images outside the label set in the unlabeled data: "iomatch" (its keys: ssl.iomatch) adds an outlier head,
+    # keeps outliers out of the pseudo-labels and trains them as a (K+1)-th class; pseudo-label rules only
+    open_set: Literal["none", "iomatch"] = "none"
+    # long-tailed classes: "abc" or "acr" (keys: ssl.abc, ssl.acr) add a balanced classifier, which the run
+    # evaluates and exports; pseudo-label rules only
+    imbalance: Literal["none", "abc", "acr"] = "none"
 
 
 # ssl.<name>: each algorithm's own keys, from the dataclass in its file (adding an algorithm edits no config)

@@ -20,7 +20,9 @@ import torch
 from distssl import atomic
 from distssl.checkpoint import reader
 from distssl.distributed.collectives import full_shape, gather_partitioned, is_partitioned, rank
+from distssl.models.factory import add_heads, export_state
 from distssl.models.identity import fingerprint
+from distssl.ssl import component
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"
@@ -101,7 +103,17 @@ def ema_weights_from_run(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
         raise FileNotFoundError(f"{run_dir}: no config.yaml beside the checkpoints (needed for the model name)")
     cfg = yaml.safe_load(cfg_path.read_text())
     states = reader.rank_states(step_dir)
-    model = timm.create_model(cfg["model"]["name"], pretrained=False, num_classes=cfg["model"]["num_classes"])
-    out = reader.ema_weights(states, model.state_dict())
-    info = {"config": cfg, "step": reader.saved_step(states), "run_dir": str(run_dir), "checkpoint": str(step_dir)}
+    classes = cfg["model"]["num_classes"]
+    model = timm.create_model(cfg["model"]["name"], pretrained=False, num_classes=classes)
+    # the heads ssl.open_set and ssl.imbalance added (runs before those keys had none)
+    ssl = cfg.get("ssl") or {}
+    open_set, imbalance = ssl.get("open_set", "none"), ssl.get("imbalance", "none")
+    projection = (ssl.get("iomatch") or {}).get("projection", 128)
+    heads = component.head_specs(open_set, imbalance, classes, projection)
+    add_heads(model, heads)
+    out = export_state(reader.ema_weights(states, model.state_dict()), model, heads,
+                       component.BALANCED_HEAD if imbalance != "none" else None,
+                       (component.OUTLIER_HEAD,) if open_set != "none" else ())
+    info = {"config": cfg, "step": reader.saved_step(states), "run_dir": str(run_dir), "checkpoint": str(step_dir),
+            "meta": component.outlier_meta(projection) if open_set != "none" else {}}
     return out, info

@@ -92,7 +92,8 @@ def run_job(job: PredictJob, rank: int, world: int, device: torch.device) -> Opt
             pass
     if summary is None:
         summary = summarise(job.out, parts, predictor.class_names, time.perf_counter() - start, int(images),
-                            store.redact(str(job.data)), str(job.model), calibration)
+                            store.redact(str(job.data)), str(job.model), calibration,
+                            outlier_head=predictor.outlier_head is not None)
     summary["parts_written_this_launch"] = int(written)
     if job.to_shards:
         index = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -13,6 +14,7 @@ from distssl.data.transforms import Views
 from distssl.errors import DamagedFile, UserError
 from distssl.models import identity
 from distssl.models.export import META_NAME, WEIGHTS_NAME
+from distssl.ssl.open_set import OUTLIER_AT, OpenSetHead
 
 
 @dataclass
@@ -23,6 +25,12 @@ class Predictor:
     mean: torch.Tensor
     std: torch.Tensor
     temperature: float  # softmax(logits / T): 1 unless the run fitted one (model.json "temperature")
+    # IOMatch's head on the pooled features (model.json "outlier_head"): each image's outlier score
+    outlier_head: Optional[torch.nn.Module] = None
+
+    @property
+    def unknown_at(self) -> float:
+        return float(self.meta.get("outlier_head", {}).get("unknown_at", OUTLIER_AT))
 
     @property
     def class_names(self) -> list[str]:
@@ -66,6 +74,19 @@ def predictor_from(state: dict[str, torch.Tensor], meta: dict, device: torch.dev
     import distssl.models.wrn  # noqa: F401 (registers the WideResNets with timm)
 
     model = timm.create_model(meta["architecture"], pretrained=False, num_classes=int(meta["num_classes"]))
+    outlier_head = None
+    if "outlier_head" in meta:  # IOMatch's head, under its prefix in the same file (one fingerprint for both)
+        spec = meta["outlier_head"]
+        prefix = spec["prefix"]
+        outlier_head = OpenSetHead(model.num_features, int(meta["num_classes"]), int(spec["projection"]))
+        head_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        try:
+            outlier_head.load_state_dict(head_state)
+        except RuntimeError as e:
+            raise UserError(f"{where}: the outlier head model.json names does not fit its weights "
+                            f"({str(e).splitlines()[0][:160]}): export the run again") from None
+        outlier_head.eval().to(device)
     own = model.state_dict()
     shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if shapes:
@@ -82,4 +103,4 @@ def predictor_from(state: dict[str, torch.Tensor], meta: dict, device: torch.dev
     views = Views(size, interpolation=meta.get("interpolation", "bilinear"), eval_crop_pct=meta.get("crop_pct", 1.0))
     as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=device)  # noqa: E731
     return Predictor(model, meta, views, as_tensor(meta["mean"]), as_tensor(meta["std"]),
-                     float(meta.get("temperature", 1.0)))
+                     float(meta.get("temperature", 1.0)), outlier_head)

@@ -17,7 +17,7 @@ from typing import Optional
 from distssl.data import store
 from distssl.data.index import FORMAT, INDEX_NAME
 from distssl.predict.parts import Part, part_samples
-from distssl.predict.run import part_url
+from distssl.predict.run import read_part
 from distssl.shards.writer import tar_writer
 
 
@@ -47,14 +47,10 @@ class PseudoRow:
 
 def confident_rows(out: str, part: Part, min_confidence: float) -> tuple[dict[tuple[str, str], PseudoRow], int]:
     """(part n's predictions at confidence >= P by (key, source), how many it predicted): distssl-predict
-    --to-shards."""
-    import pyarrow.parquet as pq
-
-    fs, path = store.filesystem(part_url(out, part))
-    with fs.open(path, "rb") as f:
-        rows = pq.read_table(f, columns=["key", "source", "pred", "confidence", "true_label"]).to_pylist()
+    --to-shards. An image the model's outlier head names unknown is left out, however confident its class."""
+    rows = read_part(out, part, ["key", "source", "pred", "confidence", "true_label", "unknown"])
     return {(r["key"], r["source"]): PseudoRow(r["pred"], r["confidence"], true_label=r["true_label"])
-            for r in rows if r["confidence"] >= min_confidence}, len(rows)
+            for r in rows if r["confidence"] >= min_confidence and not r["unknown"]}, len(rows)
 
 
 def write_pseudo_shard(dst: str, part: Part, chosen: dict[tuple[str, str], PseudoRow], teacher: str,

@@ -21,9 +21,11 @@ from distssl.data import store
 from distssl.data.transforms import normalize
 from distssl.predict.model import Predictor
 from distssl.predict.parts import Part, Sample, part_samples
+from distssl.ssl.open_set import outlier_scores, split_outputs
 from distssl.tracking.progress import bar as progress_bar
 
-COLUMNS = ("key", "source", "sha256", "pred", "pred_name", "confidence", "topk_ids", "topk_probs", "true_label")
+COLUMNS = ("key", "source", "sha256", "pred", "pred_name", "confidence", "topk_ids", "topk_probs", "true_label",
+           "outlier_score", "unknown")
 
 
 @dataclass
@@ -33,6 +35,26 @@ class PartResult:
     unreadable: int
     seconds: float
     written: bool  # False: it was there already
+
+
+OPTIONAL = ("outlier_score", "unknown")  # columns parts written before them lack: read as null
+
+
+def read_part(out: str, part: Part, columns: list[str]) -> list[dict]:
+    """Part n's prediction rows, only ``columns`` (an optional column a part lacks reads as None)."""
+    import pyarrow.parquet as pq
+
+    fs, path = store.filesystem(part_url(out, part))
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    have = [c for c in columns if c in table.column_names]
+    missing = [c for c in columns if c not in have]
+    if any(c not in OPTIONAL for c in missing):
+        raise ValueError(f"{part_url(out, part)} has no column {missing[0]}: predict it again")
+    rows = table.select(have).to_pylist()
+    for r in rows:
+        r.update(dict.fromkeys(missing))
+    return rows
 
 
 def part_url(out: str, part: Part) -> str:
@@ -107,7 +129,20 @@ def batches_of(predictor: Predictor, parts: list[Part], batch_size: int, workers
 
 @torch.no_grad()
 def logits_of(predictor: Predictor, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return predictor.model(normalize(x.to(device, non_blocking=True), predictor.mean, predictor.std)).float().cpu()
+    return outputs_of(predictor, x, device)[0]
+
+
+@torch.no_grad()
+def outputs_of(predictor: Predictor, x: torch.Tensor, device: torch.device
+               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(the class logits, the outlier head's one-vs-all logits or None when the model has no outlier head)."""
+    x = normalize(x.to(device, non_blocking=True), predictor.mean, predictor.std)
+    if predictor.outlier_head is None:
+        return predictor.model(x).float().cpu(), None
+    model = predictor.model
+    pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+    ova, _ = split_outputs(predictor.outlier_head(pooled), int(predictor.meta["num_classes"]))
+    return model.get_classifier()(pooled).float().cpu(), ova.float().cpu()
 
 
 class PartRows:
@@ -120,15 +155,21 @@ class PartRows:
         self.cols: dict[str, list] = {c: [] for c in COLUMNS}
         self.skipped, self.started = 0, time.perf_counter()
 
-    def add(self, samples: list[Sample], logits: torch.Tensor) -> None:
+    def add(self, samples: list[Sample], logits: torch.Tensor, ova: Optional[torch.Tensor] = None) -> None:
+        """``ova``: the outlier head's logits; each row's outlier_score is then sum_k p_k p_out(k) of the calibrated
+        p, and ``unknown`` whether it reaches the head's threshold (null without an outlier head)."""
         names = self.predictor.class_names
-        top = (logits / self.predictor.temperature).softmax(dim=1).topk(self.k, dim=1)
-        for s, ids, ps in zip(samples, top.indices.tolist(), top.values.tolist()):
+        probs = (logits / self.predictor.temperature).softmax(dim=1)
+        top = probs.topk(self.k, dim=1)
+        scores = outlier_scores(probs, ova).tolist() if ova is not None else [None] * len(samples)
+        at = self.predictor.unknown_at
+        for s, ids, ps, score in zip(samples, top.indices.tolist(), top.values.tolist(), scores):
             label = model_label(s.true_label, self.mapping)
             for c, v in (("key", s.key), ("source", s.source), ("sha256", s.sha256), ("pred", ids[0]),
                          ("pred_name", names[ids[0]] if ids[0] < len(names) else str(ids[0])),
                          ("confidence", ps[0]), ("topk_ids", ids), ("topk_probs", ps),
-                         ("true_label", label if label >= 0 else None)):
+                         ("true_label", label if label >= 0 else None), ("outlier_score", score),
+                         ("unknown", None if score is None else score >= at)):
                 self.cols[c].append(v)
 
     def write(self, out: str) -> PartResult:
@@ -138,7 +179,7 @@ class PartRows:
         schema = pa.schema([("key", pa.string()), ("source", pa.string()), ("sha256", pa.string()),
                             ("pred", pa.int32()), ("pred_name", pa.string()), ("confidence", pa.float32()),
                             ("topk_ids", pa.list_(pa.int32())), ("topk_probs", pa.list_(pa.float32())),
-                            ("true_label", pa.int32())])
+                            ("true_label", pa.int32()), ("outlier_score", pa.float32()), ("unknown", pa.bool_())])
         table = pa.table(self.cols, schema=schema).replace_schema_metadata(
             {"unreadable": str(self.skipped), "temperature": repr(self.predictor.temperature)})
         buf = io.BytesIO()
@@ -204,7 +245,7 @@ def predict_parts(predictor: Predictor, parts: list[Part], out: str, rank: int, 
     for b in batches_of(predictor, todo, batch_size, workers):
         rows = open_parts.setdefault(b.part, PartRows(predictor, by_number[b.part], topk))
         if b.x is not None:
-            rows.add(b.samples, logits_of(predictor, b.x, device))
+            rows.add(b.samples, *outputs_of(predictor, b.x, device))
             images += len(b.samples)
         rows.skipped += b.skipped
         if b.last:
@@ -216,19 +257,22 @@ def predict_parts(predictor: Predictor, parts: list[Part], out: str, rank: int, 
 
 
 def summarise(out: str, parts: list[Part], class_names: list[str], seconds: float, images_this_launch: int,
-              spec: str, model: str, calibration: Optional[dict] = None) -> dict:
-    """summary.json from every part's file (only its pred, confidence and true_label columns)."""
+              spec: str, model: str, calibration: Optional[dict] = None, outlier_head: bool = False) -> dict:
+    """summary.json from every part's file (only its pred, confidence, true_label and unknown columns)."""
     import pyarrow.parquet as pq
 
-    rows, unreadable, agree, known, hist = 0, 0, 0, 0, Counter()
+    rows, unreadable, agree, known, unknown, hist = 0, 0, 0, 0, 0, Counter()
     confidence_sum = 0.0
     for part in parts:
         fs, path = store.filesystem(part_url(out, part))
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             unreadable += int((pf.schema_arrow.metadata or {}).get(b"unreadable", b"0"))
-            t = pf.read(columns=["pred", "confidence", "true_label"])
+            t = pf.read(columns=["pred", "confidence", "true_label"] + [c for c in ("unknown",)
+                                                                      if c in pf.schema_arrow.names])
         preds, truth = t.column("pred").to_pylist(), t.column("true_label").to_pylist()
+        if "unknown" in t.column_names:
+            unknown += sum(bool(u) for u in t.column("unknown").to_pylist())
         rows += len(preds)
         hist.update(preds)
         confidence_sum += sum(t.column("confidence").to_pylist())
@@ -239,6 +283,8 @@ def summarise(out: str, parts: list[Part], class_names: list[str], seconds: floa
     summary = {
         "model": model, "data": spec, "parts": len(parts), "predicted": rows, "unreadable": unreadable,
         "with_true_label": known, "agreement": agree / known if known else None,
+        # images the model's outlier head names outside the label set (null: the model has no such head)
+        "unknown": unknown if outlier_head else None,
         "mean_confidence": confidence_sum / rows if rows else None,
         "class_histogram": {(class_names[c] if c < len(class_names) else str(c)): n for c, n in sorted(hist.items())},
         "seconds_this_launch": round(seconds, 2),

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from distssl.data import store
 from distssl.predict.parts import Part, part_samples
 from distssl.predict.pseudo import _image_ext
-from distssl.predict.run import part_url
+from distssl.predict.run import read_part
 
 CSV_NAME, SHEET_NAME, COPIES = "to_label.csv", "to_label.png", "to_label"
 COLUMNS = ("path", "key", "pred_name", "margin", "label")
@@ -39,16 +39,13 @@ class Candidate:
 
 
 def candidates(out: str, parts: list[Part]) -> list[Candidate]:
-    """Every predicted image with its top-two margin, duplicates (by sha256) after their first dropped."""
-    import pyarrow.parquet as pq
-
+    """Every predicted image with its top-two margin, duplicates (by sha256) after their first dropped, and the
+    images the outlier head names unknown left out (no class of the label set to give them)."""
     seen, found = set(), []
     for part in parts:
-        fs, path = store.filesystem(part_url(out, part))
-        with fs.open(path, "rb") as f:
-            rows = pq.read_table(f, columns=["key", "source", "sha256", "pred_name", "topk_probs"]).to_pylist()
+        rows = read_part(out, part, ["key", "source", "sha256", "pred_name", "topk_probs", "unknown"])
         for r in rows:
-            if r["sha256"] in seen:
+            if r["sha256"] in seen or r["unknown"]:
                 continue
             seen.add(r["sha256"])
             probs = r["topk_probs"]

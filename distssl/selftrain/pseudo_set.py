@@ -13,10 +13,9 @@ from typing import Optional
 
 import numpy as np
 
-from distssl.data import store
 from distssl.predict.parts import Part
 from distssl.predict.pseudo import PseudoRow, shard_done, write_pseudo_shard
-from distssl.predict.run import part_url
+from distssl.predict.run import read_part
 from distssl.selftrain.plan import balanced_budget, ensemble, select
 
 SOFT_TOP = 10  # classes kept in a soft target (the rest of its mass spread evenly)
@@ -31,15 +30,12 @@ class PartPredictions:
 
 def part_predictions(prediction_dirs: list[str], part: Part, num_classes: int) -> PartPredictions:
     """Part n as every teacher predicted it (distssl-predict's parts), averaged."""
-    import pyarrow.parquet as pq
-
     tables = []
     for out in prediction_dirs:
-        fs, path = store.filesystem(part_url(out, part))
-        with fs.open(path, "rb") as f:
-            rows = pq.read_table(f, columns=["key", "source", "topk_ids", "topk_probs", "true_label"]).to_pylist()
+        rows = read_part(out, part, ["key", "source", "topk_ids", "topk_probs", "true_label", "unknown"])
         tables.append({(r["key"], r["source"]): r for r in rows})
-    keys = [k for k in tables[0] if all(k in t for t in tables[1:])]
+    # an image a teacher's outlier head names unknown is no one's pseudo-label
+    keys = [k for k in tables[0] if all(k in t and not t[k]["unknown"] for t in tables)]
     probs = ensemble([[(t[k]["topk_ids"], t[k]["topk_probs"]) for k in keys] for t in tables], num_classes) \
         if keys else np.zeros((0, num_classes))
     return PartPredictions(keys, probs, [tables[0][k]["true_label"] for k in keys])

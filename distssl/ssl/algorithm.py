@@ -25,8 +25,8 @@ that registry).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional
+from dataclasses import dataclass, replace
+from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -118,11 +118,23 @@ class Algorithm:
                  da: Optional[DistributionAlignment] = None, num_unlabeled: Optional[int] = None,
                  reduce: Callable[[torch.Tensor], torch.Tensor] = sum_over_ranks,
                  gather: Callable[[torch.Tensor], torch.Tensor] = gather_cat, shape: Optional[RunShape] = None,
-                 **own):
+                 components: Sequence = (), **own):
         if own and self.Config is None:
             raise TypeError(f"ssl.algorithm={self.name} has no keys of its own, got {sorted(own)}")
         self.own = self.Config(**own) if self.Config is not None else None  # its ssl.<name> keys
         self.needs = self.NEEDS
+        # components (distssl.ssl.component: ssl.open_set, ssl.imbalance): their heads join the algorithm's
+        if components and not isinstance(self, ThresholdRule):
+            raise ValueError(f"{', '.join(c.name for c in components)} works with a pseudo-label rule (fixmatch, "
+                             f"flexmatch, freematch, softmatch, uda), not ssl.algorithm={self.name}")
+        self.components = list(components)
+        if self.components:
+            self.heads = {**type(self).heads, **{k: v for c in self.components for k, v in c.heads.items()}}
+            self.needs = replace(self.needs, heads=tuple(h for c in self.components for h in c.heads))
+        heads_to_eval = [c.eval_head for c in self.components if c.eval_head]
+        self.eval_head: Optional[str] = heads_to_eval[0] if heads_to_eval else None
+        self.kept_heads = tuple(c.kept_head for c in self.components if c.kept_head)  # an export carries these
+        self.export_meta = {k: v for c in self.components for k, v in c.export_meta().items()}
         # the run it is in (the papers' when not said); ``derived``: the keys left null, as derived from it
         self.shape = shape or RunShape(num_unlabeled=num_unlabeled)
         self.derived: dict[str, object] = {}
@@ -161,7 +173,7 @@ class Algorithm:
 
     def state_dict(self) -> dict:
         return {"algorithm": self.name, "da": self.da.state_dict() if self.da is not None else None,
-                **self.own_state()}
+                **self.own_state(), **{f"component/{c.name}": c.state_dict() for c in self.components}}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("algorithm", self.name) != self.name:
@@ -169,6 +181,11 @@ class Algorithm:
                              f"is {self.name}: resume with ssl.algorithm={state['algorithm']}")
         if self.da is not None and state.get("da") is not None:
             self.da.load_state_dict(state["da"])
+        for c in self.components:
+            if f"component/{c.name}" not in state:
+                raise ValueError(f"the checkpoint was made without {c.name}: resume without it, or start a new "
+                                 "run.out_dir")
+            c.load_state_dict(state[f"component/{c.name}"])
         self.load_own_state(state)
 
     # -- helpers for the state updates: global sums over all ranks --
@@ -191,6 +208,7 @@ class ThresholdRule(Algorithm):
     def __init__(self, num_classes: int, **kw):
         super().__init__(num_classes, **kw)
         self._raw, self._probs, self._ids = [], [], []
+        self._step = 0  # optimizer steps done once this one ends (a component's schedule)
 
     # -- what a rule defines --
     def weights(self, probs: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
@@ -218,31 +236,48 @@ class ThresholdRule(Algorithm):
     def loss(self, fw: Forwarded) -> tuple[torch.Tensor, dict[str, float]]:
         probs_w = torch.softmax(fw.logits_u["weak"].detach(), dim=1)
         return self.rule_loss(fw.logits_x, fw.targets_x, fw.logits_u["strong"], probs_w, ids=fw.ids,
-                              true_u=fw.true_u, step=fw.step, total_steps=fw.total_steps)
+                              true_u=fw.true_u, step=fw.step, total_steps=fw.total_steps, fw=fw)
 
     def rule_loss(self, logits_x: torch.Tensor, targets_x: torch.Tensor, logits_s: torch.Tensor,
                   probs_w: torch.Tensor, ids: Optional[torch.Tensor] = None, true_u: Optional[torch.Tensor] = None,
-                  step: int = 0, total_steps: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
+                  step: int = 0, total_steps: int = 1, fw: Optional[Forwarded] = None
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
         probs_w = probs_w.detach()
         probs = self.da.align_with_current(probs_w) if self.da is not None else probs_w
         self._raw.append(probs_w)
         self._probs.append(probs)
+        self._step = step + 1
         if ids is not None:
             self._ids.append(ids)
         loss_x, x_stats = self.labeled_loss(logits_x, targets_x, step, total_steps)
         targets = probs if self.labels_from_aligned else probs_w
-        pseudo = targets.argmax(dim=1)
         w = self.weights(probs, ids) if probs.shape[0] else probs.new_zeros(0)
+        component_stats: dict = {}
+        for c in self.components:  # ACR: pseudo-labels adjusted; a sample counts where either is confident
+            adjusted = c.adjust(targets) if probs.shape[0] else None
+            if adjusted is not None:
+                w = torch.maximum(self.weights(adjusted, ids), w)
+                targets = adjusted
+        for c in self.components:  # IOMatch: outliers out of the rule's loss
+            if probs.shape[0]:
+                w, more = c.gate(fw, probs, w)
+                component_stats.update(more)
+        pseudo = targets.argmax(dim=1)
         if logits_s.shape[0] == 0:  # no unlabeled images: a plain supervised step, not NaN
             loss_u = logits_x.new_zeros(())
         else:
             loss_u = self.unlabeled_loss(logits_s, targets, w)
         extra, extra_stats = self.extra_loss(logits_s, w)
+        for c in self.components:
+            more_loss, more = c.loss(fw, probs)
+            extra = extra + more_loss
+            component_stats.update(more)
         loss = loss_x + self.lambda_u * loss_u + extra
         # stats stay tensors on the device: the loop reads them back once per log interval, not per step
         stats = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
                  "mask_rate": (w > 0).float().mean() if w.numel() else float("nan"),
-                 "weight_mean": w.mean() if w.numel() else float("nan"), **extra_stats, **x_stats}
+                 "weight_mean": w.mean() if w.numel() else float("nan"), **extra_stats, **x_stats,
+                 **component_stats}
         if true_u is not None:
             known = true_u >= 0
             correct = (pseudo == true_u) & known
@@ -255,6 +290,8 @@ class ThresholdRule(Algorithm):
     def end_step(self) -> None:
         """Once per optimizer step, on every rank: DA's p_model and the algorithm's state move with
         the global batch."""
+        for c in self.components:
+            c.end_step(self._step)
         if not self._raw:
             return
         raw, probs = torch.cat(self._raw), torch.cat(self._probs)

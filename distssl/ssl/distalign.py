@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from distssl.distributed.collectives import sum_over_ranks
+from distssl.ssl.imbalance import em_prior_step
 
 
 def align(probs: torch.Tensor, p_model: torch.Tensor, p_target: torch.Tensor) -> torch.Tensor:
@@ -40,9 +41,14 @@ class DistributionAlignment:
     """Holds p_model (identical on every rank) and p_target; saved in checkpoints."""
 
     def __init__(self, num_classes: int, momentum: float = 0.999, p_target: Optional[torch.Tensor] = None,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] = sum_over_ranks):
+                 reduce: Callable[[torch.Tensor], torch.Tensor] = sum_over_ranks,
+                 train_prior: Optional[torch.Tensor] = None):
+        """``train_prior`` (the labeled set's class shares): p_target is estimated, the unlabeled set's class
+        mix as one EM step a batch (Saerens et al. 2002) moves it, with the same momentum, from ``train_prior``."""
         self.num_classes, self.momentum, self.reduce = num_classes, momentum, reduce
-        self.p_target = (p_target if p_target is not None else torch.full((num_classes,), 1.0 / num_classes)).float()
+        self.train_prior = None if train_prior is None else train_prior.float()
+        start = p_target if p_target is not None else self.train_prior
+        self.p_target = (start if start is not None else torch.full((num_classes,), 1.0 / num_classes)).float()
         self.p_model: Optional[torch.Tensor] = None
 
     @torch.no_grad()
@@ -54,10 +60,18 @@ class DistributionAlignment:
     @torch.no_grad()
     def update(self, probs: torch.Tensor) -> None:
         """Move p_model by the mean of ``probs`` over all ranks (one call per global batch)."""
-        local = torch.cat([probs.double().sum(dim=0), probs.new_tensor([probs.shape[0]], dtype=torch.float64)])
+        parts = [probs.double().sum(dim=0)]
+        if self.train_prior is not None:  # the EM step's reweighted posteriors, summed in the same reduction
+            parts.append(em_prior_step(probs, self.p_target, self.train_prior).double() * probs.shape[0]
+                         if probs.shape[0] else probs.new_zeros(self.num_classes, dtype=torch.float64))
+        local = torch.cat(parts + [probs.new_tensor([probs.shape[0]], dtype=torch.float64)])
         total = self.reduce(local)
-        batch_mean = (total[:-1] / total[-1]).float().cpu()
+        k = self.num_classes
+        batch_mean = (total[:k] / total[-1]).float().cpu()
         self.p_model = update_running_mean(self.p_model, batch_mean, self.momentum)
+        if self.train_prior is not None and total[-1] > 0:
+            estimate = (total[k:2 * k] / total[-1]).float().cpu()
+            self.p_target = self.momentum * self.p_target + (1 - self.momentum) * estimate
 
     @torch.no_grad()
     def align_with_current(self, probs: torch.Tensor) -> torch.Tensor:

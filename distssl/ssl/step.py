@@ -38,6 +38,7 @@ class StepNeeds:
     views: tuple[str, ...] = ("weak", "strong")  # unlabeled views the loader makes (distssl.data.views)
     with_grad: tuple[str, ...] = ("strong",)  # the student forwards these with gradient, beside the labeled batch
     no_grad: tuple[str, ...] = ("weak",)  # and these without (pseudo-labels)
+    heads: tuple[str, ...] = ()  # extra heads (a component's) forwarded with the classifier in the same passes
 
 
 @dataclass
@@ -81,6 +82,9 @@ class Forwarded:
     # holds the mixed batch's logits: its labeled rows first)
     head_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # an extra head's, with gradient
     head_targets: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the heads ``needs.heads`` names, from the same forwards: on the labeled batch, and per view
+    heads_x: dict[str, torch.Tensor] = field(default_factory=dict)
+    heads_u: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # head -> view -> outputs
 
 
 def random_directions(shape: torch.Size, ids: torch.Tensor, seed: int, step: int, stream: int = 0) -> torch.Tensor:
@@ -133,17 +137,33 @@ def forward_views(inp: StepInputs, needs: StepNeeds, *, teacher: tuple[str, ...]
     record = inp.weak_forward != "concat" and bool(no_grad)
     # the gradient forward's views, in the loader's order (FixMatch's reference: labeled, weak, strong)
     in_one = [v for v in needs.views if v in grad or v in no_grad] if inp.weak_forward == "concat" else grad
+    heads = needs.heads
+
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not heads:
+            return model(x).float(), {}
+        out, extra = model(x, heads=heads)
+        return out.float(), {h: o.float() for h, o in extra.items()}
+
     with inp.bn_sharing.record() if record else nullcontext():
-        logits = model(torch.cat([inp.x_lb] + [views[v] for v in in_one])).float()
-    logits_u = split_views(logits[b:], in_one, [views[v].shape[0] for v in in_one])
+        logits, head_out = forward(torch.cat([inp.x_lb] + [views[v] for v in in_one]))
+    sizes = [views[v].shape[0] for v in in_one]
+    logits_u = split_views(logits[b:], in_one, sizes)
+    heads_x = {h: o[:b] for h, o in head_out.items()}
+    heads_u = {h: split_views(o[b:], in_one, sizes) for h, o in head_out.items()}
     for v in no_grad:
         if v in logits_u:
             logits_u[v] = logits_u[v].detach()
+            for h in heads_u:
+                heads_u[h][v] = heads_u[h][v].detach()
     rest = [v for v in no_grad if v not in logits_u]
     if rest:
         with torch.no_grad(), inp.bn_sharing.replay():
-            out = model(torch.cat([views[v] for v in rest])).float()
-        logits_u.update(split_views(out, rest, [views[v].shape[0] for v in rest]))
+            out, head_out = forward(torch.cat([views[v] for v in rest]))
+        sizes = [views[v].shape[0] for v in rest]
+        logits_u.update(split_views(out, rest, sizes))
+        for h, o in head_out.items():
+            heads_u[h].update(split_views(o, rest, sizes))
 
     perturbed = probe = None
     if perturbs:
@@ -156,6 +176,6 @@ def forward_views(inp: StepInputs, needs: StepNeeds, *, teacher: tuple[str, ...]
         def probe(x: torch.Tensor) -> torch.Tensor:
             with inp.bn_sharing.frozen():
                 return bare(x).float()
-    return Forwarded(logits_x=logits[:b], logits_u=logits_u, teacher_u=teacher_u,
+    return Forwarded(logits_x=logits[:b], logits_u=logits_u, teacher_u=teacher_u, heads_x=heads_x, heads_u=heads_u,
                      inputs_u={v: views[v] for v in needs.views} if perturbs else {}, perturbed=perturbed,
                      probe=probe, **about(inp))

@@ -101,7 +101,8 @@ class MetricsWriter:
 
 def plot(metrics_path: str | Path, out_png: str | Path) -> bool:
     """Two panels against step: the losses (total, labeled, unlabeled; log scale) and the rates (eval
-    top-1 of the EMA weights, mask rate, pseudo-label accuracy). False when there is nothing to plot."""
+    top-1 of the EMA weights, on an imbalanced labeled set its balanced top-1 and the tail's recall, mask rate,
+    pseudo-label accuracy). False when there is nothing to plot."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -133,6 +134,11 @@ def plot(metrics_path: str | Path, out_png: str | Path) -> bool:
     ax_loss.grid(alpha=0.3)
     if evals:
         ax.plot([r["step"] for r in evals], [r["top1"] for r in evals], "o-", label="eval top-1 (EMA)")
+    # on a long tail: the mean recall over classes, and over the third of the classes with the fewest labels
+    for key, label in (("balanced_top1", "eval balanced top-1"), ("tail_recall", "eval tail-class recall")):
+        pts = series(evals, key) if key == "tail_recall" or any("tail_recall" in r for r in evals) else []
+        if pts:
+            ax.plot(*zip(*pts), "s--", alpha=0.8, label=label)
     for key, label, alpha in (("mask_rate", "mask rate", 0.7), ("pseudo_acc", "pseudo-label acc. (masked)", 0.5)):
         pts = series(train, key)
         if pts:

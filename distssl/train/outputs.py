@@ -15,10 +15,19 @@ from distssl import atomic
 from distssl.data.store import redact
 from distssl.models import export as outputs
 from distssl.models.export import gather_ema_state, model_meta, write_export
-from distssl.models.factory import without_aux_heads
+from distssl.models.factory import export_state
 from distssl.predict.calibrate import calibrate
 from distssl.tracking.metrics import MetricsWriter, plot
 from distssl.train.evaluate import evaluate_ema, gathered, per_class, plot_confusion
+
+
+def tail_classes(histogram) -> list[int]:
+    """The third of the classes with the fewest labels (at least one class), by the labeled set's histogram;
+    none when the set does not count its classes or they are balanced."""
+    if not histogram or len(set(histogram)) == 1:
+        return []
+    order = sorted(range(len(histogram)), key=lambda c: (histogram[c], c))
+    return order[:max(1, len(histogram) // 3)]
 
 
 class Outputs:
@@ -40,7 +49,8 @@ class Outputs:
         size = tr.cfg.data.image_size
         dummy = torch.zeros(1, 3, size, size, device=tr.device, dtype=tr.dtype)
         result, self.eval_logits = evaluate_ema(tr.engine, tr.ema, batches, tr.feed.to_input, dummy, tr.zero3,
-                                                keep_logits=tr.cfg.model.num_classes)
+                                                keep_logits=tr.cfg.model.num_classes, head=tr.algorithm.eval_head,
+                                                tail=tail_classes(tr.labeled.class_histogram))
         self.eval_logits_step = tr.step
         return result
 
@@ -73,18 +83,20 @@ class Outputs:
                ) -> Optional[Path]:
         """Collective: EMA weights -> out_dir/NAME.safetensors + NAME.json (every rank gathers, rank 0 writes): the
         final ones as model.*, the best eval's as model_best.* (as timm's CheckpointSaver keeps the best). The
-        algorithm's extra heads are left out: the export is the plain timm model."""
+        algorithm's extra heads are left out, but a balanced head becomes the classifier and an outlier head
+        stays under its prefix (model.json says so)."""
         tr = self.tr
         state = gather_ema_state(tr.engine.module, tr.ema)
         if tr.rank != 0:
             return None
-        state = without_aux_heads(state, tr.algorithm.heads)
+        a = tr.algorithm  # a balanced head is the classifier the run evaluated: exported as such
+        state = export_state(state, tr.engine.module, a.heads, a.eval_head, a.kept_heads)
         d = tr.cfg.data
         calibration = dict(calibration or {})
         temperature = calibration.pop("temperature", None)
         meta = model_meta(tr.cfg.model.name, tr.cfg.model.num_classes, d.image_size, d.mean, d.std,
                           tr.evalset.class_names or tr.labeled.class_names or [],
-                          {"eval_top1": last_eval.get("top1"), "weights": "ema", **calibration},
+                          {"eval_top1": last_eval.get("top1"), "weights": "ema", **calibration, **a.export_meta},
                           crop_pct=tr.feed.views.eval_crop_pct, interpolation=tr.feed.views.interpolation,
                           run=redact(str(self.out)), step=tr.step, temperature=temperature)
         return write_export(state, meta, self.out / name)
@@ -117,7 +129,8 @@ class Outputs:
             found = False
         if tr.sum_over_ranks([float(found)])[0] < tr.world:
             return None
-        return {k: summary[k] for k in ("top1", "top5", "eval_images", "eval_skipped") if k in summary}
+        keys = ("top1", "top5", "eval_images", "eval_skipped", "balanced_top1", "tail_recall")
+        return {k: summary[k] for k in keys if k in summary}
 
     def finish(self, progress, metrics: MetricsWriter) -> dict:
         """Collective: the final eval, exports and summary; a rerun of a finished run (killed between its last

@@ -55,16 +55,25 @@ def build_algorithm(cfg: Config, labeled, unlabeled, rank: int
     when ``ssl.dist_align`` is on. Built before the model: its needs say what the feed makes, its heads what
     the model gets."""
     t, s = cfg.train, cfg.ssl
-    p_target = None
-    if s.dist_align_target == "labeled":
+    p_target = train_prior = None
+    if s.dist_align_target in ("labeled", "estimated"):
         if not labeled.class_histogram:
-            raise ConfigError("ssl.dist_align_target=labeled needs a class histogram: data.labeled must be a shard "
-                              "set with index.json (not a brace pattern)")
-        p_target = target_from_histogram(labeled.class_histogram)
-    da = DistributionAlignment(cfg.model.num_classes, s.dist_align_momentum, p_target)
+            raise ConfigError(f"ssl.dist_align_target={s.dist_align_target} needs a class histogram: data.labeled "
+                              "must be a shard set with index.json (not a brace pattern)")
+        if s.dist_align_target == "labeled":
+            p_target = target_from_histogram(labeled.class_histogram)
+        else:
+            train_prior = target_from_histogram(labeled.class_histogram)
+    da = DistributionAlignment(cfg.model.num_classes, s.dist_align_momentum, p_target, train_prior=train_prior)
     try:
+        components = algorithms.build_components(s, cfg.model.num_classes, t.steps, labeled.class_histogram)
+        # ACR's adjustment is its distribution alignment (the authors run it without DA): not both
+        use_da = s.dist_align and s.imbalance != "acr"
         shape = algorithms.RunShape(t.steps, t.batch_size * s.mu, unlabeled.total)
-        algorithm = algorithms.build(s, cfg.model.num_classes, da if s.dist_align else None, unlabeled.total, shape)
+        algorithm = algorithms.build(s, cfg.model.num_classes, da if use_da else None, unlabeled.total, shape,
+                                     components)
+        if use_da != s.dist_align:
+            algorithm.derived["ssl.dist_align"] = "false (ssl.imbalance=acr adjusts the pseudo-labels instead)"
     except ValueError as e:
         raise ConfigError(f"ssl.algorithm={s.algorithm}: {e}") from None
     if rank == 0 and algorithm.derived:
