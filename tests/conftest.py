@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distssl.testing import free_port, launch_env, train_command  # noqa: F401 (tests import them from here)
+from support.servers import free_port, launch_env, train_command  # noqa: F401 (tests import them from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -144,7 +144,7 @@ def ref():
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-protocol server (moto's server mode) on a free localhost port, for the whole session."""
-    from distssl.testing import local_s3
+    from support.servers import local_s3
 
     with local_s3() as url:
         yield url

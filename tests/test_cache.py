@@ -13,7 +13,7 @@ from conftest import ROOT
 from distssl.data.cache import ShardCache
 from distssl.data.index import resolve
 from distssl.data.streams import shard_samples
-from distssl.testing import upload_folder
+from support.servers import upload_folder
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ import resource, signal, sys
 from distssl.data.cache import ShardCache
 from distssl.data.index import resolve
 from distssl.data.streams import shard_samples
-from distssl.testing import upload_folder
+from support.servers import upload_folder
 upload_folder(sys.argv[1], "memory://full/unlabeled")
 shards = resolve("memory://full/unlabeled")
 shards.cache = ShardCache(sys.argv[2], limit_gb=1)

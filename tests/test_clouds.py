@@ -17,7 +17,7 @@ import fsspec
 import pytest
 
 from conftest import ROOT, export_digits_with_bad_files, run_train, stream_batches, tiny_overrides
-from distssl.testing import TcpProxy, local_azurite, local_gcs, upload_folder
+from support.servers import TcpProxy, local_azurite, local_gcs, upload_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.clouds]
 

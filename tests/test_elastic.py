@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_train, tiny_overrides
-from distssl.testing import deepspeed_command, launch_env
+from support.servers import deepspeed_command, launch_env
 
 
 def _check(args: list[str], nproc: int, out_json: Path) -> dict:

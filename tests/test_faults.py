@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, tiny_overrides
-from distssl.testing import launch_env, train_command
+from support.servers import launch_env, train_command
 
 
 def _launch(args, log: Path) -> subprocess.Popen:

@@ -20,9 +20,9 @@ from distssl.data import store
 from distssl.data.index import describe_missing
 from distssl.errors import MissingCredentials, MissingExtra
 from distssl.shards.listing import list_inputs
-from distssl.testing import deepspeed_command, launch_env
 from distssl.tracking import environment
 from distssl.tracking.progress import PlainProgress
+from support.servers import deepspeed_command, launch_env
 
 DEMO = str(ROOT / "configs/demo.yaml")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, tiny_overrides
-from distssl.testing import deepspeed_command, launch_env
+from support.servers import deepspeed_command, launch_env
 
 WORKER = ROOT / "tests/workers/invariance.py"
 

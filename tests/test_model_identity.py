@@ -16,7 +16,7 @@ from distssl.models import identity
 from distssl.models.export import model_meta, write_export
 from distssl.models.factory import pretrained_meta
 from distssl.predict.model import load_predictor
-from distssl.testing import launch_env
+from support.servers import launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, free_port, tiny_overrides
-from distssl.testing import launch_env, train_command
+from support.servers import launch_env, train_command
 
 
 @pytest.mark.slow

@@ -9,8 +9,8 @@ import pytest
 from conftest import ROOT
 from distssl.config import ConfigError, load_config
 from distssl.models.factory import create_model, param_groups
-from distssl.testing import deepspeed_command, launch_env
 from distssl.train.optim import build_optimizer
+from support.servers import deepspeed_command, launch_env
 
 
 def test_every_name_comes_from_timms_factory_with_its_groups():

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import ROOT, s3fs_fresh, stream_batches
-from distssl.testing import TcpProxy, upload_folder
+from support.servers import TcpProxy, upload_folder
 
 
 @pytest.fixture()

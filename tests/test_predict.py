@@ -16,7 +16,7 @@ from distssl.data.streams import tar_samples
 from distssl.predict.model import load_predictor
 from distssl.predict.parts import make_parts
 from distssl.predict.run import COLUMNS, predict_parts, summarise
-from distssl.testing import deepspeed_command, launch_env
+from support.servers import deepspeed_command, launch_env
 
 CPU = torch.device("cpu")
 

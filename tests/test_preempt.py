@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, run_train, tiny_overrides
 from distssl.checkpoint import layout as ckpt
 from distssl.distributed.preempt import PREEMPTED_EXIT
-from distssl.testing import free_port, launch_env, train_command
+from support.servers import free_port, launch_env, train_command
 
 
 def _launch(args, log: Path) -> subprocess.Popen:

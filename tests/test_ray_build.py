@@ -6,7 +6,7 @@ import time
 import pytest
 
 from conftest import export_digits, s3fs_fresh
-from distssl.testing import upload_folder
+from support.servers import upload_folder
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from conftest import ROOT, export_digits_with_bad_files, run_train, s3fs_fresh, tiny_overrides
-from distssl.testing import upload_folder
+from support.servers import upload_folder
 
 
 @pytest.fixture(scope="module")

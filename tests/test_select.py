@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from distssl.predict.select import Candidate, choose
-from distssl.testing import launch_env
+from support.servers import launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 

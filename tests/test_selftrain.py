@@ -11,7 +11,7 @@ from conftest import ROOT, tiny_overrides
 from distssl.config import load_config
 from distssl.data.spec import data_sources
 from distssl.selftrain.plan import PSEUDO, round_config
-from distssl.testing import deepspeed_command, launch_env
+from support.servers import deepspeed_command, launch_env
 
 
 def _base(tmp_path, *extra):

@@ -31,7 +31,7 @@ from pathlib import Path
 from common import digits8, machine, result, table
 from distssl import ssl as algorithms
 from distssl.config import ALGORITHM_NAMES, load_config
-from distssl.testing import launch_env, train_command
+from support.servers import launch_env, train_command
 
 ROOT = Path(__file__).resolve().parents[2]
 

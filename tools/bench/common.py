@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
+
+# the launch helpers and local cloud servers the benchmarks share with the tests (tests/support/servers.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 
 def real_images(dst: Path, count: int, size: int, quality: int = 90) -> list[Path]:
@@ -72,12 +76,12 @@ def result(**kv) -> None:
 
 
 def s3_server():
-    from distssl.testing import local_s3
+    from support.servers import local_s3
     return local_s3(secret="bench")
 
 
 def upload_folder(local: Path, bucket: str, prefix: str = "") -> None:
-    from distssl.testing import upload_folder as upload
+    from support.servers import upload_folder as upload
     upload(local, f"s3://{bucket}/{prefix}")
 
 

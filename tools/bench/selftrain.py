@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from common import digits8, machine, result, table
-from distssl.testing import deepspeed_command, launch_env
+from support.servers import deepspeed_command, launch_env
 
 ROOT = Path(__file__).resolve().parents[2]
 

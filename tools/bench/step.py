@@ -131,7 +131,8 @@ def boundary_allreduce_seconds(rounds: int = 300) -> float:
     gloo processes on this machine, median seconds."""
     import torch.multiprocessing as mp
 
-    from distssl.testing import free_port
+    import common  # noqa: F401 - tests/ on the path
+    from support.servers import free_port
 
     ctx = mp.get_context("spawn")
     out, port = ctx.Queue(), free_port()

@@ -380,7 +380,7 @@ def cached_epochs(endpoint: str, spec: str, cache_dir: Path, views, a) -> tuple[
     from distssl.data.index import resolve
     from distssl.data.samples import unlabeled_item
     from distssl.data.streams import TrainStream, loader
-    from distssl.testing import TcpProxy
+    from support.servers import TcpProxy
 
     proxy = TcpProxy(int(endpoint.rsplit(":", 1)[1]), latency=a.latency_ms / 1000)
     saved = os.environ["AWS_ENDPOINT_URL"]

@@ -24,7 +24,7 @@ from pathlib import Path
 from common import machine, result, table
 from distssl.predict.parts import make_parts
 from distssl.predict.select import CSV_NAME, candidates, images_of, location
-from distssl.testing import launch_env, train_command
+from support.servers import launch_env, train_command
 
 ROOT = Path(__file__).resolve().parents[2]
 UNLABELED = ROOT / "data/mnist5k/shards/train/unlabeled"

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from common import digits8, machine, result, table
-from distssl.testing import launch_env
+from support.servers import launch_env
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -103,7 +103,8 @@ def worker(stage: int, precision: str, model_name: str, out: str) -> None:
 
 
 def run_stage(stage: int, precision: str, model_name: str, tmp: str) -> dict:
-    from distssl.testing import deepspeed_command, launch_env
+    import common  # noqa: F401 - tests/ on the path
+    from support.servers import deepspeed_command, launch_env
 
     out = Path(tmp) / f"z{stage}_{precision}.json"
     cmd = deepspeed_command(__file__, ["--worker", stage, "--precision", precision, "--model", model_name,

@@ -1,5 +1,6 @@
-"""What the tests and benchmarks start: a local S3-protocol server (moto's server mode, no internet
-needed), a TCP proxy that can take it down, the DeepSpeed launch command, and bucket uploads."""
+"""What the tests and benchmarks start (kept out of the wheel): a local S3-protocol server (moto's server mode,
+no internet needed), GCS and Azure emulators, a TCP proxy that can take one down, the DeepSpeed launch command,
+and bucket uploads."""
 from __future__ import annotations
 
 import fcntl
@@ -22,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def deepspeed_command(script: str | Path, args: list[str] = (), nproc: int | None = 2, master_port: int | None = None,
