@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from distssl.distributed.collectives import sum_over_ranks
-from distssl.models.factory import add_heads, export_state
+from distssl.models.heads import add_heads, export_state
 from distssl.ssl import component
 from distssl.ssl.distalign import DistributionAlignment
 from distssl.ssl.fixmatch import FixMatch

@@ -167,7 +167,7 @@ def test_remixmatch_anchors_k_strong_views_to_the_aligned_weak_guess_and_adds_it
 def test_the_rotation_head_trains_through_the_models_forward_and_stays_out_of_exports():
     import timm
 
-    from distssl.models.factory import add_heads, without_aux_heads
+    from distssl.models.heads import add_heads, without_aux_heads
 
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=10).eval()

@@ -10,6 +10,8 @@ import os
 import sys
 import time
 
+from distssl.errors import UserError
+
 _registered = False
 RANK0_GRACE_S = 20.0  # longest a silent rank waits for rank 0's line before exiting itself
 
@@ -27,13 +29,16 @@ def skip_the_final_collections() -> None:
 
 
 def command(main):
-    """A console script's ``main``: its final collections skipped (above), and a closed pipe (``| head``) ends it
-    quietly, as a Unix command does, instead of a BrokenPipeError traceback (exit 141, 128 + SIGPIPE)."""
+    """A console script's ``main``: its final collections skipped (above), a user's mistake (UserError, raised
+    anywhere below) its one line and exit 2 (:func:`refuse`), and a closed pipe (``| head``) ends it quietly, as a
+    Unix command does, instead of a BrokenPipeError traceback (exit 141, 128 + SIGPIPE)."""
     @functools.wraps(main)
     def run(argv=None) -> int:
         skip_the_final_collections()
         try:
             return main(argv)
+        except UserError as e:  # the one place a user's mistake becomes its line and exit 2
+            return refuse(e)
         except BrokenPipeError:
             # the interpreter flushes stdout again at exit: point it at /dev/null so that flush is silent too
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -20,6 +20,14 @@ import argparse
 import sys
 
 from distssl.cli import command
+from distssl.data.index import resolve
+from distssl.data.store import redact
+from distssl.errors import UserError
+from distssl.models.export import ema_weights_from_run, model_meta, write_export
+from distssl.predict.calibrate import calibrate
+from distssl.predict.model import predictor_from
+from distssl.predict.parts import make_parts
+from distssl.predict.run import labeled_logits
 
 
 @command
@@ -31,11 +39,6 @@ def main(argv=None) -> int:
                    "the run's data.eval)")
     p.add_argument("--no-calibrate", action="store_true", help="no temperature (the model's raw softmax)")
     args = p.parse_args(argv)
-
-    from distssl.data.index import resolve
-    from distssl.data.store import redact
-    from distssl.errors import UserError
-    from distssl.models.export import ema_weights_from_run, model_meta, write_export
 
     try:
         state, info = ema_weights_from_run(args.run)
@@ -85,12 +88,6 @@ def main(argv=None) -> int:
 def fit_temperature_of(state: dict, meta: dict, spec) -> tuple[float, dict]:
     """The temperature of the weights ``state`` (with ``meta``'s eval transform) on the labeled set ``spec``."""
     import torch
-
-    from distssl.data.store import redact
-    from distssl.predict.calibrate import calibrate
-    from distssl.predict.model import predictor_from
-    from distssl.predict.parts import make_parts
-    from distssl.predict.run import labeled_logits
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     predictor = predictor_from(state, meta, device)

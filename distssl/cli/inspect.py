@@ -11,6 +11,10 @@ import json
 import sys
 
 from distssl.cli import command
+from distssl.data import store
+from distssl.data.index import read_index
+from distssl.data.shardinfo import draw_grid, summarize, verify
+from distssl.errors import UserError
 
 
 @command
@@ -22,11 +26,6 @@ def main(argv=None) -> int:
     p.add_argument("--grid-count", type=int, default=64, help="images in the grid (default 64)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     a = p.parse_args(argv)
-
-    from distssl.data import store
-    from distssl.data.index import read_index
-    from distssl.data.shardinfo import draw_grid, summarize, verify
-    from distssl.errors import UserError
 
     try:
         index = read_index(a.url)

@@ -30,6 +30,13 @@ import argparse
 import sys
 
 from distssl.cli import command
+from distssl.data import store
+from distssl.distributed.collectives import end_group
+from distssl.distributed.peers import init_distributed, use_cuda
+from distssl.errors import UserError
+from distssl.predict.job import PredictJob, run_job
+from distssl.predict.parts import make_parts
+from distssl.predict.select import CSV_NAME, SHEET_NAME, write_selection
 
 
 @command
@@ -67,11 +74,6 @@ def main(argv=None) -> int:
 
     import torch
 
-    from distssl.distributed.collectives import end_group
-    from distssl.distributed.peers import init_distributed, use_cuda
-    from distssl.errors import UserError
-    from distssl.predict.job import PredictJob, run_job
-
     rank, world, local_rank = init_distributed(30)
     device = torch.device(f"cuda:{local_rank}") if use_cuda() else torch.device("cpu")
     job = PredictJob(a.model, a.data, a.out, a.batch_size, a.topk, a.part_size, a.calibrate_on, a.to_shards,
@@ -85,8 +87,6 @@ def main(argv=None) -> int:
     if rank == 0:
         report(summary, job, world)
         if a.select:
-            from distssl.predict.parts import make_parts
-            from distssl.predict.select import CSV_NAME, SHEET_NAME, write_selection
 
             rows = write_selection(a.out, make_parts(a.data, a.part_size), a.select)
             classes = len({r["pred_name"] for r in rows})
@@ -98,7 +98,6 @@ def main(argv=None) -> int:
 
 def report(summary: dict, job, world: int) -> None:
     """The job's outcome in two lines (rank 0)."""
-    from distssl.data import store
 
     agree = f", {100 * summary['agreement']:.2f}% agree with the true labels" if summary["agreement"] is not None \
         else ""

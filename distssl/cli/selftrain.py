@@ -29,7 +29,9 @@ import logging
 import os
 import sys
 
-from distssl.cli import command, refuse
+from distssl.cli import command
+from distssl.cli.train import train_with_exit_codes
+from distssl.selftrain.rounds import run_command
 
 
 @command
@@ -57,37 +59,8 @@ def main(argv=None) -> int:
 
 
 def _rounds(a) -> int:
-    import torch
 
-    from distssl.cli.train import train_with_exit_codes
-    from distssl.config import check_paths, load_config
-    from distssl.distributed.collectives import end_group
-    from distssl.distributed.peers import init_distributed, use_cuda
-    from distssl.errors import UserError
-    from distssl.selftrain.rounds import run_rounds
-    from distssl.shards import demo
-
-    is_rank0 = os.environ.get("RANK", "0") == "0"
-    try:
-        base = load_config(a.config, a.overrides)
-        demo.prepare(base.data, progress=is_rank0)
-        check_paths(base)
-    except UserError as e:
-        return refuse(e)
-    rank, world, local_rank = init_distributed(base.deepspeed.timeout_minutes)  # one group for every round
-    device = torch.device(f"cuda:{local_rank}") if use_cuda() else torch.device("cpu")
-    try:
-        code = run_rounds(base, rank, world, device, train_with_exit_codes, a.batch_size,
-                          say=lambda line: print(line, flush=True))
-    except UserError as e:
-        return refuse(e)
-    except (FileNotFoundError, ValueError) as e:
-        if rank == 0:
-            print(f"distssl-selftrain: error: {e}", file=sys.stderr)
-        return 2
-    if code == 0:
-        end_group()
-    return code
+    return run_command(a.config, a.overrides, a.batch_size, train_with_exit_codes)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ import os
 import sys
 
 from distssl.cli import command
+from distssl.data.store import redact
+from distssl.shards import BuildOptions, ImageOptions, make_shards
+from distssl.shards.demo import ensure_demo_data
+from distssl.shards.inplace import index_shards, read_class_names
 
 # `distssl-shards index SPEC --out DIR`: see INDEX_DOC below
 
@@ -102,9 +106,6 @@ def _main(argv=None) -> int:
     a = p.parse_args(argv)
     import logging
     logging.basicConfig(level=logging.WARNING, format="make_shards: warning: %(message)s")
-
-    from distssl.data.store import redact
-    from distssl.shards import BuildOptions, ImageOptions, make_shards
 
     opts = BuildOptions(labels_per_class=a.labels_per_class, label_fraction=a.label_fraction,
                         eval_fraction=a.eval_fraction, unlabeled=a.unlabeled, seed=a.seed, max_count=a.max_count,
@@ -177,8 +178,6 @@ def index_main(argv) -> int:
     p.add_argument("--ray-address", metavar="auto|HOST:PORT", help="read the shards as tasks on this Ray cluster")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    from distssl.data.store import redact
-    from distssl.shards.inplace import index_shards, read_class_names
 
     try:
         names = read_class_names(a.class_names) if a.class_names else None
@@ -204,7 +203,6 @@ def demo_main(argv) -> int:
     p.add_argument("root", nargs="?", default="data/mnist5k", help="where (default data/mnist5k, the demo's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    from distssl.shards.demo import ensure_demo_data
 
     paths = ensure_demo_data(a.root, progress=not a.quiet)
     print(f"the demo's shard sets: data.labeled={paths['labeled']} data.unlabeled={paths['unlabeled']} "

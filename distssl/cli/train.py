@@ -20,7 +20,16 @@ import logging
 import os
 import sys
 
-from distssl.cli import command, refuse
+from distssl.cli import command
+from distssl.config import Config, check_paths, load_config, redacted_dict
+from distssl.config.tree import unset_data_keys
+from distssl.config.typed_tree import describe_keys
+from distssl.data.streams import DataError
+from distssl.distributed.peers import describe_dead_peers, exit_if_a_peer_died, is_peer_failure
+from distssl.distributed.preempt import Preempted
+from distssl.notices import silence_known_notices
+from distssl.shards import demo
+from distssl.train.run import run
 
 
 def print_keys(prefix: str = "") -> int:
@@ -28,9 +37,6 @@ def print_keys(prefix: str = "") -> int:
     starts with ``prefix``."""
     import dataclasses
     import json
-
-    from distssl.config import Config
-    from distssl.config.typed_tree import describe_keys
 
     rows = [r for r in describe_keys(Config) if r[0].startswith(prefix)]
     if not rows:
@@ -49,9 +55,6 @@ def print_keys(prefix: str = "") -> int:
 def print_config(cfg) -> None:
     """The resolved config as YAML; a data key still to be filled in says so on its line."""
     import yaml
-
-    from distssl.config import redacted_dict
-    from distssl.config.tree import unset_data_keys
 
     unset = {key.split(".", 1)[1] for key in unset_data_keys(cfg)}
     section = None
@@ -90,23 +93,16 @@ def main(argv=None) -> int:
 
 
 def _train(args) -> int:
-    from distssl.config import load_config
-    from distssl.errors import UserError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("distssl").setLevel(logging.INFO)  # ours: what was loaded, from where
-    try:
-        cfg = load_config(args.config, args.overrides, require_data=not args.print_config)
-        if args.print_config:
-            print_config(cfg)
-            return 0
-        from distssl.config import check_paths
-        from distssl.shards import demo
+    cfg = load_config(args.config, args.overrides, require_data=not args.print_config)
+    if args.print_config:
+        print_config(cfg)
+        return 0
 
-        demo.prepare(cfg.data, progress=os.environ.get("RANK", "0") == "0")
-        check_paths(cfg)
-    except UserError as e:
-        return refuse(e)
+    demo.prepare(cfg.data, progress=os.environ.get("RANK", "0") == "0")
+    check_paths(cfg)
 
     code, result = train_with_exit_codes(cfg)
     if code == 0 and os.environ.get("RANK", "0") == "0" and not result.get("already_finished"):
@@ -118,16 +114,11 @@ def _train(args) -> int:
 def train_with_exit_codes(cfg) -> tuple[int, dict]:
     """Train ``cfg`` (or resume it) as the command does: (exit code, final eval). A user's mistake is one
     line and 2, too many unusable samples 3, a dead peer 4 (named from the heartbeats); a preemption
-    leaves the process at once with 75, its checkpoint complete on every rank."""
-    from distssl.errors import UserError
-    from distssl.notices import silence_known_notices
+    leaves the process at once with 75, its checkpoint complete on every rank (a UserError is raised to the
+    command, which says its line: distssl.cli.command)."""
 
     silence_known_notices()
     _report_dead_peers_on_sigterm(cfg.run.out_dir)
-    from distssl.data.streams import DataError
-    from distssl.distributed.peers import describe_dead_peers, is_peer_failure
-    from distssl.distributed.preempt import Preempted
-    from distssl.train.run import run
 
     rank = os.environ.get("RANK", "0")
     try:
@@ -137,8 +128,6 @@ def train_with_exit_codes(cfg) -> tuple[int, dict]:
         # waiting on loader workers or the process group's teardown
         sys.stdout.flush()
         os._exit(e.exit_code)
-    except UserError as e:
-        return refuse(e), {}
     except DataError as e:
         msg = str(e).strip()
         if "Original Traceback" in msg:  # raised in a loader worker: the message is its last line
@@ -163,8 +152,6 @@ def _report_dead_peers_on_sigterm(out_dir: str) -> None:
     a peer died names that peer; any other SIGTERM ends the process as by default (during the rendezvous
     itself SIGTERM is at its default: distssl.distributed.peers.init_distributed)."""
     import signal
-
-    from distssl.distributed.peers import exit_if_a_peer_died
 
     def handler(signum, frame):
         rank = os.environ.get("RANK", "?")

@@ -16,7 +16,11 @@ import json
 import logging
 import sys
 
-from distssl.cli import command, refuse
+from distssl.cli import command
+from distssl.config import check_paths
+from distssl.shards import demo
+from distssl.train import preflight
+from distssl.tune import load_sweep, run_sweep
 
 
 @command
@@ -37,23 +41,11 @@ def _main(argv=None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from distssl.config import check_paths
-    from distssl.errors import UserError
-    from distssl.tune import load_sweep, run_sweep
-
-    try:
-        sweep = load_sweep(a.config, a.overrides)
-        from distssl.shards import demo
-        demo.prepare(sweep.base.data, progress=True)
-        check_paths(sweep.base)
-        from distssl.train import preflight
-        preflight.check(sweep.base)  # the base config's mistakes, before Ray starts
-    except UserError as e:
-        return refuse(e)
-    try:
-        summary = run_sweep(sweep)
-    except UserError as e:
-        return refuse(e)
+    sweep = load_sweep(a.config, a.overrides)
+    demo.prepare(sweep.base.data, progress=True)
+    check_paths(sweep.base)
+    preflight.check(sweep.base)  # the base config's mistakes, before Ray starts
+    summary = run_sweep(sweep)
     print(json.dumps(summary, indent=1, default=str))
     return 0 if "best_config" in summary else 1
 

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from distssl import atomic
+from distssl.data.device_augment import _flip_and_pad, pad_pixels
 from distssl.data.transforms import FILL, POOL, _affine, cutout, flip_and_crop, to_uint8
 from distssl.distributed.collectives import sum_over_ranks
 
@@ -198,7 +200,6 @@ class CTAViews:
 
     def strong_plan(self, rng: random.Random) -> list[float]:
         """data.augment_on=device: the same draws as :meth:`strong`, as device_augment's plan."""
-        from distssl.data.device_augment import _flip_and_pad, pad_pixels
 
         v = self.views
         plan = _flip_and_pad(rng, v.flip, pad_pixels(v))
@@ -338,8 +339,6 @@ def write_outputs(history: PolicyHistory, out_dir, step: int) -> list:
     their paths."""
     import json
     from pathlib import Path
-
-    from distssl import atomic
 
     out = Path(out_dir)
     picture(history, str(out / "ctaugment.png"), step)

@@ -17,10 +17,11 @@ from typing import Optional
 
 import torch
 
+import distssl.models.wrn  # noqa: F401
 from distssl import atomic
 from distssl.checkpoint import reader
 from distssl.distributed.collectives import full_shape, gather_partitioned, is_partitioned, rank
-from distssl.models.factory import add_heads, export_state
+from distssl.models.heads import add_heads, export_state
 from distssl.models.identity import fingerprint
 from distssl.ssl import component
 
@@ -94,8 +95,6 @@ def ema_weights_from_run(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     of its config has it, and where it came from."""
     import timm
     import yaml
-
-    import distssl.models.wrn  # noqa: F401
 
     run_dir, step_dir = reader.find(Path(path))
     cfg_path = run_dir / "config.yaml"

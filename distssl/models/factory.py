@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from typing import Callable, Optional, Union
+from typing import Optional
 
 import torch
 
@@ -13,6 +13,7 @@ from distssl.config import ConfigError
 from distssl.data import store
 from distssl.data.store import redact
 from distssl.models import identity
+from distssl.models.heads import classifier_params
 
 log = logging.getLogger(__name__)
 
@@ -126,70 +127,13 @@ def create_model(name: str, num_classes: int, pretrained: str | None = None, dro
     return model
 
 
-def add_heads(model: torch.nn.Module, heads: dict[str, Union[int, Callable[[int], torch.nn.Module]]]
-              ) -> torch.nn.Module:
-    """Give a timm model an algorithm's extra heads on the pooled features (``name -> outputs``, a linear
-    classifier: ReMixMatch's 4-way rotation head, a balanced classifier; or ``name -> factory(features)``, any
-    module: IOMatch's projection and its two heads), reached through the model's own forward, so a DeepSpeed
-    engine forwards them and reduces their gradients like any other weight: ``model(x, head=name)`` is that
-    head's output, ``model(x, heads=(a, b))`` is ``(logits, {a: ..., b: ...})`` from one backbone pass, and
-    ``model(x)`` is unchanged. Head ``name``'s weights sit under ``{name}_head.`` in the state dict, which the
-    exports leave out (:func:`without_aux_heads`)."""
-    if not heads:
-        return model
-    if not hasattr(model, "forward_features") or not hasattr(model, "forward_head"):
-        raise ConfigError(f"model {type(model).__name__} has no forward_features/forward_head: an extra head "
-                          "needs the pooled features (every timm model has them)")
-    for name, spec in heads.items():
-        module = torch.nn.Linear(model.num_features, spec) if isinstance(spec, int) else spec(model.num_features)
-        model.add_module(f"{name}_head", module)
-    classify = model.forward
-
-    def forward(x: torch.Tensor, head: str | None = None, heads: tuple[str, ...] = ()):
-        if head is not None:
-            return getattr(model, f"{head}_head")(model.forward_head(model.forward_features(x), pre_logits=True))
-        if heads:
-            pooled = model.forward_head(model.forward_features(x), pre_logits=True)
-            return model.get_classifier()(pooled), {h: getattr(model, f"{h}_head")(pooled) for h in heads}
-        return classify(x)
-
-    model.forward = forward
-    return model
-
-
-def with_head_as_classifier(state: dict, model: torch.nn.Module, head: str) -> dict:
-    """``state`` with head ``head``'s weights in the timm classifier's place (a balanced head the run evaluates
-    becomes the export's classifier); the head must be a linear layer of the classifier's shape."""
-    out = dict(state)
-    for name, param in _classifier_params(model):
-        source = f"{head}_head.{name.rsplit('.', 1)[-1]}"
-        if source not in state or state[source].shape != param.shape:
-            raise ValueError(f"head {head!r} has no {source} of the classifier's shape {tuple(param.shape)}")
-        out[name] = state[source]
-    return out
-
-
-def export_state(state: dict, model: torch.nn.Module, heads, eval_head: Optional[str] = None, keep=()) -> dict:
-    """The state an export holds: the timm model's, with ``eval_head`` as its classifier (a balanced head the
-    run evaluated), and of the extra heads only those in ``keep`` (an outlier head distssl-predict reads)."""
-    if eval_head:
-        state = with_head_as_classifier(state, model, eval_head)
-    return without_aux_heads(state, [h for h in heads if h not in keep])
-
-
-def without_aux_heads(state: dict, heads) -> dict:
-    """A state dict as the plain timm model has it (what an export holds): ``heads``' weights left out."""
-    prefixes = tuple(f"{name}_head." for name in heads)
-    return {k: v for k, v in state.items() if not (prefixes and k.startswith(prefixes))}
-
-
 def load_pretrained(model: torch.nn.Module, path: str) -> dict:
     """Load what matches; re-initialise a classifier of another size; list every missing/unexpected key."""
 
     state = load_state_dict_file(path)
     own = model.state_dict()
     reshaped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    classifier = {n for n, _ in _classifier_params(model)}
+    classifier = {n for n, _ in classifier_params(model)}
     for k in reshaped:
         state.pop(k)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -222,15 +166,6 @@ def load_pretrained(model: torch.nn.Module, path: str) -> dict:
     return {"loaded": loaded, "missing": missing, "unexpected": unexpected, "reinitialised": reshaped}
 
 
-def _classifier_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    get = getattr(model, "get_classifier", None)
-    head = get() if callable(get) else None
-    if head is None:
-        return []
-    ids = {id(p) for p in head.parameters()}
-    return [(n, p) for n, p in model.named_parameters() if id(p) in ids]
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, backbone_lr_scale: float = 1.0,
                  layer_decay: float = 1.0) -> list[dict]:
     """Parameter groups from timm's own builders (``param_groups_weight_decay``, or with
@@ -246,7 +181,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, backbon
         base = param_groups_layer_decay(model, weight_decay, no_weight_decay_list=no_wd, layer_decay=layer_decay)
     else:
         base = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_wd)
-    head_ids = {id(p) for _, p in _classifier_params(model)}
+    head_ids = {id(p) for _, p in classifier_params(model)}
     groups: list[dict] = []
     for g in base:
         for is_head in (True, False):

@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from distssl import atomic
+
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 200) -> float:
     """The T > 0 that minimises the NLL of softmax(logits / T) on (logits, labels): one parameter,
@@ -62,8 +64,6 @@ def reliability_png(path: str, before: list[dict], after: Optional[list[dict]], 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from distssl import atomic
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+import distssl.models.wrn  # noqa: F401 (registers the WideResNets with timm)
 from distssl.data.transforms import Views
 from distssl.errors import DamagedFile, UserError
 from distssl.models import identity
@@ -70,8 +71,6 @@ def predictor_from(state: dict[str, torch.Tensor], meta: dict, device: torch.dev
                    ) -> Predictor:
     """A Predictor of weights in memory and their model.json (an export being written, or one just read)."""
     import timm
-
-    import distssl.models.wrn  # noqa: F401 (registers the WideResNets with timm)
 
     model = timm.create_model(meta["architecture"], pretrained=False, num_classes=int(meta["num_classes"]))
     outlier_head = None

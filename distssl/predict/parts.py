@@ -13,6 +13,9 @@ from typing import Iterator, Optional
 from distssl.data import store
 from distssl.data.index import IMAGE_KEYS, INDEX_NAME, is_pattern, resolve
 from distssl.data.spec import data_sources
+from distssl.data.streams import resilient_samples
+from distssl.shards.inputs import read_many
+from distssl.shards.listing import list_inputs
 
 
 @dataclass
@@ -45,7 +48,6 @@ def make_parts(spec, part_size: int = 1000) -> list[Part]:
     if _is_shard_spec(spec):
         shards = resolve(spec)
         return [Part(i, shard=url, class_names=shards.class_names) for i, url in enumerate(shards.urls)]
-    from distssl.shards.listing import list_inputs
 
     path = str(spec)
     try:
@@ -75,7 +77,6 @@ def _shard_label(fields: dict) -> int:
 
 def part_samples(part: Part) -> Iterator[Sample]:
     if part.shard is not None:
-        from distssl.data.streams import resilient_samples
 
         for raw in resilient_samples(part.shard):
             data = next((raw.fields[k] for k in IMAGE_KEYS if k in raw.fields), None)
@@ -89,7 +90,6 @@ def part_samples(part: Part) -> Iterator[Sample]:
                 sha = hashlib.sha256(data).hexdigest()
             yield Sample(raw.key, store.redact(part.shard), data, _shard_label(raw.fields), sha)
         return
-    from distssl.shards.inputs import read_many
 
     for (url, rel, label), data in zip(part.inputs, read_many([u for u, _, _ in part.inputs])):
         if isinstance(data, (FileNotFoundError, PermissionError, IsADirectoryError)):

@@ -19,6 +19,7 @@ import torch
 
 from distssl.data import store
 from distssl.data.transforms import normalize
+from distssl.distributed.preempt import ignore_in_worker
 from distssl.predict.model import Predictor
 from distssl.predict.parts import Part, Sample, part_samples
 from distssl.ssl.open_set import outlier_scores, split_outputs
@@ -121,7 +122,6 @@ def batches_of(predictor: Predictor, parts: list[Part], batch_size: int, workers
     workers = min(workers, len(parts))
     if workers == 0:
         return iter(dataset)
-    from distssl.distributed.preempt import ignore_in_worker
 
     return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4,
                                             collate_fn=lambda b: b, worker_init_fn=ignore_in_worker))

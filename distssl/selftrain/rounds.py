@@ -20,20 +20,26 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+
 from distssl import atomic
-from distssl.config import Config
+from distssl.config import Config, check_paths, load_config
 from distssl.data.index import resolve
 from distssl.data.store import redact
-from distssl.distributed.collectives import barrier
+from distssl.distributed.collectives import barrier, end_group
+from distssl.distributed.peers import init_distributed, use_cuda
+from distssl.errors import UserError
 from distssl.models.export import META_NAME, WEIGHTS_NAME
 from distssl.predict.job import PredictJob, run_job
 from distssl.predict.parts import make_parts
 from distssl.predict.pseudo import write_pseudo_index
 from distssl.selftrain import pseudo_set
 from distssl.selftrain.plan import PREDICTIONS, PSEUDO, round_config, round_dir, teachers_of
+from distssl.shards import demo
 
 log = logging.getLogger(__name__)
 RECORD = "selftrain.json"
@@ -187,3 +193,26 @@ def run_rounds(base: Config, rank: int, world: int, device, train: Callable[[Con
             + (f"; best round {best['round']} ({100 * best['top1']:.2f}%), exported to {root}/{WEIGHTS_NAME}"
                if best else "") + f" ({root}/{RECORD})")
     return 0
+
+
+def run_command(config: Optional[str], overrides: list[str], batch_size: int,
+                train: Callable[[Config], tuple[int, dict]]) -> int:
+    """distssl-selftrain: the config checked (and the demo's data built) before any process group, one group for
+    every round, the rounds, and the group ended on success. A user's mistake is raised (the command says it);
+    a missing or unreadable input of a round is its line and exit 2."""
+    base = load_config(config, overrides)
+    demo.prepare(base.data, progress=os.environ.get("RANK", "0") == "0")
+    check_paths(base)
+    rank, world, local_rank = init_distributed(base.deepspeed.timeout_minutes)
+    device = torch.device(f"cuda:{local_rank}") if use_cuda() else torch.device("cpu")
+    try:
+        code = run_rounds(base, rank, world, device, train, batch_size, say=lambda line: print(line, flush=True))
+    except (FileNotFoundError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        if rank == 0:
+            print(f"distssl-selftrain: error: {e}", file=sys.stderr)
+        return 2
+    if code == 0:
+        end_group()
+    return code

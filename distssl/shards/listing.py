@@ -17,6 +17,7 @@ import numpy as np
 
 from distssl.data import store
 from distssl.data.index import IMAGE_EXTS
+from distssl.shards.inputs import embedded_ref, image_column
 
 MANIFEST_EXTS = (".csv", ".jsonl", ".ndjson", ".parquet")
 
@@ -181,8 +182,6 @@ def _parquet_rows(src: str) -> Iterator[tuple[str, Optional[str]]]:
     """(input, label text or None) of a Parquet manifest or image table, read a row group at a time and
     only the columns needed: a table of embedded images is listed without reading one image."""
     import pyarrow.parquet as pq
-
-    from distssl.shards.inputs import embedded_ref, image_column
 
     fs, path = store.filesystem(src)
     with store.retry(fs.open, path, "rb", what=src) as f:

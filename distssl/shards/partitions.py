@@ -21,6 +21,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from distssl.shards.listing import Listing, Rows, class_order, no_class_folders, source_rows
+from distssl.shards.record import Diff
 
 BUCKETS = 4096
 FLUSH_ROWS = 200_000  # rows buffered in memory before they are appended to their bucket files
@@ -270,7 +271,6 @@ def diff_partitioned(record, pl: PartitionedListing, folder: str):
     """What changed between a record and a listing, one hash bucket at a time: the record's inputs (every
     generation's, minus those a later one removed) are spilled to buckets as the listing was, and each
     bucket compared. Only the differences are held (their keys), never either side whole."""
-    from distssl.shards.record import Diff
 
     rec = Spill(folder, "r")
     for g, part in record.parts():

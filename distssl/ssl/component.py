@@ -112,8 +112,14 @@ class IOMatch(Component):
         loss_open = (open_set.soft_cross_entropy(open_s, q) * mask).mean()
         if self.progress(fw.step) < self.cfg.warmup:  # the authors' first epoch: no open-set loss
             loss_open = loss_open * 0.0
-        return (self.cfg.lambda_ova * loss_ova + self.cfg.lambda_open * loss_open,
-                {"loss_ova": loss_ova.detach(), "loss_open": loss_open.detach(), "open_mask_rate": mask.mean()})
+        loss = self.cfg.lambda_ova * loss_ova + self.cfg.lambda_open * loss_open
+        stats = {"loss_ova": loss_ova.detach(), "loss_open": loss_open.detach(), "open_mask_rate": mask.mean()}
+        if self.cfg.lambda_em or self.cfg.lambda_socr:  # OpenMatch's terms (need the weak view with gradient)
+            ova_w = self._ova(fw.heads_u[OUTLIER_HEAD]["weak"])
+            ova_s = self._ova(fw.heads_u[OUTLIER_HEAD]["strong"])
+            loss = loss + self.cfg.lambda_em * open_set.one_vs_all_entropy(ova_s) \
+                + self.cfg.lambda_socr * open_set.one_vs_all_consistency(ova_w, ova_s)
+        return loss, stats
 
 
 class Balanced(Component):

@@ -37,6 +37,10 @@ class IOMatchConfig:
     lambda_open: float = 1.0  # weight of the open-set loss (their op_loss_ratio)
     projection: int = 128  # width of the projection both heads read
     warmup: float = 1 / 256  # share of the run without the open-set loss (their first epoch of 256)
+    # OpenMatch's (Saito et al. 2021) terms on the unlabeled views' one-vs-all outputs, off in IOMatch: entropy
+    # minimisation (their lambda_em 0.1) and soft consistency between the weak and strong view (lambda_socr 0.5)
+    lambda_em: float = 0.0
+    lambda_socr: float = 0.0
 
     def validate(self, check) -> None:
         check(0.0 <= self.q_cutoff <= 1.0, "q_cutoff", self.q_cutoff, "0..1")
@@ -44,6 +48,8 @@ class IOMatchConfig:
         check(self.lambda_open >= 0, "lambda_open", self.lambda_open, ">= 0")
         check(self.projection >= 1, "projection", self.projection, ">= 1")
         check(0.0 <= self.warmup < 1.0, "warmup", self.warmup, "0 <= warmup < 1")
+        check(self.lambda_em >= 0, "lambda_em", self.lambda_em, ">= 0")
+        check(self.lambda_socr >= 0, "lambda_socr", self.lambda_socr, ">= 0")
 
 
 OUTLIER_AT = 0.5  # IOMatch's rule: an outlier score of at least 0.5 is outside the label set
@@ -102,3 +108,16 @@ def open_set_targets(probs: torch.Tensor, logits_ova: torch.Tensor) -> torch.Ten
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per sample: -sum_k targets_k log softmax(logits)_k."""
     return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
+
+
+def one_vs_all_entropy(logits_ova: torch.Tensor) -> torch.Tensor:
+    """OpenMatch's entropy minimisation: the mean over samples and classes of each pair's entropy."""
+    p = one_vs_all_probs(logits_ova)
+    return (-(p * torch.log(p + 1e-8)).sum(dim=1)).mean(dim=1).mean()
+
+
+def one_vs_all_consistency(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """OpenMatch's soft open-set consistency (SOCR): per sample the squared distance of the two views' pair
+    probabilities, summed over pairs and classes, averaged over samples."""
+    pa, pb = one_vs_all_probs(logits_a), one_vs_all_probs(logits_b)
+    return ((pa - pb).abs() ** 2).sum(dim=1).sum(dim=1).mean()

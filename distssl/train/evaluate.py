@@ -6,6 +6,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from distssl import atomic
 from distssl.distributed.collectives import gather_rows, sum_numbers
 
 
@@ -104,8 +105,6 @@ def plot_confusion(confusion: torch.Tensor, names: list[str], path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from distssl import atomic
 
     c = confusion.double()
     rows = c / c.sum(dim=1, keepdim=True).clamp_min(1)

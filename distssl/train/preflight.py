@@ -13,6 +13,7 @@ import difflib
 import logging
 from typing import Optional
 
+import distssl.models.wrn  # noqa: F401  (registers wrn28_2)
 from distssl.config import Config, ConfigError
 from distssl.data import store
 from distssl.data.feed import check_extras
@@ -41,8 +42,6 @@ def check(cfg: Config) -> LabelMaps:
 
 def check_model_name(name: str) -> None:
     import timm
-
-    import distssl.models.wrn  # noqa: F401  (registers wrn28_2)
 
     if timm.models.is_model(name):
         return

@@ -35,7 +35,8 @@ from distssl.data.streams import DataError
 from distssl.distributed.collectives import sum_numbers
 from distssl.distributed.peers import use_cuda, watch_local_peers, write_heartbeat
 from distssl.distributed.preempt import Preempted, PreemptWatch, ignore_in_worker
-from distssl.models.factory import add_heads, create_model
+from distssl.models.factory import create_model
+from distssl.models.heads import add_heads
 from distssl.ssl.distalign import DistributionAlignment, target_from_histogram
 from distssl.ssl.step import StepInputs
 from distssl.tracking.metrics import MetricsWriter

@@ -13,6 +13,7 @@ import yaml
 
 from distssl import atomic
 from distssl.config import Config, to_dict
+from distssl.config.tree import _redacted
 from distssl.config.typed_tree import ConfigError, changed_keys
 
 
@@ -57,7 +58,6 @@ RESUMABLE_SWEEP_KEYS = {"tune.address", "tune.num_cpus", "tune.max_concurrent_tr
 
 def sweep_settings(sweep: Sweep) -> dict:
     """What defines a sweep's results: the base training config, the tune settings and the space."""
-    from distssl.config.tree import _redacted
 
     tree = {"base": _redacted(to_dict(sweep.base)), "tune": dataclasses.asdict(sweep.tune), "space": sweep.space}
     return yaml.safe_load(yaml.safe_dump(tree))  # lists, not tuples: as read back from the file

@@ -12,6 +12,7 @@ import yaml
 from distssl.config import Config, load_config, to_dict, validate
 from distssl.config.recipes import resolve_config
 from distssl.config.typed_tree import ConfigError, build, flatten, parse_override, set_path
+from distssl.train import preflight
 from distssl.tune.record import Sweep, TuneSettings
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -87,7 +88,6 @@ def check_space(space: dict, base: Config) -> None:
             try:
                 cfg = apply(base, {key: v}, base.run.out_dir)
                 if key.startswith(("model.", "data.")):  # a wrong model or data set fails here, not in a trial
-                    from distssl.train import preflight
                     preflight.check(cfg)
             except ConfigError as e:
                 raise ConfigError(f"space.{key}: {e}") from None

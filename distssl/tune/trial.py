@@ -22,6 +22,8 @@ from distssl.checkpoint import layout as checkpoint
 from distssl.config import Config
 from distssl.config.typed_tree import build
 from distssl.errors import UserError
+from distssl.notices import silence_known_notices
+from distssl.train import run as engine
 from distssl.tune.space import apply
 from distssl.tune.storage import storage_for
 
@@ -61,9 +63,6 @@ def worker_loop(loop_config: dict) -> None:
     """One rank of a trial: the engine with the trial's values, resuming from the run's last checkpoint."""
     import ray.train
     from ray.train import Checkpoint
-
-    from distssl.notices import silence_known_notices
-    from distssl.train import run as engine
 
     base = build(Config, loop_config["base"], "")
     out_dir = os.path.join(loop_config["sweep_dir"], "trials", loop_config["trial_name"])
