@@ -327,3 +327,49 @@ def resolve_url(spec: str) -> str:
     from distssl.data.index import resolve
 
     return resolve(spec).urls[0]
+
+
+@pytest.mark.slow
+def test_a_run_with_both_components_resumes_exports_its_heads_and_predicts_outliers(tiny_data, tmp_path):
+    """1 process: train with ssl.open_set=iomatch and ssl.imbalance=acr, resume to more steps; the run's export
+    and distssl-export's of its last checkpoint are the same weights (the balanced head as the classifier, the
+    outlier head kept), and distssl-predict scores every image."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from conftest import ROOT, run_train, tiny_overrides
+    from support.servers import launch_env
+
+    run = tmp_path / "run"
+    keys = {"ssl.open_set": "iomatch", "ssl.imbalance": "acr", "train.eval_every": 2, "train.ckpt_every": 2}
+    r = run_train(tiny_overrides(tiny_data, run, **{"train.steps": 2, **keys}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train(tiny_overrides(tiny_data, run, **{"train.steps": 4, **keys}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 4 and 0 <= summary["balanced_top1"] <= 1
+    assert summary["derived"]["ssl.dist_align"].startswith("false")
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["outlier_head"]["prefix"] == "open_set_head."
+    ours = load_file(str(run / "model.safetensors"))
+    assert any(k.startswith("open_set_head.") for k in ours) and not any(k.startswith("balanced_head.") for k in ours)
+    out = tmp_path / "export"
+    r = subprocess.run([sys.executable, str(ROOT / "tools/export_model.py"), str(run), str(out), "--no-calibrate"],
+                       capture_output=True, text=True, env=launch_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    theirs = load_file(str(out / "model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert json.loads((out / "model.json").read_text())["outlier_head"] == meta["outlier_head"]
+    pred = tmp_path / "pred"
+    r = subprocess.run([sys.executable, str(ROOT / "launch/predict.py"), str(run), "--data", tiny_data["eval"],
+                        "--out", str(pred)], capture_output=True, text=True, env=launch_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "named unknown" in r.stdout
+    import pyarrow.parquet as pq
+
+    rows = [row for f in sorted((pred / "parts").glob("*.parquet")) for row in pq.read_table(f).to_pylist()]
+    assert len(rows) == 97 and all(0 <= row["outlier_score"] <= 1 for row in rows)
+    assert json.loads((pred / "summary.json").read_text())["unknown"] == sum(row["unknown"] for row in rows)
