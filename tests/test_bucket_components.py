@@ -92,6 +92,41 @@ def test_iomatch_on_fixmatch_is_the_authors_train_step():
     assert rule.needs.heads == ("open_set",) and "open_set" in rule.heads and rule.eval_head is None
 
 
+def openmatch_ova_ent(logits_open):  # OpenMatch utils.ova_ent
+    logits_open = logits_open.view(logits_open.size(0), 2, -1)
+    logits_open = F.softmax(logits_open, 1)
+    return torch.mean(torch.mean(torch.sum(-logits_open * torch.log(logits_open + 1e-8), 1), 1))
+
+
+def openmatch_socr(logits_open_u1, logits_open_u2):  # OpenMatch train.py's L_socr
+    n = logits_open_u1.size(0)
+    logits_open_u1 = F.softmax(logits_open_u1.view(n, 2, -1), 1)
+    logits_open_u2 = F.softmax(logits_open_u2.view(n, 2, -1), 1)
+    return torch.mean(torch.sum(torch.sum(torch.abs(logits_open_u1 - logits_open_u2) ** 2, 1), 1))
+
+
+def test_iomatch_options_add_openmatchs_terms_and_pseudo_inliers_to_the_authors_step():
+    """lambda_em / lambda_socr: OpenMatch's ova_ent on the strong view and L_socr between the weak and strong
+    view; pseudo_inliers: IOMatch's (OpenMatch's) one-vs-all loss on the confident inliers of the unlabeled batch,
+    their pseudo-labels as the class, averaged over the whole batch (as the rule's loss is)."""
+    base_cfg = IOMatchConfig()
+    cfg = IOMatchConfig(lambda_em=0.1, lambda_socr=0.5, pseudo_inliers=2.0)
+    fw = forwarded("open_set", 3 * K + 1, seed=3)
+    loss = {}
+    for name, c in (("base", base_cfg), ("more", cfg)):
+        iom = component.IOMatch(K, c, threshold=0.6, total_steps=100, reduce=sum_over_ranks)
+        loss[name], _ = FixMatch(K, tau=0.6, lambda_u=1.0, components=[iom]).loss(fw)
+    ova_w = fw.heads_u["open_set"]["weak"][:, :2 * K]
+    ova_s = fw.heads_u["open_set"]["strong"][:, :2 * K]
+    p = F.softmax(fw.logits_u["weak"], dim=-1)
+    r = F.softmax(ova_w.view(NU, 2, -1), 1)
+    keep = (p.max(1).values >= 0.6) & ((p * r[:, 0, :]).sum(1) < 0.5)
+    assert 0 < int(keep.sum()) < NU
+    pseudo_term = iomatch_mb_sup_loss(ova_s[keep], p.argmax(1)[keep]) * keep.float().mean()
+    expected = 0.1 * openmatch_ova_ent(ova_s) + 0.5 * openmatch_socr(ova_w, ova_s) + 2.0 * pseudo_term
+    assert float(loss["more"] - loss["base"]) == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_iomatch_has_no_open_set_loss_in_its_first_epoch():
     cfg = IOMatchConfig()
     fw = forwarded("open_set", 3 * K + 1, step=0)

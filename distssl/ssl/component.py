@@ -114,6 +114,13 @@ class IOMatch(Component):
             loss_open = loss_open * 0.0
         loss = self.cfg.lambda_ova * loss_ova + self.cfg.lambda_open * loss_open
         stats = {"loss_ova": loss_ova.detach(), "loss_open": loss_open.detach(), "open_mask_rate": mask.mean()}
+        if self.cfg.pseudo_inliers:
+            with torch.no_grad():
+                conf, pseudo = probs.max(dim=1)
+                scores = open_set.outlier_scores(probs, self._ova(fw.heads_u[OUTLIER_HEAD]["weak"]))
+                keep = ((conf >= self.threshold) & (scores < open_set.OUTLIER_AT)).float()
+            ova_s = self._ova(fw.heads_u[OUTLIER_HEAD]["strong"])
+            loss = loss + self.cfg.pseudo_inliers * open_set.one_vs_all_loss(ova_s, pseudo, keep)
         if self.cfg.lambda_em or self.cfg.lambda_socr:  # OpenMatch's terms (need the weak view with gradient)
             ova_w = self._ova(fw.heads_u[OUTLIER_HEAD]["weak"])
             ova_s = self._ova(fw.heads_u[OUTLIER_HEAD]["strong"])

@@ -41,6 +41,9 @@ class IOMatchConfig:
     # minimisation (their lambda_em 0.1) and soft consistency between the weak and strong view (lambda_socr 0.5)
     lambda_em: float = 0.0
     lambda_socr: float = 0.0
+    # the one-vs-all loss also on the unlabeled images the rule trains on (confident, inlier), their pseudo-label as
+    # the class, on the strong view (SSB's pseudo-inliers, Fan et al. 2023); 0: IOMatch's labelled batch only
+    pseudo_inliers: float = 0.0
 
     def validate(self, check) -> None:
         check(0.0 <= self.q_cutoff <= 1.0, "q_cutoff", self.q_cutoff, "0..1")
@@ -50,6 +53,7 @@ class IOMatchConfig:
         check(0.0 <= self.warmup < 1.0, "warmup", self.warmup, "0 <= warmup < 1")
         check(self.lambda_em >= 0, "lambda_em", self.lambda_em, ">= 0")
         check(self.lambda_socr >= 0, "lambda_socr", self.lambda_socr, ">= 0")
+        check(self.pseudo_inliers >= 0, "pseudo_inliers", self.pseudo_inliers, ">= 0")
 
 
 OUTLIER_AT = 0.5  # IOMatch's rule: an outlier score of at least 0.5 is outside the label set
@@ -84,14 +88,17 @@ def one_vs_all_probs(logits_ova: torch.Tensor) -> torch.Tensor:
     return F.softmax(logits_ova.view(n, 2, -1), dim=1)
 
 
-def one_vs_all_loss(logits_ova: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def one_vs_all_loss(logits_ova: torch.Tensor, labels: torch.Tensor, weights=None) -> torch.Tensor:
     """OpenMatch's one-vs-all loss of a labelled batch: mean of -log p_in(y), plus the mean over samples of the
-    largest -log p_out(k) over the classes k other than y."""
+    largest -log p_out(k) over the classes k other than y. ``weights``: per sample, averaged over the batch
+    (pseudo-labelled samples, ``ssl.iomatch.pseudo_inliers``)."""
     p = one_vs_all_probs(logits_ova)
     positive = F.one_hot(labels, p.shape[2]).float()
-    inside = (-torch.log(p[:, 1, :] + 1e-8) * positive).sum(dim=1).mean()
-    outside = (-torch.log(p[:, 0, :] + 1e-8) * (1 - positive)).max(dim=1).values.mean()
-    return inside + outside
+    inside = (-torch.log(p[:, 1, :] + 1e-8) * positive).sum(dim=1)
+    outside = (-torch.log(p[:, 0, :] + 1e-8) * (1 - positive)).max(dim=1).values
+    if weights is None:
+        return inside.mean() + outside.mean()
+    return ((inside + outside) * weights).mean()
 
 
 def outlier_scores(probs: torch.Tensor, logits_ova: torch.Tensor) -> torch.Tensor:
