@@ -107,7 +107,9 @@ print("samples", n)
 def test_a_cache_that_cannot_write_falls_back_to_the_store(tiny_data, tmp_path):
     """A disk that refuses writes (the OS's own file-size limit: EFBIG, as ENOSPC would come)."""
     r = subprocess.run([sys.executable, "-c", WRITE_FAILS, tiny_data["unlabeled"], str(tmp_path / "cache")],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ})
+                       capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(  # support.servers, under tests/
+                           filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "samples 600" in r.stdout
     assert r.stderr.count("reading shards from the store instead") == 1, r.stderr[-2000:]

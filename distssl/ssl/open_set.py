@@ -37,9 +37,10 @@ class IOMatchConfig:
     lambda_open: float = 1.0  # weight of the open-set loss (their op_loss_ratio)
     projection: int = 128  # width of the projection both heads read
     warmup: float = 1 / 256  # share of the run without the open-set loss (their first epoch of 256)
-    # OpenMatch's (Saito et al. 2021) terms on the unlabeled views' one-vs-all outputs, off in IOMatch: entropy
-    # minimisation (their lambda_em 0.1) and soft consistency between the weak and strong view (lambda_socr 0.5)
+    # OpenMatch's (Saito et al. 2021) entropy minimisation of the unlabeled one-vs-all outputs (their 0.1); 0: off,
+    # as in IOMatch
     lambda_em: float = 0.0
+    # OpenMatch's soft open-set consistency between the weak and strong view's one-vs-all outputs (their 0.5)
     lambda_socr: float = 0.0
     # the one-vs-all loss also on the unlabeled images the rule trains on (confident, inlier), their pseudo-label as
     # the class, on the strong view (SSB's pseudo-inliers, Fan et al. 2023); 0: IOMatch's labelled batch only
