@@ -32,9 +32,10 @@ def test_select_writes_the_list_and_the_sheet_and_the_labelled_list_builds_as_la
                                                                                     source):
     data = str(tiny_data["raw"] / "train") if source == "raw" else tiny_data["unlabeled"]
     out = tmp_path / "pred"
+    # --out relative to where the user stands: the list still names files a builder finds from anywhere
     r = subprocess.run([sys.executable, str(ROOT / "launch/predict.py"), str(exported), "--data", data, "--out",
-                        str(out), "--select", "12", "--quiet"], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                       env=launch_env())
+                        "pred", "--select", "12", "--quiet"], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path, env=launch_env())
     assert r.returncode == 0, r.stderr[-2000:]
     assert "12 images to label" in r.stdout and (out / "to_label.png").stat().st_size > 1000
     rows = list(csv.DictReader((out / "to_label.csv").open()))
@@ -47,7 +48,8 @@ def test_select_writes_the_list_and_the_sheet_and_the_labelled_list_builds_as_la
         assert Path(r["path"]).exists()
     if source == "shards":
         assert all(Path(r["path"]).parent == out / "to_label" for r in rows)  # copies a builder can read
-    filled = tmp_path / "filled.csv"
+    filled = tmp_path / "annotated" / "filled.csv"  # filled in and saved elsewhere, as annotators do
+    filled.parent.mkdir()
     with filled.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -57,3 +59,16 @@ def test_select_writes_the_list_and_the_sheet_and_the_labelled_list_builds_as_la
     assert b.returncode == 0, b.stderr[-2000:]
     index = json.loads(next((tmp_path / "new").rglob("index.json")).read_text())
     assert index["count"] == 12 and sum(index["class_histogram"]) == 12
+
+
+def test_a_list_whose_every_path_is_missing_is_refused_and_leaves_no_index(tmp_path, capsys):
+    """Relative paths that name nothing from the manifest's folder: one line naming the first, exit 2, no set."""
+    from distssl.cli import shards as shards_cli
+
+    lst = tmp_path / "lists" / "filled.csv"
+    lst.parent.mkdir()
+    lst.write_text("path,label\nelsewhere/a.png,3\nelsewhere/b.png,4\n")
+    assert shards_cli.main([str(lst), str(tmp_path / "new"), "--quiet", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "none of its inputs could be written" in err and "elsewhere/a.png" in err and "Traceback" not in err
+    assert not list((tmp_path / "new").rglob("index.json"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -85,11 +86,17 @@ def location(part: Part, c: Candidate, data: bytes, out: str) -> str:
     """Where the builder can read the image: a raw input's own URL, else a copy in OUT/to_label/."""
     for url, rel, _label in part.inputs:
         if rel == c.source:
-            return url
+            return absolute(url)
     name = f"{c.source.rsplit('/', 1)[-1].removesuffix('.tar')}-{c.key}.{_image_ext(data)}".replace("/", "_")
     copy = store.join(out, COPIES, name)
     store.write_bytes(copy, data)
-    return copy
+    return absolute(copy)
+
+
+def absolute(url: str) -> str:
+    """A local path made absolute: the builder reads a manifest's relative paths from the manifest's own folder,
+    so a path relative to where the command ran would name another file once the list is copied or filled."""
+    return url if "://" in url else os.path.abspath(url)
 
 
 def write_selection(out: str, parts: list[Part], n: int) -> list[dict]:

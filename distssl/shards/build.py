@@ -384,6 +384,12 @@ def _build(src: str, dst: str, opts: BuildOptions, work: str) -> dict[str, dict]
             _extend(dst, record, pl, listing, diff, split, runner, work, opts.partition_keys)
             totals = _complete(dst, record, pl.base, opts.image, runner, opts.progress)
             _report_removed(src, diff)
+        if not any(st["count"] for t in totals.values() for st in t.shards):  # a set of nothing is no result
+            first = next((f for t in totals.values() for f in t.failures), {})
+            raise ValueError(f"{store.redact(src)}: none of its inputs could be written as an image (the first: "
+                             f"{first.get('input')}: {first.get('reason')}); no index was written to "
+                             f"{store.redact(dst)}. Check the paths (a manifest's relative paths are read from "
+                             f"its own folder) and rerun")
         removed = _removed_by_set(record)
         out = {}
         for name in set_order(totals):
