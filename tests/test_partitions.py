@@ -6,12 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import export_digits, export_digits_with_bad_files
 from distssl.shards import make_shards
 from distssl.shards.listing import list_inputs
 from distssl.shards.partitions import bucket_of, group_buckets, list_partitioned
-from distssl.shards.partplan import split_quota
+from distssl.shards.splits import split_quota
 
 
 def test_quotas_share_each_class_exactly_and_in_proportion():
@@ -100,3 +101,42 @@ def _paths(folder) -> list[str]:
         with tarfile.open(tar) as t:
             out += [json.loads(t.extractfile(m).read())["path"] for m in t.getmembers() if m.name.endswith(".json")]
     return out
+
+
+def _as_written_before_partitions(dst) -> None:
+    """Rewrite a one-partition record as builds wrote it before partitions existed: one file per generation
+    (build-gNNN.json.gz) named by the head's "file", no bucket ranges or digests."""
+    head = json.loads((dst / "build.json").read_text())
+    for g, gen in enumerate(head["generations"]):
+        (entry,) = gen["parts"]
+        (dst / entry["file"]).rename(dst / f"build-g{g:03d}.json.gz")
+        head["generations"][g] = {"file": f"build-g{g:03d}.json.gz",
+                                  **{k: entry[k] for k in ("inputs", "removed", "sets")}}
+    (dst / "build.json").write_text(json.dumps(head, indent=1))
+
+
+def test_a_record_written_before_partitions_is_finished_refused_on_change_and_extended(tmp_path):
+    raw = tmp_path / "raw"
+    export_digits(raw, n_train=300, n_eval=0, seed=2)
+    kw = dict(labels_per_class=3, eval_fraction=0.1, max_count=40, progress=False)
+    first = make_shards(str(raw / "train"), str(tmp_path / "old"), **kw)
+    dst = tmp_path / "old"
+    _as_written_before_partitions(dst)
+    for tar in sorted((dst / "unlabeled").glob("*.tar"))[-2:]:  # killed before its last shards were written
+        tar.unlink()
+        tar.with_suffix(".stats.json").unlink()
+    again = make_shards(str(raw / "train"), str(dst), **kw)  # finishes the recorded plan, nothing new
+    assert {k: v["count"] for k, v in again.items()} == {k: v["count"] for k, v in first.items()}
+    labeled = sorted(p.read_bytes() for p in (dst / "labeled").iterdir())
+    src = raw / "train"
+    for i, p in enumerate(sorted(src.rglob("*.png"))[:10]):  # new inputs: the pixels of old ones, moved a bit
+        Image.open(p).rotate(90).save(p.parent / f"new_{i}.png")
+    with pytest.raises(ValueError, match="10 inputs added, 0 removed"):
+        make_shards(str(src), str(dst), **kw)
+    grown = make_shards(str(src), str(dst), extend=True, **kw)
+    before = first["eval"]["count"] + first["unlabeled"]["count"]
+    assert grown["eval"]["count"] + grown["unlabeled"]["count"] == before + 10
+    assert sorted(p.read_bytes() for p in (dst / "labeled").iterdir()) == labeled  # the labeled split stays
+    gens = json.loads((dst / "build.json").read_text())["generations"]
+    assert "file" in gens[0] and "parts" in gens[1]  # the old generation read as it was, the new one appended
+    assert grown["unlabeled"]["generations"] == 2

@@ -1,7 +1,8 @@
 """Raw images -> shard sets: list the source, plan (or read the recorded plan), write shards, index.
 
 Why the shape:
-- The plan is a pure function of the listing, the options and the seed (distssl.shards.plan) and is
+- Every source is listed into partitions (one for a small bucket) and planned, recorded and written by the
+  same functions. The plan is a pure function of the listing, the options and the seed (distssl.shards.plan) and is
   recorded before any shard is written (distssl.shards.record). A rerun finishes the recorded plan;
   one whose listing or options changed refuses before writing anything; ``extend`` adds the new
   inputs as a new generation of shards after the existing ones.
@@ -29,20 +30,11 @@ from distssl.data.index import FORMAT, INDEX_NAME
 from distssl.shards.images import ImageOptions, process_image
 from distssl.shards.inputs import read_input
 from distssl.shards.listing import Listing
-from distssl.shards.partitions import PartitionedListing, diff_partitioned, from_listing, list_partitioned
-from distssl.shards.partplan import PartPlanner
-from distssl.shards.plan import SplitOptions, plan_extension, plan_first, set_order
-from distssl.shards.record import (
-    RECORD_NAME,
-    Record,
-    diff_listing,
-    normalise_source,
-    option_changes,
-    read_record,
-    write_generation,
-    write_partitioned_generation,
-)
+from distssl.shards.partitions import PartitionedListing, diff_listing, from_listing, list_partitioned
+from distssl.shards.plan import Planner
+from distssl.shards.record import RECORD_NAME, Record, normalise_source, option_changes, read_record, write_generation
 from distssl.shards.runners import make_runner
+from distssl.shards.splits import SplitOptions, set_order
 from distssl.shards.writer import ShardJob, read_stats, run_job
 from distssl.tracking.progress import bar as progress_bar
 
@@ -352,36 +344,24 @@ def _build(src: str, dst: str, opts: BuildOptions, work: str) -> dict[str, dict]
     else:
         _check_same_build(record, source, opts, dst)
         _classes_in_record_order(record, pl, dst)
-    # one partition (and a record of one): the listing in memory, planned whole, as before partitions existed
-    partitioned = pl.partitions > 1 or (record is not None and record.partitioned)
-    listing = None if partitioned else pl.load(0)
-    if record is None:
-        diff = None
-    elif partitioned:
-        diff = diff_partitioned(record, pl, os.path.join(work, "diff"))
-    else:
-        diff = diff_listing(record, listing.rels, listing.sizes)
+    diff = None if record is None else diff_listing(record, pl, os.path.join(work, "diff"))
     if diff and not opts.extend:
         raise ValueError(
             f"{store.redact(src)} has changed since {store.redact(dst)} was planned: {diff.describe()}. Nothing was "
             f"written. To add the new inputs as new shards (existing shards and the labeled split stay as they "
             f"are), rerun with --extend; to build from the new listing, give a new destination")
     if opts.dry_run:
-        return _dry_run(pl, listing, record, diff, split, work, opts)
+        return _dry_run(pl, record, diff, split, work, opts)
     runner = make_runner(opts.workers, opts.ray_address, dst)
     try:
         if record is None:
             record = Record(source, opts.plan_options(), list(pl.class_names))
-            if partitioned:
-                planner = PartPlanner(pl, split, os.path.join(work, "plan"), _verifier(runner),
-                                      _hasher(runner) if opts.dedup else None)
-                write_partitioned_generation(dst, record, planner.plan(), pl.ranges, pl.digests)
-            else:
-                hashes = _hasher(runner)(listing) if opts.dedup else None
-                write_generation(dst, record, plan_first(listing, split, _verifier(runner, listing), hashes))
+            planner = Planner(pl, split, os.path.join(work, "plan"), _verifier(runner),
+                              _hasher(runner) if opts.dedup else None)
+            write_generation(dst, record, planner.plan(), pl.ranges, pl.digests)
         totals = _complete(dst, record, pl.base, opts.image, runner, opts.progress)
         if diff:  # --extend: the recorded plan is complete; now the new generation, then its shards
-            _extend(dst, record, pl, listing, diff, split, runner, work, opts.partition_keys)
+            _extend(dst, record, pl, diff, split, runner, work, opts.partition_keys)
             totals = _complete(dst, record, pl.base, opts.image, runner, opts.progress)
             _report_removed(src, diff)
         if not any(st["count"] for t in totals.values() for st in t.shards):  # a set of nothing is no result
@@ -402,30 +382,19 @@ def _build(src: str, dst: str, opts: BuildOptions, work: str) -> dict[str, dict]
         runner.close()
 
 
-def _extend(dst: str, record: Record, pl: PartitionedListing, listing: Optional[Listing], diff, split: SplitOptions,
-            runner, work: str, partition_keys: int) -> None:
+def _extend(dst: str, record: Record, pl: PartitionedListing, diff, split: SplitOptions, runner, work: str,
+            partition_keys: int) -> None:
     """The next generation: the inputs the source gained (or that changed), their duplicates of what is
     written already dropped, planned after the existing shards; the labeled split is never touched."""
-    g = len(record.heads)
-    new = _added(pl, listing, diff, work, partition_keys)
-    if listing is None:  # a partitioned record: the new inputs in partitions too
-        planner = PartPlanner(new, split, os.path.join(work, "plan"), _verifier(runner), _hasher(runner),
-                              generation=g, offsets=record.offsets(), existing=_written_hashes(dst, record),
-                              removed=diff.removed, changed=diff.changed)
-        write_partitioned_generation(dst, record, planner.plan(), new.ranges, new.digests)
-        return
-    new_listing = new.load(0)
-    existing: dict[str, str] = {}
-    for sha, key in _written_hashes(dst, record):
-        existing.setdefault(sha, key)
-    write_generation(dst, record, plan_extension(new_listing, split, g, record.offsets(), _hasher(runner)(new_listing),
-                                                 existing, diff.removed, diff.changed))
+    new = _added(pl, diff, work, partition_keys)
+    planner = Planner(new, split, os.path.join(work, "plan"), _verifier(runner), _hasher(runner),
+                      generation=len(record.heads), offsets=record.offsets(), existing=_written_hashes(dst, record),
+                      removed=diff.removed, changed=diff.changed)
+    write_generation(dst, record, planner.plan(), new.ranges, new.digests)
 
 
-def _verifier(runner, listing: Optional[Listing] = None):
-    """Candidates checked as images: (partition, ids) -> reasons, or ids -> reasons over ``listing``."""
-    if listing is not None:
-        return lambda ids: runner.map(_verify_one, [listing.url(i) for i in ids])
+def _verifier(runner):
+    """Candidates checked as images: (partition, ids) -> reasons."""
     return lambda part, ids: runner.map(_verify_one, [part.url(i) for i in ids])
 
 
@@ -433,13 +402,11 @@ def _hasher(runner):
     return lambda part: runner.map(_hash_one, [part.url(i) for i in range(len(part))])
 
 
-def _added(pl: PartitionedListing, listing: Optional[Listing], diff, work: str,
-           partition_keys: int) -> PartitionedListing:
+def _added(pl: PartitionedListing, diff, work: str, partition_keys: int) -> PartitionedListing:
     """The inputs an extension adds (new, or changed in size), partitioned like any listing."""
     wanted = set(diff.added) | set(diff.changed)
-    parts = [listing] if listing is not None else (pl.load(p) for p in range(pl.partitions))
     rels, sizes, labels = [], [], []
-    for part in parts:
+    for part in (pl.load(p) for p in range(pl.partitions)):
         for i, rel in enumerate(part.rels):
             if rel in wanted:
                 rels.append(rel)
@@ -450,23 +417,15 @@ def _added(pl: PartitionedListing, listing: Optional[Listing], diff, work: str,
     return from_listing(new, os.path.join(work, "added"), partition_keys)
 
 
-def _dry_run(pl: PartitionedListing, listing: Optional[Listing], record: Optional[Record], diff,
-             split: SplitOptions, work: str, opts: BuildOptions) -> dict[str, dict]:
+def _dry_run(pl: PartitionedListing, record: Optional[Record], diff, split: SplitOptions, work: str,
+             opts: BuildOptions) -> dict[str, dict]:
     """What the build would plan, per set, writing nothing (no image read: every candidate taken as good)."""
-    if listing is not None:  # one partition: the whole plan in memory
-        if record is None:
-            gen = plan_first(listing, split, lambda ids: [None] * len(ids), None)
-            return {name: _plan_summary(listing, plan) for name, plan in gen.sets.items()}
-        new = _added(pl, listing, diff, work, opts.partition_keys).load(0) if diff else \
-            Listing(listing.base, [], listing.labels[:0], listing.sizes[:0], listing.class_names)
-        gen = plan_extension(new, split, len(record.heads), record.offsets(), None, {}, [], [])
-        return {name: _plan_summary(new, plan) for name, plan in gen.sets.items()}
     if record is not None and not diff:
         return {}
     if record is not None:
-        pl = _added(pl, None, diff, work, opts.partition_keys)
-    planner = PartPlanner(pl, split, os.path.join(work, "plan"), lambda part, ids: [None] * len(ids),
-                          generation=len(record.heads) if record else 0, offsets=record.offsets() if record else None)
+        pl = _added(pl, diff, work, opts.partition_keys)
+    planner = Planner(pl, split, os.path.join(work, "plan"), lambda part, ids: [None] * len(ids),
+                      generation=len(record.heads) if record else 0, offsets=record.offsets() if record else None)
     out: dict[str, dict] = {}
     for p, part in enumerate(planner.plan()):
         for name, plan in part.sets.items():

@@ -267,7 +267,7 @@ def from_listing(listing: Listing, folder: str, partition_keys: int,
     return out
 
 
-def diff_partitioned(record, pl: PartitionedListing, folder: str):
+def diff_listing(record, pl: PartitionedListing, folder: str):
     """What changed between a record and a listing, one hash bucket at a time: the record's inputs (every
     generation's, minus those a later one removed) are spilled to buckets as the listing was, and each
     bucket compared. Only the differences are held (their keys), never either side whole."""

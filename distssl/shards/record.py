@@ -105,16 +105,6 @@ class Record:
                     out[name] = (plan.first_shard + len(plan.shards), plan.first_key + plan.planned)
         return out
 
-    def current_inputs(self) -> dict[str, int]:
-        """The source as the record knows it: key -> listed size, after every generation (in memory: for
-        records of one partition; a partitioned record is compared bucket by bucket, ``diff_partitioned``)."""
-        out: dict[str, int] = {}
-        for _, part in self.parts():
-            for rel in part.removed:
-                out.pop(rel, None)
-            out.update(zip(part.rels, part.sizes))
-        return out
-
 
 def normalise_source(src: str) -> str:
     """The source as recorded: credentials hidden, local paths absolute, no trailing slash."""
@@ -122,10 +112,6 @@ def normalise_source(src: str) -> str:
     if "://" not in src:
         src = os.path.abspath(src)
     return store.redact(src)
-
-
-def _gen_name(g: int) -> str:
-    return f"build-g{g:03d}.json.gz"
 
 
 _DAMAGED_RECORD = ("the build's plan cannot be read, so nothing was written: restore the file from a copy, or "
@@ -162,19 +148,12 @@ def _write_head(dst: str, record: Record) -> None:
     store.write_bytes(store.join(dst, RECORD_NAME), json.dumps(head, indent=1).encode())
 
 
-def write_generation(dst: str, record: Record, gen: Generation) -> None:
-    """Append ``gen``: its file first, then build.json, which is what makes it part of the record."""
-    g = len(record.heads)
-    _write_gzip_json(store.join(dst, _gen_name(g)), gen.to_json())
-    record.heads.append({"file": _gen_name(g), **_summary(gen)})
-    record.dst = dst
-    _write_head(dst, record)
-
-
-def write_partitioned_generation(dst: str, record: Record, parts: Iterator[Generation],
-                                 buckets: list[tuple[int, int]], digests: list[str]) -> dict:
-    """Append a generation planned partition by partition: every part's file as it comes, then build.json
-    (so a build killed while planning has no generation, and plans it again). Returns its head."""
+def write_generation(dst: str, record: Record, parts: Iterator[Generation],
+                     buckets: list[tuple[int, int]], digests: list[str]) -> dict:
+    """Append a generation planned partition by partition: every part's file as it comes, then build.json,
+    which is what makes it part of the record (so a build killed while planning has no generation, and plans
+    it again). Returns its head. Records written before partitions existed (one ``file`` per generation)
+    read as generations of one part."""
     g = len(record.heads)
     entries = []
     for p, part in enumerate(parts):
@@ -207,15 +186,6 @@ class Diff:
     def describe(self) -> str:
         return (f"{len(self.added)} inputs added, {len(self.removed)} removed, "
                 f"{len(self.changed)} changed in size")
-
-
-def diff_listing(record: Record, rels: list[str], sizes) -> Diff:
-    known = record.current_inputs()
-    now = dict(zip(rels, (int(s) for s in sizes)))
-    added = sorted(r for r in now if r not in known)
-    removed = sorted(r for r in known if r not in now)
-    changed = sorted(r for r, s in now.items() if r in known and s and known[r] and s != known[r])
-    return Diff(added, removed, changed)
 
 
 def option_changes(recorded: dict, now: dict) -> list[str]:

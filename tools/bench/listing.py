@@ -7,7 +7,7 @@ size's peak resident memory above the interpreter's own (each size in a fresh pr
   python tools/bench/listing.py [--quick] [--sizes 1000000,10000000] [--classes 1000]
 
 The builder lists into hash-bucket files on local disk and plans a partition (--partition-keys keys) at a
-time (distssl.shards.partitions, partplan), so the peak follows the partition size, not the bucket's.
+time (distssl.shards.partitions, plan), so the peak follows the partition size, not the bucket's.
 --quick: the same two sizes, listing and planning only (no build record serialised).
 Ends with: RESULT peak_mb_1m=... peak_mb_10m=... bytes_per_key_10m=... growth_10m_vs_1m=...
 (the goal of issue 32: the 10M peak at most 1.5x the 1M peak, and at most 1 GB).
@@ -68,7 +68,7 @@ def child(n: int, classes: int, quick: bool, partition_keys: int) -> dict:
 
     from distssl.shards.build import BuildOptions
     from distssl.shards.partitions import list_partitioned
-    from distssl.shards.partplan import PartPlanner
+    from distssl.shards.plan import Planner
 
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
@@ -76,7 +76,7 @@ def child(n: int, classes: int, quick: bool, partition_keys: int) -> dict:
         listing = list_partitioned(f"synthbucket://{n}", f"{work}/listing", partition_keys)
         t_list = time.perf_counter() - t0
         opts = BuildOptions(labels_per_class=10, eval_fraction=0.01, max_count=1000)
-        planner = PartPlanner(listing, opts.split(), f"{work}/plan", lambda part, ids: [None] * len(ids))
+        planner = Planner(listing, opts.split(), f"{work}/plan", lambda part, ids: [None] * len(ids))
         shards, record_bytes = 0, 0
         for part in planner.plan():  # each part as the build writes it to the record, then dropped
             shards += sum(len(p.shards) for p in part.sets.values())
