@@ -13,6 +13,19 @@ class UserError(ValueError):
     label = "error"
 
 
+class OptionError(UserError):
+    """A library option out of range, said in the library's terms: ``template`` names the options as {0}, {1}...
+    (their field names by default); a command renders it with its own spelling of them (its flags)."""
+
+    def __init__(self, options: str | tuple[str, ...], template: str):
+        self.options = (options,) if isinstance(options, str) else tuple(options)
+        self.template = template
+        super().__init__(self.render())
+
+    def render(self, spell=lambda name: name) -> str:
+        return self.template.format(*(spell(o) for o in self.options))
+
+
 class ConfigError(UserError):
     """A config problem the user can fix: the message names the key and what is allowed."""
 

@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from conftest import ROOT, export_digits
+from distssl.cli import shards as shards_cli
 from distssl.data.index import ShardSet, resolve
 from distssl.data.samples import eval_item, labeled_item, unlabeled_item
 from distssl.data.streams import EvalStream, TrainStream
 from distssl.data.transforms import Views
-from distssl.shards import make_shards
+from distssl.errors import OptionError
+from distssl.shards import BuildOptions, ImageOptions, make_shards
 
 VIEWS = Views(image_size=28, flip=False, pad_fraction=0.125, randaugment_ops=2, cutout_fraction=0.5)
 
@@ -355,7 +357,31 @@ def test_an_eval_fraction_that_holds_out_nothing_is_refused_before_writing(tmp_p
     """About 3 images per class at --eval-fraction 0.02: round(0.02 x size) = 0 in every class. Found by a GPU check's
     set-up, where numpy's split of an empty eval set raised 'number sections must be larger than 0'."""
     export_digits(tmp_path / "raw", n_train=30, n_eval=0)
-    with pytest.raises(ValueError, match=r"--eval-fraction 0.02 holds out no image.*largest has \d+"):
+    with pytest.raises(OptionError, match=r"^eval_fraction 0.02 holds out no image.*largest has \d+"):  # its terms
         make_shards(str(tmp_path / "raw/train"), str(tmp_path / "out"), labels_per_class=1, eval_fraction=0.02,
                     min_shards=4, progress=False)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.tar"))
+    # the command names the flag the user gave, in one line, exit 2
+    code = shards_cli.main([str(tmp_path / "raw/train"), str(tmp_path / "out"), "--labels-per-class", "1",
+                            "--eval-fraction", "0.02", "--quiet"])
+    assert code == 2
+
+
+@pytest.mark.parametrize("flags,options,said", [
+    (["--max-count", "0"], {"max_count": 0}, "--max-count must be >= 1"),
+    (["--labels-per-class", "2", "--label-fraction", "0.1"], {"labels_per_class": 2, "label_fraction": 0.1},
+     "give --labels-per-class or --label-fraction, not both"),
+    (["--unlabeled", "--eval-fraction", "0.1"], {"unlabeled": True, "eval_fraction": 0.1},
+     "cannot be combined with --unlabeled"),
+    (["--max-size", "4"], {"image": ImageOptions(max_size=4)}, "--max-size must be >= 8 pixels"),
+])
+def test_the_builder_checks_its_options_in_its_terms_and_the_command_names_the_flags(tmp_path, capsys, flags,
+                                                                                     options, said):
+    export_digits(tmp_path / "raw", n_train=20, n_eval=0)
+    assert shards_cli.main([str(tmp_path / "raw/train"), str(tmp_path / "out"), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and said in err[0] and err[0].startswith("make_shards: error:"), err
+    with pytest.raises(OptionError) as e:  # the library says the same of its own fields, no flag in sight
+        BuildOptions(**options).check()
+    assert set(e.value.options) <= set(options) | {"max_size"} and "--" not in str(e.value)
+    assert not (tmp_path / "out").exists()

@@ -42,6 +42,7 @@ import sys
 
 from distssl.cli import command
 from distssl.data.store import redact
+from distssl.errors import OptionError
 from distssl.shards import BuildOptions, ImageOptions, make_shards
 from distssl.shards.demo import ensure_demo_data
 from distssl.shards.inplace import index_shards, read_class_names
@@ -62,6 +63,11 @@ def main(argv=None) -> int:
         print("make_shards: interrupted: the shards already written are complete and kept; rerun the same command "
               "to build the rest", file=sys.stderr)
         return 130
+
+
+def _flag(option: str) -> str:
+    """The flag that sets a BuildOptions field (or its image options')."""
+    return {"labeled_in_unlabeled": "--exclude-labeled"}.get(option, "--" + option.replace("_", "-"))
 
 
 def _main(argv=None) -> int:
@@ -117,6 +123,9 @@ def _main(argv=None) -> int:
                         dry_run=a.dry_run, progress=not a.quiet)
     try:
         sets = make_shards(a.src, a.dst, opts)
+    except OptionError as e:  # the library names its options; the user gave flags
+        print(f"make_shards: error: {e.render(_flag)}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, PermissionError, ValueError) as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2

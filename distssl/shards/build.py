@@ -27,6 +27,7 @@ import numpy as np
 
 from distssl.data import store
 from distssl.data.index import FORMAT, INDEX_NAME
+from distssl.errors import OptionError
 from distssl.shards.images import ImageOptions, process_image
 from distssl.shards.inputs import read_input
 from distssl.shards.listing import Listing
@@ -66,30 +67,23 @@ class BuildOptions:
     progress: bool = True
 
     def check(self) -> None:
-        if self.max_count < 1:
-            raise ValueError("--max-count must be >= 1")
-        if self.min_shards < 1:
-            raise ValueError("--min-shards must be >= 1")
-        if self.max_shard_bytes is not None and self.max_shard_bytes < 1:
-            raise ValueError("--max-shard-bytes must be >= 1")
+        """Every option in range, or an OptionError naming it (the command spells it as its flag)."""
+        for name in ("max_count", "min_shards", "max_shard_bytes", "labels_per_class", "workers", "partition_keys"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise OptionError(name, "{0} must be >= 1")
         if self.labels_per_class is not None and self.label_fraction is not None:
-            raise ValueError("give --labels-per-class or --label-fraction, not both")
-        if self.labels_per_class is not None and self.labels_per_class < 1:
-            raise ValueError("--labels-per-class must be >= 1")
+            raise OptionError(("labels_per_class", "label_fraction"), "give {0} or {1}, not both")
         for name in ("label_fraction", "eval_fraction"):
             v = getattr(self, name)
             if v is not None and not 0 < v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1 (exclusive)")
+                raise OptionError(name, "{0} must be between 0 and 1 (exclusive)")
         if self.unlabeled and (self.labels_per_class or self.label_fraction or self.eval_fraction):
-            raise ValueError("label and eval splits need classes: they cannot be combined with --unlabeled")
-        if self.workers < 1:
-            raise ValueError("--workers must be >= 1")
-        if self.partition_keys < 1:
-            raise ValueError("--partition-keys must be >= 1")
+            raise OptionError("unlabeled", "label and eval splits need classes: they cannot be combined with {0}")
         if self.image.format not in (None, "jpg", "png", "webp"):
-            raise ValueError("--format must be jpg, png or webp")
+            raise OptionError("format", "{0} must be jpg, png or webp")
         if self.image.max_size is not None and self.image.max_size < 8:
-            raise ValueError("--max-size must be >= 8 pixels")
+            raise OptionError("max_size", "{0} must be >= 8 pixels")
 
     def split(self) -> SplitOptions:
         return SplitOptions(self.labels_per_class, self.label_fraction, self.eval_fraction, self.unlabeled,

@@ -30,6 +30,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from distssl.errors import OptionError
 from distssl.shards.listing import Listing
 from distssl.shards.partitions import BUCKETS, PartitionedListing, Spill
 from distssl.shards.record import Generation, SetPlan
@@ -103,9 +104,11 @@ class Planner:
             want = np.round(self.opts.eval_fraction * readable.sum(axis=0)).astype(np.int64)
             q_eval = split_quota(readable, want, _quota_rng(self.opts.seed, 1, self.generation))
             if q_eval.sum() == 0:
-                raise ValueError(f"--eval-fraction {self.opts.eval_fraction} holds out no image: each class holds "
-                                 f"out round({self.opts.eval_fraction} x its size) and the largest has "
-                                 f"{int(readable.sum(axis=0).max())}")
+                largest = int(readable.sum(axis=0).max())
+                f = self.opts.eval_fraction
+                raise OptionError("eval_fraction", f"{{0}} {f} holds out no image: each class holds out round({f} x "
+                                  f"its size) and the largest has {largest}; give a fraction of at least "
+                                  f"{0.5 / max(1, largest):.3g}, or build the eval set from its own folder")
         self._draw_eval(q_eval)
         pool = readable - q_eval
         if self.hasher is not None and (self.opts.dedup or not self.first):
