@@ -86,6 +86,7 @@ class IOMatch(Component):
         super().__init__(num_classes, **kw)
         self.cfg = cfg
         self.heads = head_specs("iomatch", "none", num_classes, cfg.projection)
+        self._weak_scores: Optional[torch.Tensor] = None  # this step's, from gate (which runs before loss)
 
     def export_meta(self) -> dict:
         return outlier_meta(self.cfg.projection)
@@ -95,7 +96,8 @@ class IOMatch(Component):
 
     def gate(self, fw, probs, w):
         # the authors' in_mask: a sample whose outlier score reaches 0.5 is out of the closed-set loss
-        scores = open_set.outlier_scores(probs, self._ova(fw.heads_u[OUTLIER_HEAD]["weak"]))
+        scores = open_set.outlier_scores(probs, self._ova(fw.heads_u[OUTLIER_HEAD]["weak"])).detach()
+        self._weak_scores = scores  # the step's loss reads them again (pseudo_inliers): computed once
         inlier = (scores < open_set.OUTLIER_AT).to(w.dtype)
         return w * inlier, {"outlier_share": 1.0 - inlier.mean()}
 
@@ -117,8 +119,7 @@ class IOMatch(Component):
         if self.cfg.pseudo_inliers:
             with torch.no_grad():
                 conf, pseudo = probs.max(dim=1)
-                scores = open_set.outlier_scores(probs, self._ova(fw.heads_u[OUTLIER_HEAD]["weak"]))
-                keep = ((conf >= self.threshold) & (scores < open_set.OUTLIER_AT)).float()
+                keep = ((conf >= self.threshold) & (self._weak_scores < open_set.OUTLIER_AT)).float()
             ova_s = self._ova(fw.heads_u[OUTLIER_HEAD]["strong"])
             loss = loss + self.cfg.pseudo_inliers * open_set.one_vs_all_loss(ova_s, pseudo, keep)
         if self.cfg.lambda_em or self.cfg.lambda_socr:  # OpenMatch's terms (need the weak view with gradient)
