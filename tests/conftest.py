@@ -111,10 +111,10 @@ def tiny_overrides(data: dict, out_dir: Path, **extra) -> list[str]:
 
 
 def run_train(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None,
-              **kw) -> subprocess.CompletedProcess:
-    """launch/train.py as a user runs it: plain python (1 process) or the deepspeed launcher."""
-    return subprocess.run(train_command(args, nproc), capture_output=True, text=True, timeout=timeout,
-                          env=env or launch_env(), cwd=ROOT, **kw)
+              launcher: str = "torchrun", **kw) -> subprocess.CompletedProcess:
+    """launch/train.py: plain python (1 process), or NPROC ranks under torchrun or the deepspeed launcher."""
+    return subprocess.run(train_command(args, nproc, launcher=launcher), capture_output=True, text=True,
+                          timeout=timeout, env=env or launch_env(), cwd=ROOT, **kw)
 
 
 @pytest.fixture(scope="session")

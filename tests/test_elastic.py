@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_train, tiny_overrides
-from support.servers import deepspeed_command, launch_env
+from support.servers import launch_env, ranks_command
 
 
 def _check(args: list[str], nproc: int, out_json: Path) -> dict:
-    r = subprocess.run(deepspeed_command(ROOT / "tests/workers/elastic_check.py", [out_json, *args], nproc=nproc),
+    r = subprocess.run(ranks_command(ROOT / "tests/workers/elastic_check.py", [out_json, *args], nproc=nproc),
                        capture_output=True, text=True, timeout=300, cwd=ROOT, env=launch_env())
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(out_json.read_text())

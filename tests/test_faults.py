@@ -15,7 +15,8 @@ from support.servers import launch_env, train_command
 
 
 def _launch(args, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(train_command(args, nproc=2), stdout=log.open("w"), stderr=subprocess.STDOUT,
+    return subprocess.Popen(train_command(args, nproc=2, launcher="deepspeed"), stdout=log.open("w"),
+                            stderr=subprocess.STDOUT,
                             env=launch_env(), cwd=ROOT,
                             start_new_session=True)
 

@@ -97,7 +97,8 @@ def test_a_taken_port_is_named_by_rank_0_and_not_called_a_dead_peer(monkeypatch)
 def test_a_two_rank_launch_on_a_taken_port_names_it_and_how_to_pick_another(tiny_data, tmp_path):
     holder, port = _hold_port()
     with holder:
-        r = subprocess.run(train_command(tiny_overrides(tiny_data, tmp_path / "run"), nproc=2, master_port=port),
+        r = subprocess.run(train_command(tiny_overrides(tiny_data, tmp_path / "run"), nproc=2, master_port=port,
+                                               launcher="deepspeed"),
                            capture_output=True, text=True, timeout=240, env=launch_env(), cwd=ROOT)
     out = r.stdout + r.stderr
     assert r.returncode != 0 and "Traceback" not in out, out[-3000:]

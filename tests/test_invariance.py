@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, tiny_overrides
-from support.servers import deepspeed_command, launch_env
+from support.servers import launch_env, ranks_command
 
 WORKER = ROOT / "tests/workers/invariance.py"
 
@@ -18,7 +18,7 @@ def _run(n: int, tiny_data, tmp_path: Path, extra: list[str], algorithms: str = 
     out = tmp_path / f"w{n}.json"
     args = tiny_overrides(tiny_data, tmp_path / f"run{n}", **{"train.batch_size": 8, "ssl.mu": 2, "ssl.tau": 0.05,
                                                             "train.micro_batch_size": 4}) + extra
-    r = subprocess.run(deepspeed_command(WORKER, [out, *args], nproc=n), capture_output=True, text=True, timeout=300,
+    r = subprocess.run(ranks_command(WORKER, [out, *args], nproc=n), capture_output=True, text=True, timeout=300,
                        cwd=ROOT, env=launch_env(
                            # 3 steps per algorithm when four share one engine, 2 when five do: past ~12
                            # steps on random images float noise between the two reductions grows past the

@@ -10,7 +10,7 @@ from conftest import ROOT
 from distssl.config import ConfigError, load_config
 from distssl.models.factory import create_model, param_groups
 from distssl.train.optim import build_optimizer
-from support.servers import deepspeed_command, launch_env
+from support.servers import launch_env, ranks_command
 
 
 def test_every_name_comes_from_timms_factory_with_its_groups():
@@ -56,7 +56,7 @@ def test_sgd_and_adamw_under_zero2_and_zero3_and_lamb_without_zero_step_as_the_o
     so it runs at ZeRO stage 0 and the config refuses it with partitions."""
     cases = ["sgd/zero2", "sgd/zero3", "adamw/zero2", "adamw/zero3", "lamb/zero0"]
     out = tmp_path / "optimizers.json"
-    r = subprocess.run(deepspeed_command(ROOT / "tests/workers/optimizers.py", [out], nproc=2), capture_output=True,
+    r = subprocess.run(ranks_command(ROOT / "tests/workers/optimizers.py", [out], nproc=2), capture_output=True,
                        text=True, timeout=300, cwd=ROOT, env=launch_env(CASES=",".join(cases)))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = json.loads(out.read_text())

@@ -16,7 +16,7 @@ from distssl.data.streams import tar_samples
 from distssl.predict.model import load_predictor
 from distssl.predict.parts import make_parts
 from distssl.predict.run import COLUMNS, predict_parts, summarise
-from support.servers import deepspeed_command, launch_env
+from support.servers import launch_env, ranks_command
 
 CPU = torch.device("cpu")
 
@@ -105,10 +105,10 @@ def test_a_path_without_an_export_is_refused_clearly(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_ranks_launched_by_deepspeed_predict_each_image_once(tiny_data, exported, tmp_path):
+def test_two_ranks_predict_each_image_once(tiny_data, exported, tmp_path):
     out = tmp_path / "pred"
     args = [str(exported), "--data", tiny_data["unlabeled"], "--out", str(out), "--quiet"]
-    cmd = deepspeed_command(ROOT / "launch/predict.py", args + ["--calibrate-on", tiny_data["eval"]], nproc=2)
+    cmd = ranks_command(ROOT / "launch/predict.py", args + ["--calibrate-on", tiny_data["eval"]], nproc=2)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=launch_env())
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _rows(out)

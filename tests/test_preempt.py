@@ -18,7 +18,8 @@ from support.servers import free_port, launch_env, train_command
 
 
 def _launch(args, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(train_command(args, nproc=2), stdout=log.open("w"), stderr=subprocess.STDOUT,
+    return subprocess.Popen(train_command(args, nproc=2, launcher="deepspeed"), stdout=log.open("w"),
+                            stderr=subprocess.STDOUT,
                             env=launch_env(), cwd=ROOT)
 
 
@@ -133,9 +134,10 @@ def test_a_sigterm_to_the_command_the_user_started_saves_and_leaves_nothing_runn
                                              "train.num_workers": 1})
     port = free_port()
     if entry == "deepspeed_runner":
-        cmds = [train_command(args, nproc=2, master_port=port)]
+        cmds = [train_command(args, nproc=2, master_port=port, launcher="deepspeed")]
     elif entry == "supervised_runner":  # the container command the README gives
-        cmds = [[sys.executable, str(ROOT / "launch/supervise.py"), *train_command(args, nproc=2, master_port=port)]]
+        cmds = [[sys.executable, str(ROOT / "launch/supervise.py"), *train_command(args, nproc=2, master_port=port,
+                                                                           launcher="deepspeed")]]
     elif entry == "torchrun":
         cmds = [_torchrun(args, port)]
     else:

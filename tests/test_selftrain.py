@@ -11,7 +11,7 @@ from conftest import ROOT, tiny_overrides
 from distssl.config import load_config
 from distssl.data.spec import data_sources
 from distssl.selftrain.plan import PSEUDO, round_config
-from support.servers import deepspeed_command, launch_env
+from support.servers import launch_env, ranks_command
 
 
 def _base(tmp_path, *extra):
@@ -68,7 +68,7 @@ def test_two_rounds_run_from_one_command_on_two_ranks_and_a_rerun_trains_nothing
     root = tmp_path / "st"
     args = tiny_overrides(tiny_data, root, **{"train.steps": 12, "train.eval_every": 0, "train.ckpt_every": 6,
                                               "selftrain.min_confidence": 0.0, "selftrain.epochs": 0.2})
-    cmd = deepspeed_command(ROOT / "launch/selftrain.py", ["--rounds", "2", *args], nproc=2)
+    cmd = ranks_command(ROOT / "launch/selftrain.py", ["--rounds", "2", *args], nproc=2)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=launch_env())
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     saved = json.loads((root / "selftrain.json").read_text())

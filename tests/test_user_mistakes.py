@@ -72,7 +72,8 @@ def test_a_wrong_model_name_or_pretrained_file_is_one_line_before_any_process_gr
     Image.new("RGB", (8, 8)).save(tmp_path / "grid.png")
     (tmp_path / "folder").mkdir()
     override = override.format(png=tmp_path / "grid.png", folder=tmp_path / "folder")
-    r = run_train(tiny_overrides(tiny_data, tmp_path / "run", **dict([override.split("=", 1)])), nproc=nproc)
+    r = run_train(tiny_overrides(tiny_data, tmp_path / "run", **dict([override.split("=", 1)])), nproc=nproc,
+                  launcher="deepspeed")
     _refused(r, *needles)
     assert "process group" not in r.stderr.lower() and not (tmp_path / "run/checkpoints").exists()
 
