@@ -10,9 +10,9 @@ import fsspec
 import pytest
 
 from conftest import ROOT
-from distssl.data.cache import ShardCache
 from distssl.data.index import resolve
 from distssl.data.streams import shard_samples
+from distssl.storage.cache import ShardCache
 from support.servers import upload_folder
 
 
@@ -89,7 +89,7 @@ def test_a_shard_larger_than_the_limit_is_read_uncached(remote_set, tmp_path, ca
 
 WRITE_FAILS = """
 import resource, signal, sys
-from distssl.data.cache import ShardCache
+from distssl.storage.cache import ShardCache
 from distssl.data.index import resolve
 from distssl.data.streams import shard_samples
 from support.servers import upload_folder

@@ -245,9 +245,9 @@ def test_training_on_raw_images_exits_2_saying_they_are_images(tiny_data, tmp_pa
 def test_files_written_atomically_get_the_mode_the_umask_gives(tmp_path, mask, want):
     import torch
 
-    from distssl import atomic
     from distssl.models.export import write_export
     from distssl.models.identity import fingerprint
+    from distssl.storage import atomic
 
     old = os.umask(mask)
     try:
@@ -262,7 +262,7 @@ def test_files_written_atomically_get_the_mode_the_umask_gives(tmp_path, mask, w
 
 
 def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
-    from distssl import atomic
+    from distssl.storage import atomic
 
     target = tmp_path / "config.yaml"
     target.write_text("old\n")

@@ -16,10 +16,10 @@ from conftest import ROOT, run_train, tiny_overrides
 from distssl.cli import train as train_cli
 from distssl.config import Config, ConfigError, load_config
 from distssl.config.typed_tree import describe_keys
-from distssl.data import store
 from distssl.data.index import describe_missing
 from distssl.errors import MissingCredentials, MissingExtra
 from distssl.shards.listing import list_inputs
+from distssl.storage import store
 from distssl.tracking import environment
 from distssl.tracking.progress import PlainProgress
 from support.servers import deepspeed_command, launch_env

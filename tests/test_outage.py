@@ -121,7 +121,7 @@ def test_an_upload_cut_by_an_outage_is_an_oserror_naming_the_object_and_publishe
     URL, whatever the client library raised, and no half object appears."""
     import s3fs
 
-    from distssl.data import store
+    from distssl.storage import store
 
     upload_folder_target = "s3://upload-cut/set/shard-000000.tar"
     s3fs_fresh().mkdir("upload-cut")

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from distssl import atomic
+from distssl.storage import atomic
 
 log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step_(\d{8})$")

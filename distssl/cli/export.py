@@ -21,13 +21,13 @@ import sys
 
 from distssl.cli import command
 from distssl.data.index import resolve
-from distssl.data.store import redact
 from distssl.errors import UserError
 from distssl.models.export import ema_weights_from_run, model_meta, write_export
 from distssl.predict.calibrate import calibrate
 from distssl.predict.model import predictor_from
 from distssl.predict.parts import make_parts
 from distssl.predict.run import labeled_logits
+from distssl.storage.store import redact
 
 
 @command

@@ -11,10 +11,10 @@ import json
 import sys
 
 from distssl.cli import command
-from distssl.data import store
 from distssl.data.index import read_index
 from distssl.data.shardinfo import draw_grid, summarize, verify
 from distssl.errors import UserError
+from distssl.storage import store
 
 
 @command

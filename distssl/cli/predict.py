@@ -30,13 +30,13 @@ import argparse
 import sys
 
 from distssl.cli import command
-from distssl.data import store
 from distssl.distributed.collectives import end_group
 from distssl.distributed.peers import init_distributed, use_cuda
 from distssl.errors import UserError
 from distssl.predict.job import PredictJob, run_job
 from distssl.predict.parts import make_parts
 from distssl.predict.select import CSV_NAME, SHEET_NAME, write_selection
+from distssl.storage import store
 
 
 @command

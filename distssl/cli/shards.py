@@ -41,11 +41,11 @@ import os
 import sys
 
 from distssl.cli import command
-from distssl.data.store import redact
 from distssl.errors import OptionError
 from distssl.shards import BuildOptions, ImageOptions, make_shards
 from distssl.shards.demo import ensure_demo_data
 from distssl.shards.inplace import index_shards, read_class_names
+from distssl.storage.store import redact
 
 # `distssl-shards index SPEC --out DIR`: see INDEX_DOC below
 

@@ -13,15 +13,14 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from distssl import atomic
 from distssl.config.recipes import resolve_config
 from distssl.config.typed_tree import ConfigError, build, changed_keys, flatten, parse_override, set_path
-from distssl.data import store
 from distssl.data.index import describe_missing
 from distssl.data.spec import DataSpec, data_sources  # noqa: F401 - the schema's data keys, re-exported
-from distssl.data.store import redact
 from distssl.errors import MissingCredentials, MissingExtra
 from distssl.ssl import ALGORITHMS, config_sections
+from distssl.storage import atomic, store
+from distssl.storage.store import redact
 
 
 @dataclass

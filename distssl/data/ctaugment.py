@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distssl import atomic
 from distssl.data.device_augment import _flip_and_pad, pad_pixels
 from distssl.data.transforms import FILL, POOL, _affine, cutout, flip_and_crop, to_uint8
 from distssl.distributed.collectives import sum_over_ranks
+from distssl.storage import atomic
 
 # op indices: the order of transforms.POOL (device_augment names them the same way)
 AUTOCONTRAST, BRIGHTNESS, COLOR, CONTRAST, EQUALIZE, IDENTITY, POSTERIZE, ROTATE, SHARPNESS, SHEAR_X, SHEAR_Y, \

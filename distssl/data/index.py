@@ -17,9 +17,9 @@ from typing import Any, Optional
 import braceexpand
 import numpy as np
 
-from distssl.data import store
 from distssl.data.spec import data_sources
 from distssl.errors import DamagedFile, MissingShardSet
+from distssl.storage import store
 
 INDEX_NAME = "index.json"
 # what raw image folders hold (the shard builder's inputs): given where shards belong, they are named as such

@@ -1,10 +1,10 @@
 """Summaries, verification and a picture of a shard set (used by distssl-inspect)."""
 from __future__ import annotations
 
-from distssl.data import store
 from distssl.data.index import IMAGE_KEYS
 from distssl.data.streams import tar_samples
 from distssl.data.transforms import decode
+from distssl.storage import store
 from distssl.tracking.progress import bar as progress_bar
 
 

@@ -35,11 +35,11 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from distssl.data import store
 from distssl.data.index import ShardSet
 from distssl.data.position import StreamPlan, Unit, reader_groups, replan, unit_size
 from distssl.data.ring import RAGGED_PREFIX, RingReader, RingWriter
 from distssl.data.tar import tar_members
+from distssl.storage import store
 
 log = logging.getLogger(__name__)
 

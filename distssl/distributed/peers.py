@@ -22,9 +22,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from distssl import atomic
 from distssl.distributed.procs import process_state
 from distssl.errors import PortInUse
+from distssl.storage import atomic
 
 # a heartbeat older than this process is an earlier run's: its ranks are not this run's peers (every
 # rank of a run starts before the rendezvous, and writes its first heartbeat after it)

@@ -18,12 +18,12 @@ from typing import Optional
 import torch
 
 import distssl.models.wrn  # noqa: F401
-from distssl import atomic
 from distssl.checkpoint import reader
 from distssl.distributed.collectives import full_shape, gather_partitioned, is_partitioned, rank
 from distssl.models.heads import add_heads, export_state
 from distssl.models.identity import fingerprint
 from distssl.ssl import component
+from distssl.storage import atomic
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"

@@ -10,10 +10,10 @@ import torch
 
 import distssl.models.wrn  # noqa: F401  (registers wrn28_2 with timm)
 from distssl.config import ConfigError
-from distssl.data import store
-from distssl.data.store import redact
 from distssl.models import identity
 from distssl.models.heads import classifier_params
+from distssl.storage import store
+from distssl.storage.store import redact
 
 log = logging.getLogger(__name__)
 

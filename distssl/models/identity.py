@@ -18,8 +18,8 @@ import logging
 import struct
 from typing import Optional
 
-from distssl.data import store
 from distssl.errors import UserError
+from distssl.storage import store
 
 log = logging.getLogger(__name__)
 FIELDS = ("architecture", "num_classes", "classes_sha256", "run", "step", "temperature")

@@ -10,12 +10,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-from distssl.data import store
 from distssl.data.index import IMAGE_KEYS, INDEX_NAME, is_pattern, resolve
 from distssl.data.spec import data_sources
 from distssl.data.streams import resilient_samples
 from distssl.shards.inputs import read_many
 from distssl.shards.listing import list_inputs
+from distssl.storage import store
 
 
 @dataclass

@@ -14,11 +14,11 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
-from distssl.data import store
 from distssl.data.index import FORMAT, INDEX_NAME
 from distssl.predict.parts import Part, part_samples
 from distssl.predict.run import read_part
 from distssl.shards.writer import tar_writer
+from distssl.storage import store
 
 
 def shard_name(part: Part) -> str:

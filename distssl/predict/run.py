@@ -17,12 +17,12 @@ from typing import Iterator, Optional
 
 import torch
 
-from distssl.data import store
 from distssl.data.transforms import normalize
 from distssl.distributed.preempt import ignore_in_worker
 from distssl.predict.model import Predictor
 from distssl.predict.parts import Part, Sample, part_samples
 from distssl.ssl.open_set import outlier_scores, split_outputs
+from distssl.storage import store
 from distssl.tracking.progress import bar as progress_bar
 
 COLUMNS = ("key", "source", "sha256", "pred", "pred_name", "confidence", "topk_ids", "topk_probs", "true_label",

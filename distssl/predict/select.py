@@ -20,10 +20,10 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 
-from distssl.data import store
 from distssl.predict.parts import Part, part_samples
 from distssl.predict.pseudo import _image_ext
 from distssl.predict.run import read_part
+from distssl.storage import store
 
 CSV_NAME, SHEET_NAME, COPIES = "to_label.csv", "to_label.png", "to_label"
 COLUMNS = ("path", "key", "pred_name", "margin", "label")

@@ -26,10 +26,8 @@ from typing import Callable, Optional
 
 import torch
 
-from distssl import atomic
 from distssl.config import Config, check_paths, load_config
 from distssl.data.index import resolve
-from distssl.data.store import redact
 from distssl.distributed.collectives import barrier, end_group
 from distssl.distributed.peers import init_distributed, use_cuda
 from distssl.errors import UserError
@@ -40,6 +38,8 @@ from distssl.predict.pseudo import write_pseudo_index
 from distssl.selftrain import pseudo_set
 from distssl.selftrain.plan import PREDICTIONS, PSEUDO, round_config, round_dir, teachers_of
 from distssl.shards import demo
+from distssl.storage import atomic
+from distssl.storage.store import redact
 
 log = logging.getLogger(__name__)
 RECORD = "selftrain.json"

@@ -25,7 +25,6 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from distssl.data import store
 from distssl.data.index import FORMAT, INDEX_NAME
 from distssl.errors import OptionError
 from distssl.shards.images import ImageOptions, process_image
@@ -37,6 +36,7 @@ from distssl.shards.record import RECORD_NAME, Record, normalise_source, option_
 from distssl.shards.runners import make_runner
 from distssl.shards.splits import SplitOptions, set_order
 from distssl.shards.writer import ShardJob, read_stats, run_job
+from distssl.storage import store
 from distssl.tracking.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)

@@ -25,10 +25,10 @@ from typing import Optional
 
 import braceexpand
 
-from distssl.data import store
 from distssl.data.index import FORMAT, IMAGE_KEYS, INDEX_NAME
 from distssl.data.tar import tar_members
 from distssl.shards.runners import make_runner
+from distssl.storage import store
 from distssl.tracking.progress import bar as progress_bar
 
 LIST_EXTS = (".txt", ".list", ".lst")

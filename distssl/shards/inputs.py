@@ -14,7 +14,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Optional, Union
 
-from distssl.data import store
+from distssl.storage import store
 
 READ_THREADS = 16  # reads of separate files overlap (object stores answer one GET at a time with latency)
 ROW = "#row="

@@ -15,9 +15,9 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from distssl.data import store
 from distssl.data.index import IMAGE_EXTS
 from distssl.shards.inputs import embedded_ref, image_column
+from distssl.storage import store
 
 MANIFEST_EXTS = (".csv", ".jsonl", ".ndjson", ".parquet")
 

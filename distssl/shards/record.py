@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-from distssl.data import store
+from distssl.storage import store
 
 RECORD_NAME = "build.json"
 FORMAT = "distssl.build/1"

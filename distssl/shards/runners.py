@@ -13,7 +13,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable, Iterator, Optional
 
-from distssl.data import store
+from distssl.storage import store
 
 log = logging.getLogger(__name__)
 

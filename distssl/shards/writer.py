@@ -10,9 +10,9 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from distssl.data import store
 from distssl.shards.images import ImageOptions, process_image
 from distssl.shards.inputs import read_many
+from distssl.storage import store
 
 
 @dataclass

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from distssl import atomic
+from distssl.storage import atomic
 
 log = logging.getLogger(__name__)
 ENV_NAME = "env.json"

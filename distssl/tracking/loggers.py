@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from distssl.config.typed_tree import flatten
-from distssl.data.store import redact
+from distssl.storage.store import redact
 
 log = logging.getLogger("distssl")
 

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from distssl import atomic
+from distssl.storage import atomic
 from distssl.tracking.loggers import numbers, open_loggers
 from distssl.tracking.progress import bar as progress_bar
 

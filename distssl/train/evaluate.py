@@ -6,8 +6,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from distssl import atomic
 from distssl.distributed.collectives import gather_rows, sum_numbers
+from distssl.storage import atomic
 
 
 @torch.no_grad()

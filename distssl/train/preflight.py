@@ -15,11 +15,11 @@ from typing import Optional
 
 import distssl.models.wrn  # noqa: F401  (registers wrn28_2)
 from distssl.config import Config, ConfigError
-from distssl.data import store
 from distssl.data.feed import check_extras
 from distssl.data.index import resolve_one
 from distssl.data.spec import data_sources
 from distssl.shards.demo import check_not_mixed
+from distssl.storage import store
 
 log = logging.getLogger(__name__)
 MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"RIFF": "a RIFF file "

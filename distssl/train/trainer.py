@@ -28,7 +28,6 @@ from distssl import ssl as algorithms
 from distssl.checkpoint import layout as ckpt
 from distssl.checkpoint.state import Checkpoints, RunState
 from distssl.config import Config, ConfigError, redacted_dict
-from distssl.data.cache import cache_for
 from distssl.data.feed import Feed
 from distssl.data.index import resolve
 from distssl.data.streams import DataError
@@ -39,6 +38,7 @@ from distssl.models.factory import create_model
 from distssl.models.heads import add_heads
 from distssl.ssl.distalign import DistributionAlignment, target_from_histogram
 from distssl.ssl.step import StepInputs
+from distssl.storage.cache import cache_for
 from distssl.tracking.metrics import MetricsWriter
 from distssl.train import preflight
 from distssl.train.bnstats import BatchStatsSharing

@@ -11,10 +11,10 @@ from typing import Literal
 
 import yaml
 
-from distssl import atomic
 from distssl.config import Config, to_dict
 from distssl.config.tree import _redacted
 from distssl.config.typed_tree import ConfigError, changed_keys
+from distssl.storage import atomic
 
 
 @dataclass

@@ -6,8 +6,8 @@ import csv
 import re
 from pathlib import Path
 
-from distssl import atomic
 from distssl.config import dump_yaml
+from distssl.storage import atomic
 from distssl.tune.record import Sweep
 from distssl.tune.space import apply
 

@@ -164,7 +164,7 @@ def local_gcs(port: int | None = None) -> Iterator[str]:
     exe = _installed("gcp-storage-emulator", "pip install gcp-storage-emulator")
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
-    # gcsfs's gRPC bucket-type probe, which no emulator answers, off (distssl.data.store does the same)
+    # gcsfs's gRPC bucket-type probe, which no emulator answers, off (distssl.storage.store does the same)
     env = {"STORAGE_EMULATOR_HOST": url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
     with _serving([exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"], port,
                   "gcp-storage-emulator", env):

@@ -30,9 +30,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     count = a.count or (400 if a.quick else 3000)
 
-    from distssl.data import store
     from distssl.shards import BuildOptions, ImageOptions, make_shards
     from distssl.shards.images import process_image
+    from distssl.storage import store
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-shards-"))
     paths = real_images(tmp / "raw", count, a.size)

@@ -86,7 +86,7 @@ class S3Objects:
         return len(self.urls)
 
     def __getitem__(self, i):
-        from distssl.data import store
+        from distssl.storage import store
         return self.transform(store.read_bytes(self.urls[i])), 0
 
 
@@ -289,7 +289,6 @@ def imagenet(a) -> int:
     """ImageNet mode: photo JPEGs at ImageNet's sizes, 224-px views, the CPU a GPU's feed costs."""
     import torch
 
-    from distssl.data import store
     from distssl.data.samples import (
         labeled_encoded_item,
         labeled_item,
@@ -300,6 +299,7 @@ def imagenet(a) -> int:
     from distssl.data.transforms import Views
     from distssl.shards import ImageOptions, make_shards
     from distssl.ssl import views_of
+    from distssl.storage import store
 
     torch.set_num_threads(1)  # as in a loader worker
     count = a.count or (480 if a.quick else 2000)
@@ -376,10 +376,10 @@ def cached_epochs(endpoint: str, spec: str, cache_dir: Path, views, a) -> tuple[
     second (read from the cache), through a proxy that adds --latency-ms to every request."""
     import s3fs
 
-    from distssl.data.cache import ShardCache
     from distssl.data.index import resolve
     from distssl.data.samples import unlabeled_item
     from distssl.data.streams import TrainStream, loader
+    from distssl.storage.cache import ShardCache
     from support.servers import TcpProxy
 
     proxy = TcpProxy(int(endpoint.rsplit(":", 1)[1]), latency=a.latency_ms / 1000)
@@ -441,12 +441,12 @@ def main(argv=None) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from distssl.data import store
     from distssl.data.index import resolve
     from distssl.data.samples import unlabeled_item
     from distssl.data.streams import TrainStream, loader
     from distssl.data.transforms import Views
     from distssl.shards import make_shards
+    from distssl.storage import store
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-stream-"))

@@ -24,8 +24,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Optional
 
-from distssl import atomic
-from distssl.data import store
+from distssl.storage import atomic, store
 
 log = logging.getLogger(__name__)
 CHUNK = 4 * 1024 * 1024

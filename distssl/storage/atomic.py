@@ -28,13 +28,15 @@ def publish(tmp: PathLike, path: PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
+def atomic_path(path: PathLike, keep_extension: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; on success it becomes ``path``, on any error
-    (a kill, a full disk) it is removed and ``path`` is left as it was."""
+    (a kill, a full disk) it is removed and ``path`` is left as it was. ``keep_extension``: the temporary
+    name ends as ``path`` does (matplotlib and safetensors look at it); else it ends in ``.tmp-XXXX``, so a
+    reader that lists ``*.tar`` (fsspec's glob shows dot files) never picks up a shard being written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # the suffix keeps the file's extension (matplotlib and safetensors look at it)
-    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
+    tag = uuid.uuid4().hex[:8]
+    tmp = path.with_name(f".{path.stem}.tmp-{tag}{path.suffix}" if keep_extension else f"{path.name}.tmp-{tag}")
     try:
         yield tmp
         publish(tmp, path)

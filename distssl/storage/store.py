@@ -7,14 +7,13 @@ import logging
 import os
 import re
 import time
-import uuid
 from typing import IO, Iterator, Optional
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from distssl import atomic
 from distssl.errors import DamagedFile, MissingCredentials, MissingExtra
+from distssl.storage import atomic
 
 log = logging.getLogger(__name__)
 _SECRET_IN_URL = re.compile(r"(://)([^/@:]+):([^/@]+)@")
@@ -178,17 +177,8 @@ def atomic_write(url: str) -> Iterator[IO[bytes]]:
                 raise
             raise err from e
         return
-    parent = os.path.dirname(path) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-        atomic.publish(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    with atomic.atomic_path(path, keep_extension=False) as tmp, open(tmp, "wb") as f:
+        yield f
 
 
 _CLIENT_LIBRARIES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "adlfs", "azure", "fsspec",
