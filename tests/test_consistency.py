@@ -312,7 +312,7 @@ def test_input_noise_is_each_samples_own_draw_on_the_views_with_gradient():
 
 
 def test_every_algorithm_is_registered_with_its_config_section_and_cited_keys():
-    from distssl.config.typed_tree import describe_keys
+    from distssl.config.coerce import describe_keys
 
     assert set(ALGORITHM_NAMES) == set(algorithms.ALGORITHMS)
     rows = {key: meaning for key, kind, _, meaning in describe_keys(SSLConfig, "ssl") if kind != "section"}

@@ -315,7 +315,7 @@ def test_print_config_and_keys_answer_without_training(capsys, tmp_path):
     assert main(["--keys"]) == 0
     everything = capsys.readouterr().out
     from distssl.config import Config
-    from distssl.config.typed_tree import describe_keys
+    from distssl.config.coerce import describe_keys
 
     keys = [k for k, tp, _, _ in describe_keys(Config) if tp != "section"]
     assert all(f"\n{k} = " in "\n" + everything for k in keys)

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, run_train, tiny_overrides
 from distssl.cli import train as train_cli
 from distssl.config import Config, ConfigError, load_config
-from distssl.config.typed_tree import describe_keys
+from distssl.config.coerce import describe_keys
 from distssl.data.index import describe_missing
 from distssl.errors import MissingCredentials, MissingExtra
 from distssl.shards.listing import list_inputs

@@ -22,8 +22,8 @@ import sys
 
 from distssl.cli import command
 from distssl.config import Config, check_paths, load_config, redacted_dict
+from distssl.config.coerce import describe_keys
 from distssl.config.tree import unset_data_keys
-from distssl.config.typed_tree import describe_keys
 from distssl.data.streams import DataError
 from distssl.distributed.peers import describe_dead_peers, exit_if_a_peer_died, is_peer_failure
 from distssl.distributed.preempt import Preempted

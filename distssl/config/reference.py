@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
+from distssl.config.coerce import describe_keys
 from distssl.config.tree import Config
-from distssl.config.typed_tree import describe_keys
 
 HEADER = """# Configuration
 

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from distssl.config.typed_tree import flatten
+from distssl.config.coerce import flatten
 from distssl.storage.store import redact
 
 log = logging.getLogger("distssl")

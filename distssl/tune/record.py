@@ -12,8 +12,8 @@ from typing import Literal
 import yaml
 
 from distssl.config import Config, to_dict
+from distssl.config.coerce import ConfigError, changed_keys
 from distssl.config.tree import _redacted
-from distssl.config.typed_tree import ConfigError, changed_keys
 from distssl.storage import atomic
 
 

@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 
 from distssl.config import Config, load_config, to_dict, validate
+from distssl.config.coerce import ConfigError, build, flatten, parse_override, set_path
 from distssl.config.recipes import resolve_config
-from distssl.config.typed_tree import ConfigError, build, flatten, parse_override, set_path
 from distssl.train import preflight
 from distssl.tune.record import Sweep, TuneSettings
 

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from distssl.config import dump_yaml, to_dict
-from distssl.config.typed_tree import ConfigError
+from distssl.config.coerce import ConfigError
 from distssl.tune.record import Sweep, _write_settings, check_resumable, sweep_rounds
 from distssl.tune.results import write_outputs
 from distssl.tune.space import ray_space

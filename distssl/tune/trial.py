@@ -20,7 +20,7 @@ from pathlib import Path
 
 from distssl.checkpoint import layout as checkpoint
 from distssl.config import Config
-from distssl.config.typed_tree import build
+from distssl.config.coerce import build
 from distssl.errors import UserError
 from distssl.notices import silence_known_notices
 from distssl.train import run as engine
