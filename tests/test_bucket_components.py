@@ -309,7 +309,7 @@ def test_an_export_with_an_outlier_head_scores_every_image_and_leaves_unknowns_o
     from distssl.predict.model import load_predictor
     from distssl.predict.parts import make_parts
     from distssl.predict.pseudo import confident_rows
-    from distssl.predict.run import predict_parts, read_part
+    from distssl.predict.rank_parts import predict_parts, read_part
     from distssl.predict.select import candidates
 
     torch.manual_seed(0)

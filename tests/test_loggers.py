@@ -38,10 +38,10 @@ def test_a_run_reports_to_mlflow_and_wandb_and_keeps_its_best_eval(tiny_data, tm
     # model_best is calibrated on the eval that chose it: the same fit on its weights' eval logits gives its T
     import torch
 
-    from distssl.predict.calibrate import fit_temperature
+    from distssl.calibration import fit_temperature
     from distssl.predict.model import load_predictor
     from distssl.predict.parts import make_parts
-    from distssl.predict.run import labeled_logits
+    from distssl.predict.rank_parts import labeled_logits
 
     predictor = load_predictor(str(out / "model_best.safetensors"), torch.device("cpu"))  # fingerprints agree
     assert meta["fingerprint"]["step"] == str(best["step"])

@@ -15,7 +15,7 @@ from distssl.data.index import resolve
 from distssl.data.streams import tar_samples
 from distssl.predict.model import load_predictor
 from distssl.predict.parts import make_parts
-from distssl.predict.run import COLUMNS, predict_parts, summarise
+from distssl.predict.rank_parts import COLUMNS, predict_parts, summarise
 from support.servers import launch_env, ranks_command
 
 CPU = torch.device("cpu")
@@ -131,7 +131,7 @@ def test_two_ranks_predict_each_image_once(tiny_data, exported, tmp_path):
 
 def test_temperature_scaling_recovers_the_temperature_that_made_the_labels():
     """Labels drawn from softmax(z / 2.5): the fitted T is ~2.5, the NLL and ECE fall, the top-1 stays."""
-    from distssl.predict.calibrate import calibrate, ece, fit_temperature, reliability
+    from distssl.calibration import calibrate, ece, fit_temperature, reliability
 
     g = torch.Generator().manual_seed(0)
     z = 4 * torch.randn(20000, 10, generator=g)
@@ -149,8 +149,8 @@ def test_temperature_scaling_recovers_the_temperature_that_made_the_labels():
 
 def test_calibrate_on_a_labeled_set_scales_the_parts_and_refuses_to_mix_two_temperatures(tiny_data, exported,
                                                                                           tmp_path):
-    from distssl.predict.calibrate import calibrate
-    from distssl.predict.run import check_temperature, labeled_logits
+    from distssl.calibration import calibrate
+    from distssl.predict.rank_parts import check_temperature, labeled_logits
 
     predictor = load_predictor(str(exported), CPU)
     logits, labels = labeled_logits(predictor, make_parts(tiny_data["eval"]), 32, CPU)

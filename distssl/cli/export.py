@@ -19,14 +19,14 @@ Load the result with timm (no hub access):
 import argparse
 import sys
 
+from distssl.calibration import calibrate
 from distssl.cli import command
 from distssl.data.index import resolve
 from distssl.errors import UserError
 from distssl.models.export import ema_weights_from_run, model_meta, write_export
-from distssl.predict.calibrate import calibrate
 from distssl.predict.model import predictor_from
 from distssl.predict.parts import make_parts
-from distssl.predict.run import labeled_logits
+from distssl.predict.rank_parts import labeled_logits
 from distssl.storage.store import redact
 
 

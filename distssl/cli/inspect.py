@@ -12,7 +12,7 @@ import sys
 
 from distssl.cli import command
 from distssl.data.index import read_index
-from distssl.data.shardinfo import draw_grid, summarize, verify
+from distssl.data.inspection import draw_grid, summarize, verify
 from distssl.errors import UserError
 from distssl.storage import store
 

@@ -13,12 +13,12 @@ from typing import Optional
 
 import torch
 
+from distssl.calibration import calibrate
 from distssl.distributed.collectives import sum_numbers
-from distssl.predict.calibrate import calibrate
 from distssl.predict.model import load_predictor
 from distssl.predict.parts import make_parts
 from distssl.predict.pseudo import confident_rows, shard_done, write_pseudo_index, write_pseudo_shard
-from distssl.predict.run import check_temperature, labeled_logits, predict_parts, summarise
+from distssl.predict.rank_parts import check_temperature, labeled_logits, predict_parts, summarise
 from distssl.storage import store
 
 

@@ -16,7 +16,7 @@ from typing import Optional
 
 from distssl.data.index import FORMAT, INDEX_NAME
 from distssl.predict.parts import Part, part_samples
-from distssl.predict.run import read_part
+from distssl.predict.rank_parts import read_part
 from distssl.shards.writer import tar_writer
 from distssl.storage import store
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from distssl.predict.parts import Part, part_samples
 from distssl.predict.pseudo import _image_ext
-from distssl.predict.run import read_part
+from distssl.predict.rank_parts import read_part
 from distssl.storage import store
 
 CSV_NAME, SHEET_NAME, COPIES = "to_label.csv", "to_label.png", "to_label"

@@ -15,7 +15,7 @@ import numpy as np
 
 from distssl.predict.parts import Part
 from distssl.predict.pseudo import PseudoRow, shard_done, write_pseudo_shard
-from distssl.predict.run import read_part
+from distssl.predict.rank_parts import read_part
 from distssl.selftrain.plan import balanced_budget, ensemble, select
 
 SOFT_TOP = 10  # classes kept in a soft target (the rest of its mass spread evenly)

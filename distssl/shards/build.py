@@ -3,7 +3,7 @@
 Why the shape:
 - Every source is listed into partitions (one for a small bucket) and planned, recorded and written by the
   same functions. The plan is a pure function of the listing, the options and the seed (distssl.shards.plan) and is
-  recorded before any shard is written (distssl.shards.record). A rerun finishes the recorded plan;
+  recorded before any shard is written (distssl.shards.build_record). A rerun finishes the recorded plan;
   one whose listing or options changed refuses before writing anything; ``extend`` adds the new
   inputs as a new generation of shards after the existing ones.
 - A shard is complete when its stats exist (distssl.shards.writer), so a rerun writes only the
@@ -27,12 +27,19 @@ import numpy as np
 
 from distssl.data.index import FORMAT, INDEX_NAME
 from distssl.errors import OptionError
+from distssl.shards.build_record import (
+    RECORD_NAME,
+    Record,
+    normalise_source,
+    option_changes,
+    read_record,
+    write_generation,
+)
 from distssl.shards.images import ImageOptions, process_image
 from distssl.shards.inputs import read_input
 from distssl.shards.listing import Listing
 from distssl.shards.partitions import PartitionedListing, diff_listing, from_listing, list_partitioned
 from distssl.shards.plan import Planner
-from distssl.shards.record import RECORD_NAME, Record, normalise_source, option_changes, read_record, write_generation
 from distssl.shards.runners import make_runner
 from distssl.shards.splits import SplitOptions, set_order
 from distssl.shards.writer import ShardJob, read_stats, run_job

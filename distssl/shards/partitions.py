@@ -20,8 +20,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from distssl.shards.build_record import Diff
 from distssl.shards.listing import Listing, Rows, class_order, no_class_folders, source_rows
-from distssl.shards.record import Diff
 
 BUCKETS = 4096
 FLUSH_ROWS = 200_000  # rows buffered in memory before they are appended to their bucket files

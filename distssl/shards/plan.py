@@ -17,7 +17,7 @@ stays, else the one in the set already written, else the first by key; the rest 
 set by content are duplicates, the rest split into eval (its fraction) and the training pool, in new
 shards whose numbers and keys follow the existing ones. The labeled split is never touched.
 
-Each partition becomes one part of the generation: a :class:`~distssl.shards.record.Generation` whose
+Each partition becomes one part of the generation: a :class:`~distssl.shards.build_record.Generation` whose
 sets' shards are numbered after the previous parts', written to the record as it is planned.
 """
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from distssl.errors import OptionError
+from distssl.shards.build_record import Generation, SetPlan
 from distssl.shards.listing import Listing
 from distssl.shards.partitions import BUCKETS, PartitionedListing, Spill
-from distssl.shards.record import Generation, SetPlan
 from distssl.shards.splits import SplitOptions, plan_shards, split_quota, stage_rng
 
 Verify = Callable[[Listing, list[int]], list[Optional[str]]]  # (partition, inputs) -> None (good) or why not

@@ -11,10 +11,10 @@ from typing import Optional
 
 import torch
 
+from distssl.calibration import calibrate
 from distssl.models import export as outputs
 from distssl.models.export import gather_ema_state, model_meta, write_export
 from distssl.models.heads import export_state
-from distssl.predict.calibrate import calibrate
 from distssl.storage import atomic
 from distssl.storage.store import redact
 from distssl.tracking.metrics import MetricsWriter, plot

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from distssl.config import dump_yaml
 from distssl.storage import atomic
-from distssl.tune.record import Sweep
 from distssl.tune.space import apply
+from distssl.tune.sweep_record import Sweep
 
 
 def write_outputs(sweep: Sweep, results, sweep_dir: str) -> dict:

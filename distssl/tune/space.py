@@ -13,7 +13,7 @@ from distssl.config import Config, load_config, to_dict, validate
 from distssl.config.coerce import ConfigError, build, flatten, parse_override, set_path
 from distssl.config.recipes import resolve_config
 from distssl.train import preflight
-from distssl.tune.record import Sweep, TuneSettings
+from distssl.tune.sweep_record import Sweep, TuneSettings
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 

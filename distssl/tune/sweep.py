@@ -1,5 +1,5 @@
 """The sweep's driver, in the process that runs ``launch/tune.py``: Ray started (or joined), one Tune
-experiment per round of trials (:func:`distssl.tune.record.sweep_rounds`), each trial a
+experiment per round of trials (:func:`distssl.tune.sweep_record.sweep_rounds`), each trial a
 :func:`distssl.tune.trial.trial_driver`, a killed sweep restored from its Tune state, and the results
 written. The Ray Train V2 API throughout: no environment switch, no deprecated call."""
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 
 from distssl.config import dump_yaml, to_dict
 from distssl.config.coerce import ConfigError
-from distssl.tune.record import Sweep, _write_settings, check_resumable, sweep_rounds
 from distssl.tune.results import write_outputs
 from distssl.tune.space import ray_space
 from distssl.tune.storage import storage_for
+from distssl.tune.sweep_record import Sweep, _write_settings, check_resumable, sweep_rounds
 from distssl.tune.trial import trial_driver
 
 DRIVER_MEMORY = 256 * 2**20  # bytes: a trial driver's Python process with Ray and Train imported

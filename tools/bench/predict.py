@@ -3,7 +3,7 @@
 
 One shard set of photo-like JPEGs (scikit-learn's two photos cut at ImageNet's sizes, 500x375), one
 model with random weights exported as a run exports it, then, interleaved round by round:
-  predict     distssl.predict.run.predict_parts: decode + eval transform in the process, the forward,
+  predict     distssl.predict.rank_parts.predict_parts: decode + eval transform in the process, the forward,
               and the Parquet part per shard (key, sha256, top-k, written atomically)
   eval        the trainer's eval input path over the same shards (EvalStream + the eval transform,
               decoded in the process: train.num_workers=0) and the same forward, counting top-1
@@ -56,7 +56,7 @@ def main() -> int:
     from distssl.models.export import model_meta, write_export
     from distssl.predict.model import load_predictor
     from distssl.predict.parts import make_parts
-    from distssl.predict.run import predict_parts
+    from distssl.predict.rank_parts import predict_parts
     from distssl.shards import make_shards
 
     device = torch.device(a.device)
