@@ -96,7 +96,7 @@ def test_freeze_backbone_trains_only_the_head(trained, tiny_data, tmp_path):
     out = tmp_path / "frozen"
     r = run_train(tiny_overrides(tiny_data, out, **{
         "train.steps": 2, "model.pretrained": str(trained / "model.safetensors"), "model.freeze_backbone_steps": 2,
-        "ssl.ema_decay": 0.0, "optim.weight_decay": 0.01}))  # EMA = live weights, so the export shows them
+        "train.ema_decay": 0.0, "optim.weight_decay": 0.01}))  # EMA = live weights, so the export shows them
     assert r.returncode == 0, r.stderr[-3000:]
     before, after = load_file(str(trained / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert not torch.equal(before["fc.weight"], after["fc.weight"])

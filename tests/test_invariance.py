@@ -46,7 +46,7 @@ def _run(n: int, tiny_data, tmp_path: Path, extra: list[str], algorithms: str = 
 def test_same_global_batch_same_curve_on_one_and_two_ranks(tiny_data, tmp_path, weak_forward, algorithms, weights):
     """Each algorithm's state too (FlexMatch's per-sample status, FreeMatch's thresholds, SoftMatch's
     confidence statistics): updated once per step from all ranks, it does not depend on the world size."""
-    extra = [f"ssl.weak_forward={weak_forward}", *weights]
+    extra = [f"train.weak_forward={weak_forward}", *weights]
     one = _run(1, tiny_data, tmp_path, extra, algorithms)
     two = _run(2, tiny_data, tmp_path, extra, algorithms)
     losses1, losses2 = [r["loss"] for r in one], [r["loss"] for r in two]

@@ -42,7 +42,8 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    """The loop: steps, the global batch, evals and checkpoints, loader workers, precision."""
+    """The loop: steps, the global batch, evals and checkpoints, loader workers, precision, the weights' EMA and
+    how the weak view is forwarded."""
 
     steps: int = 1000  # optimizer steps; a larger value on a finished run continues it
     batch_size: int = 16  # global labeled batch; each rank gets batch_size / world_size
@@ -55,6 +56,14 @@ class TrainConfig:
     micro_batch_size: int = 0  # per-rank labeled micro-batch; 0 = the whole per-rank batch (no accumulation)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16 override the DeepSpeed template
     channels_last: bool = True  # NHWC on GPU (faster convolutions with tensor cores); ignored on CPU
+    # EMA of the weights, evaluated and exported (Mean Teacher's teacher too)
+    ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay min(ema_decay, 1 - (1 + step) ** -0.75) (timm): early EMA follows the model
+    # "shared_bn": labeled + strong forwarded with gradients, the weak view without (it only makes
+    # pseudo-labels), normalised with the BatchNorm statistics of that forward: it skips the weak
+    # view's backward, which "concat" (FixMatch's reference cat(labeled, weak, strong) forward with
+    # gradients) pays; step times and the demo's top-1 over seeds: docs/benchmarks.md
+    weak_forward: Literal["shared_bn", "concat"] = "shared_bn"
 
     def validate(self, check) -> None:
         check(self.steps >= 1, "steps", self.steps, ">= 1")
@@ -66,6 +75,7 @@ class TrainConfig:
         check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
         check(0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", self.max_bad_fraction, "0..1")
         check(self.micro_batch_size >= 0, "micro_batch_size", self.micro_batch_size, ">= 0 (0 = no accumulation)")
+        check(0.0 <= self.ema_decay < 1.0, "ema_decay", self.ema_decay, "0 <= decay < 1")
 
 
 ALGORITHM_NAMES = tuple(ALGORITHMS)
@@ -89,13 +99,6 @@ class SSLKeys:
     # model's predictions: a bucket whose class mix nobody knows)
     dist_align_target: Literal["uniform", "labeled", "estimated"] = "uniform"
     dist_align_momentum: float = 0.99  # ~100-batch memory, like ReMixMatch's 128-batch window
-    ema_decay: float = 0.999  # EMA of the weights, evaluated and exported
-    ema_warmup: bool = True  # decay min(ema_decay, 1 - (1 + step) ** -0.75) (timm): early EMA follows the model
-    # "shared_bn": labeled + strong forwarded with gradients, the weak view without (it only makes
-    # pseudo-labels), normalised with the BatchNorm statistics of that forward: it skips the weak
-    # view's backward, which "concat" (FixMatch's reference cat(labeled, weak, strong) forward with
-    # gradients) pays; step times and the demo's top-1 over seeds: docs/benchmarks.md
-    weak_forward: Literal["shared_bn", "concat"] = "shared_bn"
     # images outside the label set in the unlabeled data: "iomatch" (its keys: ssl.iomatch) adds an outlier head,
     # keeps outliers out of the pseudo-labels and trains them as a (K+1)-th class; pseudo-label rules only
     open_set: Literal["none", "iomatch"] = "none"
@@ -107,7 +110,6 @@ class SSLKeys:
         check(0.0 < self.tau <= 1.0, "tau", self.tau, "0 < tau <= 1")
         check(self.lambda_u >= 0, "lambda_u", self.lambda_u, ">= 0 (0 = supervised-only baseline)")
         check(self.mu >= 1, "mu", self.mu, "an integer >= 1")
-        check(0.0 <= self.ema_decay < 1.0, "ema_decay", self.ema_decay, "0 <= decay < 1")
         check(0.0 <= self.dist_align_momentum < 1.0, "dist_align_momentum", self.dist_align_momentum, "0 <= m < 1")
         for name in config_sections():  # each algorithm's own section, beside its fields in its file
             getattr(self, name).validate(lambda ok, key, value, allowed, name=name:

@@ -56,6 +56,29 @@ RESUMABLE_CHANGES = {
 } | {f"selftrain.{f.name}" for f in dataclasses.fields(SelfTrainConfig)}  # distssl-selftrain's, not a run's
 
 
+# Keys that moved to the section of the part that reads them. A config that names the old key is told the
+# new one; a saved run's config.yaml is compared with them renamed (a resume across the move is no change).
+MOVED_KEYS = {"ssl.ema_decay": "train.ema_decay", "ssl.ema_warmup": "train.ema_warmup",
+              "ssl.weak_forward": "train.weak_forward"}
+
+
+def _refuse_moved(tree: dict, where: str) -> None:
+    flat = flatten(tree)
+    for old, new in MOVED_KEYS.items():
+        if old in flat:
+            raise ConfigError(f"{old} is now {new} (same meaning: the training loop reads it): rename it in "
+                              f"{where}")
+
+
+def migrate_moved(tree: dict) -> dict:
+    """A copy of a saved config tree with the moved keys under their new names."""
+    flat = flatten(tree)
+    out: dict = {}
+    for key, value in flat.items():
+        set_path(out, MOVED_KEYS.get(key, key), value)
+    return out
+
+
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = (), *,
                 require_data: bool = True) -> Config:
     """YAML file (optional) + overrides -> validated :class:`Config`; ``require_data`` False lets the data keys
@@ -68,8 +91,12 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
                 tree = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    _refuse_moved(tree, f"--config {path}")
     for text in overrides:
         key, value = parse_override(text)
+        if key in MOVED_KEYS:
+            raise ConfigError(f"{key} is now {MOVED_KEYS[key]} (same meaning: the training loop reads it): give "
+                              f"{MOVED_KEYS[key]}={text.split('=', 1)[1]}")
         set_path(tree, key, value)
     cfg = build(Config, tree, "")
     validate(cfg, require_data)
@@ -160,6 +187,7 @@ def _redacted(tree: Any) -> Any:
 def resume_conflicts(saved: dict, cfg: Config) -> list[str]:
     """Keys whose values differ from the saved run in a way that breaks resuming it. A key the saved config
     lacks (the run predates it) at its default value is no change: that run behaved as the default."""
+    saved = migrate_moved(saved)
     had, defaults = flatten(saved), flatten(redacted_dict(Config()))
     return [f"{k}: {a!r} -> {b!r}" for k, a, b in changed_keys(saved, redacted_dict(cfg), RESUMABLE_CHANGES)
             if k in had or b != defaults.get(k)]

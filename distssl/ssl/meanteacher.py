@@ -4,7 +4,7 @@ The target of each unlabeled image is the prediction of the teacher, the exponen
 of the student's weights, on the weak view; the student is trained on another view towards it by the
 mean squared difference of the softmax outputs, weighted by weight * exp(-5 (1 - T)^2) over the first
 ``rampup`` fraction of train.steps. The teacher is the EMA the engine already keeps for evaluation
-(ssl.ema_decay, with its warm-up; the paper's 0.99 then 0.999 is the same idea), forwarded with each
+(train.ema_decay, with its warm-up; the paper's 0.99 then 0.999 is the same idea), forwarded with each
 rank's own share of it swapped in, so ZeRO-3 holds no second model. The student's view is the
 strong augmentation (RandAugment + Cutout) by default: the paper's second weak view (``augment=weak``)
 gained 2.6 points over the supervised baseline on the demo, the strong one 19 (docs/benchmarks.md), as
@@ -22,7 +22,7 @@ from distssl.ssl.algorithm import Consistency, RampedConfig, StepNeeds, forward_
 @dataclass
 class MeanTeacherConfig(RampedConfig):
     """Tarvainen & Valpola 2017: the EMA weights' prediction of the weak view is the target of another view."""
-    weight: float = 50.0  # consistency weight (USB's Mean Teacher); the teacher's decay is ssl.ema_decay
+    weight: float = 50.0  # consistency weight (USB's Mean Teacher); the teacher's decay is train.ema_decay
     # the view trained with gradient: another weak one (the paper's), or the strong one (RandAugment +
     # Cutout; the default, which gained more on the demo: docs/benchmarks.md)
     augment: Literal["weak", "strong"] = "strong"

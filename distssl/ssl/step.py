@@ -10,11 +10,11 @@ step with the default in the base class, without copying forward code.
 - The EMA teacher's views (Mean Teacher) go first, through the EMA weights swapped in (distssl.train.ema:
   each rank's own share of them, so ZeRO-3 keeps one copy) and without gradient; swapping after the
   student's forward would change weights that autograd saved for the backward.
-- ``ssl.weak_forward=shared_bn``: the labeled batch and the views with gradient in one forward whose
+- ``train.weak_forward=shared_bn``: the labeled batch and the views with gradient in one forward whose
   BatchNorm batch statistics are recorded, then the views without gradient in one no-grad forward
   normalised with those statistics (distssl.train.bnstats), so a pseudo-label and the prediction it
   trains come from the same function.
-- ``ssl.weak_forward=concat``: FixMatch's reference step, every view in one forward with gradients;
+- ``train.weak_forward=concat``: FixMatch's reference step, every view in one forward with gradients;
   the no-grad views' logits are detached (they still pay for the backward).
 - A perturbing step (VAT) gets ``perturbed``: the student's forward of other inputs, BatchNorm normalising
   with the perturbed batch's own statistics and leaving the running ones as they were (USB's
@@ -52,7 +52,7 @@ class StepInputs:
     bn_sharing: Any  # distssl.train.bnstats.BatchStatsSharing of the model
     module: Optional[torch.nn.Module] = None  # the bare model inside the engine (gradients wrt inputs only)
     ema: Any = None  # distssl.train.ema.EMA: the teacher's weights
-    weak_forward: str = "shared_bn"  # ssl.weak_forward
+    weak_forward: str = "shared_bn"  # train.weak_forward
     ids: Optional[torch.Tensor] = None  # each unlabeled sample's stable id
     true_u: Optional[torch.Tensor] = None  # labels of unlabeled images (-1 unknown): pseudo-label accuracy only
     step: int = 0  # optimizer steps before this one

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import yaml
 
 from distssl.checkpoint import layout as ckpt
-from distssl.config import Config, ConfigError, dump_yaml, redacted_dict, resume_conflicts
+from distssl.config import Config, ConfigError, dump_yaml, redacted_dict, resume_conflicts, validate
 from distssl.distributed.collectives import end_group
 from distssl.distributed.peers import init_distributed, write_heartbeat
 from distssl.models import export as outputs
@@ -68,8 +68,10 @@ def run(cfg: Config, on_eval: Optional[Callable] = None) -> dict:
     """Train (or resume) to ``train.steps``; returns the final eval of the EMA weights.
     ``on_eval(step, metrics, checkpoint_dir)`` runs on every rank after each eval's checkpoint."""
     filled = fill_input_defaults(cfg)
-    if filled and os.environ.get("RANK", "0") == "0":
-        log.warning("from the model's pretrained config: %s", ", ".join(filled))
+    if filled:
+        validate(cfg)  # the values filled in are checked as if the user had given them
+        if os.environ.get("RANK", "0") == "0":
+            log.warning("from the model's pretrained config: %s", ", ".join(filled))
     label_maps = preflight.check(cfg)  # the user's mistakes, before any process group starts
     prepare_out_dir(cfg)
     done = finished(cfg) if on_eval is None else None  # a restored sweep trial reports its result again instead

@@ -119,7 +119,7 @@ class Trainer:
         ckpt.use_safe_loading(self.engine)
         self.zero3 = cfg.deepspeed.zero_stage == 3
         self.dtype = next(self.engine.module.parameters()).dtype  # DeepSpeed's (train.precision or the template's)
-        self.ema = EMA(self.engine.module, cfg.ssl.ema_decay, cfg.ssl.ema_warmup)
+        self.ema = EMA(self.engine.module, cfg.train.ema_decay, cfg.train.ema_warmup)
         self.bn_sharing = BatchStatsSharing(self.engine.module)
         # NHWC inputs are enough: cuDNN runs a convolution channels_last when its input is. The parameters stay
         # contiguous: DeepSpeed broadcasts them as byte views (which a channels_last weight cannot give:
@@ -177,7 +177,7 @@ class Trainer:
                 inp = StepInputs(
                     model=engine, module=engine.module, x_lb=to_input(x), y_lb=y.to(self.device),
                     views={v: to_input(views[v][i]) for v in names}, bn_sharing=self.bn_sharing, ema=self.ema,
-                    weak_forward=self.cfg.ssl.weak_forward, ids=idx, true_u=y_true.to(self.device), step=self.step,
+                    weak_forward=self.cfg.train.weak_forward, ids=idx, true_u=y_true.to(self.device), step=self.step,
                     total_steps=self.cfg.train.steps, seed=self.cfg.run.seed,
                     # a step's own draws (MixUp) from (seed, step, rank, micro-batch): a resume repeats them
                     generator=torch.Generator().manual_seed(hash((self.cfg.run.seed, self.step, self.rank, i))

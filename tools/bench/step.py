@@ -3,10 +3,10 @@
 
 Three steps over the same images (B labeled, muB weak, muB strong), each a real
 ``Trainer.train_step`` in a 1-rank DeepSpeed ZeRO-2 world:
-  shared_bn   ssl.weak_forward=shared_bn (the default): cat(labeled, strong) forwarded with
+  shared_bn   train.weak_forward=shared_bn (the default): cat(labeled, strong) forwarded with
               gradients, then the weak view without gradients, normalised with the BatchNorm
               statistics that forward used
-  concat      ssl.weak_forward=concat (FixMatch's reference step): cat(labeled, weak, strong)
+  concat      train.weak_forward=concat (FixMatch's reference step): cat(labeled, weak, strong)
               forwarded with gradients, so its backward runs through the weak view too
   supervised  a supervised step over B + 2muB labeled images (the cost floor of "one step over
               these images with gradients")
@@ -75,11 +75,11 @@ def measure(overrides: list[str], steps: int, warmup: int = 2, sync=lambda: None
     lb, ub, sup = synthetic_batches(B, mu, cfg.data.image_size, cfg.model.num_classes)
 
     def shared_bn():
-        cfg.ssl.weak_forward = "shared_bn"
+        cfg.train.weak_forward = "shared_bn"
         trainer.train_step(lb, ub)
 
     def concat():
-        cfg.ssl.weak_forward = "concat"
+        cfg.train.weak_forward = "concat"
         trainer.train_step(lb, ub)
 
     def supervised():
