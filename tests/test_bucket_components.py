@@ -388,7 +388,7 @@ def test_a_run_with_both_components_resumes_exports_its_heads_and_predicts_outli
     assert summary["step"] == 4 and 0 <= summary["balanced_top1"] <= 1
     assert summary["derived"]["ssl.dist_align"].startswith("false")
     meta = json.loads((run / "model.json").read_text())
-    assert meta["outlier_head"]["prefix"] == "open_set_head."
+    assert meta["outlier_head"]["prefix"] == "open_set_head." and meta["outlier_head"]["score"] == "prototypes"
     ours = load_file(str(run / "model.safetensors"))
     assert any(k.startswith("open_set_head.") for k in ours) and not any(k.startswith("balanced_head.") for k in ours)
     out = tmp_path / "export"
@@ -406,5 +406,66 @@ def test_a_run_with_both_components_resumes_exports_its_heads_and_predicts_outli
     import pyarrow.parquet as pq
 
     rows = [row for f in sorted((pred / "parts").glob("*.parquet")) for row in pq.read_table(f).to_pylist()]
-    assert len(rows) == 97 and all(0 <= row["outlier_score"] <= 1 for row in rows)
+    assert len(rows) == 97 and all(0 <= row["outlier_score"] <= 2 for row in rows)  # 1 - a cosine
     assert json.loads((pred / "summary.json").read_text())["unknown"] == sum(row["unknown"] for row in rows)
+
+
+def _pooled_by_hand(model, views, raw_png: bytes) -> torch.Tensor:
+    x = (views.eval(views.eval_image(raw_png))[None].float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        return model.forward_head(model.forward_features(x), pre_logits=True)[0]
+
+
+def test_an_export_scores_outliers_by_distance_to_the_labelled_class_prototypes(tiny_data, tmp_path):
+    """An export with an outlier head carries each class's prototype, the normalised mean of its labelled images'
+    normalised pooled features (computed here by hand from the exported weights), and unknown_at, the score 5% of
+    the eval images (all inside the label set) reach; distssl-predict's outlier_score is 1 - the image's largest
+    cosine to a prototype, and unknown whether it reaches unknown_at."""
+    import pyarrow.parquet as pq
+
+    from distssl.data.streams import tar_samples
+    from distssl.data.transforms import Views
+    from distssl.models.export import model_meta, write_export
+    from distssl.predict.model import load_predictor
+    from distssl.predict.parts import make_parts
+    from distssl.predict.prototypes import PROTOTYPES_KEY, add_prototypes
+    from distssl.predict.rank_parts import predict_parts
+
+    torch.manual_seed(1)
+    model = timm.create_model("test_resnet", num_classes=10)
+    heads = component.head_specs("iomatch", "none", 10, projection=8)
+    add_heads(model, heads)
+    model.eval()
+    state = export_state(model.state_dict(), model, heads, keep=(component.OUTLIER_HEAD,))
+    meta = model_meta("test_resnet", 10, 28, [0.5] * 3, [0.25] * 3, [str(i) for i in range(10)],
+                      {**component.outlier_meta(8)}, run="tests/proto", step=3)
+    state, meta = add_prototypes(state, meta, tiny_data["labeled"], tiny_data["eval"], torch.device("cpu"))
+    spec = meta["outlier_head"]
+    assert spec["score"] == "prototypes" and spec["prototype_images"] == 20 and spec["calibrated_on_images"] == 97
+    views = Views(28)
+    by_class: dict[int, list[torch.Tensor]] = {}
+    for s in (s for url in _urls(tiny_data["labeled"]) for s in tar_samples(url)):
+        f = _pooled_by_hand(model, views, s.fields["png"])
+        by_class.setdefault(int(s.fields["cls"]), []).append(f / f.norm())
+    want = torch.stack([torch.stack(by_class[c]).mean(0) for c in range(10)])
+    want = want / want.norm(dim=1, keepdim=True)
+    assert torch.allclose(state[PROTOTYPES_KEY], want, atol=1e-5)
+    write_export(state, meta, tmp_path / "model")
+    predictor = load_predictor(str(tmp_path / "model"), torch.device("cpu"))
+    out = tmp_path / "pred"
+    predict_parts(predictor, make_parts(tiny_data["eval"]), str(out), 0, 1, 64, 3, torch.device("cpu"),
+                  progress=False)
+    rows = {r["key"]: r for f in sorted((out / "parts").glob("*.parquet")) for r in pq.read_table(f).to_pylist()}
+    at = spec["unknown_at"]
+    assert all(r["unknown"] == (r["outlier_score"] >= at) for r in rows.values())
+    assert 1 <= sum(r["unknown"] for r in rows.values()) <= 6  # 5% of the 97 eval images (ties aside)
+    for s in list(tar_samples(_urls(tiny_data["eval"])[0]))[:5]:
+        f = _pooled_by_hand(model, views, s.fields["png"])
+        cos = max(float(f @ want[c]) / float(f.norm()) for c in range(10))
+        assert rows[s.key]["outlier_score"] == pytest.approx(1 - cos, abs=1e-5)
+
+
+def _urls(spec: str) -> list[str]:
+    from distssl.data.index import resolve
+
+    return list(resolve(spec).urls)

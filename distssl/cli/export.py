@@ -26,6 +26,7 @@ from distssl.errors import UserError
 from distssl.models.export import ema_weights_from_run, model_meta, write_export
 from distssl.predict.model import predictor_from
 from distssl.predict.parts import make_parts
+from distssl.predict.prototypes import add_prototypes
 from distssl.predict.rank_parts import labeled_logits
 from distssl.storage.store import redact
 
@@ -78,6 +79,11 @@ def main(argv=None) -> int:
             said = f"no temperature: the run's eval set could not be read ({str(e).splitlines()[0][:160]})"
     elif not args.no_calibrate:
         said = "no temperature: the run names no eval set (--calibrate-on SPEC fits one)"
+    if "outlier_head" in meta:  # the outlier score's class prototypes, as the run's own export has them
+        import torch
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        state, meta = add_prototypes(state, meta, d.get("labeled"), d.get("eval"), device)
     out = write_export(state, meta, args.out)
     n = sum(t.numel() for t in state.values())
     print(f"exported {len(state)} tensors ({n:,} values) of {cfg['model']['name']} at step {info['step']} "

@@ -28,6 +28,8 @@ class Predictor:
     temperature: float  # softmax(logits / T): 1 unless the run fitted one (model.json "temperature")
     # IOMatch's head on the pooled features (model.json "outlier_head"): each image's outlier score
     outlier_head: Optional[torch.nn.Module] = None
+    # the labelled classes' prototypes (model.json "outlier_head" "prototypes"): the score, where present
+    prototypes: Optional[torch.Tensor] = None
 
     @property
     def unknown_at(self) -> float:
@@ -73,7 +75,7 @@ def predictor_from(state: dict[str, torch.Tensor], meta: dict, device: torch.dev
     import timm
 
     model = timm.create_model(meta["architecture"], pretrained=False, num_classes=int(meta["num_classes"]))
-    outlier_head = None
+    outlier_head, prototypes = None, None
     if "outlier_head" in meta:  # IOMatch's head, under its prefix in the same file (one fingerprint for both)
         spec = meta["outlier_head"]
         prefix = spec["prefix"]
@@ -86,6 +88,12 @@ def predictor_from(state: dict[str, torch.Tensor], meta: dict, device: torch.dev
             raise UserError(f"{where}: the outlier head model.json names does not fit its weights "
                             f"({str(e).splitlines()[0][:160]}): export the run again") from None
         outlier_head.eval().to(device)
+        if spec.get("prototypes"):
+            prototypes = state.pop(spec["prototypes"], None)
+            if prototypes is None or tuple(prototypes.shape) != (int(meta["num_classes"]), model.num_features):
+                raise UserError(f"{where}: the class prototypes model.json names are missing or of another shape "
+                                f"than ({meta['num_classes']}, {model.num_features}): export the run again")
+            prototypes = prototypes.float().cpu()  # the scores are computed beside the logits, on the CPU
     own = model.state_dict()
     shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if shapes:
@@ -102,4 +110,4 @@ def predictor_from(state: dict[str, torch.Tensor], meta: dict, device: torch.dev
     views = Views(size, interpolation=meta.get("interpolation", "bilinear"), eval_crop_pct=meta.get("crop_pct", 1.0))
     as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=device)  # noqa: E731
     return Predictor(model, meta, views, as_tensor(meta["mean"]), as_tensor(meta["std"]),
-                     float(meta.get("temperature", 1.0)), outlier_head)
+                     float(meta.get("temperature", 1.0)), outlier_head, prototypes)

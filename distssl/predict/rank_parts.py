@@ -19,6 +19,7 @@ import torch
 
 from distssl.data.transforms import normalize
 from distssl.distributed.preempt import ignore_in_worker
+from distssl.outliers import prototype_scores
 from distssl.predict.model import Predictor
 from distssl.predict.parts import Part, Sample, part_samples
 from distssl.ssl.open_set import outlier_scores, split_outputs
@@ -134,15 +135,16 @@ def logits_of(predictor: Predictor, x: torch.Tensor, device: torch.device) -> to
 
 @torch.no_grad()
 def outputs_of(predictor: Predictor, x: torch.Tensor, device: torch.device
-               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(the class logits, the outlier head's one-vs-all logits or None when the model has no outlier head)."""
+               ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(the class logits, the outlier head's one-vs-all logits, the pooled features): the last two None when the
+    model has no outlier head."""
     x = normalize(x.to(device, non_blocking=True), predictor.mean, predictor.std)
     if predictor.outlier_head is None:
-        return predictor.model(x).float().cpu(), None
+        return predictor.model(x).float().cpu(), None, None
     model = predictor.model
     pooled = model.forward_head(model.forward_features(x), pre_logits=True)
     ova, _ = split_outputs(predictor.outlier_head(pooled), int(predictor.meta["num_classes"]))
-    return model.get_classifier()(pooled).float().cpu(), ova.float().cpu()
+    return model.get_classifier()(pooled).float().cpu(), ova.float().cpu(), pooled.float().cpu()
 
 
 class PartRows:
@@ -155,13 +157,21 @@ class PartRows:
         self.cols: dict[str, list] = {c: [] for c in COLUMNS}
         self.skipped, self.started = 0, time.perf_counter()
 
-    def add(self, samples: list[Sample], logits: torch.Tensor, ova: Optional[torch.Tensor] = None) -> None:
-        """``ova``: the outlier head's logits; each row's outlier_score is then sum_k p_k p_out(k) of the calibrated
-        p, and ``unknown`` whether it reaches the head's threshold (null without an outlier head)."""
+    def add(self, samples: list[Sample], logits: torch.Tensor, ova: Optional[torch.Tensor] = None,
+            pooled: Optional[torch.Tensor] = None) -> None:
+        """With an outlier head, each row's outlier_score: the distance of its ``pooled`` features from the nearest
+        class prototype where the export has them (distssl.outliers), else IOMatch's sum_k p_k p_out(k) of the
+        calibrated p from the head's ``ova`` logits; ``unknown``: whether it reaches the export's threshold
+        (both null without an outlier head)."""
         names = self.predictor.class_names
         probs = (logits / self.predictor.temperature).softmax(dim=1)
         top = probs.topk(self.k, dim=1)
-        scores = outlier_scores(probs, ova).tolist() if ova is not None else [None] * len(samples)
+        if self.predictor.prototypes is not None and pooled is not None:
+            scores = prototype_scores(pooled, self.predictor.prototypes).tolist()
+        elif ova is not None:
+            scores = outlier_scores(probs, ova).tolist()
+        else:
+            scores = [None] * len(samples)
         at = self.predictor.unknown_at
         for s, ids, ps, score in zip(samples, top.indices.tolist(), top.values.tolist(), scores):
             label = model_label(s.true_label, self.mapping)

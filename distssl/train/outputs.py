@@ -15,6 +15,7 @@ from distssl.calibration import calibrate
 from distssl.models import export as outputs
 from distssl.models.export import gather_ema_state, model_meta, write_export
 from distssl.models.heads import export_state
+from distssl.predict.prototypes import add_prototypes
 from distssl.storage import atomic
 from distssl.storage.store import redact
 from distssl.tracking.metrics import MetricsWriter, plot
@@ -99,6 +100,8 @@ class Outputs:
                           {"eval_top1": last_eval.get("top1"), "weights": "ema", **calibration, **a.export_meta},
                           crop_pct=tr.feed.views.eval_crop_pct, interpolation=tr.feed.views.interpolation,
                           run=redact(str(self.out)), step=tr.step, temperature=temperature)
+        if "outlier_head" in meta:  # the outlier score's class prototypes, fitted with these weights
+            state, meta = add_prototypes(state, meta, d.labeled, d.eval, tr.device)
         return write_export(state, meta, self.out / name)
 
     def final_details(self) -> dict:
