@@ -13,8 +13,10 @@ The weak view's outlier score is sum_k p_k * p_out(k) (p: the rule's aligned pro
 reaches 0.5 is kept out of the rule's pseudo-label loss. Instead of being dropped, the images that look unknown
 train the (K+1)-th class. The open-set loss is off for the run's first 1/256 (the authors' first epoch of 256).
 
-At prediction the same score, from the calibrated class probabilities, is ``outlier_score``; a score of at least
-0.5 names the image ``unknown`` (distssl.predict).
+At prediction an export scores images by their distance to the labelled class prototypes instead
+(distssl.outliers: the one-vs-all head, trained on the labelled images alone, separates few-label classes'
+outliers poorly); an export without prototypes uses this score, from the calibrated class probabilities, and
+names ``unknown`` an image whose score reaches 0.5.
 
 Departures from the authors' code (docs/algorithms.md): the rule's own pseudo-labels train the classifier (hard
 labels for FixMatch, where IOMatch's soft CE on its 0.95-confident, aligned probabilities is nearly the same),
