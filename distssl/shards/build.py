@@ -14,18 +14,16 @@ Why the shape:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Iterator, Optional
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 
-from distssl.data.index import FORMAT, INDEX_NAME
+from distssl.data.index import INDEX_NAME
 from distssl.errors import OptionError
 from distssl.shards.build_record import (
     RECORD_NAME,
@@ -41,10 +39,9 @@ from distssl.shards.listing import Listing
 from distssl.shards.partitions import PartitionedListing, diff_listing, from_listing, list_partitioned
 from distssl.shards.plan import Planner
 from distssl.shards.runners import make_runner
+from distssl.shards.set_writer import complete, removed_by_set, set_url, source_skipped, write_index, written_hashes
 from distssl.shards.splits import SplitOptions, set_order
-from distssl.shards.writer import ShardJob, read_stats, run_job
 from distssl.storage import store
-from distssl.tracking.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -121,143 +118,6 @@ def _hash_one(url: str) -> tuple[Optional[str], Optional[str]]:
         return None, f"unreadable: {type(e).__name__}: {e}"
 
 
-def input_url(base: str, rel: str) -> str:
-    return rel if not base or "://" in rel or rel.startswith("/") else store.join(base, rel)
-
-
-def set_url(dst: str, name: str) -> str:
-    return store.join(dst, name) if name else dst
-
-
-def is_labeled_set(name: str, options: dict) -> bool:
-    return name != "unlabeled" and not options["unlabeled"]
-
-
-def run_set_job(job: ShardJob) -> dict:
-    """A shard job's stats, with the set it belongs to (shard names repeat from set to set)."""
-    return {**run_job(job), "set_url": job.set_url}
-
-
-def _part_jobs(dst: str, part, options: dict, base: str, image: ImageOptions) -> Iterator[tuple[str, ShardJob]]:
-    """Every shard of one part of the record, (set name, job), as it planned them."""
-    for name in set_order(part.sets):
-        plan = part.sets[name]
-        k = plan.first_key
-        for n, members in enumerate(plan.shards):
-            keys = [f"{k + j:09d}" for j in range(len(members))]
-            k += len(members)
-            yield name, ShardJob(set_url(dst, name), plan.first_shard + n, keys,
-                                 [input_url(base, part.rels[i]) for i in members], [part.rels[i] for i in members],
-                                 [part.labels[i] for i in members], is_labeled_set(name, options), image)
-
-
-@dataclass
-class SetTotals:
-    """What a set's index needs of its shards' stats, summed as they come (no per-shard class counts kept:
-    a 100M-key build has 100k shards)."""
-    shards: list[dict] = field(default_factory=list)  # name, count, bytes
-    hist: dict[int, int] = field(default_factory=dict)
-    failures: list[dict] = field(default_factory=list)
-    done: set = field(default_factory=set)
-
-    def add(self, st: dict) -> None:
-        if st["name"] in self.done:
-            return
-        self.done.add(st["name"])
-        self.shards.append({"name": st["name"], "count": st["count"], "bytes": st["bytes"]})
-        for k, v in st["class_counts"].items():
-            self.hist[int(k)] = self.hist.get(int(k), 0) + v
-        self.failures += st["failures"]
-
-
-def _complete(dst: str, record: Record, base: str, image: ImageOptions, runner, progress: bool,
-              generations: Optional[range] = None) -> dict[str, SetTotals]:
-    """Write every shard of the record without stats, a part at a time (its jobs only in memory); returns
-    each set's totals over all its shards."""
-    planned: dict[str, int] = {}
-    for head in record.heads:
-        for name, v in head["sets"].items():
-            planned[name] = planned.get(name, 0) + v["planned"]
-    totals = {name: SetTotals() for name in set_order(planned)}
-    bar = progress_bar(total=sum(planned.values()), desc="shards", unit="img", disable=not progress, dynamic_ncols=True)
-    failed, written, t0 = 0, 0, time.time()
-    for _, part in record.parts(generations):
-        todo = []
-        for name, job in _part_jobs(dst, part, record.options, base, image):
-            st = read_stats(job.set_url, job.stats_name)  # complete shards are counted, not rewritten
-            if st is None:
-                todo.append((name, job))
-            else:
-                totals[name].add(st)
-                bar.update(len(job.keys))
-        set_of = {job.set_url: name for name, job in todo}
-        for st in runner.unordered(run_set_job, [job for _, job in todo]):
-            totals[set_of[st.pop("set_url")]].add(st)
-            failed += len(st["failures"])
-            written += st["count"] + len(st["failures"])
-            bar.update(st["count"] + len(st["failures"]))
-            bar.set_postfix(failed=failed, img_s=f"{written / max(1e-9, time.time() - t0):.0f}")
-    bar.close()
-    return totals
-
-
-def _write_index(url: str, name: str, record: Record, totals: SetTotals, extra: dict) -> dict:
-    planned = [f for _, part in record.parts() if name in part.sets for f in part.sets[name].failures]
-    failures = planned + totals.failures
-    hist = [0] * len(record.class_names)
-    for k, v in totals.hist.items():
-        hist[k] += v
-    shards = sorted(totals.shards, key=lambda st: st["name"])
-    reasons = _reason_counts(failures)
-    index = {
-        "format": FORMAT, "count": sum(st["count"] for st in shards), "labeled": is_labeled_set(name, record.options),
-        "num_classes": len(record.class_names) or None, "class_names": record.class_names,
-        "class_histogram": hist,
-        "shards": shards,
-        "bytes": sum(st["bytes"] for st in shards),
-        "failures": failures, "num_failures": len(failures), "failure_reasons": reasons,
-        "duplicates": reasons.get("duplicate", 0),
-        "source": record.source, "seed": record.options["seed"], "max_count": record.options["max_count"],
-        "generations": sum(name in head["sets"] for head in record.heads), **extra,
-    }
-    if failures:
-        _write_if_changed(store.join(url, "failures.jsonl"),
-                          "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures).encode())
-    _write_if_changed(store.join(url, INDEX_NAME), json.dumps(index, indent=1).encode())
-    return index
-
-
-def _reason_kind(reason: str) -> str:
-    return "duplicate" if reason.startswith("duplicate of ") else reason.split(":", 1)[0]
-
-
-def source_skipped(skipped: list[tuple[str, str]], listed: int = 100) -> dict:
-    """What the source held that is not an input (files that are not images, links to nothing, files outside
-    any class folder): counted by reason, the first ``listed`` named."""
-    reasons: dict[str, int] = {}
-    for _, why in skipped:
-        reasons[why] = reasons.get(why, 0) + 1
-    return {"count": len(skipped), "reasons": reasons, "files": [key for key, _ in skipped[:listed]]}
-
-
-def _reason_counts(failures: list[dict]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for f in failures:
-        kind = _reason_kind(f["reason"])
-        out[kind] = out.get(kind, 0) + 1
-    return dict(sorted(out.items()))
-
-
-def _write_if_changed(url: str, body: bytes) -> None:
-    """A rerun of a finished build leaves every object untouched."""
-    try:
-        if store.read_bytes(url) == body:
-            return
-    except FileNotFoundError:
-        pass
-    store.write_bytes(url, body)
-
-
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "eval", "evaluation", "test", "testing", "dev"}
 
 
@@ -306,21 +166,6 @@ def _check_same_build(record: Record, source: str, opts: BuildOptions, dst: str)
                          f"a new destination")
 
 
-def _written_hashes(dst: str, record: Record) -> Iterator[tuple[str, str]]:
-    """(content hash, SET/KEY) of every written sample, eval first, then labeled, read from the shards'
-    stats a shard at a time."""
-    for wanted in set_order({name for head in record.heads for name in head["sets"]}):
-        for _, part in record.parts():
-            if wanted not in part.sets:
-                continue
-            for name, job in _part_jobs(dst, part, record.options, "", ImageOptions()):
-                if name != wanted:
-                    continue
-                st = read_stats(job.set_url, job.stats_name) or {}
-                for key, sha in st.get("samples", []):
-                    yield sha, f"{name}/{key}" if name else key
-
-
 def make_shards(src: str, dst: str, opts: Optional[BuildOptions] = None, **kw) -> dict[str, dict]:
     """Build DST, or DST/{labeled,unlabeled[,eval]} with a label split. Returns the indexes by set."""
     opts = opts or BuildOptions(**kw)
@@ -360,10 +205,10 @@ def _build(src: str, dst: str, opts: BuildOptions, work: str) -> dict[str, dict]
             planner = Planner(pl, split, os.path.join(work, "plan"), _verifier(runner),
                               _hasher(runner) if opts.dedup else None)
             write_generation(dst, record, planner.plan(), pl.ranges, pl.digests)
-        totals = _complete(dst, record, pl.base, opts.image, runner, opts.progress)
+        totals = complete(dst, record, pl.base, opts.image, runner, opts.progress)
         if diff:  # --extend: the recorded plan is complete; now the new generation, then its shards
             _extend(dst, record, pl, diff, split, runner, work, opts.partition_keys)
-            totals = _complete(dst, record, pl.base, opts.image, runner, opts.progress)
+            totals = complete(dst, record, pl.base, opts.image, runner, opts.progress)
             _report_removed(src, diff)
         if not any(st["count"] for t in totals.values() for st in t.shards):  # a set of nothing is no result
             first = next((f for t in totals.values() for f in t.failures), {})
@@ -371,13 +216,13 @@ def _build(src: str, dst: str, opts: BuildOptions, work: str) -> dict[str, dict]
                              f"{first.get('input')}: {first.get('reason')}); no index was written to "
                              f"{store.redact(dst)}. Check the paths (a manifest's relative paths are read from "
                              f"its own folder) and rerun")
-        removed = _removed_by_set(record)
+        removed = removed_by_set(record)
         out = {}
         for name in set_order(totals):
             extra = {"removed_inputs": removed.get(name, 0), "source_skipped": source_skipped(pl.skipped)}
             if name == "unlabeled":
                 extra["includes_labeled"] = record.options["labeled_in_unlabeled"]
-            out[name] = _write_index(set_url(dst, name), name, record, totals[name], extra)
+            out[name] = write_index(set_url(dst, name), name, record, totals[name], extra)
         return out
     finally:
         runner.close()
@@ -389,7 +234,7 @@ def _extend(dst: str, record: Record, pl: PartitionedListing, diff, split: Split
     written already dropped, planned after the existing shards; the labeled split is never touched."""
     new = _added(pl, diff, work, partition_keys)
     planner = Planner(new, split, os.path.join(work, "plan"), _verifier(runner), _hasher(runner),
-                      generation=len(record.heads), offsets=record.offsets(), existing=_written_hashes(dst, record),
+                      generation=len(record.heads), offsets=record.offsets(), existing=written_hashes(dst, record),
                       removed=diff.removed, changed=diff.changed)
     write_generation(dst, record, planner.plan(), new.ranges, new.digests)
 
@@ -436,18 +281,6 @@ def _dry_run(pl: PartitionedListing, record: Optional[Record], diff, split: Spli
             o["count"] += summary["count"]
             o["shards"] += summary["shards"]
             o["listed_bytes"] += summary["listed_bytes"]
-    return out
-
-
-def _removed_by_set(record: Record) -> dict[str, int]:
-    """How many samples of each set come from inputs since removed from the source."""
-    gone = {r for _, part in record.parts() for r in part.removed}
-    out: dict[str, int] = {}
-    if not gone:
-        return out
-    for _, part in record.parts():
-        for name, plan in part.sets.items():
-            out[name] = out.get(name, 0) + sum(part.rels[i] in gone for shard in plan.shards for i in shard)
     return out
 
 
