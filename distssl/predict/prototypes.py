@@ -2,7 +2,8 @@
 written, by the run (distssl.train.outputs) or by distssl-export from a checkpoint, with the exported weights
 themselves, so the score at prediction compares features of one network.
 
-- prototypes: the mean normalised feature of up to ``per_class`` labelled images of each class (data.labeled);
+- prototypes: the mean normalised feature of up to ``per_class`` labelled images of each class (data.labeled;
+  at most ``labeled_max`` read in all, so rank 0's export of a 1,000-class run reads seconds, not the set);
 - ``unknown_at``: the score that 5% of up to ``inside_max`` eval images reach (data.eval: every one of its
   images is inside the label set).
 """
@@ -53,13 +54,14 @@ def labeled_features(predictor, spec, device: torch.device, batch_size: int, cap
 
 
 def add_prototypes(state: dict, meta: dict, labeled, inside, device: torch.device, batch_size: int = 256,
-                   per_class: int = 200, inside_max: int = 2000) -> tuple[dict, dict]:
+                   per_class: int = 50, labeled_max: int = 20_000, inside_max: int = 2000) -> tuple[dict, dict]:
     """The export's state and model.json with the class prototypes and the calibrated ``unknown_at``; as they
     were (IOMatch's one-vs-all score at prediction) when either set cannot be read, with a warning."""
     predictor = predictor_from(state, meta, device)
     num_classes = int(meta["num_classes"])
     try:
-        feats, labels = labeled_features(predictor, labeled, device, batch_size, cap_per_class=per_class)
+        feats, labels = labeled_features(predictor, labeled, device, batch_size, cap_per_class=per_class,
+                                         cap=labeled_max)
         prototypes = class_prototypes(feats, labels, num_classes)
         inside_feats, _ = labeled_features(predictor, inside, device, batch_size, cap=inside_max)
         unknown_at = unknown_threshold(prototype_scores(inside_feats, prototypes))
