@@ -57,6 +57,10 @@ def add_prototypes(state: dict, meta: dict, labeled, inside, device: torch.devic
                    per_class: int = 50, labeled_max: int = 20_000, inside_max: int = 2000) -> tuple[dict, dict]:
     """The export's state and model.json with the class prototypes and the calibrated ``unknown_at``; as they
     were (IOMatch's one-vs-all score at prediction) when either set cannot be read, with a warning."""
+    if not labeled or not inside:
+        log.warning("the export keeps IOMatch's one-vs-all outlier score: the run names no %s set to fit the class "
+                    "prototypes on", "labelled" if not labeled else "eval")
+        return state, meta
     predictor = predictor_from(state, meta, device)
     num_classes = int(meta["num_classes"])
     try:
