@@ -129,11 +129,6 @@ def batches_of(predictor: Predictor, parts: list[Part], batch_size: int, workers
 
 
 @torch.no_grad()
-def logits_of(predictor: Predictor, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return outputs_of(predictor, x, device)[0]
-
-
-@torch.no_grad()
 def outputs_of(predictor: Predictor, x: torch.Tensor, device: torch.device
                ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(the class logits, the outlier head's one-vs-all logits, the pooled features): the last two None when the
@@ -206,19 +201,37 @@ def model_label(label: int, mapping: Optional[list[int]]) -> int:
     return mapping[label] if label < len(mapping) else -1
 
 
-def labeled_logits(predictor: Predictor, parts: list[Part], batch_size: int, device: torch.device,
-                   workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels in the model's order) of every sample of ``parts`` that has a true label."""
-    logits, labels = [], []
+def labeled_outputs(predictor: Predictor, parts: list[Part], batch_size: int, device: torch.device, output: int = 0,
+                    workers: int = 0, cap_per_class: Optional[int] = None, cap: Optional[int] = None
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One of :func:`outputs_of`'s outputs (0 logits, 2 pooled features) and the labels in the model's order, batch
+    by batch, of the samples of ``parts`` that have a true label; reading stops once every class has
+    ``cap_per_class`` of them, or ``cap`` in all."""
+    outs, labels = [], []
     maps = {p.number: label_map(p.class_names, predictor.class_names) for p in parts}
+    counts = torch.zeros(int(predictor.meta["num_classes"]), dtype=torch.long)
     for b in batches_of(predictor, parts, batch_size, workers):
         if b.x is None:
             continue
         ys = torch.tensor([model_label(s.true_label, maps[b.part]) for s in b.samples])
         keep = ys >= 0
-        logits.append(logits_of(predictor, b.x, device)[keep])
-        labels.append(ys[keep])
-    if not logits or sum(len(y) for y in labels) == 0:
+        if cap_per_class is not None:
+            keep &= counts[ys.clamp(min=0)] < cap_per_class
+        if keep.any():
+            outs.append(outputs_of(predictor, b.x[keep], device)[output])
+            labels.append(ys[keep])
+            counts += torch.bincount(ys[keep], minlength=len(counts))
+        if (cap_per_class is not None and bool((counts >= cap_per_class).all())) or \
+                (cap is not None and int(counts.sum()) >= cap):
+            break
+    return outs, labels
+
+
+def labeled_logits(predictor: Predictor, parts: list[Part], batch_size: int, device: torch.device,
+                   workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels in the model's order) of every sample of ``parts`` that has a true label."""
+    logits, labels = labeled_outputs(predictor, parts, batch_size, device, 0, workers)
+    if not logits:
         raise ValueError("the calibration set has no sample with a true label (a cls, or a label the model knows)")
     return torch.cat(logits), torch.cat(labels)
 
