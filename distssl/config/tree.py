@@ -62,12 +62,9 @@ MOVED_KEYS = {"ssl.ema_decay": "train.ema_decay", "ssl.ema_warmup": "train.ema_w
               "ssl.weak_forward": "train.weak_forward"}
 
 
-def _refuse_moved(tree: dict, where: str) -> None:
-    flat = flatten(tree)
-    for old, new in MOVED_KEYS.items():
-        if old in flat:
-            raise ConfigError(f"{old} is now {new} (same meaning: the training loop reads it): rename it in "
-                              f"{where}")
+def _moved(key: str, fix: str) -> ConfigError:
+    """The one line for a moved key: its new name, and ``fix`` (what to do where it was given)."""
+    return ConfigError(f"{key} is now {MOVED_KEYS[key]} (same meaning: the training loop reads it): {fix}")
 
 
 def migrate_moved(tree: dict) -> dict:
@@ -91,12 +88,12 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
                 tree = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    _refuse_moved(tree, f"--config {path}")
+    for key in MOVED_KEYS.keys() & flatten(tree).keys():
+        raise _moved(key, f"rename it in --config {path}")
     for text in overrides:
         key, value = parse_override(text)
         if key in MOVED_KEYS:
-            raise ConfigError(f"{key} is now {MOVED_KEYS[key]} (same meaning: the training loop reads it): give "
-                              f"{MOVED_KEYS[key]}={text.split('=', 1)[1]}")
+            raise _moved(key, f"give {MOVED_KEYS[key]}={text.split('=', 1)[1]}")
         set_path(tree, key, value)
     cfg = build(Config, tree, "")
     validate(cfg, require_data)
