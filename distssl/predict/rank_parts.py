@@ -132,14 +132,16 @@ def batches_of(predictor: Predictor, parts: list[Part], batch_size: int, workers
 def outputs_of(predictor: Predictor, x: torch.Tensor, device: torch.device
                ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(the class logits, the outlier head's one-vs-all logits, the pooled features): the last two None when the
-    model has no outlier head."""
+    model has no outlier head; the head is not run where the export's prototypes make the score."""
     x = normalize(x.to(device, non_blocking=True), predictor.mean, predictor.std)
     if predictor.outlier_head is None:
         return predictor.model(x).float().cpu(), None, None
     model = predictor.model
     pooled = model.forward_head(model.forward_features(x), pre_logits=True)
-    ova, _ = split_outputs(predictor.outlier_head(pooled), int(predictor.meta["num_classes"]))
-    return model.get_classifier()(pooled).float().cpu(), ova.float().cpu(), pooled.float().cpu()
+    ova = None
+    if predictor.prototypes is None:
+        ova = split_outputs(predictor.outlier_head(pooled), int(predictor.meta["num_classes"]))[0].float().cpu()
+    return model.get_classifier()(pooled).float().cpu(), ova, pooled.float().cpu()
 
 
 class PartRows:
